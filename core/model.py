@@ -1,0 +1,151 @@
+"""The decoder stack and its heads: embed -> blocks -> norm -> head.
+
+Module paths follow transformers (`model.layers.N.self_attn.q_proj`, `lm_head`, ...) so checkpoints
+load with an identity key map.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from .masks import layer_type_masks
+
+
+class KVCache:
+    """Preallocated keys/values, one [B, H_kv, S_max, D] pair per layer, written by position.
+
+    `length` is the number of slots filled; the model advances it after each forward, and
+    `truncate(n)` rolls it back (chat undo / regenerate) without touching memory.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device="cpu"):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.length = length
+
+    def grow(self, max_len: int) -> None:
+        """Reallocate to hold `max_len` slots, keeping what is cached."""
+        if max_len <= self.max_len:
+            return
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                bigger = t.new_zeros(t.shape[0], t.shape[1], max_len, t.shape[3])
+                bigger[:, :, : self.length] = t[:, :, : self.length]
+                store[i] = bigger
+        self.max_len = max_len
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> hidden states [B, T, C].
+
+        cache: new keys go to slots [cache.length, cache.length + T) and the cache advances.
+        attention_mask: [B, cache.length + T] with 1/True for real tokens (left padding), as in HF.
+        position_ids: [B, T]; default is the slot index.
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        kv_len = start + T
+        if cache is not None and kv_len > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens, {kv_len} needed")
+        device = input_ids.device
+        if position_ids is None:
+            position_ids = torch.arange(start, kv_len, device=device).expand(B, T)
+        x = self.embed_tokens(input_ids)
+        if self.config.embed_scale:
+            # The reference rounds sqrt(hidden) to the activation dtype before multiplying.
+            x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        masks = self._masks(T, kv_len, start, attention_mask, device)
+        for i, layer in enumerate(self.layers):
+            kv = (cache.keys[i], cache.values[i]) if cache is not None else None
+            x = layer(x, cos, sin, masks[layer.layer_type], kv, start)
+        if cache is not None:
+            cache.length = kv_len
+        return self.norm(x)
+
+    def _masks(self, T, kv_len, start, attention_mask, device) -> dict[str, torch.Tensor | None]:
+        cfg = self.config
+        window = cfg.sliding_window
+        # None lets attention take its fast path: plain causal prefill, or one token seeing all it may.
+        needs_window = window is not None and kv_len > window
+        if attention_mask is None and not needs_window and (start == 0 or T == 1):
+            return dict.fromkeys(cfg.layer_types)
+        padding = attention_mask.bool() if attention_mask is not None else None
+        masks = layer_type_masks(cfg.layer_types, window, T, kv_len, q_offset=start, padding_mask=padding, device=device)
+        if padding is not None:
+            # A padded query row may see no key at all; let it see itself so softmax stays finite.
+            # Its output is never used (padding stays masked as a key for every real token).
+            eye = torch.zeros(T, kv_len, dtype=torch.bool, device=device)
+            eye[torch.arange(T), torch.arange(start, kv_len)] = True
+            masks = {t: m | (eye & ~m.any(-1, keepdim=True)) for t, m in masks.items()}
+        return masks
+
+
+class CausalLM(nn.Module):
+    """Decoder + language-model head (HF `*ForCausalLM`)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] ([B, 1, V] with last_only: prefill skips T-1 head matmuls)."""
+        h = self.model(input_ids, cache=cache, position_ids=position_ids, attention_mask=attention_mask)
+        if last_only:
+            h = h[:, -1:]
+        logits = self.lm_head(h)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len, dtype=p.dtype, device=p.device)
+
+
+HEADS = {"causal_lm": CausalLM}
