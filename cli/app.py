@@ -1,2 +1,96 @@
-def main():
-    print("hi")
+"""Typer wiring only. main() is the one place that turns errors into exit codes.
+
+Heavy imports (torch) happen inside command bodies so `llm --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from . import generate as generate_cmd
+
+app = typer.Typer(
+    name="llm",
+    help="Run Llama, Llama 2 and Gemma 2 models locally with pure-PyTorch model code.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"llm-torch {version('llm-torch')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", "-V", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = None,
+) -> None:
+    """Run Llama, Llama 2 and Gemma 2 models locally with pure-PyTorch model code."""
+
+
+app.command("generate")(generate_cmd.generate)
+
+
+def main() -> None:
+    """Entry point: one handler for every error, Ctrl-C and closed pipes."""
+    import click
+
+    from . import render
+
+    debug = bool(os.environ.get("LLM_DEBUG"))
+    try:
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except KeyboardInterrupt:
+        _flush_quietly()
+        sys.exit(130)
+    except BrokenPipeError:
+        _silence_stdout()
+        sys.exit(0)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # the one handler: typed errors get their message, others a short line
+        if debug:
+            raise
+        from llm_torch.core.errors import LLMError
+
+        if isinstance(e, LLMError):
+            render.error(e.message, e.hint)
+            sys.exit(e.exit_code)
+        if isinstance(e, MemoryError):
+            render.error("out of memory", "try a smaller model, --dtype bfloat16 or a quantized model")
+            sys.exit(1)
+        render.error(f"{type(e).__name__}: {e}", "set LLM_DEBUG=1 to see the traceback")
+        sys.exit(1)
+
+
+def _silence_stdout() -> None:
+    # The reader went away (`| head`): point stdout at devnull so the interpreter's final flush is quiet.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+
+
+def _flush_quietly() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()

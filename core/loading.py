@@ -46,6 +46,10 @@ class LoadedModel:
     dtype: torch.dtype
     generation_config: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
 
 def embedded_model_path(alias: str) -> Path:
     """The GGUF shipped inside a pip package (found without importing it: its __init__ pulls other tools)."""

@@ -1,0 +1,72 @@
+"""Helpers shared by commands: prompt input, model loading with progress, sampling specs."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from . import render
+
+
+def read_prompt(argument: str | None, *, required: bool = True) -> str:
+    """The prompt from the argument, from piped stdin, or both (argument first, then stdin)."""
+    from llm_torch.core.errors import InputError
+
+    parts = [argument] if argument else []
+    if not sys.stdin.isatty():
+        data = sys.stdin.buffer.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(
+                f"stdin is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})",
+                hint="convert the input to UTF-8, e.g. with iconv",
+            ) from None
+        if text.strip():
+            parts.append(text.rstrip("\n"))
+    prompt = "\n".join(parts)
+    if required and not prompt.strip():
+        raise InputError("no prompt given", hint='pass it as an argument or pipe it in: echo "Hello" | llm generate')
+    return prompt
+
+
+def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = False, quiet: bool = False):
+    """Load a model, saying on stderr what was loaded and how long it took."""
+    from llm_torch.core.loading import load_model
+
+    t0 = time.perf_counter()
+    loaded = load_model(model_ref, dtype=dtype, device=device, progress=not quiet and sys.stderr.isatty())
+    if compile:
+        from llm_torch.core.speed import compile_model
+
+        compile_model(loaded.model)
+    if not quiet:
+        render.info(f"loaded {loaded.name} ({loaded.dtype_name}) in {time.perf_counter() - t0:.2f} s")
+    return loaded
+
+
+def sampling_spec(generation_config: dict[str, Any], **flags):
+    """User flags win; otherwise the model's generation_config; otherwise greedy."""
+    from llm_torch.core.sampling import SamplingSpec
+
+    gc = generation_config or {}
+    sampled = bool(gc.get("do_sample"))
+    defaults = {
+        "temperature": float(gc.get("temperature", 1.0)) if sampled else 0.0,
+        "top_k": int(gc.get("top_k") or 0) if sampled else 0,
+        "top_p": float(gc.get("top_p") or 1.0) if sampled else 1.0,
+        "min_p": float(gc.get("min_p") or 0.0) if sampled else 0.0,
+        "repetition_penalty": float(gc.get("repetition_penalty") or 1.0),
+    }
+    chosen = {k: (v if v is not None else defaults.get(k)) for k, v in flags.items()}
+    return SamplingSpec(**{k: v for k, v in chosen.items() if v is not None})
+
+
+def encode_prompt(tokenizer, text: str, *, chat: bool, system: str | None) -> list[int]:
+    if not chat:
+        return tokenizer.encode(text, add_special_tokens=True)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    # The template already holds BOS and other specials; encoding must not add them again.
+    return tokenizer.encode(rendered, add_special_tokens=False)

@@ -1,0 +1,36 @@
+"""Option aliases shared by commands (one name per concept: max_new_tokens everywhere)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+
+class OutputFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Local folder, .gguf file, Hub id (org/name[@rev]) or alias. Default: smollm2."),
+]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | auto.")]
+MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", min=0, help="Most tokens to generate.")]
+TemperatureOpt = Annotated[
+    Optional[float], typer.Option("--temperature", "-t", min=0.0, help="0 = greedy. Default: the model's generation_config, else 0.")
+]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", min=0, help="Keep the k most likely tokens (0 = off).")]
+TopPOpt = Annotated[Optional[float], typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1 = off).")]
+MinPOpt = Annotated[Optional[float], typer.Option("--min-p", min=0.0, max=1.0, help="Drop tokens below min_p x top prob.")]
+RepetitionPenaltyOpt = Annotated[
+    Optional[float], typer.Option("--repetition-penalty", min=0.0, help="> 1 discourages repeats (1 = off).")
+]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")]
+StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text appears (repeatable); not printed.")]
+CompileOpt = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the decode step.")]
+StatsOpt = Annotated[bool, typer.Option("--stats", help="Print tokens/s, time to first token and peak memory to stderr.")]
+FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="text (streamed) or json (one object at the end).")]

@@ -1,0 +1,74 @@
+"""The only printer. Results go to stdout; logs, warnings, progress and stats go to stderr.
+
+Colour and Markdown only on a terminal without NO_COLOR; piped output is plain text.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import lru_cache
+
+from rich.console import Console
+
+
+def color_enabled(stream) -> bool:
+    return stream.isatty() and not os.environ.get("NO_COLOR")
+
+
+@lru_cache(maxsize=1)
+def err_console() -> Console:
+    return Console(stderr=True, highlight=False, no_color=not color_enabled(sys.stderr), soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    err_console().print(f"[yellow]warning:[/] {message}" if color_enabled(sys.stderr) else f"warning: {message}", markup=True)
+
+
+def info(message: str) -> None:
+    err_console().print(message, style="dim", markup=False)
+
+
+def error(message: str, hint: str | None = None) -> None:
+    line = f"error: {message}" + (f" (hint: {hint})" if hint else "")
+    if color_enabled(sys.stderr):
+        err_console().print(f"[bold red]error:[/] {_escape(message)}" + (f" [dim](hint: {_escape(hint)})[/]" if hint else ""))
+    else:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def write(text: str) -> None:
+    """Streamed result text: written and flushed so pipes see each piece as it comes."""
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def write_json(obj) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def stats_line(timings) -> str:
+    return (
+        f"prefill: {timings.prompt_tokens} tok, {timings.prefill_tokens_per_second:.1f} tok/s | "
+        f"decode: {timings.completion_tokens} tok, {timings.decode_tokens_per_second:.1f} tok/s | "
+        f"TTFT {timings.time_to_first_token:.3f} s | peak RSS {peak_rss_mib():.0f} MiB"
+    )
