@@ -222,33 +222,37 @@ def read_generation_config(folder: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
 
-def load_model_config(resolved: ResolvedModel) -> tuple[ModelConfig, dict[str, Any]]:
-    """Config (and raw GGUF metadata, for GGUF files) without touching the weights."""
+@dataclass
+class ModelSource:
+    """A resolved model's config plus what later steps need without re-reading the files."""
+
+    config: ModelConfig
+    gguf_reader: Any = None  # gguf.GGUFReader (memory-mapped) for GGUF files
+    gguf_meta: dict[str, Any] = field(default_factory=dict)
+
+
+def load_model_config(resolved: ResolvedModel) -> ModelSource:
+    """Config (and, for GGUF files, the open reader and its metadata) without touching the weights."""
     if resolved.kind == "gguf":
         from . import gguf
 
-        meta = gguf.gguf_metadata(gguf.open_gguf(resolved.path))
-        return ModelConfig.from_dict(gguf.gguf_config_dict(meta, _gguf_tensor_names(resolved.path))), meta
+        reader = gguf.open_gguf(resolved.path)
+        meta = gguf.gguf_metadata(reader)
+        names = [t.name for t in reader.tensors]
+        raw = gguf.gguf_config_dict(meta, names, gguf.gguf_rope_freqs(reader))
+        return ModelSource(ModelConfig.from_dict(raw), reader, meta)
     if not resolved.path.is_dir():
         raise ModelNotFoundError(f"no model folder at {resolved.path}")
-    return load_config(resolved.path), {}
+    return ModelSource(load_config(resolved.path))
 
 
-def _gguf_tensor_names(path: Path) -> list[str]:
-    from . import gguf
-
-    return [t.name for t in gguf.open_gguf(path).tensors]
-
-
-def load_tokenizer(resolved: ResolvedModel, gguf_meta: dict[str, Any] | None = None):
+def load_tokenizer(resolved: ResolvedModel, source: ModelSource | None = None):
+    """The tokenizer of a folder (tokenizer.json + configs) or rebuilt from GGUF metadata."""
     from .tokenizer import Tokenizer
 
     if resolved.kind == "gguf":
-        if gguf_meta is None:
-            from . import gguf
-
-            gguf_meta = gguf.gguf_metadata(gguf.open_gguf(resolved.path))
-        return Tokenizer.from_gguf_metadata(gguf_meta)
+        source = source or load_model_config(resolved)
+        return Tokenizer.from_gguf_metadata(source.gguf_meta)
     return Tokenizer.from_folder(resolved.path)
 
 
@@ -275,19 +279,19 @@ def load_resolved(
     head: str | None = None,
     with_tokenizer: bool = True,
 ) -> LoadedModel:
-    config, meta = load_model_config(resolved)
+    source = load_model_config(resolved)
+    config = source.config
     target = resolve_dtype(dtype, config, kind=resolved.kind)
     dev = resolve_device(device)
     model = build_model(config, head)
     if resolved.kind == "gguf":
         from . import gguf
 
-        reader = gguf.open_gguf(resolved.path)
-        tensors = gguf.iter_gguf_tensors(reader, config.raw, target)
+        tensors = gguf.iter_gguf_tensors(source.gguf_reader, config.raw, target)
         generation_config: dict[str, Any] = {}
     else:
         tensors = iter_safetensors(safetensors_files(resolved.path))
         generation_config = read_generation_config(resolved.path)
     assign_weights(model, tensors, target, dev)
-    tokenizer = load_tokenizer(resolved, meta or None) if with_tokenizer else None
+    tokenizer = load_tokenizer(resolved, source) if with_tokenizer else None
     return LoadedModel(model, config, tokenizer, resolved.name, target, generation_config)
