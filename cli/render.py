@@ -44,18 +44,24 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
+class OutputClosed(Exception):
+    """stdout's reader went away (`| head`). Not an OSError, so click does not turn it into exit 1."""
+
+
 def write(text: str) -> None:
     """Streamed result text: written and flushed so pipes see each piece as it comes."""
     if text:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise OutputClosed() from None
 
 
 def write_json(obj) -> None:
     import json
 
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
+    write(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
 def peak_rss_mib() -> float:

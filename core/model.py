@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from .layers import DecoderLayer, Linear, RMSNorm, RotaryEmbedding, compute_dtype
 from .masks import layer_type_masks
 
 
@@ -82,7 +82,8 @@ class DecoderModel(nn.Module):
         device = input_ids.device
         if position_ids is None:
             position_ids = torch.arange(start, kv_len, device=device).expand(B, T)
-        x = self.embed_tokens(input_ids)
+        weights = self.embed_tokens.weight
+        x = self.embed_tokens(input_ids).to(compute_dtype(weights.dtype, weights.device))
         if self.config.embed_scale:
             # The reference rounds sqrt(hidden) to the activation dtype before multiplying.
             x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
@@ -120,7 +121,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -145,7 +146,7 @@ class CausalLM(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_len, dtype=p.dtype, device=p.device)
+        return KVCache(self.config, batch_size, max_len, dtype=compute_dtype(p.dtype, p.device), device=p.device)
 
 
 HEADS = {"causal_lm": CausalLM}

