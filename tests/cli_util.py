@@ -11,8 +11,8 @@ LLM = shutil.which("llm") or os.path.join(os.path.dirname(sys.executable), "llm"
 
 
 def run_llm(*args: str, input: bytes | str | None = b"", env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "2", **(env or {})}
-    full_env.pop("LLM_DEBUG", None)
+    full_env = {k: v for k, v in os.environ.items() if k != "LLM_DEBUG"}
+    full_env.update({"NO_COLOR": "1", "OMP_NUM_THREADS": "2", **(env or {})})
     data = input.encode() if isinstance(input, str) else input
     return subprocess.run([LLM, *args], input=data, capture_output=True, env=full_env, timeout=timeout)
 
