@@ -182,9 +182,28 @@ class MLP(nn.Module):
         self.up_proj = Linear(c, i, bias=bias)
         self.down_proj = Linear(i, c, bias=bias)
         self.act = _ACTIVATIONS[config.hidden_act]
+        self.gate_up_proj: Linear | None = None
+
+    def fuse(self) -> None:
+        """One [2I, C] projection instead of two: one weight read per token instead of two calls."""
+        self.gate_up_proj = _fused(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _fused(*linears: Linear) -> Linear:
+    """A Linear whose output rows are the given layers' rows, stacked (inference only: no grads)."""
+    first = linears[0]
+    fused = Linear(first.in_features, sum(l.out_features for l in linears), bias=first.bias is not None)
+    fused.weight = nn.Parameter(torch.cat([l.weight for l in linears]), requires_grad=False)
+    if first.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([l.bias for l in linears]), requires_grad=False)
+    return fused
 
 
 class Attention(nn.Module):
@@ -200,6 +219,12 @@ class Attention(nn.Module):
         self.k_proj = Linear(c, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = Linear(c, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = Linear(self.n_heads * self.head_dim, c, bias=bias)
+        self.qkv_proj: Linear | None = None
+
+    def fuse(self) -> None:
+        """Stack q/k/v into one projection (same math, fewer weight-read calls per token)."""
+        self.qkv_proj = _fused(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
         self,
@@ -213,9 +238,14 @@ class Attention(nn.Module):
         """x [B, T, C]; mask bool [B|1, 1, T, S] or None (= causal over the T new tokens only when
         start == 0, or everything cached when T == 1); kv: this layer's cache [B, H_kv, S_max, D]."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             k_cache, v_cache = kv

@@ -278,7 +278,12 @@ def load_resolved(
     device: str | None = "cpu",
     head: str | None = None,
     with_tokenizer: bool = True,
+    fuse: bool = True,
 ) -> LoadedModel:
+    """Build the model on the meta device and fill it from the checkpoint.
+
+    fuse: stack q/k/v and gate/up weights for faster inference (module names then differ from HF).
+    """
     source = load_model_config(resolved)
     config = source.config
     target = resolve_dtype(dtype, config, kind=resolved.kind)
@@ -293,5 +298,9 @@ def load_resolved(
         tensors = iter_safetensors(safetensors_files(resolved.path))
         generation_config = read_generation_config(resolved.path)
     assign_weights(model, tensors, target, dev)
+    if fuse:
+        from .speed import fuse_projections
+
+        fuse_projections(model)
     tokenizer = load_tokenizer(resolved, source) if with_tokenizer else None
     return LoadedModel(model, config, tokenizer, resolved.name, target, generation_config)
