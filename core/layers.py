@@ -28,6 +28,11 @@ def compute_dtype(weight_dtype: torch.dtype, device: torch.device) -> torch.dtyp
 class Linear(nn.Linear):
     """nn.Linear (same parameter names) that also runs weights stored in a narrower dtype than x."""
 
+    def reset_parameters(self) -> None:
+        # Weights always come from a checkpoint; random init on the meta device would even import
+        # torch._dynamo (~2 s) through the reference kernels.
+        pass
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if w.dtype == x.dtype:
@@ -40,6 +45,11 @@ class Linear(nn.Linear):
         # Many tokens: widen the weights once per call; the fp32 matmul is compute-bound and fast.
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w.to(x.dtype), bias)
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:
+        pass  # filled from the checkpoint, like Linear
 
 
 class RMSNorm(nn.Module):
@@ -134,7 +144,10 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.dynamic = config.rope_parameters["rope_type"] == "dynamic"
-        inv_freq, self.attention_factor = rope_inv_freq(config)
+        # Computed on the CPU even inside a meta-device build: small, and meta-device arithmetic
+        # would pull in torch's symbolic-shape machinery (seconds of import time).
+        with torch.device("cpu"):
+            inv_freq, self.attention_factor = rope_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def reset_buffers(self, device: torch.device | str) -> None:

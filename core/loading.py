@@ -65,11 +65,10 @@ def embedded_model_path(alias: str) -> Path:
 
 def resolve_model(ref: str | None, *, offline: bool | None = None, progress: bool = True) -> ResolvedModel:
     """Turn an alias, a local path or `org/name[@revision]` into a local folder or GGUF file."""
-    from . import hub
-
     ref = (ref or DEFAULT_MODEL).strip()
     if ref.lower() in EMBEDDED_MODELS and not Path(ref).exists():
         return ResolvedModel(ref.lower(), "gguf", embedded_model_path(ref.lower()))
+    from . import hub  # huggingface_hub costs ~0.3 s of imports: only when a reference needs parsing
     parsed = hub.parse_model_ref(ref)
     if parsed.kind == "hub":
         if parsed.filename:
@@ -80,15 +79,25 @@ def resolve_model(ref: str | None, *, offline: bool | None = None, progress: boo
     return ResolvedModel(ref, parsed.kind, parsed.path)
 
 
-def resolve_dtype(requested: str | torch.dtype | None, config: ModelConfig, *, kind: str = "folder") -> torch.dtype:
-    """`auto` = the checkpoint's own dtype (GGUF files are dequantized to float32)."""
+def resolve_dtype(
+    requested: str | torch.dtype | None, config: ModelConfig, *, kind: str = "folder", device: torch.device | None = None
+) -> torch.dtype:
+    """The weights' storage dtype. `auto` picks the fastest correct one for the device:
+
+    on CPU, bf16 storage (activations stay fp32, see layers.compute_dtype) halves the bytes each
+    decode step reads, so checkpoints that are not fp32 already (bf16/fp16, GGUF quantized) use it;
+    an fp32 checkpoint stays fp32. On an accelerator, the checkpoint's own dtype (GGUF: bf16).
+    """
     if isinstance(requested, torch.dtype):
         return requested
     name = (requested or "auto").lower()
     name = DTYPE_ALIASES.get(name, name)
     if name == "auto":
-        own = (config.torch_dtype or "float32").replace("torch.", "")
-        return DTYPES.get(own, torch.float32) if kind == "folder" else torch.float32
+        own = DTYPES.get((config.torch_dtype or "float32").replace("torch.", ""), torch.float32)
+        on_cpu = device is None or device.type == "cpu"
+        if kind == "gguf":
+            return torch.bfloat16
+        return torch.bfloat16 if on_cpu and own != torch.float32 else own
     if name not in DTYPES:
         raise InputError(f"unknown dtype '{requested}'", hint="use auto, float32, bfloat16 or float16")
     return DTYPES[name]
@@ -286,8 +295,8 @@ def load_resolved(
     """
     source = load_model_config(resolved)
     config = source.config
-    target = resolve_dtype(dtype, config, kind=resolved.kind)
     dev = resolve_device(device)
+    target = resolve_dtype(dtype, config, kind=resolved.kind, device=dev)
     model = build_model(config, head)
     if resolved.kind == "gguf":
         from . import gguf

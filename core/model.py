@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .layers import DecoderLayer, Linear, RMSNorm, RotaryEmbedding, compute_dtype
+from .layers import DecoderLayer, Embedding, Linear, RMSNorm, RotaryEmbedding, compute_dtype
 from .masks import layer_type_masks
 
 
@@ -55,7 +55,7 @@ class DecoderModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
         self.rotary_emb = RotaryEmbedding(config)

@@ -1,0 +1,438 @@
+"""A multi-turn chat session: messages, settings, one KV cache across turns. UI-free: it never prints.
+
+Each turn renders the whole conversation with the model's chat template, encodes it, and compares the ids
+with the ones the KV cache already holds (the previous prompt plus the tokens generated for the answer).
+Only the ids after the longest common prefix are prefilled; the cache is rolled back to that prefix first.
+A template that renders a past answer differently from how it was generated (an end-of-turn token after
+it, stripped spaces, another tokenization of the same text) just makes the common prefix a little shorter.
+
+When the conversation no longer fits the context, the oldest exchanges (user + answer) leave the window
+the model sees; the system prompt always stays. Templates without a system role (Gemma) get the system
+text folded into the first user message of the window.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Generator, Iterator, Sequence
+
+from .errors import InputError, TokenizerError
+from .generate import GenerationEvent, GenerationSpec, Timings, context_length, stream_generate
+from .sampling import SamplingSpec
+
+FORMAT = "llm-torch-chat"
+FORMAT_VERSION = 1
+SETTING_KEYS = ("temperature", "top_p", "top_k", "min_p", "max_new_tokens", "repetition_penalty", "seed")
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+_PROBE = "llm-torch system probe"
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """What `/set` changes: the answer length and the sampling spec."""
+
+    max_new_tokens: int = 512
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"max_new_tokens": self.max_new_tokens}
+        out.update({k: getattr(self.sampling, k) for k in _SAMPLING_KEYS})
+        return out
+
+    def with_value(self, key: str, value: Any) -> ChatSettings:
+        """A copy with one setting changed; `value` may be text (`/set top_k 40`). Bad key or value: InputError."""
+        key = key.strip().lower().replace("-", "_")
+        if key not in SETTING_KEYS:
+            raise InputError(f"unknown setting '{key}'", hint=f"settings: {', '.join(SETTING_KEYS)}")
+        parsed = _parse_setting(key, value)
+        if key == "max_new_tokens":
+            return replace(self, max_new_tokens=parsed)
+        return replace(self, sampling=replace(self.sampling, **{key: parsed}))  # SamplingSpec checks ranges
+
+    def with_values(self, values: dict[str, Any]) -> ChatSettings:
+        out = self
+        for key, value in values.items():
+            out = out.with_value(key, value)
+        return out
+
+
+def _parse_setting(key: str, value: Any) -> Any:
+    text = str(value).strip()
+    if key == "seed" and (value is None or text.lower() in ("none", "off", "random")):
+        return None
+    integer = key in ("top_k", "max_new_tokens", "seed")
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        parsed = int(text) if integer else float(text)
+    except ValueError:
+        kind = "a whole number" if integer else "a number"
+        raise InputError(f"{key} must be {kind}, got '{text}'",
+                         hint="e.g. /set temperature 0.7, /set top_k 40, /set seed none") from None
+    if not integer and not math.isfinite(parsed):
+        raise InputError(f"{key} must be a finite number, got '{text}'")
+    if key == "max_new_tokens" and parsed < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {parsed}")
+    return parsed
+
+
+@dataclass(frozen=True)
+class ChatNotice:
+    """Something the user should be told (on stderr): `system_folded` or `context_trimmed`."""
+
+    kind: str
+    message: str
+
+
+@dataclass
+class TurnInfo:
+    """What one answered turn cost. `prefilled_tokens` is what the engine ran through the model before the
+    first answer token: the conversation's ids after the part the KV cache already held."""
+
+    conversation_tokens: int  # the rendered conversation, generation prompt included
+    reused_tokens: int  # of those, already in the KV cache
+    prefilled_tokens: int  # conversation_tokens - reused_tokens
+    dropped_turns: int  # exchanges that left the window on this turn
+    finish_reason: str
+    timings: Timings
+    answer: str
+    answer_token_ids: list[int]
+
+
+class ChatTurn:
+    """The events of one answer. Iterate it to run the turn; closing it before the first event undoes the
+    turn (nothing was generated), closing it later keeps the partial answer."""
+
+    def __init__(self, events: Generator[GenerationEvent | ChatNotice, None, None], undo):
+        self._events, self._undo = events, undo
+
+    def __iter__(self) -> ChatTurn:
+        return self
+
+    def __next__(self) -> GenerationEvent | ChatNotice:
+        return next(self._events)
+
+    def close(self) -> None:
+        if inspect.getgeneratorstate(self._events) == inspect.GEN_CREATED:
+            self._undo()  # never started: the turn did not happen (a started one cleans up itself)
+        self._events.close()
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class ChatSession:
+    """One conversation with one model. `send` / `regenerate` return event iterators: `ChatNotice`s first,
+    then the `GenerationEvent`s of the answer (the last one carries finish_reason and timings).
+
+    Stopping early (Ctrl-C inside the engine, or closing the iterator) keeps the partial answer.
+    """
+
+    def __init__(self, model, tokenizer, *, model_name: str = "", settings: ChatSettings | None = None,
+                 system: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.settings = settings or ChatSettings()
+        self.system = system or None
+        self.context = context_length(model)
+        self.last_turn: TurnInfo | None = None
+        self._messages: list[dict[str, str]] = []  # user/assistant, alternating, starting with user
+        self._start = 0  # index of the first message still in the model's window (even)
+        self._cache = None
+        self._cached: list[int] = []  # the ids whose keys/values the cache holds, in order
+        self._fold_told = False
+        self.system_role = self._system_role_supported()
+
+    # ---- conversation state ------------------------------------------------------------------------
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The whole conversation (system first when set), including exchanges dropped from the window."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [dict(m) for m in self._messages]
+
+    @property
+    def window_start(self) -> int:
+        """How many user/assistant messages at the start are no longer shown to the model."""
+        return self._start
+
+    @property
+    def cached_tokens(self) -> int:
+        return len(self._cached)
+
+    def set_system(self, text: str | None) -> None:
+        self.system = text or None
+
+    def set(self, key: str, value: Any) -> Any:
+        """`/set KEY VALUE`; -> the parsed value."""
+        self.settings = self.settings.with_value(key, value)
+        return self.settings.as_dict()[key.strip().lower().replace("-", "_")]
+
+    def clear(self) -> None:
+        """A new conversation; system prompt, settings and the cached system prefix stay."""
+        self._messages, self._start, self.last_turn = [], 0, None
+
+    def undo(self) -> str:
+        """Remove the last exchange; -> the user text it held."""
+        if not self._messages:
+            raise InputError("nothing to undo", hint="the conversation is empty")
+        if self._messages[-1]["role"] == "assistant":
+            self._messages.pop()
+        user = self._messages.pop()["content"]
+        self._start = min(self._start, len(self._messages))
+        self.last_turn = None
+        return user
+
+    # ---- rendering -----------------------------------------------------------------------------------
+
+    def _system_role_supported(self) -> bool:
+        """Probe the template once: does it accept (and show) a system message?"""
+        user = [{"role": "user", "content": "hi"}]
+        try:
+            text = self.tokenizer.apply_chat_template([{"role": "system", "content": _PROBE}] + user)
+        except TokenizerError:
+            self.tokenizer.apply_chat_template(user)  # a template that fails here too is broken: say so
+            return False
+        return _PROBE in text
+
+    def chat_messages(self, messages: Sequence[dict[str, str]] | None = None) -> list[dict[str, str]]:
+        """What the template gets for the window (or `messages`): system first, or folded into the first
+        user message when the template has no system role."""
+        window = [dict(m) for m in (self._messages[self._start:] if messages is None else messages)]
+        if not self.system:
+            return window
+        if self.system_role:
+            return [{"role": "system", "content": self.system}] + window
+        if window and window[0]["role"] == "user":
+            window[0]["content"] = f"{self.system}\n\n{window[0]['content']}"
+        return window
+
+    def render(self, messages: Sequence[dict[str, str]] | None = None, add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(self.chat_messages(messages),
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def prompt_ids(self, messages: Sequence[dict[str, str]] | None = None) -> list[int]:
+        # The rendered template holds BOS and the other specials itself.
+        return self.tokenizer.encode(self.render(messages), add_special_tokens=False)
+
+    def context_used(self) -> int:
+        """Tokens the conversation in the window takes (with the generation prompt)."""
+        return len(self.prompt_ids()) if self._messages[self._start:] else 0
+
+    # ---- turns ---------------------------------------------------------------------------------------
+
+    def send(self, text: str) -> ChatTurn:
+        """Add a user message and answer it."""
+        if not text.strip():
+            raise InputError("the message is empty")
+        if self._messages and self._messages[-1]["role"] == "user":
+            raise InputError("the last message has no answer yet", hint="use /regen to answer it, or /undo")
+        self._messages.append({"role": "user", "content": text})
+        return self._answer(self._messages.pop)
+
+    def regenerate(self) -> ChatTurn:
+        """Answer the last user message again (the previous answer is replaced)."""
+        if not self._messages:
+            raise InputError("nothing to regenerate", hint="send a message first")
+        old = self._messages.pop() if self._messages[-1]["role"] == "assistant" else None
+
+        def undo():
+            if old is not None:
+                self._messages.append(old)
+
+        return self._answer(undo)
+
+    def _answer(self, undo_messages) -> ChatTurn:
+        start = self._start
+
+        def undo():  # the turn did not happen: messages and window as they were
+            self._start = start
+            undo_messages()
+
+        try:
+            ids, dropped = self._fit()
+        except BaseException:
+            undo()
+            raise
+        return ChatTurn(self._stream(ids, dropped, undo), undo)
+
+    def _fit(self) -> tuple[list[int], int]:
+        """The prompt ids of the window, dropping the oldest exchanges until it leaves room for an answer."""
+        reserve = max(1, min(self.settings.max_new_tokens, self.context // 4))
+        dropped = 0
+        while True:
+            ids = self.prompt_ids()
+            if len(ids) + reserve <= self.context:
+                return ids, dropped
+            if len(self._messages) - self._start <= 1:
+                raise InputError(
+                    f"the message needs {len(ids)} tokens, with room for {reserve} more for the answer; "
+                    f"the context holds {self.context}",
+                    hint="shorten the message (or the system prompt), or lower max_new_tokens",
+                )
+            self._start += 2
+            dropped += 1
+
+    def _stream(self, ids: list[int], dropped: int, undo) -> Iterator[GenerationEvent | ChatNotice]:
+        generated: list[int] = []
+        final, cache, common, clock, failed = None, None, 0, None, False
+        try:
+            if self.system and not self.system_role and not self._fold_told:
+                self._fold_told = True
+                yield ChatNotice("system_folded", "this model's chat template has no system role: the system "
+                                                  "prompt is sent at the start of the first user message")
+            if dropped:
+                yield ChatNotice("context_trimmed",
+                                 f"context full ({self.context} tokens): dropped the oldest {dropped} exchange(s) "
+                                 f"from what the model sees, kept the system prompt")
+            common = min(common_prefix(ids, self._cached), len(ids) - 1)  # the last prompt token gives logits
+            budget = min(self.settings.max_new_tokens, self.context - len(ids))
+            reserved = self._reserve(len(ids) + budget)
+            self._cached = self._cached[:common]  # first: a shorter list than the cache holds is always safe
+            reserved.truncate(common)
+            cache = reserved
+            spec = GenerationSpec(max_new_tokens=self.settings.max_new_tokens, sampling=self.settings.sampling)
+            events = stream_generate(self.model, self.tokenizer, ids[common:], spec, cache=cache,
+                                     history=ids[:common])
+            clock = [time.perf_counter(), None]  # start, first token: timings when the engine's are lost
+            try:
+                for event in events:
+                    if clock[1] is None and event.token_ids:
+                        clock[1] = time.perf_counter()
+                    generated.extend(event.token_ids)
+                    if event.finish_reason:
+                        final = event
+                    yield event
+            finally:
+                events.close()
+        except Exception:
+            failed = True
+            raise
+        finally:
+            if cache is not None:
+                # The cache holds the prompt, then the generated tokens fed back (never the last one sampled).
+                self._cached = (ids + generated)[: cache.length]
+            if cache is None or (failed and not generated):
+                undo()  # stopped before anything was generated: the turn did not happen
+            else:
+                self._commit(ids, common, dropped, generated, final, clock)
+
+    def _commit(self, ids, common, dropped, generated, final, clock) -> None:
+        answer = self.tokenizer.decode(generated, skip_special_tokens=True)
+        self._messages.append({"role": "assistant", "content": answer})
+        if final is not None:
+            reason, timings = final.finish_reason, final.timings
+        else:  # the consumer stopped reading (Ctrl-C in its own code): time what it saw
+            reason, timings = "interrupted", Timings(prompt_tokens=len(ids) - common, completion_tokens=len(generated))
+            if clock is not None:
+                now = time.perf_counter()
+                timings.prefill_seconds = (clock[1] or now) - clock[0]
+                timings.decode_seconds = now - clock[1] if clock[1] is not None else 0.0
+        self.last_turn = TurnInfo(len(ids), common, len(ids) - common, dropped, reason, timings, answer, generated)
+
+    def _reserve(self, need: int):
+        need = min(need, self.context)
+        if self._cache is None:
+            self._cache = self.model.new_cache(1, min(self.context, max(need, 256)))
+        elif self._cache.max_len < need:  # grow geometrically: a reallocation copies the whole cache
+            self._cache.grow(min(self.context, max(need, 2 * self._cache.max_len)))
+        return self._cache
+
+    # ---- status, save, load ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "model": self.model_name,
+            "system": self.system,
+            "system_folded": bool(self.system) and not self.system_role,
+            "messages": len(self._messages),
+            "dropped_messages": self._start,
+            "context": self.context,
+            "context_used": self.context_used(),
+            "cached_tokens": len(self._cached),
+            "settings": self.settings.as_dict(),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": FORMAT_VERSION, "model": self.model_name,
+                "settings": self.settings.as_dict(), "messages": self.messages}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the conversation and settings as JSON, atomically (a temp file renamed over the target)."""
+        target = Path(path).expanduser()
+        data = json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n"
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        except OSError as e:
+            raise InputError(f"cannot write {target}: {e.strerror or e}", hint="check the folder exists and is writable") from None
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise InputError(f"cannot write {target}: {e.strerror or e}") from None
+        return target
+
+    def load(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Replace conversation, system prompt and settings with a saved file's; -> the file's data."""
+        source = Path(path).expanduser()
+        try:
+            data = json.loads(source.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise InputError(f"cannot read {source}: {e.strerror or e}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{source} is not a JSON chat file: {e}", hint="use a file written by /save") from None
+        self.apply_dict(data, where=str(source))
+        return data
+
+    def apply_dict(self, data: Any, *, where: str = "the chat file") -> None:
+        system, messages = _check_messages(data, where)
+        settings = self.settings
+        if data.get("settings") is not None:
+            if not isinstance(data["settings"], dict):
+                raise InputError(f"{where}: 'settings' must be an object")
+            known = {k: v for k, v in data["settings"].items() if k in SETTING_KEYS}
+            try:
+                settings = settings.with_values(known)
+            except InputError as e:
+                raise InputError(f"{where}: {e.message}", hint=e.hint) from None
+        self.settings, self.system = settings, system
+        self._messages, self._start, self.last_turn = messages, 0, None
+
+
+def _check_messages(data: Any, where: str) -> tuple[str | None, list[dict[str, str]]]:
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise InputError(f"{where} is not a chat file (no 'messages' list)", hint="use a file written by /save")
+    messages = data["messages"]
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
+                "system", "user", "assistant"):
+            raise InputError(f"{where}: message {i} needs a role (system/user/assistant) and a text content")
+    system = None
+    if messages and messages[0]["role"] == "system":
+        system = messages[0]["content"] or None
+        messages = messages[1:]
+    out = [{"role": m["role"], "content": m["content"]} for m in messages]
+    for i, m in enumerate(out):
+        if m["role"] != ("user" if i % 2 == 0 else "assistant"):
+            raise InputError(f"{where}: messages must alternate user/assistant after an optional system message",
+                             hint=f"message {i + (system is not None)} is '{m['role']}'")
+    if out and out[-1]["role"] != "assistant":
+        raise InputError(f"{where}: the last message has no answer", hint="remove the trailing user message")
+    return system, out
