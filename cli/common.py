@@ -41,8 +41,14 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
         from llm_torch.core.speed import compile_model
 
         compile_model(loaded.model)
-    if not quiet:
-        render.info(f"loaded {loaded.name} ({loaded.dtype_name}) in {time.perf_counter() - t0:.2f} s")
+    if not quiet or sys.stderr.isatty():
+        from llm_torch.core.layers import compute_dtype
+
+        weights = next(loaded.model.parameters())
+        compute = str(compute_dtype(weights.dtype, weights.device)).removeprefix("torch.")
+        how = loaded.dtype_name if compute == loaded.dtype_name else f"{loaded.dtype_name} weights, {compute} compute"
+        chosen = " (--dtype auto)" if dtype == "auto" else ""
+        render.info(f"loaded {loaded.name}: {how}{chosen} on {weights.device} in {time.perf_counter() - t0:.2f} s")
     return loaded
 
 
