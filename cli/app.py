@@ -11,6 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from . import bench as bench_cmd
+from . import chat as chat_cmd
 from . import generate as generate_cmd
 
 app = typer.Typer(
@@ -40,6 +42,8 @@ def root(
 
 
 app.command("generate")(generate_cmd.generate)
+app.command("chat")(chat_cmd.chat)
+app.command("bench")(bench_cmd.bench)
 
 
 def main() -> None:

@@ -256,7 +256,7 @@ class ChatSession:
         return self._answer(undo)
 
     def _answer(self, undo_messages) -> ChatTurn:
-        start = self._start
+        start, self.last_turn = self._start, None
 
         def undo():  # the turn did not happen: messages and window as they were
             self._start = start

@@ -220,14 +220,16 @@ def stream_generate(
     *,
     cache: KVCache | None = None,
     history: Sequence[int] = (),
+    timings: Timings | None = None,
 ) -> Iterator[GenerationEvent]:
     """Text events for one prompt. The last event carries finish_reason and timings.
 
     EOS tokens are not part of the text or token_ids. Ctrl-C ends the stream with 'interrupted'.
+    `timings`: filled as generation goes, so a caller interrupted outside the engine still has them.
     """
     from .tokenizer import StreamingDetokenizer
 
-    timings = Timings()
+    timings = timings if timings is not None else Timings()
     detok = StreamingDetokenizer(tokenizer, skip_special_tokens=True)
     stops = StopStringFilter(spec.stop)
     eos = eos_ids_for(model, tokenizer, spec)

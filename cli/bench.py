@@ -1,0 +1,159 @@
+"""`llm bench`: load time, prefill and decode tokens/s, peak RSS and the decode ceiling, like llama-bench.
+
+A Rich table on a terminal, a plain Markdown table when piped (pasteable into an issue), or one JSON
+object with --format json. Progress goes to stderr, only on a terminal.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+from typing import Annotated, Optional
+
+import typer
+
+from . import options as o
+from . import render
+
+
+def _parse_lengths(text: str) -> tuple[int, ...]:
+    from llm_torch.core.errors import InputError
+
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        lengths = tuple(int(p) for p in parts)
+    except ValueError:
+        raise InputError(f"--prompt-lengths must be integers separated by commas, got '{text}'", hint="e.g. --prompt-lengths 128,512") from None
+    if any(n < 1 for n in lengths):
+        raise InputError(f"prompt lengths must be >= 1, got '{text}'")
+    return lengths
+
+
+def bench(
+    model: o.ModelOpt = None,
+    dtype: o.DtypeOpt = "auto",
+    device: o.DeviceOpt = "cpu",
+    prompt_lengths: Annotated[
+        str, typer.Option("--prompt-lengths", "-p", help="Prefill tests: prompt lengths in tokens, comma-separated ('' for none).")
+    ] = "128,512",
+    new_tokens: Annotated[int, typer.Option("--new-tokens", "-n", min=0, help="Decode test: tokens generated (0 = skip).")] = 128,
+    repetitions: Annotated[int, typer.Option("--repetitions", "-r", min=1, help="Timed runs per test (after one warm-up).")] = 3,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads. Default: torch's choice.")] = None,
+    format: Annotated[o.OutputFormat, typer.Option("--format", "-f", help="text (a table) or json (one object).")] = o.OutputFormat.text,
+) -> None:
+    """Measure load time, prefill and decode speed, peak memory and the decode ceiling of a model."""
+    lengths = _parse_lengths(prompt_lengths)  # before importing torch: a typo fails at once
+    from llm_torch.core.bench import BenchSpec, run_bench
+
+    spec = BenchSpec(prompt_lengths=lengths, new_tokens=new_tokens, repetitions=repetitions)
+    status = render.err_console().status("loading") if sys.stderr.isatty() else nullcontext()
+    with status as live:
+        progress = (lambda msg: live.update(msg)) if live is not None else None
+        result = run_bench(model, spec, dtype=dtype, device=device, threads=threads, progress=progress)
+    if format is o.OutputFormat.json:
+        render.write_json(result.to_dict())
+    elif sys.stdout.isatty():
+        _print_rich(result)
+    else:
+        render.write(plain_report(result))
+
+
+# ------------------------------------------------------------------------------------------ formatting
+
+
+def _tests(result) -> list[tuple[str, object]]:
+    """(llama-bench style test name, Stat of tokens/s) per test."""
+    rows = [(f"pp{p.prompt_tokens}", p.tokens_per_second) for p in result.prefill]
+    if result.decode is not None:
+        rows.append((f"tg{result.decode.new_tokens}", result.decode.tokens_per_second))
+    return rows
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f} M" if n < 1e9 else f"{n / 1e9:.2f} B"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
+def _header(result) -> list[tuple[str, str]]:
+    from pathlib import Path
+
+    m = result.model
+    return [
+        ("model", Path(m.name).name if "/" in m.name and Path(m.name).exists() else m.name),  # a path: its last part
+        ("dtype", m.dtype),
+        ("size", _mb(m.weights_bytes)),
+        ("params", _millions(m.params)),
+        ("device", m.device),
+        ("threads", str(result.threads)),
+    ]
+
+
+def _notes(result) -> list[str]:
+    m = result.model
+    notes = []
+    load = f"load: {result.load_seconds:.2f} s (load_model in-process)"
+    if result.startup_seconds is not None:
+        load += f"; process start + imports before it: {result.startup_seconds:.2f} s"
+    notes.append(load)
+    if result.first_token_seconds is not None:
+        notes.append(
+            f"first token after load: {result.first_token_seconds:.3f} s "
+            f"(cold run, {result.first_token_prompt_tokens}-token prompt, not counted in the table)"
+        )
+    rss_mib = result.peak_rss_bytes / 2**20
+    ratio = result.peak_rss_bytes / m.weights_bytes if m.weights_bytes else 0.0
+    notes.append(f"peak RSS: {rss_mib:.0f} MiB ({ratio:.2f}x the weights)")
+    bw = result.bandwidth
+    if bw is not None:
+        notes.append(
+            f"memory bandwidth: {bw.read_gb_per_s:.1f} GB/s read (best of the runs; median {bw.read_median_gb_per_s:.1f}), "
+            f"{bw.copy_gb_per_s:.1f} GB/s copy, {bw.threads} thread{'s' if bw.threads != 1 else ''}"
+        )
+        ceiling = result.decode_ceiling_tokens_per_second
+        line = f"decode ceiling: {ceiling:.1f} tok/s = bandwidth / {_mb(m.bytes_per_token)} of weights read per token"
+        if result.decode_fraction_of_ceiling is not None:
+            line += f"; decode reaches {result.decode_fraction_of_ceiling:.0%} of it"
+        notes.append(line)
+    spec = result.spec
+    notes.append(f"tok/s: median of {spec.repetitions} runs after {spec.warmup} warm-up; min and max alongside")
+    if "load_average" in result.environment:
+        notes.append(f"load average (1/5/15 min) at start: {result.environment['load_average']}; "
+                     f"figures are noisy when it exceeds the free cores ({result.environment.get('cpus_available', '?')} available)")
+    return notes
+
+
+def plain_report(result) -> str:
+    """A Markdown table plus notes: plain text for pipes and issue comments."""
+    head = _header(result)
+    columns = [k for k, _ in head] + ["test", "t/s", "min", "max"]
+    rows = [[v for _, v in head] + [name, f"{s.median:.2f}", f"{s.min:.2f}", f"{s.max:.2f}"] for name, s in _tests(result)]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    numeric = set(range(len(head) + 1, len(columns)))
+
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    sep = "| " + " | ".join(("-" * (w - 1) + ":") if i in numeric else "-" * w for i, w in enumerate(widths)) + " |"
+    out = [line(columns), sep] + [line(r) for r in rows] + [""] + _notes(result)
+    return "\n".join(out) + "\n"
+
+
+def _print_rich(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, no_color=not render.color_enabled(sys.stdout))
+    # The per-model columns of the plain table repeat on every row: on a terminal they go in the title.
+    title = " · ".join(f"{k} {v}" if k in ("size", "params", "threads") else v for k, v in _header(result))
+    table = Table(title=title, title_justify="left", header_style="bold")
+    table.add_column("test", style="bold", no_wrap=True)
+    for k in ("t/s (median)", "min", "max"):
+        table.add_column(k, justify="right", no_wrap=True)
+    for name, s in _tests(result):
+        table.add_row(name, f"{s.median:.2f}", f"{s.min:.2f}", f"{s.max:.2f}")
+    console.print(table)
+    for note in _notes(result):
+        console.print(note, style="dim", markup=False)
