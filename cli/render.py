@@ -65,11 +65,9 @@ def write_json(obj) -> None:
 
 
 def peak_rss_mib() -> float:
-    import resource
+    from llm_torch.core.bench import peak_rss_bytes  # one definition (VmHWM, not ru_maxrss)
 
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+    return peak_rss_bytes() / 2**20
 
 
 def stats_line(timings) -> str:

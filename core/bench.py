@@ -314,7 +314,7 @@ def set_threads(threads: int | None) -> int:
 # ---------------------------------------------------------------------------------------- measurements
 
 
-def measure_memory_bandwidth(buffer_mib: int = BANDWIDTH_BUFFER_MIB, repeats: int = 7) -> Bandwidth:
+def measure_memory_bandwidth(buffer_mib: int = BANDWIDTH_BUFFER_MIB, repeats: int = 15) -> Bandwidth:
     """DRAM read bandwidth with the current torch threads: the best of `repeats` timed sums.
 
     The best, not the median, because it estimates what the hardware allows; other load on the

@@ -171,8 +171,8 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [B, T, D]. Rotate-half layout (HF checkpoints; GGUF is un-permuted on load)."""
-    cos, sin = cos[:, None], sin[:, None]
+    """x [B, T, H, D]; cos/sin [B, T, D]. Rotate-half layout (HF checkpoints; GGUF is un-permuted on load)."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -251,15 +251,18 @@ class Attention(nn.Module):
         """x [B, T, C]; mask bool [B|1, 1, T, S] or None (= causal over the T new tokens only when
         start == 0, or everything cached when T == 1); kv: this layer's cache [B, H_kv, S_max, D]."""
         B, T, _ = x.shape
+        H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
         if self.qkv_proj is not None:
-            kv_width = self.n_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+            qkv = self.qkv_proj(x)
+            # Rotate q and k heads in one pass: [B, T, H + H_kv, D] (half the rope ops per layer).
+            qk = apply_rope(qkv[..., : (H + H_kv) * D].view(B, T, H + H_kv, D), cos, sin)
+            q, k = qk.split([H, H_kv], dim=2)
+            v = qkv[..., (H + H_kv) * D :].view(B, T, H_kv, D)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = apply_rope(self.q_proj(x).view(B, T, H, D), cos, sin)
+            k = apply_rope(self.k_proj(x).view(B, T, H_kv, D), cos, sin)
+            v = self.v_proj(x).view(B, T, H_kv, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if kv is not None:
             k_cache, v_cache = kv
             k_cache[:, :, start : start + T] = k

@@ -84,9 +84,11 @@ def resolve_dtype(
 ) -> torch.dtype:
     """The weights' storage dtype. `auto` picks the fastest correct one for the device:
 
-    on CPU, bf16 storage (activations stay fp32, see layers.compute_dtype) halves the bytes each
-    decode step reads, so checkpoints that are not fp32 already (bf16/fp16, GGUF quantized) use it;
-    an fp32 checkpoint stays fp32. On an accelerator, the checkpoint's own dtype (GGUF: bf16).
+    on CPU, 16-bit storage (activations stay fp32, see layers.compute_dtype) halves the bytes each
+    decode step reads, so checkpoints that are not fp32 already use it: bf16/fp16 checkpoints keep
+    their own dtype, GGUF files take fp16 (their block scales are fp16, so fp16 holds Q4/Q8 values
+    more exactly than bf16, and torch's fp16 matrix-vector kernel is the faster one here: 19 vs
+    17 GB/s). An fp32 checkpoint stays fp32. On an accelerator: the checkpoint's dtype (GGUF: bf16).
     """
     if isinstance(requested, torch.dtype):
         return requested
@@ -96,8 +98,8 @@ def resolve_dtype(
         own = DTYPES.get((config.torch_dtype or "float32").replace("torch.", ""), torch.float32)
         on_cpu = device is None or device.type == "cpu"
         if kind == "gguf":
-            return torch.bfloat16
-        return torch.bfloat16 if on_cpu and own != torch.float32 else own
+            return torch.float16 if on_cpu else torch.bfloat16
+        return own
     if name not in DTYPES:
         raise InputError(f"unknown dtype '{requested}'", hint="use auto, float32, bfloat16 or float16")
     return DTYPES[name]
