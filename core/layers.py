@@ -187,20 +187,26 @@ _ACTIVATIONS = {
 }
 
 
+class FusedLinear(Linear):
+    """Several projections of the same input stacked by output rows (q|k|v, gate|up): one weight
+    read and one call per token instead of several. `parts` names the checkpoint tensors it holds,
+    in row order, so the loader copies each into its rows without a second copy of the weights."""
+
+    def __init__(self, in_features: int, parts: list[tuple[str, int]], bias: bool):
+        super().__init__(in_features, sum(rows for _, rows in parts), bias=bias)
+        self.parts = parts
+
+
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, fused: bool = False):
         super().__init__()
         c, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = Linear(c, i, bias=bias)
-        self.up_proj = Linear(c, i, bias=bias)
+        self.gate_up_proj = FusedLinear(c, [("gate_proj", i), ("up_proj", i)], bias) if fused else None
+        if not fused:
+            self.gate_proj = Linear(c, i, bias=bias)
+            self.up_proj = Linear(c, i, bias=bias)
         self.down_proj = Linear(i, c, bias=bias)
         self.act = _ACTIVATIONS[config.hidden_act]
-        self.gate_up_proj: Linear | None = None
-
-    def fuse(self) -> None:
-        """One [2I, C] projection instead of two: one weight read per token instead of two calls."""
-        self.gate_up_proj = _fused(self.gate_proj, self.up_proj)
-        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
@@ -209,18 +215,8 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _fused(*linears: Linear) -> Linear:
-    """A Linear whose output rows are the given layers' rows, stacked (inference only: no grads)."""
-    first = linears[0]
-    fused = Linear(first.in_features, sum(l.out_features for l in linears), bias=first.bias is not None)
-    fused.weight = nn.Parameter(torch.cat([l.weight for l in linears]), requires_grad=False)
-    if first.bias is not None:
-        fused.bias = nn.Parameter(torch.cat([l.bias for l in linears]), requires_grad=False)
-    return fused
-
-
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, fused: bool = False):
         super().__init__()
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
@@ -228,16 +224,14 @@ class Attention(nn.Module):
         self.scale = config.attention_scale
         self.softcap = config.attn_logit_softcapping
         c, bias = config.hidden_size, config.attention_bias
-        self.q_proj = Linear(c, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = Linear(c, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = Linear(c, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.n_heads * self.head_dim, c, bias=bias)
-        self.qkv_proj: Linear | None = None
-
-    def fuse(self) -> None:
-        """Stack q/k/v into one projection (same math, fewer weight-read calls per token)."""
-        self.qkv_proj = _fused(self.q_proj, self.k_proj, self.v_proj)
-        del self.q_proj, self.k_proj, self.v_proj
+        q_rows, kv_rows = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        parts = [("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)]
+        self.qkv_proj = FusedLinear(c, parts, bias) if fused else None
+        if not fused:
+            self.q_proj = Linear(c, q_rows, bias=bias)
+            self.k_proj = Linear(c, kv_rows, bias=bias)
+            self.v_proj = Linear(c, kv_rows, bias=bias)
+        self.o_proj = Linear(q_rows, c, bias=bias)
 
     def forward(
         self,
@@ -293,12 +287,12 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, fused: bool = False):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
         eps, off = config.rms_norm_eps, config.norm_unit_offset
-        self.self_attn = Attention(config)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, fused)
+        self.mlp = MLP(config, fused)
         self.input_layernorm = RMSNorm(config.hidden_size, eps, off)
         # Llama: post_attention_layernorm normalises the MLP input. With sandwich norms (Gemma 2) it
         # normalises the attention output, and two more norms wrap the MLP.

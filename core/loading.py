@@ -118,15 +118,18 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(name)
 
 
-def build_model(config: ModelConfig, head: str | None = None) -> nn.Module:
-    """The module tree on the meta device (no memory, no random init); `head` from config.architectures."""
+def build_model(config: ModelConfig, head: str | None = None, *, fused: bool = False) -> nn.Module:
+    """The module tree on the meta device (no memory, no random init); `head` from config.architectures.
+
+    fused: the inference layout (stacked q/k/v and gate/up); the default has transformers' module names.
+    """
     from .model import HEADS
 
     head = head or head_kind(config)
     if head not in HEADS:
         raise UnsupportedError(f"the '{head}' head is not implemented", hint=f"available: {', '.join(HEADS)}")
     with torch.device("meta"):
-        return HEADS[head](config)
+        return HEADS[head](config, fused=fused)
 
 
 def head_kind(config: ModelConfig) -> str:
@@ -142,25 +145,47 @@ def head_kind(config: ModelConfig) -> str:
 
 
 def assign_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, device) -> None:
-    """Assign checkpoint tensors to a meta-device model by name; strict: lists missing/unexpected keys."""
-    params = dict(model.named_parameters())  # tied weights appear once, under their first name
+    """Assign checkpoint tensors to a meta-device model by name; strict: lists missing/unexpected keys.
+
+    A fused projection (layers.FusedLinear) is allocated once and each checkpoint part (q_proj, ...)
+    is copied into its rows, so the weights never exist twice in memory.
+    """
+    targets: dict[str, tuple[str, int | None, int | None]] = {}  # checkpoint name -> (param, row range)
+    for pname in dict(model.named_parameters()):  # tied weights appear once, under their first name
+        module_name, _, attr = pname.rpartition(".")
+        parts = getattr(model.get_submodule(module_name), "parts", None)
+        if parts is None:
+            targets[pname] = (pname, None, None)
+            continue
+        parent, start = module_name.rpartition(".")[0], 0
+        for part, rows in parts:
+            targets[f"{parent}.{part}.{attr}"] = (pname, start, start + rows)
+            start += rows
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     seen: set[str] = set()
     unexpected: list[str] = []
     for name, tensor in tensors:
         if name.endswith("rotary_emb.inv_freq") or name in tied:
             continue  # old checkpoints saved rope buffers; tied heads reuse the embedding
-        param = params.get(name)
-        if param is None:
+        if name not in targets:
             unexpected.append(name)
             continue
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise CheckpointError(f"tensor '{name}' has shape {tuple(tensor.shape)}, the config expects {tuple(param.shape)}")
-        module_name, _, attr = name.rpartition(".")
+        pname, start, stop = targets[name]
+        module_name, _, attr = pname.rpartition(".")
         module = model.get_submodule(module_name)
-        module._parameters[attr] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+        param = module._parameters[attr]
+        shape = tuple(param.shape) if start is None else (stop - start, *param.shape[1:])
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(f"tensor '{name}' has shape {tuple(tensor.shape)}, the config expects {shape}")
+        if start is None:
+            module._parameters[attr] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+        else:
+            if param.is_meta:
+                param = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device), requires_grad=False)
+                module._parameters[attr] = param
+            param.data[start:stop].copy_(tensor)
         seen.add(name)
-    missing = sorted(set(params) - seen)
+    missing = sorted(set(targets) - seen)
     if missing or unexpected:
         parts = []
         if missing:
@@ -299,7 +324,7 @@ def load_resolved(
     config = source.config
     dev = resolve_device(device)
     target = resolve_dtype(dtype, config, kind=resolved.kind, device=dev)
-    model = build_model(config, head)
+    model = build_model(config, head, fused=fuse)
     if resolved.kind == "gguf":
         from . import gguf
 
@@ -309,9 +334,5 @@ def load_resolved(
         tensors = iter_safetensors(safetensors_files(resolved.path))
         generation_config = read_generation_config(resolved.path)
     assign_weights(model, tensors, target, dev)
-    if fuse:
-        from .speed import fuse_projections
-
-        fuse_projections(model)
     tokenizer = load_tokenizer(resolved, source) if with_tokenizer else None
     return LoadedModel(model, config, tokenizer, resolved.name, target, generation_config)

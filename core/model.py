@@ -52,11 +52,11 @@ class KVCache:
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, fused: bool = False):
         super().__init__()
         self.config = config
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, fused) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
         self.rotary_emb = RotaryEmbedding(config)
 
@@ -117,10 +117,12 @@ class DecoderModel(nn.Module):
 class CausalLM(nn.Module):
     """Decoder + language-model head (HF `*ForCausalLM`)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, fused: bool = False):
+        """fused: q/k/v and gate/up stacked into one projection each (inference layout; the
+        checkpoint names stay loadable, see loading.assign_weights)."""
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config)
+        self.model = DecoderModel(config, fused)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -20,10 +20,3 @@ def compile_model(model: torch.nn.Module) -> None:
         return eager(input_ids, **kw)
 
     model.forward = forward
-
-
-def fuse_projections(model: torch.nn.Module) -> None:
-    """Fuse q/k/v and gate/up projections in place (after loading; checkpoint names no longer apply)."""
-    for module in model.modules():
-        if hasattr(module, "fuse"):
-            module.fuse()
