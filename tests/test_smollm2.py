@@ -51,3 +51,18 @@ def test_chat_prompt_is_chatml(ours):
     text = ours.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert text.startswith("<|im_start|>system\n")
+
+
+@torch.no_grad()
+def test_cli_greedy_equals_transformers(ours, reference):
+    import json
+
+    from tests.cli_util import run_llm
+
+    r = run_llm("generate", "-m", "smollm2", PROMPT, "-n", "32", "--temperature", "0", "--dtype", "float32", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["token_ids"]
+    ids = ours.tokenizer.encode(PROMPT)
+    expected = reference.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=2)
+    expected = expected[0, len(ids) :].tolist()
+    assert got == expected[: len(got)] and len(got) >= 20
