@@ -415,13 +415,14 @@ def iter_gguf_tensors(
         hf_name, leaf = _hf_name(arch, t.name, n_layers)
         if hf_name is None:
             continue
-        w = _dequantize(t)
+        gemma_norm = arch == "gemma2" and leaf.endswith("norm") and t.name.endswith(".weight")
+        w = _dequantize(t, torch.float32 if gemma_norm else dtype)
         if arch == "llama" and leaf in ("attn_q", "attn_k"):
             w = _unpermute_qk(w, n_head if leaf == "attn_q" else n_kv_head, t.name)
-        if arch == "gemma2" and leaf.endswith("norm") and t.name.endswith(".weight"):
+        if gemma_norm:
             # convert_hf_to_gguf.py stored Gemma's RMSNorm scale as (1 + w) for ggml; HF keeps w.
             # Subtract in fp32 before the cast, as transformers does.
-            w = w.float() - 1.0
+            w = w - 1.0
         yield hf_name, w.to(dtype)
 
 
@@ -454,30 +455,42 @@ def _unpermute_qk(w: torch.Tensor, n_head: int, name: str) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
 
 
-def _dequantize(t: Any) -> torch.Tensor:
-    """One GGUF tensor as a torch tensor of its logical shape: F16/BF16 kept as is, the rest float32."""
+_CHUNK_ROWS = 4096  # rows dequantized at a time: bounds the fp32 temporary (the 49k-row embedding: 113 MB -> 9 MB)
+
+
+def _dequantize(t: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One GGUF tensor as a torch tensor of its logical shape in `dtype` (K-quants via gguf-py: float32)."""
     # GGUF lists dims innermost first (ne0 = row length); torch wants them outermost first.
     shape = tuple(int(n) for n in reversed(t.shape.tolist()))
     qtype = t.tensor_type
+    if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16) or qtype in _TORCH_DEQUANT:
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        data = np.asarray(t.data).reshape(rows, -1)
+        out = torch.empty(rows, shape[-1], dtype=dtype)
+        for start in range(0, rows, _CHUNK_ROWS):
+            out[start : start + _CHUNK_ROWS] = _rows(data[start : start + _CHUNK_ROWS], qtype).reshape(-1, shape[-1])
+        return out.reshape(shape)
+    try:
+        out = torch.from_numpy(_gguf_dequantize(t.data, qtype))
+    except NotImplementedError:
+        raise UnsupportedError(
+            f"GGUF tensor '{t.name}' uses type {qtype.name}, which cannot be dequantized",
+            hint="use a GGUF with F32/F16/BF16, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 or K-quant tensors",
+        ) from None
+    return out.reshape(shape)
+
+
+def _rows(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """Some whole rows of a tensor's raw data, decoded (F16/BF16 kept as is, the rest float32)."""
     # np.array copies: the reader's arrays are read-only views of the mmap.
     if qtype == GGMLQuantizationType.F32:
-        out = torch.from_numpy(np.array(t.data, dtype=np.float32))
-    elif qtype == GGMLQuantizationType.F16:
-        out = torch.from_numpy(np.array(t.data, dtype=np.float16))
-    elif qtype == GGMLQuantizationType.BF16:
+        return torch.from_numpy(np.array(data, dtype=np.float32))
+    if qtype == GGMLQuantizationType.F16:
+        return torch.from_numpy(np.array(data, dtype=np.float16))
+    if qtype == GGMLQuantizationType.BF16:
         # gguf-py exposes BF16 as raw bytes (rows, 2 * cols); reinterpret them.
-        out = torch.from_numpy(np.array(t.data, dtype=np.uint8)).view(torch.bfloat16)
-    elif qtype in _TORCH_DEQUANT:
-        out = _TORCH_DEQUANT[qtype](torch.from_numpy(np.array(t.data, dtype=np.uint8)))
-    else:
-        try:
-            out = torch.from_numpy(_gguf_dequantize(t.data, qtype))
-        except NotImplementedError:
-            raise UnsupportedError(
-                f"GGUF tensor '{t.name}' uses type {qtype.name}, which cannot be dequantized",
-                hint="use a GGUF with F32/F16/BF16, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 or K-quant tensors",
-            ) from None
-    return out.reshape(shape)
+        return torch.from_numpy(np.array(data, dtype=np.uint8)).view(torch.bfloat16)
+    return _TORCH_DEQUANT[qtype](torch.from_numpy(np.array(data, dtype=np.uint8)))
 
 
 # Vectorised torch versions of ggml's block formats (ggml-common.h), bit-exact with gguf.quants
