@@ -14,6 +14,7 @@ all three are undone here.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import re
 import struct
@@ -423,7 +424,21 @@ def iter_gguf_tensors(
             # convert_hf_to_gguf.py stored Gemma's RMSNorm scale as (1 + w) for ggml; HF keeps w.
             # Subtract in fp32 before the cast, as transformers does.
             w = w - 1.0
+        _release_pages(reader, t)
         yield hf_name, w.to(dtype)
+
+
+def _release_pages(reader: GGUFReader, t: Any) -> None:
+    """Drop the mapped file pages of a tensor already decoded, so they do not add to peak RSS.
+
+    They are clean file-backed pages: a later read just faults them in again from the file.
+    """
+    mm = getattr(reader.data, "_mmap", None)  # numpy.memmap's own mmap object
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = int(t.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = int(t.data_offset) + int(t.n_bytes)
+    mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _hf_name(arch: str, name: str, n_layers: int) -> tuple[str | None, str]:
