@@ -13,7 +13,11 @@ import typer
 
 from . import bench as bench_cmd
 from . import chat as chat_cmd
+from . import completions as completions_cmd
 from . import generate as generate_cmd
+from . import run as run_cmd
+from . import tokenize as tokenize_cmd
+from . import visualize as visualize_cmd
 
 app = typer.Typer(
     name="llm",
@@ -44,6 +48,10 @@ def root(
 app.command("generate")(generate_cmd.generate)
 app.command("chat")(chat_cmd.chat)
 app.command("bench")(bench_cmd.bench)
+app.command("run")(run_cmd.run)
+app.command("visualize-mask")(visualize_cmd.visualize_mask)
+app.command("tokenize")(tokenize_cmd.tokenize)
+app.command("completions", hidden=True)(completions_cmd.completions)
 
 
 def main() -> None:

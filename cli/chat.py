@@ -43,7 +43,7 @@ A message that starts with '/' but is not a command: start it with '//' (sent as
 def chat(
     ctx: typer.Context,
     model_arg: Annotated[
-        Optional[str], typer.Argument(metavar="[MODEL]", help="The model (same forms as -m); default: smollm2.")
+        Optional[str], typer.Argument(metavar="[MODEL]", help="The model (same forms as -m); default: smollm2.", autocompletion=o.complete_model)
     ] = None,
     model: o.ModelOpt = None,
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")] = None,

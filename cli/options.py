@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .completions import complete_model
+
 
 class OutputFormat(str, Enum):
     text = "text"
@@ -15,7 +17,12 @@ class OutputFormat(str, Enum):
 
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", help="Local folder, .gguf file, Hub id (org/name[@rev]) or alias. Default: smollm2."),
+    typer.Option(
+        "--model",
+        "-m",
+        help="Local folder, .gguf file, Hub id (org/name[@rev]) or alias. Default: smollm2.",
+        autocompletion=complete_model,
+    ),
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | auto.")]

@@ -161,7 +161,9 @@ def assign_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]
         for part, rows in parts:
             targets[f"{parent}.{part}.{attr}"] = (pname, start, start + rows)
             start += rows
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    # Only the LM head ties to the embedding; classification heads have no lm_head to tie.
+    ties = model.config.tie_word_embeddings and hasattr(model, "lm_head")
+    tied = {"lm_head.weight"} if ties else set()
     seen: set[str] = set()
     unexpected: list[str] = []
     for name, tensor in tensors:
@@ -193,7 +195,7 @@ def assign_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensor(s): {_name_list(unexpected)}")
         raise CheckpointError("checkpoint does not match the config: " + "; ".join(parts))
-    if model.config.tie_word_embeddings:
+    if ties:
         model.lm_head.weight = model.model.embed_tokens.weight
     for module in model.modules():
         if hasattr(module, "reset_buffers"):

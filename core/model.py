@@ -151,4 +151,107 @@ class CausalLM(nn.Module):
         return KVCache(self.config, batch_size, max_len, dtype=compute_dtype(p.dtype, p.device), device=p.device)
 
 
-HEADS = {"causal_lm": CausalLM}
+class _EncoderHead(nn.Module):
+    """Shared base of the non-generative heads: a decoder under `base_prefix` and one Linear on top.
+
+    HF keeps the decoder under `model` for these heads except LlamaForQuestionAnswering, which
+    keeps `transformer` for backward compatibility; the attribute name *is* the checkpoint key prefix.
+    """
+
+    base_prefix = "model"
+
+    def __init__(self, config: ModelConfig, fused: bool = False):
+        super().__init__()
+        self.config = config
+        setattr(self, self.base_prefix, DecoderModel(config, fused))
+
+    @property
+    def decoder(self) -> DecoderModel:
+        return getattr(self, self.base_prefix)
+
+    def hidden(self, input_ids, cache, position_ids, attention_mask) -> torch.Tensor:
+        return self.decoder(input_ids, cache=cache, position_ids=position_ids, attention_mask=attention_mask)
+
+
+class SequenceClassification(_EncoderHead):
+    """HF `*ForSequenceClassification`: `score` (no bias) on the last non-padding token."""
+
+    def __init__(self, config: ModelConfig, fused: bool = False):
+        super().__init__(config, fused)
+        self.score = Linear(config.hidden_size, config.num_labels, bias=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, num_labels]."""
+        h = self.hidden(input_ids, cache, position_ids, attention_mask)
+        B, T = input_ids.shape
+        pad = self.config.pad_token_id
+        if pad is None:
+            if B != 1:
+                # Without a pad id the last real token cannot be found in a padded batch (as in HF).
+                raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+            last = torch.full((B,), T - 1, device=input_ids.device)
+        else:
+            # The rightmost token that is not the pad id, as HF does: works for left and right padding
+            # (and a sequence of only pads picks position 0).
+            idx = torch.arange(T, device=input_ids.device)
+            last = (idx * (input_ids != pad)).argmax(-1)
+        pooled = h[torch.arange(B, device=h.device), last]
+        return self.score(pooled)
+
+
+class TokenClassification(_EncoderHead):
+    """HF `*ForTokenClassification`: `score` on every position (its dropout is a no-op at inference)."""
+
+    def __init__(self, config: ModelConfig, fused: bool = False):
+        super().__init__(config, fused)
+        bias = bool(config.raw.get("token_classification_bias", True))
+        self.score = Linear(config.hidden_size, config.num_labels, bias=bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, num_labels]."""
+        return self.score(self.hidden(input_ids, cache, position_ids, attention_mask))
+
+
+class QuestionAnswering(_EncoderHead):
+    """HF `LlamaForQuestionAnswering`: `qa_outputs` Linear(hidden, 2) -> start and end logits."""
+
+    base_prefix = "transformer"
+
+    def __init__(self, config: ModelConfig, fused: bool = False):
+        super().__init__(config, fused)
+        self.qa_outputs = Linear(config.hidden_size, 2, bias=True)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [B, T] -> (start_logits [B, T], end_logits [B, T])."""
+        logits = self.qa_outputs(self.hidden(input_ids, cache, position_ids, attention_mask))
+        start, end = logits.unbind(-1)
+        return start.contiguous(), end.contiguous()
+
+
+HEADS = {
+    "causal_lm": CausalLM,
+    "sequence_classification": SequenceClassification,
+    "token_classification": TokenClassification,
+    "question_answering": QuestionAnswering,
+}

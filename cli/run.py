@@ -1,0 +1,224 @@
+"""`llm run --task ...`: the task pipelines over an argument, stdin or a file, one result per input."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import options as o
+from . import render
+
+
+class RunFormat(str, Enum):
+    text = "text"
+    json = "json"
+    jsonl = "jsonl"
+
+
+class Truncation(str, Enum):
+    warn = "warn"
+    error = "error"
+
+
+def run(
+    prompt: Annotated[Optional[str], typer.Argument(help="Input text; piped stdin is combined with it (argument first).")] = None,
+    task: Annotated[
+        str, typer.Option("--task", help="text-generation | text-classification | token-classification | question-answering.")
+    ] = "text-generation",
+    model: o.ModelOpt = None,
+    lines: Annotated[bool, typer.Option("--lines", help="Each stdin line is one input (blank lines skipped).")] = False,
+    input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Read inputs from a .txt, .jsonl or .csv file.")] = None,
+    column: Annotated[Optional[str], typer.Option("--column", help="Field of .jsonl/.csv rows holding the text (default: text).")] = None,
+    format: Annotated[
+        Optional[RunFormat], typer.Option("--format", "-f", help="text | json | jsonl. Default: text on a terminal, jsonl when piped with several inputs.")
+    ] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results to FILE (atomically) instead of stdout.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Inputs per forward pass.")] = 1,
+    truncate: Annotated[Truncation, typer.Option("--truncate", help="Input longer than the context: warn (cut it) or error.")] = Truncation.warn,
+    aggregation: Annotated[str, typer.Option("--aggregation", help="token-classification: none | simple.")] = "none",
+    question: Annotated[Optional[str], typer.Option("--question", "-q", help="question-answering: the question (context from input).")] = None,
+    max_new_tokens: o.MaxNewTokensOpt = 256,
+    temperature: o.TemperatureOpt = None,
+    top_k: o.TopKOpt = None,
+    top_p: o.TopPOpt = None,
+    min_p: o.MinPOpt = None,
+    repetition_penalty: o.RepetitionPenaltyOpt = None,
+    seed: o.SeedOpt = None,
+    stop: o.StopOpt = None,
+    chat: Annotated[bool, typer.Option("--chat", help="text-generation: wrap each input in the chat template.")] = False,
+    system: Annotated[Optional[str], typer.Option("--system", "-s", help="System message (with --chat).")] = None,
+    dtype: o.DtypeOpt = "auto",
+    device: o.DeviceOpt = "cpu",
+) -> None:
+    """Run a task pipeline over inputs from the argument, stdin (--lines: one per line) or --input FILE."""
+    from llm_torch.core import pipelines as p
+    from llm_torch.core.errors import InputError
+    from llm_torch.core.generate import GenerationSpec
+
+    from .common import encode_prompt, load, sampling_spec
+
+    if task not in p.TASKS:
+        raise InputError(f"unknown task '{task}'", hint=f"tasks: {', '.join(p.TASKS)}")
+    if system and not chat:
+        raise InputError("--system needs --chat", hint="add --chat to use the model's chat template")
+    if input is not None and lines:
+        raise InputError("--lines reads stdin; with --input the file's format decides", hint="drop --lines")
+    if input is not None and not input.is_file():
+        raise InputError(f"no input file at {input}")
+
+    multi = lines or input is not None
+    if format is None:
+        piped = output is not None or not sys.stdout.isatty()
+        format = RunFormat.jsonl if multi and piped else RunFormat.text
+
+    # Inputs are read before the model loads when they are one block, lazily (streamed) otherwise.
+    items = _items(p, prompt, lines, input, column, question)
+
+    loaded = load(model, dtype, device, quiet=True)
+    p.check_task(task, loaded.model, loaded.name)
+    spec = GenerationSpec()
+    if task == "text-generation":
+        sampling = sampling_spec(
+            loaded.generation_config,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        )
+        spec = GenerationSpec(
+            max_new_tokens=max_new_tokens, sampling=sampling, stop=tuple(stop or ()), truncate=truncate is Truncation.warn
+        )
+    opts = p.PipelineOptions(
+        batch_size=batch_size,
+        truncate=truncate.value,
+        # --top-k: labels per input for text-classification, the sampling cut-off for generation.
+        top_k=top_k or 1,
+        aggregation=aggregation,
+        generation=spec,
+        encode_prompt=lambda text: encode_prompt(loaded.tokenizer, text, chat=chat, system=system),
+    )
+    pipeline = p.Pipeline(loaded.model, loaded.tokenizer, task, opts, warn=render.warn)
+    count = 0
+
+    def counted():
+        nonlocal count
+        for result in pipeline.run(items):
+            count += 1
+            yield result
+
+    if output is None:
+        _emit(counted(), format, render.write, multi)
+    else:
+        _emit_to_file(counted(), format, output, multi)
+    if count == 0:
+        # An empty file or all-blank stdin is not an error, but silence would look like a hang or a bug.
+        render.warn("no inputs: nothing was run")
+
+
+def _items(p, prompt, lines, input, column, question):
+    from llm_torch.core.errors import InputError
+
+    from .common import read_prompt
+
+    if input is not None:
+        head = [p.Item(prompt, question, "argument")] if prompt else []
+        return _chain(head, p.file_items(input, column=column, question=question, warn=render.warn))
+    if not lines:
+        text = read_prompt(prompt, required=False)
+        if not text.strip():
+            raise InputError("no input given", hint='pass it as an argument or pipe it in: echo "Hello" | llm run --task ...')
+        return [p.Item(text, question, "input")]
+    head = [p.Item(prompt, question, "argument")] if prompt else []
+    stdin_lines = _stdin_lines() if not sys.stdin.isatty() else iter(())
+    body = (p.Item(it.text, question, it.where) for it in p.text_lines(stdin_lines, warn=render.warn))
+    return _chain(head, body)
+
+
+def _chain(head, rest):
+    yield from head
+    yield from rest
+
+
+def _stdin_lines():
+    """stdin decoded line by line, so the first results come out before the input ends."""
+    from llm_torch.core.errors import InputError
+
+    for n, raw in enumerate(sys.stdin.buffer, 1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"stdin line {n} is not valid UTF-8 (byte offset {e.start})", hint="convert the input to UTF-8") from None
+
+
+def _text_of(result: dict) -> str:
+    """The human form of one result."""
+    if "generated_text" in result:
+        return result["generated_text"]
+    if "answer" in result:
+        return f"{result['answer']}\t{result['score']:.4f}\t{result['start']}-{result['end']}"
+    if "entities" in result:
+        return "\n".join(f"{e['word']}\t{e['label']}\t{e['score']:.4f}\t{e['start']}-{e['end']}" for e in result["entities"])
+    rows = result.get("top_k") or [result]
+    return "\n".join(f"{r['label']}\t{r['score']:.4f}" for r in rows)
+
+
+def _emit(results, format: RunFormat, write, multi: bool) -> None:
+    import json
+
+    if format is RunFormat.jsonl:
+        for r in results:
+            write(json.dumps(r, ensure_ascii=False) + "\n")
+    elif format is RunFormat.text:
+        for r in results:
+            write(_text_of(r) + "\n")
+    else:
+        # json: one document; an array when several inputs, written at the end.
+        collected = list(results)
+        doc = collected if multi or len(collected) != 1 else collected[0]
+        write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
+
+
+def _emit_to_file(results, format: RunFormat, path: Path, multi: bool) -> None:
+    """Write into a temp file beside `path`, then os.replace: readers never see a half-written file.
+
+    On an input error (bad JSON on line N) the jsonl/text results before it are still committed: they are valid.
+    """
+    from llm_torch.core.errors import LLMError
+
+    path = path.expanduser()
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        from llm_torch.core.errors import InputError
+
+        raise InputError(f"cannot write to {folder}: {e.strerror or e}") from None
+    committed = False
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            def write(text: str) -> None:
+                f.write(text)
+                f.flush()
+
+            try:
+                _emit(results, format, write, multi)
+            except LLMError:
+                # jsonl/text lines written so far are complete results; a json document is not.
+                if format is not RunFormat.json:
+                    f.close()
+                    os.replace(tmp, path)
+                    committed = True
+                raise
+        os.replace(tmp, path)
+        committed = True
+    finally:
+        if not committed and os.path.exists(tmp):
+            os.unlink(tmp)

