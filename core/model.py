@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .errors import InputError
 from .layers import DecoderLayer, Embedding, Linear, RMSNorm, RotaryEmbedding, compute_dtype
 from .masks import layer_type_masks
 
@@ -169,8 +170,9 @@ class _EncoderHead(nn.Module):
     def decoder(self) -> DecoderModel:
         return getattr(self, self.base_prefix)
 
-    def hidden(self, input_ids, cache, position_ids, attention_mask) -> torch.Tensor:
-        return self.decoder(input_ids, cache=cache, position_ids=position_ids, attention_mask=attention_mask)
+    def hidden(self, input_ids: torch.Tensor, decoder_kw: dict) -> torch.Tensor:
+        """Final hidden states [B, T, C]; decoder_kw: cache / position_ids / attention_mask, as DecoderModel takes."""
+        return self.decoder(input_ids, **decoder_kw)
 
 
 class SequenceClassification(_EncoderHead):
@@ -180,22 +182,18 @@ class SequenceClassification(_EncoderHead):
         super().__init__(config, fused)
         self.score = Linear(config.hidden_size, config.num_labels, bias=False)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        *,
-        cache: KVCache | None = None,
-        position_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, **decoder_kw) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, num_labels]."""
-        h = self.hidden(input_ids, cache, position_ids, attention_mask)
+        h = self.hidden(input_ids, decoder_kw)
         B, T = input_ids.shape
         pad = self.config.pad_token_id
         if pad is None:
             if B != 1:
                 # Without a pad id the last real token cannot be found in a padded batch (as in HF).
-                raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+                raise InputError(
+                    "cannot classify a batch of more than one input: the model config has no pad_token_id",
+                    hint="use --batch-size 1, or set pad_token_id in config.json",
+                )
             last = torch.full((B,), T - 1, device=input_ids.device)
         else:
             # The rightmost token that is not the pad id, as HF does: works for left and right padding
@@ -214,16 +212,9 @@ class TokenClassification(_EncoderHead):
         bias = bool(config.raw.get("token_classification_bias", True))
         self.score = Linear(config.hidden_size, config.num_labels, bias=bias)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        *,
-        cache: KVCache | None = None,
-        position_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, **decoder_kw) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, num_labels]."""
-        return self.score(self.hidden(input_ids, cache, position_ids, attention_mask))
+        return self.score(self.hidden(input_ids, decoder_kw))
 
 
 class QuestionAnswering(_EncoderHead):
@@ -235,16 +226,9 @@ class QuestionAnswering(_EncoderHead):
         super().__init__(config, fused)
         self.qa_outputs = Linear(config.hidden_size, 2, bias=True)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        *,
-        cache: KVCache | None = None,
-        position_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, **decoder_kw) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids [B, T] -> (start_logits [B, T], end_logits [B, T])."""
-        logits = self.qa_outputs(self.hidden(input_ids, cache, position_ids, attention_mask))
+        logits = self.qa_outputs(self.hidden(input_ids, decoder_kw))
         start, end = logits.unbind(-1)
         return start.contiguous(), end.contiguous()
 

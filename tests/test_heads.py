@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llm_torch.core.errors import InputError
 from llm_torch.core.loading import ResolvedModel, load_resolved
 from llm_torch.core.model import QuestionAnswering, SequenceClassification, TokenClassification
 
@@ -106,7 +107,7 @@ def test_sequence_classification_needs_pad_for_batches(tmp_path):
     ref.save_pretrained(tmp_path)
     model = load_resolved(ResolvedModel("t", "folder", tmp_path), dtype="float32", with_tokenizer=False).model
     ids = torch.randint(3, 256, (2, 5))
-    with pytest.raises(ValueError, match="padding token"):
+    with pytest.raises(InputError, match="pad_token_id"):
         model(ids)
     # A single sequence needs no pad id: the last position is the last token.
     ref_out, our_out = hf_out(ref, ids[:1]), ours_out(model, ids[:1])
