@@ -200,7 +200,7 @@ def assign_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers(device)
-    model.train(False)  # inference mode for every submodule (same as .eval())
+    model.train(False)  # inference mode for every submodule (dropout off)
 
 
 def _name_list(names: list[str], limit: int = 6) -> str:
