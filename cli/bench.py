@@ -142,10 +142,9 @@ def plain_report(result) -> str:
 
 
 def _print_rich(result) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False, no_color=not render.color_enabled(sys.stdout))
+    console = render.out_console()
     # The per-model columns of the plain table repeat on every row: on a terminal they go in the title.
     title = " · ".join(f"{k} {v}" if k in ("size", "params", "threads") else v for k, v in _header(result))
     table = Table(title=title, title_justify="left", header_style="bold")

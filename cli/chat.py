@@ -136,7 +136,6 @@ class Repl:
         self.stats = stats
         self.markdown = interactive and render.color_enabled(sys.stdout)
         self._readline = None
-        self._console = None
 
     # ---- input ---------------------------------------------------------------------------------------
 
@@ -387,11 +386,7 @@ class Repl:
     def _view(self):
         if not self.markdown:
             return _PlainView()
-        if self._console is None:
-            from rich.console import Console
-
-            self._console = Console(highlight=False)
-        return _MarkdownView(self._console)
+        return _MarkdownView(render.out_console())
 
 
 class _Interrupted(Exception):

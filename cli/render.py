@@ -21,6 +21,12 @@ def err_console() -> Console:
     return Console(stderr=True, highlight=False, no_color=not color_enabled(sys.stderr), soft_wrap=True)
 
 
+@lru_cache(maxsize=1)
+def out_console() -> Console:
+    """Rich rendering of results on stdout (tables, Markdown, mask grids): one console for every command."""
+    return Console(highlight=False, no_color=not color_enabled(sys.stdout))
+
+
 def warn(message: str) -> None:
     err_console().print(f"[yellow]warning:[/] {message}" if color_enabled(sys.stderr) else f"warning: {message}", markup=True)
 

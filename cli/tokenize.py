@@ -69,7 +69,6 @@ def _parse_ids(spec: str) -> list[int]:
 
 
 def _table(ids: list[int], tokens: list[str], tokenizer) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{len(ids)} tokens", title_justify="left", header_style="bold")
@@ -79,4 +78,4 @@ def _table(ids: list[int], tokens: list[str], tokenizer) -> None:
     table.add_column("text")
     for n, (i, tok) in enumerate(zip(ids, tokens)):
         table.add_row(str(n), str(i), repr(tok), repr(tokenizer.decode([i])))
-    Console(highlight=False).print(table, markup=False)
+    render.out_console().print(table, markup=False)

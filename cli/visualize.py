@@ -35,7 +35,7 @@ def visualize_mask(
     import sys
 
     from llm_torch.core.loading import load_model_config, load_tokenizer, resolve_model
-    from llm_torch.core.mask_view import build_mask_view, fit_layout, line_width, render_lines
+    from llm_torch.core.mask_view import build_mask_view, fit_layout, line_width, lines_to_text, render_lines
 
     from .common import read_prompt
 
@@ -62,7 +62,7 @@ def visualize_mask(
     if render.color_enabled(sys.stdout):
         _print_color(lines)
     else:
-        render.write("\n".join("".join(t for t, _ in line) for line in lines) + "\n")
+        render.write(lines_to_text(lines))
 
 
 STYLE_MAP = {
@@ -78,12 +78,11 @@ STYLE_MAP = {
 
 
 def _print_color(lines) -> None:
-    from rich.console import Console
     from rich.text import Text
 
-    console = Console(highlight=False, soft_wrap=True)
+    console = render.out_console()
     for line in lines:
         text = Text()
         for piece, style in line:
             text.append(piece, style=STYLE_MAP.get(style) if style else None)
-        console.print(text, overflow="ignore", no_wrap=True)
+        console.print(text, overflow="ignore", no_wrap=True, soft_wrap=True)

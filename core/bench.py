@@ -265,15 +265,6 @@ def peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
 
 
-def current_rss_bytes() -> int | None:
-    """Resident set size now (Linux /proc); None where unavailable."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def process_age_seconds() -> float | None:
     """Seconds since this process started (Linux /proc, 10 ms resolution); None elsewhere.
 

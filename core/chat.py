@@ -18,7 +18,6 @@ import json
 import math
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generator, Iterator, Sequence
@@ -288,7 +287,8 @@ class ChatSession:
 
     def _stream(self, ids: list[int], dropped: int, undo) -> Iterator[GenerationEvent | ChatNotice]:
         generated: list[int] = []
-        final, cache, common, clock, failed = None, None, 0, None, False
+        final, cache, common, failed = None, None, 0, False
+        timings = Timings()  # filled by the engine as it goes, so an interrupted turn still has them
         try:
             if self.system and not self.system_role and not self._fold_told:
                 self._fold_told = True
@@ -306,12 +306,9 @@ class ChatSession:
             cache = reserved
             spec = GenerationSpec(max_new_tokens=self.settings.max_new_tokens, sampling=self.settings.sampling)
             events = stream_generate(self.model, self.tokenizer, ids[common:], spec, cache=cache,
-                                     history=ids[:common])
-            clock = [time.perf_counter(), None]  # start, first token: timings when the engine's are lost
+                                     history=ids[:common], timings=timings)
             try:
                 for event in events:
-                    if clock[1] is None and event.token_ids:
-                        clock[1] = time.perf_counter()
                     generated.extend(event.token_ids)
                     if event.finish_reason:
                         final = event
@@ -328,19 +325,13 @@ class ChatSession:
             if cache is None or (failed and not generated):
                 undo()  # stopped before anything was generated: the turn did not happen
             else:
-                self._commit(ids, common, dropped, generated, final, clock)
+                self._commit(ids, common, dropped, generated, final, timings)
 
-    def _commit(self, ids, common, dropped, generated, final, clock) -> None:
+    def _commit(self, ids, common, dropped, generated, final, timings: Timings) -> None:
         answer = self.tokenizer.decode(generated, skip_special_tokens=True)
         self._messages.append({"role": "assistant", "content": answer})
-        if final is not None:
-            reason, timings = final.finish_reason, final.timings
-        else:  # the consumer stopped reading (Ctrl-C in its own code): time what it saw
-            reason, timings = "interrupted", Timings(prompt_tokens=len(ids) - common, completion_tokens=len(generated))
-            if clock is not None:
-                now = time.perf_counter()
-                timings.prefill_seconds = (clock[1] or now) - clock[0]
-                timings.decode_seconds = now - clock[1] if clock[1] is not None else 0.0
+        # No final event: the consumer stopped reading (Ctrl-C in its own code).
+        reason = final.finish_reason if final is not None else "interrupted"
         self.last_turn = TurnInfo(len(ids), common, len(ids) - common, dropped, reason, timings, answer, generated)
 
     def _reserve(self, need: int):

@@ -14,9 +14,6 @@ from .errors import InputError
 from .model import KVCache
 from .sampling import Sampler, SamplingSpec
 
-FINISH_REASONS = ("stop", "length", "stop_string", "interrupted")
-
-
 @dataclass(frozen=True)
 class GenerationSpec:
     max_new_tokens: int = 256

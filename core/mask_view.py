@@ -302,7 +302,6 @@ def line_width(lines: list[list[Segment]]) -> int:
     return max((sum(cell_len(t) for t, _ in line) for line in lines), default=0)
 
 
-def render_text(view: MaskView, *, max_tokens: int | None = None, ascii: bool = False, stacked: bool = False) -> str:
-    """Plain text (no colour): what a pipe or a golden file gets."""
-    lines = render_lines(view, max_tokens=max_tokens, ascii=ascii, stacked=stacked)
+def lines_to_text(lines) -> str:
+    """Rendered lines as plain text (no colour): what a pipe or a golden file gets."""
     return "\n".join("".join(t for t, _ in line) for line in lines) + "\n"

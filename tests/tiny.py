@@ -96,14 +96,19 @@ def hf_model(cfg: dict, seed: int = 0, std: float = 0.2):
     return model.eval()
 
 
-def save_with_tokenizer(folder, cfg: dict, tokenizer) -> None:
-    """A complete HF folder: tiny random weights + a real tokenizer (vocab_size must match) + template."""
+def write_tokenizer_files(folder, tokenizer, **config) -> None:
+    """tokenizer.json + tokenizer_config.json (specials, chat template, extra `config` keys) of a real tokenizer."""
     import json
     from pathlib import Path
 
     folder = Path(folder)
-    hf_model(cfg).save_pretrained(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     tokenizer._backend.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token, "chat_template": tokenizer.chat_template})
-    )
+    settings = {"eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token, "chat_template": tokenizer.chat_template}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, **config}))
+
+
+def save_with_tokenizer(folder, cfg: dict, tokenizer) -> None:
+    """A complete HF folder: tiny random weights + a real tokenizer (vocab_size must match) + template."""
+    hf_model(cfg).save_pretrained(folder)
+    write_tokenizer_files(folder, tokenizer)
