@@ -333,8 +333,19 @@ def load_resolved(
         tensors = gguf.iter_gguf_tensors(source.gguf_reader, config.raw, target)
         generation_config: dict[str, Any] = {}
     else:
-        tensors = iter_safetensors(safetensors_files(resolved.path))
+        files = safetensors_files(resolved.path)
+        tensors = iter_safetensors(files)
         generation_config = read_generation_config(resolved.path)
+    quantized = None
+    if resolved.kind == "folder" and config.raw.get("quantization_config") is not None:
+        # Pre-quantized weights: the quant package (the only one importing torchao / bitsandbytes)
+        # swaps in its layers and takes their tensors from the stream; the rest loads as usual.
+        from llm_torch.quant.load import QuantizedLoader
+
+        quantized = QuantizedLoader(model, config.raw["quantization_config"], files, target, dev)
+        tensors = quantized.filter(tensors)
     assign_weights(model, tensors, target, dev)
+    if quantized is not None:
+        quantized.finish()
     tokenizer = load_tokenizer(resolved, source) if with_tokenizer else None
     return LoadedModel(model, config, tokenizer, resolved.name, target, generation_config)

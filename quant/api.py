@@ -1,0 +1,121 @@
+"""What the CLI calls: quantize a loaded model, write a quantized copy, estimate one (--dry-run)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llm_torch.core.errors import InputError
+
+from .convert import QuantResult, codec_for, float_tensors, plan, quantize_model
+from .spec import QuantSpec
+
+
+def quantize_loaded(loaded, spec: QuantSpec, *, collect: bool = False) -> QuantResult:
+    """Quantize a LoadedModel's model in place (`--quantize` at load time)."""
+    if next(loaded.model.parameters()).device.type != "cpu":
+        from llm_torch.core.errors import UnsupportedError
+
+        raise UnsupportedError("quantized layers run on the CPU only in this version", hint="use --device cpu")
+    with torch.no_grad():
+        result = quantize_model(loaded.model, spec, collect=collect)
+    if not result.quantized:
+        raise InputError(f"no layer was quantized (skipped: {', '.join(spec.skip)})", hint="check the --skip patterns")
+    return result
+
+
+def default_output(model_name: str, spec: QuantSpec) -> Path:
+    """./<model-name>-<scheme>: smollm2-int4-g128, Llama-2-7b-hf-nf4 ..."""
+    base = model_name.rstrip("/").split("@")[0]
+    stem = Path(base).name or "model"
+    if stem.endswith(".gguf"):
+        stem = stem[: -len(".gguf")]
+    return Path(f"{stem}-{spec.label}")
+
+
+@dataclass
+class QuantizeOutcome:
+    out: Path
+    result: QuantResult
+    seconds: float
+    bytes_on_disk: int
+
+
+def quantize_to_folder(ref: str | None, spec: QuantSpec, out: Path | None, *, dtype: str = "auto",
+                       force: bool = False) -> QuantizeOutcome:
+    """Load the float model, quantize it and write a folder any `llm` command opens."""
+    from llm_torch.core.loading import load_resolved, resolve_model
+
+    from .save import check_destination, save_quantized
+
+    t0 = time.perf_counter()
+    resolved = resolve_model(ref)
+    out = Path(out) if out is not None else default_output(resolved.name, spec)
+    check_destination(out, force)  # before minutes of work
+    # A folder's tokenizer files are copied as they are; a GGUF's tokenizer is rebuilt from its metadata.
+    loaded = load_resolved(resolved, dtype=dtype, device="cpu", with_tokenizer=resolved.kind == "gguf")
+    if loaded.config.raw.get("quantization_config") is not None:
+        raise InputError(f"{resolved.name} is already quantized", hint="quantize the float model instead")
+    result = quantize_loaded(loaded, spec, collect=True)
+    tensors = {**float_tensors(loaded.model), **result.tensors}
+    codec = codec_for(spec)
+    save_quantized(
+        out,
+        config_raw=loaded.config.raw,
+        tensors=tensors,
+        quantization_config=codec.config(spec, sorted(set(result.kept) | set(_skip_names(spec)))),
+        dtype=loaded.dtype,
+        source_folder=resolved.path if resolved.kind == "folder" else None,
+        tokenizer=loaded.tokenizer,
+        generation_config=loaded.generation_config,
+        force=force,
+    )
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    return QuantizeOutcome(out, result, time.perf_counter() - t0, size)
+
+
+def _skip_names(spec: QuantSpec) -> list[str]:
+    return [p for p in spec.skip if not any(c in p for c in "*?[")]
+
+
+@dataclass
+class Estimate:
+    float_bytes: int  # weights as loaded (the float dtype)
+    quantized_bytes: int  # weights after quantization (scales included)
+    quantized_layers: int
+    kept_layers: int
+    notes: list[str] = field(default_factory=list)
+
+
+def estimate(ref: str | None, spec: QuantSpec, *, dtype: str = "auto") -> Estimate:
+    """Output size / weight memory from the config alone (meta device: nothing is read or allocated)."""
+    from llm_torch.core.loading import build_model, load_model_config, resolve_dtype, resolve_model
+
+    resolved = resolve_model(ref)
+    source = load_model_config(resolved)
+    target = resolve_dtype(dtype, source.config, kind=resolved.kind)
+    model = build_model(source.config, fused=True)
+    float_bytes = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * torch.finfo(target).bits // 8
+    todo, kept, notes = plan(model, spec)
+    codec = codec_for(spec)
+    saved = 0
+    for t in todo:
+        m = model.get_submodule(t.name)
+        n, k = m.out_features, m.in_features
+        saved += n * k * torch.finfo(target).bits // 8 - _quantized_bytes(codec, spec, n, k)
+    return Estimate(float_bytes, float_bytes - saved, len(todo), len(kept), notes)
+
+
+def _quantized_bytes(codec, spec: QuantSpec, n: int, k: int) -> int:
+    if spec.runtime_scheme == "int4":
+        from .torchao_backend import int4_group_size
+
+        g = int4_group_size(k, spec.group_size) or k
+        return n * k // 2 + n * (k // g) * 2 * 2  # 4-bit values + bf16 scale and zero per group
+    if spec.runtime_scheme in ("nf4", "fp4"):
+        blocks = n * k // 64
+        return n * k // 2 + (blocks if spec.double_quant else blocks * 4)
+    return n * k + n * 4  # int8 + one fp32 scale per row

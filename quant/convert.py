@@ -1,0 +1,156 @@
+"""Swap a float model's Linear layers for quantized ones, in place, one layer at a time.
+
+Every scheme's codec turns one checkpoint Linear (HF name, e.g. `model.layers.0.self_attn.q_proj`) into
+checkpoint tensors, and a list of such parts (a fused q|k|v layer has three) into one module. The
+in-memory path and the reload path both go through `codec.build` on the same tensors, so a saved
+and reloaded model computes exactly what the model quantized in memory computes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .spec import QuantSpec
+
+
+def codec_for(spec_or_scheme, group_size: int = 128, double_quant: bool = False):
+    """The codec of a QuantSpec (or a runtime scheme name, from a checkpoint's config)."""
+    if isinstance(spec_or_scheme, QuantSpec):
+        scheme, group_size, double_quant = spec_or_scheme.runtime_scheme, spec_or_scheme.group_size, spec_or_scheme.double_quant
+    else:
+        scheme = spec_or_scheme
+    if scheme in ("nf4", "fp4", "llm-int8"):
+        from .bnb_backend import BnbCodec
+
+        return BnbCodec(scheme, double_quant=double_quant)
+    from .torchao_backend import TorchaoCodec
+
+    return TorchaoCodec(scheme, group_size=group_size)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One Linear module of our tree and the checkpoint Linears it holds (several when fused)."""
+
+    name: str  # module path in our tree: model.layers.0.self_attn.qkv_proj
+    parts: tuple[tuple[str, int], ...]  # (checkpoint module name, rows)
+    in_features: int
+
+
+def linear_targets(model: nn.Module) -> list[Target]:
+    """Every nn.Linear of the model with the checkpoint names of its parts."""
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        parts = getattr(module, "parts", None)
+        parent = name.rpartition(".")[0]
+        if parts:
+            named = tuple((f"{parent}.{p}" if parent else p, rows) for p, rows in parts)
+        else:
+            named = ((name, module.out_features),)
+        out.append(Target(name, named, module.in_features))
+    return out
+
+
+def matches(name: str, patterns) -> bool:
+    """A pattern matches a module by its full name or any dotted suffix (`lm_head`, `down_proj`, `layers.0.*`)."""
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
+
+
+@dataclass
+class QuantResult:
+    quantized: list[str] = field(default_factory=list)  # checkpoint Linear names
+    kept: list[str] = field(default_factory=list)  # checkpoint Linear names left in full precision
+    notes: list[str] = field(default_factory=list)  # what could not be done as asked, and what was done
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # checkpoint tensors (when collected)
+
+
+def plan(model: nn.Module, spec: QuantSpec) -> tuple[list[Target], list[Target], list[str]]:
+    """(targets to quantize, targets kept, notes) without touching any weight."""
+    codec = codec_for(spec)
+    todo, kept, notes = [], [], []
+    grouped: dict[str, list[str]] = {}
+    for t in linear_targets(model):
+        names = [n for n, _ in t.parts]
+        if any(matches(n, spec.skip) for n in names) or matches(t.name, spec.skip):
+            kept.append(t)
+            continue
+        ok, note = codec.plan(t.in_features)
+        if note:
+            grouped.setdefault(note, []).extend(names)
+        (todo if ok else kept).append(t)
+    for note, names in grouped.items():
+        notes.append(f"{len(names)} layer(s) ({_short(names)}): {note}")
+    return todo, kept, notes
+
+
+def _short(names: list[str]) -> str:
+    leaves = sorted({n.rpartition(".")[2] for n in names})
+    return ", ".join(leaves)
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False) -> QuantResult:
+    """Replace the model's Linear layers in place (float weights are freed as each layer is swapped).
+
+    collect: also return the checkpoint tensors of the quantized layers (for saving).
+    """
+    codec = codec_for(spec)
+    todo, kept, notes = plan(model, spec)
+    result = QuantResult(notes=notes, kept=[n for t in kept for n, _ in t.parts])
+    if spec.quantize_embeddings and getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
+        # The head gets its own quantized copy; the embedding lookup keeps the float table.
+        result.notes.append("lm_head is tied to the embeddings: it gets its own quantized copy, the embedding table stays in full precision")
+    for t in todo:
+        module = model.get_submodule(t.name)
+        w = module.weight.detach()
+        bias = None if module.bias is None else module.bias.detach()
+        parts, start = [], 0
+        for part_name, rows in t.parts:
+            tensors = codec.quantize(w[start : start + rows])
+            if bias is not None:
+                tensors["bias"] = bias[start : start + rows].clone()
+            if collect:
+                result.tensors.update({f"{part_name}.{k}": v for k, v in tensors.items()})
+            parts.append(tensors)
+            start += rows
+            result.quantized.append(part_name)
+        new = codec.build(parts, None if bias is None else bias.clone(), t.name)
+        _replace(model, t.name, new.to(w.device))
+    if result.quantized and hasattr(model, "lm_head") and "lm_head" in result.quantized:
+        _untie(model)
+    return result
+
+
+def _untie(model: nn.Module) -> None:
+    # A quantized head no longer shares the embedding's weight: the saved config must say so.
+    config = model.config
+    if getattr(config, "tie_word_embeddings", False):
+        object.__setattr__(config, "tie_word_embeddings", False)
+        config.raw["tie_word_embeddings"] = False
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
+def float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's remaining parameters under checkpoint names (fused float layers split into their parts)."""
+    out: dict[str, torch.Tensor] = {}
+    for pname, p in model.named_parameters():  # a tied head appears once, as the embedding
+        module_name, _, attr = pname.rpartition(".")
+        parts = getattr(model.get_submodule(module_name), "parts", None)
+        if not parts:
+            out[pname] = p.detach()
+            continue
+        parent, start = module_name.rpartition(".")[0], 0
+        for part, rows in parts:
+            out[f"{parent}.{part}.{attr}"] = p.detach()[start : start + rows]
+            start += rows
+    return out

@@ -1,0 +1,132 @@
+"""Open a quantized folder: core/loading.py hands us the meta-device model and the checkpoint stream.
+
+`quantization_config` (the Hub's schema) names the scheme; which layers are quantized is read from the
+checkpoint's own keys (a pre-quantized Hub checkpoint may skip any layer), never re-quantized.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from llm_torch.core.errors import CheckpointError, UnsupportedError
+
+from .convert import _replace, codec_for, linear_targets
+
+
+def scheme_from_config(qconfig: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(runtime scheme, codec kwargs) of a config.json `quantization_config`."""
+    if not isinstance(qconfig, dict):
+        raise CheckpointError("quantization_config in config.json is not an object")
+    method = qconfig.get("quant_method")
+    if method == "bitsandbytes":
+        if qconfig.get("load_in_4bit"):
+            kind = qconfig.get("bnb_4bit_quant_type", "fp4")
+            if kind not in ("nf4", "fp4"):
+                raise UnsupportedError(f"bitsandbytes 4-bit type '{kind}' is not supported", hint="nf4 and fp4 are")
+            return kind, {"double_quant": bool(qconfig.get("bnb_4bit_use_double_quant"))}
+        if qconfig.get("load_in_8bit"):
+            return "llm-int8", {}
+        raise CheckpointError("bitsandbytes quantization_config has neither load_in_4bit nor load_in_8bit")
+    if method == "torchao":
+        from .torchao_backend import FORMAT, SCHEME_OF_TYPE
+
+        quant_type = qconfig.get("quant_type")
+        if qconfig.get("llm_torch_format") != FORMAT or not isinstance(quant_type, dict):
+            raise UnsupportedError(
+                "torchao checkpoints saved by transformers (tensor subclasses) cannot be loaded",
+                hint="load the float model with --quantize int8|int4, or save a copy with llm quantize",
+            )
+        entry = quant_type.get("default", {})
+        scheme = SCHEME_OF_TYPE.get(entry.get("_type"))
+        if scheme is None:
+            raise UnsupportedError(f"torchao config '{entry.get('_type')}' is not supported", hint="int8, int4 and int8-dynamic are")
+        return scheme, {"group_size": int(entry.get("_data", {}).get("group_size", 128))}
+    raise UnsupportedError(f"quantization method '{method}' is not supported", hint="bitsandbytes and torchao (saved by llm quantize) are")
+
+
+def _checkpoint_keys(files: list[Path]) -> set[str]:
+    from safetensors import SafetensorError, safe_open
+
+    keys: set[str] = set()
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys.update(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {path.name}: {e}", hint="the file may be truncated; quantize again") from None
+    return keys
+
+
+class _Pending(nn.Module):
+    """Stands in for a quantized layer until its tensors have been read."""
+
+
+class QuantizedLoader:
+    """Replace quantized Linears of a meta model by placeholders, take their tensors out of the stream,
+    build the quantized modules at the end. core/loading.py: loader.filter(stream) ... loader.finish()."""
+
+    def __init__(self, model: nn.Module, qconfig: dict[str, Any], files: list[Path], dtype: torch.dtype, device: torch.device):
+        scheme, kwargs = scheme_from_config(qconfig)
+        self.codec = codec_for(scheme, **kwargs)
+        self.model, self.device, self.dtype = model, device, dtype
+        keys = _checkpoint_keys(files)
+        marker = self.codec.marker
+        self.targets = []
+        for t in linear_targets(model):
+            flags = [f"{n}.{marker}" in keys for n, _ in t.parts]
+            if all(flags):
+                self.targets.append(t)
+                _replace(model, t.name, _Pending())
+            elif any(flags):
+                raise CheckpointError(
+                    f"'{t.name}' mixes quantized and float parts ({', '.join(n for n, _ in t.parts)})",
+                    hint="fused projections must be quantized alike",
+                )
+        if not self.targets:
+            raise CheckpointError(f"quantization_config says {scheme}, but no layer in the checkpoint is quantized")
+        if any(n == "lm_head" for t in self.targets for n, _ in t.parts):
+            # A quantized head has its own tensors, even when the float model tied it.
+            object.__setattr__(model.config, "tie_word_embeddings", False)
+        self.prefixes = {n: t for t in self.targets for n, _ in t.parts}
+        self.stash: dict[str, torch.Tensor] = {}
+
+    def _owner(self, key: str) -> str | None:
+        # Checkpoint names are <module>.<tensor...>; bitsandbytes' tensor names hold dots themselves.
+        parts = key.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:i])
+            if prefix in self.prefixes:
+                return prefix
+        return None
+
+    def filter(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in tensors:
+            if self._owner(name) is None:
+                yield name, tensor
+            else:
+                self.stash[name] = tensor
+
+    def finish(self) -> None:
+        for t in self.targets:
+            parts = []
+            for part_name, rows in t.parts:
+                prefix = part_name + "."
+                tensors = {k[len(prefix):]: self.stash.pop(k) for k in [k for k in self.stash if k.startswith(prefix)]}
+                parts.append(tensors)
+            biases = [p.pop("bias", None) for p in parts]
+            if any(b is not None for b in biases) and any(b is None for b in biases):
+                raise CheckpointError(f"'{t.name}': some parts have a bias and some do not")
+            bias = torch.cat([b.to(self.dtype) for b in biases]) if biases[0] is not None else None
+            module = self.codec.build(parts, bias, t.name)
+            rows = sum(r for _, r in t.parts)
+            if getattr(module, "out_features", rows) != rows or getattr(module, "in_features", t.in_features) != t.in_features:
+                raise CheckpointError(
+                    f"quantized '{t.name}' is {module.out_features}x{module.in_features}, the config expects {rows}x{t.in_features}"
+                )
+            _replace(self.model, t.name, module.to(self.device))
+        if self.stash:
+            raise CheckpointError(f"unexpected quantized tensor(s): {', '.join(sorted(self.stash)[:6])}")

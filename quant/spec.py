@@ -1,0 +1,110 @@
+"""Quantization schemes: one frozen QuantSpec per request, a registry of what each scheme is and which
+backend runs it. No torch import here: the CLI parses and validates flags before loading anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from llm_torch.core.errors import InputError, UnsupportedError
+
+GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts
+DEFAULT_GROUP_SIZE = 128
+# Kept in full precision unless asked (--quantize-embeddings): quality suffers most there, and a tied
+# head shares its table with the embedding lookup.
+DEFAULT_KEEP = ("lm_head", "score", "qa_outputs")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str  # the CLI name: --int4, --quantize int4
+    backends: tuple[str, ...]  # the first is the default
+    bits: float  # stored bits per quantized weight (scales excluded), for --dry-run estimates
+    summary: str
+    cuda_only: bool = False
+
+
+SCHEMES: dict[str, Scheme] = {
+    s.name: s
+    for s in (
+        Scheme("int8", ("torchao", "bitsandbytes"), 8, "int8 weights, one scale per output row"),
+        Scheme("int4", ("torchao",), 4, "int4 weights, a scale and zero point per group of --group-size inputs"),
+        Scheme("int8-dynamic", ("torchao",), 8, "int8 weights and int8 activations (per-token scales)"),
+        Scheme("nf4", ("bitsandbytes",), 4, "bitsandbytes 4-bit NormalFloat, blocks of 64"),
+        Scheme("fp4", ("bitsandbytes",), 4, "bitsandbytes 4-bit float, blocks of 64"),
+        Scheme("llm-int8", ("bitsandbytes",), 8, "bitsandbytes LLM.int8() weights (int8 + row scales)"),
+        Scheme("float8", ("torchao",), 8, "torchao float8 dynamic activations and weights", cuda_only=True),
+    )
+}
+# Names the Hub / torchao use for the same thing.
+ALIASES = {"int8_weight_only": "int8", "int4_weight_only": "int4", "int8wo": "int8", "int4wo": "int4",
+           "int8_dynamic": "int8-dynamic", "int8dq": "int8-dynamic", "llm_int8": "llm-int8", "bnb-int8": "llm-int8",
+           "float8_dynamic": "float8", "fp8": "float8"}
+BACKENDS = ("torchao", "bitsandbytes")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    scheme: str
+    backend: str
+    group_size: int = DEFAULT_GROUP_SIZE  # int4 only
+    double_quant: bool = False  # nf4 / fp4 only: quantize the block scales too
+    skip: tuple[str, ...] = field(default=DEFAULT_KEEP)  # module name patterns kept in full precision
+    quantize_embeddings: bool = False
+
+    @property
+    def label(self) -> str:
+        """Short name used for output folders: int4-g128, nf4-dq, int8-bnb ..."""
+        name = self.scheme
+        if self.scheme == "int4":
+            name += f"-g{self.group_size}"
+        if self.double_quant:
+            name += "-dq"
+        if self.scheme == "int8" and self.backend == "bitsandbytes":
+            name = "llm-int8"
+        return name
+
+    @property
+    def runtime_scheme(self) -> str:
+        """bitsandbytes' int8 is LLM.int8(): the same stored format as --llm-int8."""
+        return "llm-int8" if self.scheme == "int8" and self.backend == "bitsandbytes" else self.scheme
+
+
+def scheme_names() -> list[str]:
+    return list(SCHEMES)
+
+
+def make_spec(
+    scheme: str,
+    *,
+    backend: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    double_quant: bool = False,
+    skip: tuple[str, ...] | list[str] = (),
+    quantize_embeddings: bool = False,
+) -> QuantSpec:
+    """Validate a scheme request (CLI flags or `--quantize NAME`) into a QuantSpec."""
+    name = ALIASES.get(scheme.strip().lower(), scheme.strip().lower())
+    if name not in SCHEMES:
+        raise InputError(f"unknown quantization scheme '{scheme}'", hint=f"use one of: {', '.join(n for n in SCHEMES if not SCHEMES[n].cuda_only)}")
+    s = SCHEMES[name]
+    if s.cuda_only:
+        raise UnsupportedError(
+            f"{name} needs a CUDA GPU (its torchao kernels have no CPU implementation)",
+            hint="on this machine use --int8 (fastest), --int4 (smallest) or --nf4",
+        )
+    backend = (backend or s.backends[0]).lower()
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend '{backend}'", hint=f"use {' or '.join(BACKENDS)}")
+    if backend not in s.backends:
+        raise InputError(f"{name} is not available with --backend {backend}", hint=f"{name} runs on: {', '.join(s.backends)}")
+    if name == "int4" and group_size not in GROUP_SIZES:
+        raise InputError(f"--group-size {group_size} is not supported", hint=f"use one of {', '.join(map(str, GROUP_SIZES))}")
+    if double_quant and name not in ("nf4", "fp4"):
+        raise InputError("--double-quant applies to --nf4 and --fp4 only")
+    keep = () if quantize_embeddings else DEFAULT_KEEP
+    return QuantSpec(name, backend, group_size, double_quant, tuple(dict.fromkeys([*keep, *skip])), quantize_embeddings)
+
+
+def with_skip(spec: QuantSpec, patterns) -> QuantSpec:
+    return replace(spec, skip=tuple(dict.fromkeys([*spec.skip, *patterns])))

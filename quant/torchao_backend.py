@@ -1,0 +1,197 @@
+"""The torchao schemes (int8 weight-only, int4 weight-only, int8 dynamic): our own Linear modules that
+store plain integers + scales and call torch's CPU kernels (the ones torchao dispatches to) directly.
+
+Why not torchao's tensor subclasses: on this wheel `Int4WeightOnlyConfig` needs CUDA, the prototype
+int4 path skips layers silently, its packed CPU int4 weights depend on the instruction set they were
+packed under, and int8 weight-only is only fast under torch.compile. So checkpoints hold plain 4/8-bit
+values (portable, `llm_torch_format` in quantization_config says so) and are packed at load time.
+
+Activations go to the kernels in bfloat16 (fp32 activations take a ~25x slower path for int4; bf16
+is exact for |v| <= 256, which the int8 dynamic scheme relies on), and outputs come back in x's dtype.
+Measured per call (3072x576 weight, 2 threads): fp32 mv 0.87 ms, int8 0.55 ms, int4 0.66 ms; at 8-32
+tokens the kernels beat dequantize + fp32 matmul by 2-4x and at 128 tokens they are on a par with fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llm_torch.core.errors import CheckpointError
+
+from .spec import GROUP_SIZES, QuantSpec
+
+FORMAT = "llm-torch-plain-v1"  # plain int8 / two 4-bit values per byte + scales; see module docstring
+KERNEL_DTYPE = torch.bfloat16
+CONFIG_TYPES = {  # scheme -> torchao config class name (the Hub's quant_type._type)
+    "int8": "Int8WeightOnlyConfig",
+    "int4": "Int4WeightOnlyConfig",
+    "int8-dynamic": "Int8DynamicActivationInt8WeightConfig",
+}
+SCHEME_OF_TYPE = {v: k for k, v in CONFIG_TYPES.items()}
+MARKER = "weight_scale"  # a module whose checkpoint has <name>.weight_scale is quantized
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------- int8
+
+
+def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """w [N, K] float -> weight int8 [N, K], weight_scale fp32 [N] (symmetric, per output row)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8)
+    return {"weight": q, "weight_scale": scale}
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T + b with int8 q [N, K] read directly by torch._weight_int8pack_mm."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dynamic: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+        self.dynamic = dynamic  # int8 activations too (per-token symmetric scales)
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scale", scale.to(KERNEL_DTYPE))
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = _flat(x)
+        if self.dynamic:
+            # Integer activations in [-127, 127] are exact in bf16, so the kernel computes q_x @ q_w.
+            x_scale = (h.float().abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
+            q = torch.round(h.float() / x_scale).to(KERNEL_DTYPE)
+            y = torch._weight_int8pack_mm(q, self.qweight, self.scale).to(x.dtype) * x_scale.to(x.dtype)
+        else:
+            y = torch._weight_int8pack_mm(h.to(KERNEL_DTYPE), self.qweight, self.scale).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8{' dynamic' if self.dynamic else ''}"
+
+
+# ------------------------------------------------------------------------------------------- int4
+
+
+def int4_group_size(in_features: int, requested: int) -> int | None:
+    """The requested group size, or the largest smaller supported one dividing in_features (None: none does)."""
+    for g in sorted((g for g in GROUP_SIZES if g <= requested), reverse=True):
+        if in_features % g == 0:
+            return g
+    return None
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """w [N, K] -> weight uint8 [N, K/2] (low nibble = even column), weight_scale / weight_zero bf16 [N, K/g].
+
+    Asymmetric per group, in the kernel's convention: w ~= (q - 8) * scale + zero, q in 0..15. Scale and
+    zero are rounded to bf16 before q is chosen, so q is the best code for the values the kernel uses.
+    """
+    N, K = w.shape
+    g = w.float().view(N, K // group_size, group_size)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-6).to(KERNEL_DTYPE).float()
+    zero = (lo + 8 * scale).to(KERNEL_DTYPE).float()
+    q = torch.round((g - zero) / scale + 8).clamp(0, 15).to(torch.uint8).view(N, K)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return {"weight": packed, "weight_scale": scale.squeeze(-1).to(KERNEL_DTYPE), "weight_zero": zero.squeeze(-1).to(KERNEL_DTYPE)}
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> int32 [N, K] values 0..15."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).view(packed.shape[0], -1).to(torch.int32)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T + b, W in torch's CPU int4 packing (made here, at load: it depends on the CPU)."""
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        N, K = packed.shape[0], packed.shape[1] * 2
+        self.in_features, self.out_features = K, N
+        self.group_size = K // scale.shape[1]
+        q = unpack_int4(packed)
+        scale, zero = scale.to(KERNEL_DTYPE), zero.to(KERNEL_DTYPE)
+        pad = -N % 16  # the packing needs N % 16 == 0: extra rows of zeros, sliced off the output
+        if pad:
+            q = torch.cat([q, q.new_full((pad, K), 8)])
+            scale, zero = torch.cat([scale, scale.new_zeros(pad, scale.shape[1])]), torch.cat([zero, zero.new_zeros(pad, zero.shape[1])])
+        self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(q, 1))
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous())  # [K/g, N, 2]
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = _flat(x).to(KERNEL_DTYPE)
+        y = torch._weight_int4pack_mm_for_cpu(h, self.qweight, self.group_size, self.scales_and_zeros)
+        y = y[:, : self.out_features].to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int4 group {self.group_size}"
+
+
+# ------------------------------------------------------------------------------------- the codec
+
+
+class TorchaoCodec:
+    """Checkpoint tensors <-> modules for one torchao scheme. Tensors are per checkpoint Linear (a
+    fused q|k|v module has three), all indexed by output row, so fusing is a row concatenation."""
+
+    backend = "torchao"
+    marker = MARKER
+
+    def __init__(self, scheme: str, group_size: int = 128):
+        self.scheme = scheme
+        self.group_size = group_size
+
+    def plan(self, in_features: int) -> tuple[bool, str | None]:
+        """(quantize this layer?, a note for the user when the request cannot be met as asked)."""
+        if self.scheme != "int4":
+            return True, None
+        g = int4_group_size(in_features, self.group_size)
+        if g is None:
+            return False, f"input size {in_features} is not a multiple of 32: kept in full precision"
+        if g != self.group_size:
+            return True, f"input size {in_features} is not a multiple of {self.group_size}: group size {g}"
+        return True, None
+
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.scheme == "int4":
+            g = int4_group_size(w.shape[1], self.group_size)
+            return quantize_int4(w, g)
+        return quantize_int8(w)
+
+    def build(self, parts: list[dict[str, torch.Tensor]], bias: torch.Tensor | None, name: str) -> nn.Module:
+        try:
+            if self.scheme == "int4":
+                packed, scale, zero = (torch.cat([p[k] for p in parts]) for k in ("weight", "weight_scale", "weight_zero"))
+                if packed.dtype != torch.uint8 or scale.shape != zero.shape or scale.shape[0] != packed.shape[0]:
+                    raise ValueError("int4 tensors have inconsistent shapes or dtypes")
+                if (packed.shape[1] * 2) % scale.shape[1] or (packed.shape[1] * 2) // scale.shape[1] not in GROUP_SIZES:
+                    raise ValueError(f"{scale.shape[1]} groups do not split {packed.shape[1] * 2} inputs into a supported size")
+                return Int4Linear(packed, scale, zero, bias)
+            q, scale = torch.cat([p["weight"] for p in parts]), torch.cat([p["weight_scale"] for p in parts])
+            if q.dtype != torch.int8 or scale.shape != (q.shape[0],):
+                raise ValueError("int8 weight / weight_scale have inconsistent shapes or dtypes")
+            return Int8Linear(q, scale, bias, dynamic=self.scheme == "int8-dynamic")
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"quantized tensors of '{name}' are unusable: {e}", hint="quantize the float model again with llm quantize") from None
+
+    def config(self, spec: QuantSpec, kept: list[str]) -> dict:
+        """quantization_config in the layout transformers' TorchAoConfig writes (+ our tensor format)."""
+        data = {"group_size": spec.group_size} if self.scheme == "int4" else {}
+        return {
+            "quant_method": "torchao",
+            "quant_type": {"default": {"_type": CONFIG_TYPES[self.scheme], "_version": 2, "_data": data}},
+            "modules_to_not_convert": kept,
+            "include_input_output_embeddings": spec.quantize_embeddings,
+            "untie_embedding_weights": False,
+            "llm_torch_format": FORMAT,
+        }
