@@ -1,0 +1,342 @@
+"""Write a checkpoint as a llama.cpp GGUF file (gguf-py's GGUFWriter), one tensor at a time.
+
+The inverse of core/gguf.py: HF names -> GGUF names (gguf-py's tensor map), Llama's q/k rows back
+to the interleaved rotary layout llama.cpp's kernel expects, Gemma 2's norm scales stored as 1 + w,
+and the metadata keys convert_hf_to_gguf.py writes (hyper-parameters, tokenizer, chat template).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFWriter, LlamaFileType, RopeScalingType, TokenType
+from gguf.quants import quantize
+
+from . import gguf as gguf_read
+from .config import ModelConfig
+from .errors import UnsupportedError
+from .meta_llama import halves_to_interleaved
+
+_OUTTYPES = {"f32": (Q.F32, LlamaFileType.ALL_F32), "f16": (Q.F16, LlamaFileType.MOSTLY_F16),
+             "bf16": (Q.BF16, LlamaFileType.MOSTLY_BF16), "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0)}
+_ARCH_NAMES = {"LlamaForCausalLM": "llama", "Gemma2ForCausalLM": "gemma2"}
+_SPACE = "\u2581"
+
+
+def gguf_tensor_name(arch: str, hf_name: str) -> str:
+    """HF state-dict name -> GGUF tensor name (core/gguf.py's table, inverted)."""
+    parts = hf_name.split(".")
+    if parts[:2] == ["model", "layers"]:
+        module, kind = ".".join(parts[3:-1]), parts[-1]
+        for leaf, hf_module in gguf_read._BLOCK_NAMES[arch].items():
+            if hf_module == module:
+                return f"blk.{parts[2]}.{leaf}.{kind}"
+    else:
+        module, kind = ".".join(parts[:-1]), parts[-1]
+        for leaf, hf_module in gguf_read._TOP_NAMES.items():
+            if hf_module == module:
+                return f"{leaf}.{kind}"
+    raise UnsupportedError(f"tensor '{hf_name}' has no GGUF name for architecture '{arch}'",
+                           hint="only the causal LM weights of llama / gemma2 can be written as GGUF")
+
+
+def write_gguf(checkpoint, path: Path, outtype: str, progress=None) -> tuple[int, int]:
+    """Write `checkpoint` (core.convert.Checkpoint) to `path`; returns (tensor count, tensor bytes)."""
+    cfg = checkpoint.config
+    arch = _architecture(cfg)
+    qtype, file_type = _OUTTYPES[outtype]
+    plan = []  # (hf name, gguf name, torch shape, ggml type)
+    for t in checkpoint.tensors:
+        if t.name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # llama.cpp reads a missing output.weight as tied to token_embd
+        kind = _tensor_type(qtype, t.shape)
+        plan.append((t.name, gguf_tensor_name(arch, t.name), t.shape, kind))
+    rope_freqs = _rope_freqs(cfg) if arch == "llama" else None
+
+    w = GGUFWriter(str(path), arch)
+    try:
+        _add_hparams(w, cfg, arch, checkpoint)
+        w.add_file_type(int(file_type))
+        if qtype == Q.Q8_0:
+            w.add_quantization_version(2)
+        _add_vocab(w, checkpoint.gguf_vocab())
+        if rope_freqs is not None:
+            w.add_tensor_info("rope_freqs.weight", rope_freqs.shape, np.float32, rope_freqs.nbytes)
+        total = 0
+        for _, name, shape, kind in plan:
+            nbytes = _nbytes(kind, shape)
+            byte_shape = (*shape[:-1], nbytes // max(1, _rows(shape)))
+            if kind in (Q.F32, Q.F16):
+                w.add_tensor_info(name, shape, np.float32 if kind == Q.F32 else np.float16, nbytes)
+            else:
+                w.add_tensor_info(name, byte_shape, np.uint8, nbytes, raw_dtype=kind)
+            total += nbytes
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        if rope_freqs is not None:
+            w.write_tensor_data(rope_freqs)
+        done = 0
+        by_name = {hf: (name, shape, kind) for hf, name, shape, kind in plan}
+        for hf_name, tensor in checkpoint.read(torch.float32):
+            if hf_name not in by_name:
+                continue
+            name, shape, kind = by_name[hf_name]
+            w.write_tensor_data(_encode(_to_gguf_layout(tensor, hf_name, cfg, arch), kind))
+            done += _nbytes(kind, shape)
+            del tensor
+            if progress is not None:
+                progress(done, total, hf_name)
+    finally:
+        w.close()
+    return len(plan), total
+
+
+def _architecture(cfg: ModelConfig) -> str:
+    arch = cfg.model_type
+    if arch not in _ARCH_NAMES.values() or any(a not in _ARCH_NAMES for a in cfg.architectures):
+        raise UnsupportedError(f"only causal language models (llama, gemma2) can be written as GGUF, "
+                               f"not {', '.join(cfg.architectures) or arch}")
+    return arch
+
+
+def _tensor_type(qtype: Q, shape: tuple[int, ...]) -> Q:
+    # As convert_hf_to_gguf.py: 1-D tensors (norms, biases) stay F32; Q8_0 needs rows of whole 32-blocks.
+    if len(shape) < 2:
+        return Q.F32
+    if qtype == Q.Q8_0 and shape[-1] % 32:
+        return Q.F16
+    return qtype
+
+
+def _rows(shape) -> int:
+    n = 1
+    for d in shape[:-1]:
+        n *= d
+    return n
+
+
+def _nbytes(kind: Q, shape) -> int:
+    n = _rows(shape) * shape[-1]
+    return {Q.F32: 4 * n, Q.F16: 2 * n, Q.BF16: 2 * n, Q.Q8_0: n // 32 * 34}[kind]
+
+
+def _to_gguf_layout(w: torch.Tensor, hf_name: str, cfg: ModelConfig, arch: str) -> torch.Tensor:
+    w = w.float()
+    if arch == "llama" and ".self_attn.q_proj." in hf_name:
+        return halves_to_interleaved(w, cfg.num_attention_heads)
+    if arch == "llama" and ".self_attn.k_proj." in hf_name:
+        return halves_to_interleaved(w, cfg.num_key_value_heads)
+    if arch == "gemma2" and hf_name.endswith("norm.weight"):
+        return w + 1.0  # ggml's RMSNorm multiplies by the stored scale; Gemma's is (1 + w)
+    return w
+
+
+def _encode(w: torch.Tensor, kind: Q) -> np.ndarray:
+    w = w.contiguous()
+    if kind == Q.F32:
+        return w.numpy()
+    if kind == Q.F16:
+        return w.half().numpy()
+    if kind == Q.BF16:
+        return w.bfloat16().view(torch.uint8).numpy() if w.dim() else w.bfloat16().reshape(1).view(torch.uint8).numpy()
+    return quantize(w.numpy(), kind)
+
+
+def _rope_freqs(cfg: ModelConfig) -> np.ndarray | None:
+    rope = cfg.rope_parameters
+    if rope.get("rope_type") != "llama3":
+        return None
+    factors = gguf_read._llama3_factors(rope["rope_theta"], cfg.head_dim, rope["factor"], rope["low_freq_factor"],
+                                        rope["high_freq_factor"], rope["original_max_position_embeddings"])
+    return np.asarray(factors, dtype=np.float32)
+
+
+def _add_hparams(w: GGUFWriter, cfg: ModelConfig, arch: str, checkpoint) -> None:
+    w.add_name(Path(str(checkpoint.path)).name.removesuffix(".gguf"))
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    rope = cfg.rope_parameters
+    w.add_rope_freq_base(float(rope["rope_theta"]))
+    if arch == "llama":
+        w.add_rope_dimension_count(cfg.head_dim)
+        if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
+            w.add_key_length(cfg.head_dim)
+            w.add_value_length(cfg.head_dim)
+        kind = rope.get("rope_type", "default")
+        if kind == "linear":
+            w.add_rope_scaling_type(RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(rope["factor"]))
+        elif kind == "yarn":
+            w.add_rope_scaling_type(RopeScalingType.YARN)
+            w.add_rope_scaling_factor(float(rope["factor"]))
+            w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+            for hf_key, add in (("attention_factor", w.add_rope_scaling_yarn_attn_factor),
+                                ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                                ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+                if rope.get(hf_key) is not None:
+                    add(float(rope[hf_key]))
+        elif kind not in ("default", "llama3"):
+            raise UnsupportedError(f"rope type '{kind}' has no GGUF equivalent", hint="llama.cpp has linear, yarn, llama3")
+    else:
+        # What core/gguf.py (and llama.cpp) will assume must be what this model does.
+        expected_scalar = cfg.hidden_size // cfg.num_attention_heads if cfg.num_hidden_layers == 46 else cfg.head_dim
+        default_layers = tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg.num_hidden_layers))
+        if cfg.query_pre_attn_scalar != expected_scalar or cfg.layer_types != default_layers:
+            raise UnsupportedError("this Gemma 2 config (query_pre_attn_scalar / layer_types) cannot be expressed in GGUF",
+                                   hint="llama.cpp fixes both from the layer count")
+        if cfg.attn_logit_softcapping is None or cfg.final_logit_softcapping is None:
+            raise UnsupportedError("Gemma 2 without soft-capping cannot be expressed in GGUF")
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+        w.add_sliding_window(int(cfg.sliding_window))
+
+
+# --------------------------------------------------------------------------------------------- vocabulary
+
+_ID_KEYS = ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "eot_token_id",
+            "eom_token_id", "seperator_token_id", "mask_token_id")
+
+
+def _add_vocab(w: GGUFWriter, vocab: dict[str, Any]) -> None:
+    """Tokenizer metadata with the value types llama.cpp reads (uint32 ids, int32 types, float32 scores)."""
+    for key, value in vocab.items():
+        leaf = key.removeprefix("tokenizer.ggml.")
+        if key == "tokenizer.ggml.tokens":
+            w.add_token_list(value)
+        elif key == "tokenizer.ggml.scores":
+            w.add_token_scores([float(v) for v in value])
+        elif key == "tokenizer.ggml.token_type":
+            w.add_token_types([int(v) for v in value])
+        elif key == "tokenizer.ggml.merges":
+            w.add_token_merges(value)
+        elif key == "tokenizer.ggml.precompiled_charsmap":
+            w.add_precompiled_charsmap(bytes(value))
+        elif leaf in _ID_KEYS:
+            w.add_uint32(key, int(value))
+        elif isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        elif isinstance(value, list):
+            w.add_array(key, value)
+
+
+def _padded(tokens: list[str], types: list[int], scores: list[float] | None, size: int):
+    # convert_hf_to_gguf.py pads a vocabulary smaller than the embedding with unused [PADn] tokens.
+    for i in range(len(tokens), size):
+        tokens.append(f"[PAD{i}]")
+        types.append(int(TokenType.UNUSED))
+        if scores is not None:
+            scores.append(-1000.0)
+
+
+def vocab_from_sentencepiece(m, cfg: ModelConfig, chat_template: str | None, *, add_bos: bool) -> dict[str, Any]:
+    """GGUF tokenizer metadata from a sentencepiece model, as convert_hf_to_gguf.py's _set_vocab_sentencepiece."""
+    tokens, scores, types = list(m.pieces), list(m.scores), list(m.types)
+    if cfg.model_type == "gemma2":
+        # llama.cpp's Gemma vocabularies spell whitespace-only pieces with real spaces.
+        tokens = [" " * len(t) if len(t) > 1 and set(t) == {_SPACE} else t for t in tokens]
+    _padded(tokens, types, scores, cfg.vocab_size)
+    vocab: dict[str, Any] = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
+                             "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+                             "tokenizer.ggml.token_type": types}
+    for key, i in (("bos_token_id", m.bos_id), ("eos_token_id", m.eos_id), ("unknown_token_id", m.unk_id),
+                   ("padding_token_id", m.pad_id)):
+        if 0 <= i < len(m.pieces):
+            vocab[f"tokenizer.ggml.{key}"] = i
+    vocab["tokenizer.ggml.add_bos_token"] = bool(add_bos)
+    vocab["tokenizer.ggml.add_eos_token"] = False
+    vocab["tokenizer.ggml.add_space_prefix"] = bool(m.add_dummy_prefix)
+    if chat_template:
+        vocab["tokenizer.chat_template"] = chat_template
+    return vocab
+
+
+# convert_hf_to_gguf.py names byte-level pre-tokenizers by what they split on; these are the ones we tell apart.
+_LLAMA3_REGEX_PART = "[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
+
+
+def _strings(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def vocab_from_tokenizer(tok, cfg: ModelConfig) -> dict[str, Any]:
+    """GGUF tokenizer metadata from a tokenizer.json pipeline (BPE: byte-level -> gpt2, byte-fallback -> llama)."""
+    spec = json.loads(tok._backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise UnsupportedError(f"a {model.get('type')} tokenizer.json cannot be written as GGUF",
+                               hint="byte-level BPE and sentencepiece BPE tokenizers are supported")
+    added = spec.get("added_tokens") or []
+    size = max([cfg.vocab_size, *(i + 1 for i in model["vocab"].values()), *(a["id"] + 1 for a in added)])
+    tokens: list[str | None] = [None] * size
+    types = [int(TokenType.UNUSED)] * size
+    for text, i in model["vocab"].items():
+        tokens[i], types[i] = text, int(TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    text = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    byte_level = '"ByteLevel"' in text
+    if not byte_level:
+        for i, t in enumerate(tokens):
+            if t is not None and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+                types[i] = int(TokenType.BYTE)
+    for a in added:
+        tokens[a["id"]] = a["content"]
+        types[a["id"]] = int(TokenType.CONTROL if a.get("special") else TokenType.USER_DEFINED)
+    tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
+    vocab: dict[str, Any] = {"tokenizer.ggml.model": "gpt2" if byte_level else "llama"}
+    if byte_level:
+        pre = list(_strings(spec.get("pre_tokenizer")))
+        vocab["tokenizer.ggml.pre"] = ("llama-bpe" if any(_LLAMA3_REGEX_PART in s for s in pre)
+                                       else "smollm" if "Digits" in pre else "gpt-2")
+    else:
+        vocab["tokenizer.ggml.pre"] = "default"
+        # llama.cpp's sentencepiece tokenizer merges by score: rank the merged pieces as the merges do.
+        rank = {m.replace(" ", "", 1): r for r, m in reversed(list(enumerate(merges)))}
+        vocab["tokenizer.ggml.scores"] = [-float(rank.get(t, len(merges))) for t in tokens]
+        normalizer = json.dumps(spec.get("normalizer"))
+        vocab["tokenizer.ggml.add_space_prefix"] = '"Prepend"' in normalizer or '"prepend_scheme": "first"' in text \
+            or '"prepend_scheme": "always"' in text
+    vocab["tokenizer.ggml.tokens"] = tokens
+    vocab["tokenizer.ggml.token_type"] = types
+    vocab["tokenizer.ggml.merges"] = merges
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "padding_token_id": tok.pad_token_id,
+           "unknown_token_id": tok.token_to_id(model["unk_token"]) if model.get("unk_token") else None}
+    extra_eos = [i for i in tok.eos_token_ids if i != tok.eos_token_id]
+    if extra_eos:
+        ids["eot_token_id"] = extra_eos[0]  # e.g. Gemma's <end_of_turn>: llama.cpp stops on it too
+    for key, i in ids.items():
+        if i is not None:
+            vocab[f"tokenizer.ggml.{key}"] = int(i)
+    vocab["tokenizer.ggml.add_bos_token"] = bool(tok.add_bos_token)
+    probe = tok.encode("a")
+    vocab["tokenizer.ggml.add_eos_token"] = bool(tok.eos_token_id is not None and probe and probe[-1] == tok.eos_token_id
+                                                 and tok.eos_token_id not in tok.encode("a", add_special_tokens=False))
+    if tok.chat_template:
+        vocab["tokenizer.chat_template"] = tok.chat_template
+    return vocab
