@@ -16,7 +16,6 @@ from . import chat as chat_cmd
 from . import completions as completions_cmd
 from . import convert as convert_cmd
 from . import generate as generate_cmd
-from . import quantize as quantize_cmd
 from . import run as run_cmd
 from . import tokenize as tokenize_cmd
 from . import visualize as visualize_cmd
@@ -51,7 +50,6 @@ app.command("generate")(generate_cmd.generate)
 app.command("chat")(chat_cmd.chat)
 app.command("bench")(bench_cmd.bench)
 app.command("run")(run_cmd.run)
-app.command("quantize")(quantize_cmd.quantize)
 app.command("visualize-mask")(visualize_cmd.visualize_mask)
 app.command("tokenize")(tokenize_cmd.tokenize)
 app.command("convert")(convert_cmd.convert)
@@ -90,7 +88,6 @@ def main() -> None:
             render.error(e.message, e.hint)
             sys.exit(e.exit_code)
         if isinstance(e, MemoryError):
-            render.error("out of memory", "try a smaller model, --dtype bfloat16 or a quantized model")
             sys.exit(1)
         render.error(f"{type(e).__name__}: {e}", "set LLM_DEBUG=1 to see the traceback")
         sys.exit(1)
