@@ -88,6 +88,7 @@ def main() -> None:
             render.error(e.message, e.hint)
             sys.exit(e.exit_code)
         if isinstance(e, MemoryError):
+            render.error("out of memory", "try a smaller model, --dtype bfloat16 or a quantized model")
             sys.exit(1)
         render.error(f"{type(e).__name__}: {e}", "set LLM_DEBUG=1 to see the traceback")
         sys.exit(1)
