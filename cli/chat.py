@@ -63,6 +63,7 @@ def chat(
     dtype: o.DtypeOpt = "auto",
     device: o.DeviceOpt = "cpu",
     compile: o.CompileOpt = False,
+    quantize: o.QuantizeOpt = None,
     stats: o.StatsOpt = False,
 ) -> None:
     """Chat with a model: interactive on a terminal (/help lists the commands), one message per input line otherwise.
@@ -82,7 +83,7 @@ def chat(
 
     from .common import load, sampling_spec
 
-    loaded = load(model_arg or model, dtype, device, compile=compile, quiet=not (interactive or stats))
+    loaded = load(model_arg or model, dtype, device, compile=compile, quiet=not (interactive or stats), quantize=quantize)
     sampling = sampling_spec(loaded.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
                              min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     session = ChatSession(loaded.model, loaded.tokenizer, model_name=loaded.name,

@@ -31,12 +31,28 @@ def read_prompt(argument: str | None, *, required: bool = True) -> str:
     return prompt
 
 
-def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = False, quiet: bool = False):
-    """Load a model, saying on stderr what was loaded and how long it took."""
+def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = False, quiet: bool = False,
+         quantize: str | None = None):
+    """Load a model, saying on stderr what was loaded and how long it took.
+
+    quantize: a scheme name (--quantize int8 ...): the float model is quantized in memory after loading.
+    """
     from llm_torch.core.loading import load_model
 
+    spec = None
+    if quantize:
+        from llm_torch.quant.spec import make_spec
+
+        spec = make_spec(quantize)  # a bad name fails before the weights are read
     t0 = time.perf_counter()
     loaded = load_model(model_ref, dtype=dtype, device=device, progress=not quiet and sys.stderr.isatty())
+    if spec is not None:
+        from llm_torch.quant.api import quantize_loaded
+
+        notes = quantize_loaded(loaded, spec).notes
+        if not quiet:
+            for note in notes:
+                render.warn(note)
     if compile:
         from llm_torch.core.speed import compile_model
 
@@ -47,6 +63,7 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
         weights = next(loaded.model.parameters())
         compute = str(compute_dtype(weights.dtype, weights.device)).removeprefix("torch.")
         how = loaded.dtype_name if compute == loaded.dtype_name else f"{loaded.dtype_name} weights, {compute} compute"
+        how += f", {spec.label} quantized" if spec is not None else ""
         chosen = " (--dtype auto)" if dtype == "auto" else ""
         render.info(f"loaded {loaded.name}: {how}{chosen} on {weights.device} in {time.perf_counter() - t0:.2f} s")
     return loaded

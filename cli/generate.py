@@ -27,6 +27,7 @@ def generate(
     dtype: o.DtypeOpt = "auto",
     device: o.DeviceOpt = "cpu",
     compile: o.CompileOpt = False,
+    quantize: o.QuantizeOpt = None,
     format: o.FormatOpt = o.OutputFormat.text,
     stats: o.StatsOpt = False,
 ) -> None:
@@ -39,7 +40,7 @@ def generate(
     text = read_prompt(prompt)
     if system and not chat:
         raise InputError("--system needs --chat", hint="add --chat to use the model's chat template")
-    loaded = load(model, dtype, device, compile=compile, quiet=not stats)
+    loaded = load(model, dtype, device, compile=compile, quiet=not stats, quantize=quantize)
     sampling = sampling_spec(
         loaded.generation_config,
         temperature=temperature,

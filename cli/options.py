@@ -41,3 +41,7 @@ StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when 
 CompileOpt = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the decode step.")]
 StatsOpt = Annotated[bool, typer.Option("--stats", help="Print tokens/s, time to first token and peak memory to stderr.")]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="text (streamed) or json (one object at the end).")]
+QuantizeOpt = Annotated[
+    Optional[str],
+    typer.Option("--quantize", help="Quantize on load: int8 | int4 | int8-dynamic | nf4 | fp4 | llm-int8 (see llm quantize)."),
+]

@@ -55,6 +55,7 @@ def run(
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="System message (with --chat).")] = None,
     dtype: o.DtypeOpt = "auto",
     device: o.DeviceOpt = "cpu",
+    quantize: o.QuantizeOpt = None,
 ) -> None:
     """Run a task pipeline over inputs from the argument, stdin (--lines: one per line) or --input FILE."""
     from llm_torch.core import pipelines as p
@@ -80,7 +81,7 @@ def run(
     # Inputs are read before the model loads when they are one block, lazily (streamed) otherwise.
     items = _items(p, prompt, lines, input, column, question)
 
-    loaded = load(model, dtype, device, quiet=True)
+    loaded = load(model, dtype, device, quiet=True, quantize=quantize)
     p.check_task(task, loaded.model, loaded.name)
     spec = GenerationSpec()
     if task == "text-generation":

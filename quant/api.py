@@ -16,6 +16,8 @@ from .spec import QuantSpec
 
 def quantize_loaded(loaded, spec: QuantSpec, *, collect: bool = False) -> QuantResult:
     """Quantize a LoadedModel's model in place (`--quantize` at load time)."""
+    if loaded.config.raw.get("quantization_config") is not None:
+        raise InputError(f"{loaded.name} is already quantized", hint="drop --quantize, or start from the float model")
     if next(loaded.model.parameters()).device.type != "cpu":
         from llm_torch.core.errors import UnsupportedError
 
@@ -57,14 +59,12 @@ def quantize_to_folder(ref: str | None, spec: QuantSpec, out: Path | None, *, dt
     check_destination(out, force)  # before minutes of work
     # A folder's tokenizer files are copied as they are; a GGUF's tokenizer is rebuilt from its metadata.
     loaded = load_resolved(resolved, dtype=dtype, device="cpu", with_tokenizer=resolved.kind == "gguf")
-    if loaded.config.raw.get("quantization_config") is not None:
-        raise InputError(f"{resolved.name} is already quantized", hint="quantize the float model instead")
     result = quantize_loaded(loaded, spec, collect=True)
     tensors = {**float_tensors(loaded.model), **result.tensors}
     codec = codec_for(spec)
     save_quantized(
         out,
-        config_raw=loaded.config.raw,
+        config_raw={**loaded.config.raw, "llm_torch_quantized_from": _source_ref(ref, resolved)},
         tensors=tensors,
         quantization_config=codec.config(spec, sorted(set(result.kept) | set(_skip_names(spec)))),
         dtype=loaded.dtype,
@@ -75,6 +75,13 @@ def quantize_to_folder(ref: str | None, spec: QuantSpec, out: Path | None, *, dt
     )
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     return QuantizeOutcome(out, result, time.perf_counter() - t0, size)
+
+
+def _source_ref(ref: str | None, resolved) -> str:
+    """What `llm quantize --report` reloads as the float model: an alias or Hub id as given, a local path absolute."""
+    if ref is None or not Path(ref).exists():
+        return resolved.name
+    return str(Path(ref).resolve())
 
 
 def _skip_names(spec: QuantSpec) -> list[str]:

@@ -6,6 +6,7 @@ destination and renamed into place, so a failure leaves nothing behind.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -46,6 +47,9 @@ def save_quantized(
     check_destination(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         # safetensors refuses views that share storage (rows of a fused layer): one contiguous copy each.
         plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}

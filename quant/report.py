@@ -1,0 +1,129 @@
+"""The report card of a quantized model against its float model: size, memory, speed and quality.
+
+Quality is measured on a fixed English text (the start of the standard library's pydoc topics, ~512
+tokens): perplexity of each model on it, and the mean KL divergence KL(float || quantized) of the
+next-token distributions, position by position. Peak RSS is measured in a fresh process per model
+(this process holds both); speeds are medians of interleaved runs in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from llm_torch.core.errors import InputError
+
+EVAL_TOKENS = 512
+PREFILL_TOKENS = 128
+DECODE_TOKENS = 32
+REPETITIONS = 3
+
+
+def eval_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))[:6000]
+
+
+@dataclass
+class Card:
+    name: str
+    disk_bytes: int
+    weights_bytes: int
+    peak_rss_bytes: int | None
+    prefill_tokens_per_second: float
+    decode_tokens_per_second: float
+    perplexity: float
+    mean_kl: float  # 0 for the float model itself
+
+
+def path_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def peak_rss_of_load(ref: str, dtype: str) -> int | None:
+    """Peak RSS (bytes) of a fresh process that loads the model and runs one token through it."""
+    code = (
+        "import sys, torch\n"
+        "from llm_torch.core.loading import load_model\n"
+        "from llm_torch.core.bench import peak_rss_bytes\n"
+        "m = load_model(sys.argv[1], dtype=sys.argv[2], with_tokenizer=False).model\n"
+        "with torch.inference_mode(): m(torch.tensor([[1]]))\n"
+        "print(peak_rss_bytes())\n"
+    )
+    try:
+        r = subprocess.run([sys.executable, "-c", code, ref, dtype], capture_output=True, text=True, timeout=300)
+        return int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError):
+        return None
+
+
+def _log_probs(model, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids]))[0].float()
+    return torch.log_softmax(logits, dim=-1)  # [T, V]
+
+
+def _speeds(models: dict[str, torch.nn.Module], vocab: int) -> dict[str, tuple[float, float]]:
+    from llm_torch.core.bench import random_prompt, time_decode, time_prefill
+
+    prompt, start = random_prompt(vocab, PREFILL_TOKENS), random_prompt(vocab, 1, 1)
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for rep in range(-1, REPETITIONS):  # one warm-up round, then interleaved repetitions
+            for name, model in models.items():
+                p = time_prefill(model, prompt).prefill_tokens_per_second
+                d = time_decode(model, start, DECODE_TOKENS).decode_tokens_per_second
+                if rep >= 0:
+                    runs[name].append((p, d))
+    return {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in runs.items()}
+
+
+def report_card(float_ref: str, quant_dir: Path, *, dtype: str = "float32", rss: bool = True) -> list[Card]:
+    """[float card, quantized card]. The float model is loaded with `dtype` (the baseline of the targets)."""
+    from llm_torch.core.bench import weights_bytes
+    from llm_torch.core.loading import load_model, resolve_model
+
+    quant_dir = Path(quant_dir)
+    base = load_model(float_ref, dtype=dtype)
+    quant = load_model(str(quant_dir))
+    if quant.config.raw.get("quantization_config") is None:
+        raise InputError(f"{quant_dir} is not a quantized model folder", hint="give the folder written by llm quantize")
+    ids = base.tokenizer.encode(eval_text())[:EVAL_TOKENS]
+    if quant.tokenizer.encode(eval_text())[:EVAL_TOKENS] != ids:
+        raise InputError("the quantized folder's tokenizer differs from the float model's", hint="compare a model with its own quantized copy")
+    ref = _log_probs(base.model, ids)
+    got = _log_probs(quant.model, ids)
+    targets = torch.tensor(ids[1:])
+    nll = {k: -lp[:-1].gather(1, targets[:, None]).mean().item() for k, lp in (("float", ref), ("quant", got))}
+    kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
+    speeds = _speeds({"float": base.model, "quant": quant.model}, base.config.vocab_size)
+    resolved = resolve_model(float_ref)
+    cards = []
+    for key, loaded, path, ref_dtype, kl_value in (
+        ("float", base, resolved.path, dtype, 0.0),
+        ("quant", quant, quant_dir, "auto", kl),
+    ):
+        cards.append(Card(
+            name=f"{loaded.name} ({ref_dtype})" if key == "float" else str(quant_dir),
+            disk_bytes=path_bytes(Path(path)),
+            weights_bytes=weights_bytes(loaded.model),
+            peak_rss_bytes=peak_rss_of_load(str(path) if key == "quant" else float_ref, ref_dtype) if rss else None,
+            prefill_tokens_per_second=speeds[key][0],
+            decode_tokens_per_second=speeds[key][1],
+            perplexity=float(torch.tensor(nll[key]).exp()),
+            mean_kl=kl_value,
+        ))
+    return cards
+
+
+def cards_json(cards: list[Card]) -> str:
+    return json.dumps([asdict(c) for c in cards])
