@@ -81,6 +81,8 @@ def convert(
             result = run(spec, progress)
     else:
         result = run(spec)
+    for warning in result.warnings:
+        render.warn(warning)
     if result.max_abs_diff is not None and not quiet:
         render.info(f"verify: max |logits difference| {result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g})")
     if not quiet and show:

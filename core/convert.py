@@ -65,6 +65,7 @@ class ConvertResult:
     seconds: float
     max_abs_diff: float | None = None  # --verify: max |logits(source) - logits(output)|
     tolerance: float | None = None
+    warnings: tuple[str, ...] = ()  # for the CLI to show (core never prints)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class Checkpoint:
     config_dict: dict[str, Any]  # what config.json will say (HF names), before the dtype is set
     tensors: list[TensorInfo]
     default_dtype: torch.dtype | None = None  # the dtype used when none is asked for (None: each tensor's own)
+    warnings: list[str]  # what the conversion could not carry over (set by __init__)
 
     def read(self, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, tensor in HF layout, cast to `dtype` unless None) in `tensors` order."""
@@ -126,6 +128,8 @@ class HFCheckpoint(Checkpoint):
 
     def __init__(self, path: Path):
         from .config import load_config
+
+        self.warnings = []
         from .loading import safetensors_files
 
         self.path = path
@@ -148,11 +152,18 @@ class HFCheckpoint(Checkpoint):
                 if f is None:
                     for old in handles.values():
                         old.close()
-                    handles = {file: open(file, "rb")}
-                    f = handles[file]
+                    try:
+                        f = open(file, "rb")
+                    except OSError as e:
+                        raise CheckpointError(f"cannot read {file}: {e.strerror or e}") from None
+                    handles = {file: f}
                 buf = torch.empty(nbytes, dtype=torch.uint8)
-                f.seek(offset)
-                if nbytes and f.readinto(memoryview(buf.numpy())) != nbytes:
+                try:
+                    f.seek(offset)
+                    got = f.readinto(memoryview(buf.numpy())) if nbytes else 0
+                except OSError as e:
+                    raise CheckpointError(f"cannot read {file}: {e.strerror or e}") from None
+                if got != nbytes:
                     raise CheckpointError(f"{file.name} ends inside tensor '{info.name}'",
                                           hint="the file is truncated; download it again")
                 t = buf.view(info.dtype).reshape(info.shape)
@@ -182,6 +193,8 @@ class HFCheckpoint(Checkpoint):
                 _write_json(folder / "tokenizer_config.json", sp.tokenizer_config(m, None, self.config.max_position_embeddings))
         if not (folder / "generation_config.json").is_file():
             _write_json(folder / "generation_config.json", _generation_config(self.config))
+        if not (folder / "tokenizer.json").is_file():
+            self.warnings.append(f"{self.path} has no tokenizer.json or tokenizer.model: the output has no tokenizer")
 
     def gguf_vocab(self):
         from . import gguf_writer
@@ -206,6 +219,7 @@ class GGUFCheckpoint(Checkpoint):
         from . import gguf
         from .loading import ResolvedModel, load_model_config
 
+        self.warnings = []
         self.path = path
         source = load_model_config(ResolvedModel(str(path), "gguf", path))
         self.config = source.config
@@ -387,7 +401,7 @@ def convert(spec: ConvertSpec, progress: ProgressFn | None = None) -> ConvertRes
             shutil.rmtree(staging, ignore_errors=True)
     finally:
         checkpoint.close()
-    return ConvertResult(output, count, written, time.perf_counter() - t0, diff, tolerance)
+    return ConvertResult(output, count, written, time.perf_counter() - t0, diff, tolerance, tuple(checkpoint.warnings))
 
 
 def _target_dtype(name: str | None) -> torch.dtype | None:

@@ -83,7 +83,10 @@ def write_gguf(checkpoint, path: Path, outtype: str, progress=None) -> tuple[int
             w.write_tensor_data(rope_freqs)
         done = 0
         by_name = {hf: (name, shape, kind) for hf, name, shape, kind in plan}
-        for hf_name, tensor in checkpoint.read(torch.float32):
+        # 16-bit outputs read 16-bit sources as they are (no float32 copy of each tensor); GGUF sources
+        # are dequantized to float32 so nothing is rounded twice.
+        exact = checkpoint.kind == "gguf" or qtype in (Q.F32, Q.Q8_0)
+        for hf_name, tensor in checkpoint.read(torch.float32 if exact else None):
             if hf_name not in by_name:
                 continue
             name, shape, kind = by_name[hf_name]
@@ -127,25 +130,23 @@ def _nbytes(kind: Q, shape) -> int:
 
 
 def _to_gguf_layout(w: torch.Tensor, hf_name: str, cfg: ModelConfig, arch: str) -> torch.Tensor:
-    w = w.float()
     if arch == "llama" and ".self_attn.q_proj." in hf_name:
         return halves_to_interleaved(w, cfg.num_attention_heads)
     if arch == "llama" and ".self_attn.k_proj." in hf_name:
         return halves_to_interleaved(w, cfg.num_key_value_heads)
     if arch == "gemma2" and hf_name.endswith("norm.weight"):
-        return w + 1.0  # ggml's RMSNorm multiplies by the stored scale; Gemma's is (1 + w)
+        return w.float() + 1.0  # ggml's RMSNorm multiplies by the stored scale; Gemma's is (1 + w)
     return w
 
 
 def _encode(w: torch.Tensor, kind: Q) -> np.ndarray:
-    w = w.contiguous()
     if kind == Q.F32:
-        return w.numpy()
+        return w.float().contiguous().numpy()
     if kind == Q.F16:
-        return w.half().numpy()
+        return w.half().contiguous().numpy()
     if kind == Q.BF16:
-        return w.bfloat16().view(torch.uint8).numpy() if w.dim() else w.bfloat16().reshape(1).view(torch.uint8).numpy()
-    return quantize(w.numpy(), kind)
+        return w.bfloat16().contiguous().view(torch.uint8).numpy()
+    return quantize(w.float().contiguous().numpy(), kind)
 
 
 def _rope_freqs(cfg: ModelConfig) -> np.ndarray | None:

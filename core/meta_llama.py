@@ -100,6 +100,7 @@ class MetaCheckpoint(Checkpoint):
     def __init__(self, path: Path):
         from . import sentencepiece as sp
 
+        self.warnings = []
         self.path = path
         files = sorted((p for p in path.iterdir() if _SHARD_RE.fullmatch(p.name)),
                        key=lambda p: int(_SHARD_RE.fullmatch(p.name).group(1)))
@@ -205,7 +206,9 @@ class MetaCheckpoint(Checkpoint):
         from . import sentencepiece as sp
 
         if self._spm is None:
-            self.tokenizer()  # raises the error
+            self.warnings.append(f"{self.path} has no tokenizer.model: the output has weights and config but no tokenizer")
+            _write_json(folder / "generation_config.json", _generation_config(self.config))
+            return
         (folder / "tokenizer.json").write_text(sp.to_backend(self._spm).to_str(), encoding="utf-8")
         _write_json(folder / "tokenizer_config.json", sp.tokenizer_config(self._spm, None, self.config.max_position_embeddings))
         _write_json(folder / "generation_config.json", _generation_config(self.config))

@@ -447,3 +447,14 @@ def test_cli_flags(llama, tmp_path):
     assert r.returncode == 1 and "size" in r.stderr.decode()
     r = run_llm("convert", str(folder), "-o", str(tmp_path / "x.gguf"), "--to", "gguf", "--dtype", "float16")
     assert r.returncode == 1 and "--outtype" in r.stderr.decode()
+
+
+@pytest.mark.slow
+def test_peak_rss_stays_well_under_a_1gb_model(tmp_path):
+    """benchmarks/convert_memory.py on its ~1 GB synthetic model: each conversion in a fresh process."""
+    spec = importlib.util.spec_from_file_location("convert_memory", Path(__file__).parent.parent / "benchmarks" / "convert_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for row in bench.main(["--size-gb", "1", "--keep", str(tmp_path / "work")]):
+        assert row["model_bytes"] > 0.9e9
+        assert row["peak_rss"] < 0.6 * row["model_bytes"], row  # interpreter + torch alone are ~240 MiB
