@@ -295,8 +295,11 @@ def _safetensors_index(path: Path) -> list[tuple[TensorInfo, int, int]]:
         dtype = _ST_NAMES.get(entry.get("dtype"))
         if dtype is None:
             raise UnsupportedError(f"tensor '{name}' in {path.name} has dtype {entry.get('dtype')}, which is not supported")
-        begin, end = entry["data_offsets"]
-        info = TensorInfo(name, tuple(int(d) for d in entry["shape"]), dtype)
+        try:
+            begin, end = (int(o) for o in entry["data_offsets"])
+            info = TensorInfo(name, tuple(int(d) for d in entry["shape"]), dtype)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"tensor '{name}' in {path.name} has a malformed header entry: {e}") from None
         if end - begin != info.numel * dtype.itemsize or 8 + n + end > size:
             raise CheckpointError(f"tensor '{name}' in {path.name} lies outside the file or has the wrong size",
                                   hint="the file is truncated or corrupt; download it again")
@@ -327,8 +330,11 @@ def _generation_config(config: ModelConfig, tokenizer=None) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v not in (None, [])}
 
 
-def open_checkpoint(ref: str) -> Checkpoint:
-    """Open `ref` as a conversion source: a Meta-layout folder, an HF folder / Hub repo, or a GGUF file."""
+def open_checkpoint(ref: str, *, progress: bool = False) -> Checkpoint:
+    """Open `ref` as a conversion source: a Meta-layout folder, an HF folder / Hub repo, or a GGUF file.
+
+    progress: show Hub download progress (on stderr, by huggingface_hub).
+    """
     from . import meta_llama
 
     path = Path(ref).expanduser()
@@ -344,7 +350,7 @@ def open_checkpoint(ref: str) -> Checkpoint:
     if path.is_file() and path.suffix != ".gguf":
         raise InputError(f"{path} is not a model file this tool can read",
                          hint="give a .gguf file, or the folder holding the checkpoint")
-    resolved = resolve_model(ref)
+    resolved = resolve_model(ref, progress=progress)
     if resolved.kind == "gguf":
         return GGUFCheckpoint(resolved.path)
     if not resolved.path.is_dir():
@@ -368,7 +374,7 @@ def convert(spec: ConvertSpec, progress: ProgressFn | None = None) -> ConvertRes
     if spec.max_shard_size <= 0:
         raise InputError("--max-shard-size must be positive")
     output = Path(spec.output).expanduser().absolute()
-    checkpoint = open_checkpoint(spec.source)
+    checkpoint = open_checkpoint(spec.source, progress=progress is not None)
     try:
         _check_output(output, checkpoint.path, spec.force)
         staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))

