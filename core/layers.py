@@ -25,6 +25,24 @@ def compute_dtype(weight_dtype: torch.dtype, device: torch.device) -> torch.dtyp
     return weight_dtype
 
 
+def k_major_weights(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether matmul weights [out, in] should be stored transposed in memory ([in, out] rows).
+
+    On CPU, MKL's fp32 matrix-vector product over a K-major weight (x @ W^T with W^T contiguous)
+    reads ~2x faster than over row-major rows for the large projections (measured: gate|up
+    576->3072 and lm_head 576->49152 go 7-9 -> 18-20 GB/s with 2 threads), and prefill's GEMM is as
+    fast either way. fp16/bf16 weights go through torch.mv, which wants rows, so they stay row-major.
+    """
+    return device.type == "cpu" and dtype == torch.float32
+
+
+def empty_weight(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, k_major: bool) -> torch.Tensor:
+    """Uninitialised storage for a 2-D weight, K-major when asked: same shape, transposed strides."""
+    if k_major and len(shape) == 2:
+        return torch.empty(shape[::-1], dtype=dtype, device=device).t()
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameter names) that also runs weights stored in a narrower dtype than x."""
 

@@ -144,12 +144,22 @@ def head_kind(config: ModelConfig) -> str:
     return "causal_lm"
 
 
-def assign_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, device) -> None:
+def assign_weights(
+    model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, device, *, fast_layout: bool = False
+) -> None:
     """Assign checkpoint tensors to a meta-device model by name; strict: lists missing/unexpected keys.
 
     A fused projection (layers.FusedLinear) is allocated once and each checkpoint part (q_proj, ...)
     is copied into its rows, so the weights never exist twice in memory.
+    fast_layout: store matmul weights in the layout the device multiplies fastest (layers.k_major_weights);
+    shapes and names stay those of the checkpoint, only the strides differ.
     """
+    from .layers import Linear, empty_weight, k_major_weights
+
+    device = torch.device(device)
+    k_major = fast_layout and k_major_weights(dtype, device)
+    # Matmul weights: every Linear's, and the embedding when the LM head shares it.
+    matmul = {f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, Linear)}
     targets: dict[str, tuple[str, int | None, int | None]] = {}  # checkpoint name -> (param, row range)
     for pname in dict(model.named_parameters()):  # tied weights appear once, under their first name
         module_name, _, attr = pname.rpartition(".")
@@ -179,11 +189,16 @@ def assign_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]
         shape = tuple(param.shape) if start is None else (stop - start, *param.shape[1:])
         if tuple(tensor.shape) != shape:
             raise CheckpointError(f"tensor '{name}' has shape {tuple(tensor.shape)}, the config expects {shape}")
-        if start is None:
+        k = k_major and (pname in matmul or (ties and pname == "model.embed_tokens.weight"))
+        if start is None and not k:
             module._parameters[attr] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+        elif start is None:
+            param = nn.Parameter(empty_weight(tuple(param.shape), dtype, device, True), requires_grad=False)
+            param.data.copy_(tensor)
+            module._parameters[attr] = param
         else:
             if param.is_meta:
-                param = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device), requires_grad=False)
+                param = nn.Parameter(empty_weight(tuple(param.shape), dtype, device, k), requires_grad=False)
                 module._parameters[attr] = param
             param.data[start:stop].copy_(tensor)
         seen.add(name)
@@ -344,7 +359,7 @@ def load_resolved(
 
         quantized = QuantizedLoader(model, config.raw["quantization_config"], files, target, dev)
         tensors = quantized.filter(tensors)
-    assign_weights(model, tensors, target, dev)
+    assign_weights(model, tensors, target, dev, fast_layout=True)
     if quantized is not None:
         quantized.finish()
     tokenizer = load_tokenizer(resolved, source) if with_tokenizer else None
