@@ -374,6 +374,8 @@ def convert(spec: ConvertSpec, progress: ProgressFn | None = None) -> ConvertRes
     if spec.max_shard_size <= 0:
         raise InputError("--max-shard-size must be positive")
     output = Path(spec.output).expanduser().absolute()
+    if spec.to == "gguf" and (output.suffix != ".gguf" or output.is_dir()):
+        raise InputError(f"GGUF output {output} must be a file path ending in .gguf", hint="e.g. -o model.f16.gguf")
     checkpoint = open_checkpoint(spec.source, progress=progress is not None)
     try:
         _check_output(output, checkpoint.path, spec.force)

@@ -286,6 +286,22 @@ def test_meta_shards_must_agree(meta, tmp_path):
         convert(ConvertSpec(str(broken), tmp_path / "out"))
 
 
+class Payload:
+    """Stands for arbitrary code in a pickle: weights_only loading must refuse it."""
+
+
+def test_meta_pickle_with_objects_is_refused(meta, tmp_path):
+    folder, _ = meta
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    for p in folder.iterdir():
+        (evil / p.name).write_bytes(p.read_bytes())
+    torch.save({"tok_embeddings.weight": torch.zeros(2, 2), "x": Payload()}, evil / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match="safely"):
+        convert(ConvertSpec(str(evil), tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 # ---- sentencepiece tokenizer.model -> tokenizer.json ----------------------------------------------------
 
 
@@ -490,6 +506,8 @@ def test_cli_flags(llama, tmp_path):
     assert r.returncode == 1 and "size" in r.stderr.decode()
     r = run_llm("convert", str(folder), "-o", str(tmp_path / "x.gguf"), "--to", "gguf", "--dtype", "float16")
     assert r.returncode == 1 and "--outtype" in r.stderr.decode()
+    with pytest.raises(InputError, match=".gguf"):
+        convert(ConvertSpec(str(folder), tmp_path, to="gguf", force=True))
 
 
 @pytest.mark.slow
@@ -501,3 +519,22 @@ def test_peak_rss_stays_well_under_a_1gb_model(tmp_path):
     for row in bench.main(["--size-gb", "1", "--keep", str(tmp_path / "work")]):
         assert row["model_bytes"] > 0.9e9
         assert row["peak_rss"] < 0.6 * row["model_bytes"], row  # interpreter + torch alone are ~240 MiB
+
+
+def test_progress_bar_only_on_a_terminal_without_quiet(llama, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    from tests.cli_util import LLM
+
+    folder, _ = llama
+    seen = {}
+    for flags in ((), ("--quiet",)):
+        out = tmp_path / f"pty{len(flags)}"
+        child = pexpect.spawn(LLM, ["convert", str(folder), "-o", str(out), *flags], timeout=120,
+                              env={"PATH": str(Path(LLM).parent), "NO_COLOR": "1", "TERM": "xterm", "OMP_NUM_THREADS": "2"})
+        text = child.read().decode()
+        child.close()
+        assert child.exitstatus == 0, text
+        assert text.rstrip().endswith(str(out))
+        seen[flags] = text
+    assert "converting" in seen[()] and "converting" not in seen[("--quiet",)]
+    assert seen[("--quiet",)].strip() == str(tmp_path / "pty1")
