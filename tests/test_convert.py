@@ -21,7 +21,7 @@ from llm_torch.core.loading import ResolvedModel, iter_safetensors, load_resolve
 from llm_torch.core.tokenizer import Tokenizer
 from tests.cli_util import run_llm
 from tests.templates import LLAMA2_TEMPLATE
-from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, hf_model
+from tests.tiny import GEMMA2_BASE, LLAMA_BASE, LLAMA_VARIANTS, config_dict, hf_model
 
 spm = pytest.importorskip("sentencepiece")
 pytest.importorskip("transformers")
@@ -144,14 +144,23 @@ def test_hf_to_hf_keeps_dtype_and_is_exact(llama, tmp_path):
 # ---- GGUF round trips ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["gqa", "tied_bias", "gemma2"])
+ROUND_TRIPS = {
+    "gqa": (LLAMA_BASE, dict(num_key_value_heads=2)),
+    "tied_bias": (LLAMA_BASE, dict(tie_word_embeddings=True, attention_bias=True, head_dim=24)),
+    # Llama 3.1's own values: GGUF keeps only the factors tensor, from which the reader re-derives these.
+    "rope_llama3": (LLAMA_BASE, dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192})),
+    "rope_linear": (LLAMA_BASE, LLAMA_VARIANTS["rope_linear"]),
+    # llama.cpp's rules for the query scale and layer pattern (see gguf_writer)
+    "gemma2": (GEMMA2_BASE, dict(query_pre_attn_scalar=16)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ROUND_TRIPS))
 def test_hf_gguf_hf_round_trip_is_identical(tmp_path, spm_model, variant):
-    if variant == "gemma2":  # llama.cpp's rules for the query scale and layer pattern (see gguf_writer)
-        folder, ref = tiny_folder(tmp_path, spm_model, GEMMA2_BASE, query_pre_attn_scalar=16)
-    elif variant == "tied_bias":
-        folder, ref = tiny_folder(tmp_path, spm_model, tie_word_embeddings=True, attention_bias=True, head_dim=24)
-    else:
-        folder, ref = tiny_folder(tmp_path, spm_model, num_key_value_heads=2)
+    base, extra = ROUND_TRIPS[variant]
+    folder, ref = tiny_folder(tmp_path, spm_model, base, **extra)
     gguf_file = tmp_path / "tiny.gguf"
     convert(ConvertSpec(str(folder), gguf_file, to="gguf", outtype="f32", verify=True))
     torch.testing.assert_close(logits(gguf_file, "gguf"), ref(PROMPT_IDS).logits, atol=1e-4, rtol=1e-4)
@@ -168,6 +177,11 @@ def test_hf_gguf_hf_round_trip_is_identical(tmp_path, spm_model, variant):
             assert torch.equal(got[name], t), name
     config = json.loads((back / "config.json").read_text())
     assert config["model_type"] == ref.config.model_type and config["torch_dtype"] == "float32"
+    torch.testing.assert_close(logits(back), ref(PROMPT_IDS).logits, atol=1e-4, rtol=1e-4)
+    scaling = (extra.get("rope_scaling") or {})
+    assert config.get("rope_scaling", {}).get("rope_type", "default") == scaling.get("rope_type", scaling.get("type", "default"))
+    if "factor" in scaling:
+        assert config["rope_scaling"]["factor"] == scaling["factor"]
     if variant != "gemma2":  # the GGUF tokenizer of a Llama-style vocabulary reads back the same
         ours, theirs = Tokenizer.from_folder(back), Tokenizer.from_folder(folder)
         for text in CORPUS:
@@ -191,6 +205,19 @@ def test_gguf_outtypes_verify(llama, tmp_path, outtype):
     assert fields["general.architecture"] == "llama" and fields["llama.attention.head_count_kv"] == 2
     assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.chat_template"] == LLAMA2_TEMPLATE
     assert len(fields["tokenizer.ggml.tokens"]) == VOCAB and fields["tokenizer.ggml.bos_token_id"] == 1
+
+
+def test_gguf_to_gguf_keeps_the_vocabulary(llama, tmp_path):
+    from llm_torch.core.gguf import gguf_metadata, open_gguf
+
+    folder, _ = llama
+    first, second = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    convert(ConvertSpec(str(folder), first, to="gguf", outtype="f32"))
+    result = convert(ConvertSpec(str(first), second, to="gguf", outtype="q8_0", verify=True))
+    assert result.max_abs_diff <= result.tolerance
+    a, b = gguf_metadata(open_gguf(first)), gguf_metadata(open_gguf(second))
+    assert {k: v for k, v in a.items() if k.startswith("tokenizer.")} == {k: v for k, v in b.items() if k.startswith("tokenizer.")}
+    assert b["general.file_type"] == 7 and b["general.quantization_version"] == 2
 
 
 def test_unsupported_gguf_config(tmp_path, spm_model):
