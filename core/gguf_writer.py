@@ -158,8 +158,16 @@ def _rope_freqs(cfg: ModelConfig) -> np.ndarray | None:
     return np.asarray(factors, dtype=np.float32)
 
 
+# general.* keys of a GGUF source that describe the model, not the file: carried over as they are.
+_GENERAL_KEPT = ("name", "basename", "finetune", "size_label", "license", "organization", "languages", "type",
+                 "author", "version", "description", "url", "repo_url", "tags")
+
+
 def _add_hparams(w: GGUFWriter, cfg: ModelConfig, arch: str, checkpoint) -> None:
-    w.add_name(Path(str(checkpoint.path)).name.removesuffix(".gguf"))
+    meta = getattr(checkpoint, "meta", None) or {}
+    general = {f"general.{k}": meta[f"general.{k}"] for k in _GENERAL_KEPT if f"general.{k}" in meta}
+    general.setdefault("general.name", Path(str(checkpoint.path)).name.removesuffix(".gguf"))
+    _add_vocab(w, general)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
@@ -213,7 +221,8 @@ _ID_KEYS = ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_i
 
 
 def _add_vocab(w: GGUFWriter, vocab: dict[str, Any]) -> None:
-    """Tokenizer metadata with the value types llama.cpp reads (uint32 ids, int32 types, float32 scores)."""
+    """Tokenizer (or general.*) metadata with the value types llama.cpp reads (uint32 ids, int32 types,
+    float32 scores; strings, bools and string lists as they are)."""
     for key, value in vocab.items():
         leaf = key.removeprefix("tokenizer.ggml.")
         if key == "tokenizer.ggml.tokens":

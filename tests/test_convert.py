@@ -420,18 +420,44 @@ def test_smollm2_gguf_to_hf_generates_the_same_tokens(tmp_path):
     assert len(a["token_ids"]) == 16 and a["token_ids"] == b["token_ids"] and a["text"] == b["text"]
 
 
+@pytest.fixture(scope="module")
+def smol_f16_gguf(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol") / "smol-f16.gguf"
+    convert(ConvertSpec("smollm2", out, to="gguf", outtype="f16"))
+    return out
+
+
+@needs_smol
+def test_smollm2_to_gguf_has_llama_cpp_converter_metadata(smol_f16_gguf):
+    """Against the file llama.cpp's converter wrote: every hyper-parameter and tokenizer key, same values."""
+    from llm_torch.core.gguf import gguf_metadata, open_gguf
+
+    original_reader, our_reader = open_gguf(smol_path()), open_gguf(smol_f16_gguf)
+    original, ours = gguf_metadata(original_reader), gguf_metadata(our_reader)
+    for key, value in original.items():
+        if key not in ("general.file_type", "general.quantization_version"):
+            assert ours.get(key) == value, key
+    assert ours["general.file_type"] == 1
+    names = {t.name: t.tensor_type.name for t in our_reader.tensors}
+    assert names.keys() == {t.name for t in original_reader.tensors}
+    assert names["blk.0.attn_q.weight"] == "F16" and names["blk.0.attn_norm.weight"] == "F32"
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
 @needs_smol
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
-def test_llama_cpp_runs_our_gguf_like_we_run_the_source(tmp_path, outtype):
+def test_llama_cpp_runs_our_gguf_like_we_run_the_source(tmp_path, outtype, request):
     import llama_cpp
 
     from llm_torch.core.generate import GenerationSpec, stream_generate
     from llm_torch.core.loading import load_model
     from llm_torch.core.sampling import SamplingSpec
 
-    out = tmp_path / f"smol-{outtype}.gguf"
-    convert(ConvertSpec("smollm2", out, to="gguf", outtype=outtype))
+    if outtype == "f16":
+        out = request.getfixturevalue("smol_f16_gguf")
+    else:
+        out = tmp_path / "smol-f32.gguf"
+        convert(ConvertSpec("smollm2", out, to="gguf", outtype=outtype))
     source = load_model("smollm2", dtype="float32")
     prompt = "The capital of France is"
     ids = source.tokenizer.encode(prompt)
