@@ -17,7 +17,7 @@ import shutil
 import struct
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -379,8 +379,11 @@ def convert(spec: ConvertSpec, progress: ProgressFn | None = None) -> ConvertRes
     checkpoint = open_checkpoint(spec.source, progress=progress is not None)
     try:
         _check_output(output, checkpoint.path, spec.force)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-        _chmod_default(staging)
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+            _chmod_default(staging)
+        except OSError as e:
+            raise _os_error(e, output) from None
         try:
             if spec.to == "hf":
                 target = staging
@@ -402,7 +405,7 @@ def convert(spec: ConvertSpec, progress: ProgressFn | None = None) -> ConvertRes
                         f"verification failed: logits differ from the source by {diff:.3g} (tolerance {tolerance:.3g})",
                         hint="the converted model is wrong; report this with the source model's name",
                     )
-            _publish(target, output, spec.force)
+            _publish(target, output)
         except OSError as e:
             raise _os_error(e, output) from None
         finally:
@@ -441,7 +444,7 @@ def _check_output(output: Path, source: Path, force: bool) -> None:
         raise InputError(f"the folder {output.parent} does not exist", hint="create it first")
 
 
-def _publish(staged: Path, output: Path, force: bool) -> None:
+def _publish(staged: Path, output: Path) -> None:
     """Move the finished output into place; an existing one (--force) is removed only after that worked."""
     old = None
     if output.exists() or output.is_symlink():

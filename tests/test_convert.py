@@ -546,6 +546,15 @@ def test_ctrl_c_mid_write_leaves_nothing(llama, tmp_path, monkeypatch):
     assert not (tmp_path / "new").exists() and leftovers(tmp_path) == []
 
 
+def test_verify_failure_is_an_error_and_leaves_nothing(llama, tmp_path, monkeypatch):
+    folder, _ = llama
+    real = cv.write_tensor_bytes
+    monkeypatch.setattr(cv, "write_tensor_bytes", lambda f, t: real(f, t * 1.01 if t.dim() == 2 else t))
+    with pytest.raises(CheckpointError, match="verification failed"):
+        convert(ConvertSpec(str(folder), tmp_path / "out", verify=True))
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
 def test_cli_flags(llama, tmp_path):
     folder, _ = llama
     out = tmp_path / "cli"
