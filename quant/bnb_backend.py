@@ -15,6 +15,7 @@ from torch import nn
 from llm_torch.core.errors import CheckpointError
 
 from .spec import QuantSpec
+from .torchao_backend import QuantModule
 
 BLOCKSIZE = 64  # transformers' default for 4-bit
 
@@ -29,7 +30,7 @@ def _bnb():
     return bitsandbytes, F
 
 
-class Linear4bit(nn.Module):
+class Linear4bit(QuantModule):
     """y = x @ dequant(W)^T + b through bitsandbytes.matmul_4bit (W packed two codes per byte)."""
 
     def __init__(self, packed: torch.Tensor, quant_state, bias: torch.Tensor | None):

@@ -107,7 +107,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False) 
         result.notes.append("lm_head is tied to the embeddings: it gets its own quantized copy, the embedding table stays in full precision")
     for t in todo:
         module = model.get_submodule(t.name)
-        w = module.weight.detach()
+        w = module.weight.detach().contiguous()  # fp32 CPU weights may be K-major (layers.k_major_weights)
         bias = None if module.bias is None else module.bias.detach()
         parts, start = [], 0
         for part_name, rows in t.parts:

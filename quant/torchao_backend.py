@@ -36,18 +36,31 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+class QuantModule(nn.Module):
+    """Base of our quantized layers. `weight` answers what callers ask a Linear's weight for (dtype and
+    device of the activations: CausalLM.new_cache sizes the KV cache from lm_head.weight); it holds nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("_probe", torch.empty(0), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._probe
+
+
 # ------------------------------------------------------------------------------------------- int8
 
 
 def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
     """w [N, K] float -> weight int8 [N, K], weight_scale fp32 [N] (symmetric, per output row)."""
-    w = w.float()
+    w = w.float().contiguous()
     scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
     q = torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8)
     return {"weight": q, "weight_scale": scale}
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(QuantModule):
     """y = x @ (q * scale)^T + b with int8 q [N, K] read directly by torch._weight_int8pack_mm."""
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dynamic: bool = False):
@@ -93,7 +106,7 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
     zero are rounded to bf16 before q is chosen, so q is the best code for the values the kernel uses.
     """
     N, K = w.shape
-    g = w.float().view(N, K // group_size, group_size)
+    g = w.float().contiguous().view(N, K // group_size, group_size)
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
     scale = ((hi - lo) / 15).clamp(min=1e-6).to(KERNEL_DTYPE).float()
     zero = (lo + 8 * scale).to(KERNEL_DTYPE).float()
@@ -107,7 +120,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 15, packed >> 4), dim=-1).view(packed.shape[0], -1).to(torch.int32)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantModule):
     """y = x @ W^T + b, W in torch's CPU int4 packing (made here, at load: it depends on the CPU)."""
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None):

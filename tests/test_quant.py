@@ -68,3 +68,124 @@ def test_quantize_save_reload(name, float_dir, float_logits, tmp_path):
     assert config["quantization_config"]["quant_method"] == spec.backend
     quantized = [m for m in reloaded.model.modules() if type(m).__name__ in ("Int8Linear", "Int4Linear", "Linear4bit")]
     assert len(quantized) == 2 * 4  # per layer: qkv_proj, o_proj, gate_up_proj, down_proj (lm_head kept)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "nf4-double-quant"])
+def test_loads_a_bitsandbytes_4bit_checkpoint_written_by_transformers(double_quant, float_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                             bnb_4bit_use_double_quant=double_quant)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=config, device_map="cpu")
+    hf.save_pretrained(tmp_path / "hub")
+    with torch.inference_mode():
+        expected = hf(IDS).logits
+    ours = load_model(str(tmp_path / "hub"), with_tokenizer=False)
+    assert sum(type(m).__name__ == "Linear4bit" for m in ours.model.modules()) == 8
+    # Same codes and scales, dequantized by bitsandbytes in both; only fp32 summation order differs.
+    torch.testing.assert_close(_logits(ours), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_our_bitsandbytes_folder_loads_in_transformers(float_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = quantize_to_folder(str(float_dir), make_spec("nf4"), tmp_path / "nf4", dtype="float32").out
+    ours = _logits(load_model(str(out), with_tokenizer=False))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    with torch.inference_mode():
+        torch.testing.assert_close(hf(IDS).logits, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_int4_group_size_fallback_is_stated(float_dir):
+    # K = 64 (attention, gate/up) and 128 (down): group 128 does not divide 64, so those use 64.
+    loaded = load_model(str(float_dir), dtype="float32", with_tokenizer=False)
+    notes = quantize_loaded(loaded, make_spec("int4", group_size=128)).notes
+    assert len(notes) == 1 and "input size 64 is not a multiple of 128: group size 64" in notes[0]
+    sizes = {m.group_size for m in loaded.model.modules() if type(m).__name__ == "Int4Linear"}
+    assert sizes == {64, 128}
+
+
+def test_skip_patterns_keep_layers_in_full_precision(float_dir):
+    loaded = load_model(str(float_dir), dtype="float32", with_tokenizer=False)
+    result = quantize_loaded(loaded, make_spec("int8", skip=["down_proj", "layers.0.*"]))
+    assert "model.layers.1.mlp.down_proj" in result.kept and "model.layers.0.self_attn.q_proj" in result.kept
+    assert result.quantized == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj",
+                                "model.layers.1.self_attn.v_proj", "model.layers.1.self_attn.o_proj",
+                                "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+
+
+def test_quantize_embeddings_quantizes_the_head(float_dir, float_logits, tmp_path):
+    out = quantize_to_folder(str(float_dir), make_spec("int8", quantize_embeddings=True), tmp_path / "q", dtype="float32").out
+    reloaded = load_model(str(out), with_tokenizer=False)
+    assert type(reloaded.model.lm_head).__name__ == "Int8Linear"
+    error = (_logits(reloaded) - float_logits).abs().max() / float_logits.abs().max()
+    assert 0 < error < TOLERANCE["int8"]
+
+
+def test_dry_run_estimate(float_dir):
+    e = estimate(str(float_dir), make_spec("int8"), dtype="float32")
+    assert e.quantized_layers == 8 and e.kept_layers == 1
+    # Two 256x64 tables stay fp32; the 2 x (64x128 + 64x64 + 2x128x64 + 64x128) decoder weights take 1 byte + a scale per row.
+    assert 0.4 < e.quantized_bytes / e.float_bytes < 0.6
+
+
+def test_scheme_errors():
+    with pytest.raises(UnsupportedError, match="float8 needs a CUDA GPU") as e:
+        make_spec("float8")
+    assert "--int8" in e.value.hint
+    with pytest.raises(InputError, match="not available with --backend bitsandbytes"):
+        make_spec("int4", backend="bitsandbytes")
+    with pytest.raises(InputError, match="--group-size 48"):
+        make_spec("int4", group_size=48)
+    with pytest.raises(InputError, match="unknown quantization scheme 'int3'"):
+        make_spec("int3")
+
+
+def test_corrupt_quantized_checkpoint_is_a_clear_error(float_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = quantize_to_folder(str(float_dir), make_spec("int4", group_size=32), tmp_path / "q", dtype="float32").out
+    weights = out / "model.safetensors"
+    tensors = load_file(weights)
+    # A missing scale: the layer is neither float nor quantized.
+    bad = dict(tensors)
+    bad.pop("model.layers.0.self_attn.k_proj.weight_scale")
+    save_file(bad, weights)
+    with pytest.raises(CheckpointError, match="mixes quantized and float parts"):
+        load_model(str(out), with_tokenizer=False)
+    # Scales of the wrong size.
+    bad = dict(tensors)
+    bad["model.layers.0.mlp.down_proj.weight_scale"] = bad["model.layers.0.mlp.down_proj.weight_scale"][:, :3].contiguous()
+    save_file(bad, weights)
+    with pytest.raises(CheckpointError, match="quantized tensors of 'model.layers.0.mlp.down_proj' are unusable"):
+        load_model(str(out), with_tokenizer=False)
+    # A truncated file.
+    save_file(tensors, weights)
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(str(out), with_tokenizer=False)
+    # A torchao checkpoint in transformers' own (tensor subclass) layout.
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]["llm_torch_format"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedError, match="torchao checkpoints saved by transformers"):
+        load_model(str(out), with_tokenizer=False)
+
+
+def test_writes_are_atomic(float_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    out = tmp_path / "q"
+    quantize_to_folder(str(float_dir), make_spec("int8"), out, dtype="float32")
+    with pytest.raises(InputError, match="already exists"):
+        quantize_to_folder(str(float_dir), make_spec("int8"), out, dtype="float32")
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    with pytest.raises(Exception, match="No space left on device"):
+        quantize_to_folder(str(float_dir), make_spec("int4", group_size=32), tmp_path / "other", dtype="float32")
+    with pytest.raises(Exception, match="No space left on device"):
+        quantize_to_folder(str(float_dir), make_spec("int4", group_size=32), out, dtype="float32", force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no temp folder, the old copy intact
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_type"]["default"]["_type"] == "Int8WeightOnlyConfig"
