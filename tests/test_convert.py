@@ -600,3 +600,32 @@ def test_progress_bar_only_on_a_terminal_without_quiet(llama, tmp_path):
         seen[flags] = text
     assert "converting" in seen[()] and "converting" not in seen[("--quiet",)]
     assert seen[("--quiet",)].strip() == str(tmp_path / "pty1")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+@pytest.mark.parametrize("source", ["meta", "tokenizer_json"])
+def test_llama_cpp_reads_our_sentencepiece_gguf(source, meta, llama, spm_model, tmp_path):
+    """A tiny Meta checkpoint (vocabulary from tokenizer.model) or HF folder with only tokenizer.json (scores
+    from the merges) -> GGUF: llama.cpp tokenizes like sentencepiece and computes our logits."""
+    import llama_cpp
+
+    if source == "meta":
+        folder = meta[0]
+    else:
+        folder = tmp_path / "json-only"
+        folder.mkdir()
+        for p in llama[0].iterdir():
+            if p.name != "tokenizer.model":
+                (folder / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "tiny.gguf"
+    convert(ConvertSpec(str(folder), out, to="gguf", outtype="f32"))
+    processor = spm.SentencePieceProcessor(model_proto=spm_model)
+    # An f32 KV cache (llama.cpp's default is f16), so both sides compute in float32.
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=2, verbose=False, logits_all=True,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    for text in [t for t in CORPUS if t and not t[:1].isspace()]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == processor.encode(text), text
+    ids = PROMPT_IDS[0].tolist()
+    llm.eval(ids)
+    theirs = torch.tensor(llm.scores[: len(ids)])
+    torch.testing.assert_close(theirs, logits(out, "gguf")[0], atol=1e-3, rtol=1e-3)
