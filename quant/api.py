@@ -113,7 +113,8 @@ def estimate(ref: str | None, spec: QuantSpec, *, dtype: str = "auto") -> Estima
         m = model.get_submodule(t.name)
         n, k = m.out_features, m.in_features
         saved += n * k * torch.finfo(target).bits // 8 - _quantized_bytes(codec, spec, n, k)
-    return Estimate(float_bytes, float_bytes - saved, len(todo), len(kept), notes)
+    # Layers counted as the checkpoint names them (a fused q|k|v layer is three).
+    return Estimate(float_bytes, float_bytes - saved, sum(len(t.parts) for t in todo), sum(len(t.parts) for t in kept), notes)
 
 
 def _quantized_bytes(codec, spec: QuantSpec, n: int, k: int) -> int:

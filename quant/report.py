@@ -72,10 +72,10 @@ def _log_probs(model, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)  # [T, V]
 
 
-def _speeds(models: dict[str, torch.nn.Module], vocab: int) -> dict[str, tuple[float, float]]:
+def _speeds(models: dict[str, torch.nn.Module], vocab: int, prefill_tokens: int) -> dict[str, tuple[float, float]]:
     from llm_torch.core.bench import random_prompt, time_decode, time_prefill
 
-    prompt, start = random_prompt(vocab, PREFILL_TOKENS), random_prompt(vocab, 1, 1)
+    prompt, start = random_prompt(vocab, prefill_tokens), random_prompt(vocab, 1, 1)
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in models}
     with torch.inference_mode():
         for rep in range(-1, REPETITIONS):  # one warm-up round, then interleaved repetitions
@@ -97,15 +97,19 @@ def report_card(float_ref: str, quant_dir: Path, *, dtype: str = "float32", rss:
     quant = load_model(str(quant_dir))
     if quant.config.raw.get("quantization_config") is None:
         raise InputError(f"{quant_dir} is not a quantized model folder", hint="give the folder written by llm quantize")
-    ids = base.tokenizer.encode(eval_text())[:EVAL_TOKENS]
-    if quant.tokenizer.encode(eval_text())[:EVAL_TOKENS] != ids:
+    from llm_torch.core.generate import context_length
+
+    context = context_length(base.model)
+    n = min(EVAL_TOKENS, context)  # a model with a short context (a test's tiny one) is scored on what fits
+    ids = base.tokenizer.encode(eval_text())[:n]
+    if quant.tokenizer.encode(eval_text())[:n] != ids:
         raise InputError("the quantized folder's tokenizer differs from the float model's", hint="compare a model with its own quantized copy")
     ref = _log_probs(base.model, ids)
     got = _log_probs(quant.model, ids)
     targets = torch.tensor(ids[1:])
     nll = {k: -lp[:-1].gather(1, targets[:, None]).mean().item() for k, lp in (("float", ref), ("quant", got))}
     kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
-    speeds = _speeds({"float": base.model, "quant": quant.model}, base.config.vocab_size)
+    speeds = _speeds({"float": base.model, "quant": quant.model}, base.config.vocab_size, min(PREFILL_TOKENS, context - 2))
     resolved = resolve_model(float_ref)
     cards = []
     for key, loaded, path, ref_dtype, kl_value in (

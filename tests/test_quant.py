@@ -123,7 +123,7 @@ def test_quantize_embeddings_quantizes_the_head(float_dir, float_logits, tmp_pat
 
 def test_dry_run_estimate(float_dir):
     e = estimate(str(float_dir), make_spec("int8"), dtype="float32")
-    assert e.quantized_layers == 8 and e.kept_layers == 1
+    assert e.quantized_layers == 14 and e.kept_layers == 1  # q, k, v, o, gate, up, down per layer; lm_head
     # Two 256x64 tables stay fp32; the 2 x (64x128 + 64x64 + 2x128x64 + 64x128) decoder weights take 1 byte + a scale per row.
     assert 0.4 < e.quantized_bytes / e.float_bytes < 0.6
 
@@ -189,3 +189,76 @@ def test_writes_are_atomic(float_dir, tmp_path, monkeypatch):
         quantize_to_folder(str(float_dir), make_spec("int4", group_size=32), out, dtype="float32", force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no temp folder, the old copy intact
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_type"]["default"]["_type"] == "Int8WeightOnlyConfig"
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer (so generate / chat / bench run end to end)."""
+    from llm_torch.core.loading import load_tokenizer, resolve_model
+    from tests.tiny import write_tokenizer_files
+
+    tokenizer = load_tokenizer(resolve_model("smollm2"))
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    hf_model(config_dict(LLAMA_BASE, dict(vocab_size=tokenizer.vocab_size, num_key_value_heads=2)), std=STD).save_pretrained(folder)
+    write_tokenizer_files(folder, tokenizer)
+    return folder
+
+
+def test_cli_quantize_then_generate_chat_and_bench(tiny_with_tokenizer, tmp_path):
+    out = tmp_path / "tiny-int4"
+    r = run_llm("quantize", str(tiny_with_tokenizer), "--int4", "--group-size", "32", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode() == f"{out}\n"
+    assert "14 layers quantized, 1 kept in full precision (lm_head)" in r.stderr.decode()
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    again = run_llm("quantize", str(tiny_with_tokenizer), "--int4", "-o", str(out))
+    assert again.returncode == 1 and again.stderr.decode().count("\n") == 1 and "--force" in again.stderr.decode()
+    g = run_llm("generate", "-m", str(out), "Hello", "-n", "4", "--temperature", "0", "--format", "json")
+    assert g.returncode == 0, g.stderr
+    assert json.loads(g.stdout)["usage"]["completion_tokens"] == 4
+    c = run_llm("chat", str(out), "-n", "3", "--temperature", "0", input="Hi\n")
+    assert c.returncode == 0, c.stderr
+    b = run_llm("bench", "-m", str(out), "-p", "8", "-n", "4", "-r", "1", "--format", "json")
+    assert b.returncode == 0, b.stderr
+    info = json.loads(b.stdout)["model"]
+    assert info["weights_bytes"] < (tiny_with_tokenizer / "model.safetensors").stat().st_size  # the 49152-row tables stay fp32
+
+
+def test_cli_quantize_on_load_and_errors(tiny_with_tokenizer):
+    g = run_llm("generate", "-m", str(tiny_with_tokenizer), "Hello", "-n", "4", "--quantize", "int8", "--format", "json")
+    assert g.returncode == 0, g.stderr
+    r = run_llm("generate", "-m", str(tiny_with_tokenizer), "Hello", "--quantize", "float8")
+    assert r.returncode == 1
+    assert r.stderr.decode() == ("error: float8 needs a CUDA GPU (its torchao kernels have no CPU implementation) "
+                                 "(hint: on this machine use --int8 (fastest), --int4 (smallest) or --nf4)\n")
+    r = run_llm("quantize", str(tiny_with_tokenizer))
+    assert r.returncode == 1 and "choose one scheme" in r.stderr.decode()
+    r = run_llm("quantize", str(tiny_with_tokenizer), "--int8", "--nf4")
+    assert r.returncode == 1 and "several schemes given: --int8, --nf4" in r.stderr.decode()
+    r = run_llm("quantize", str(tiny_with_tokenizer), "--int4", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "14 layers to quantize, 1 kept" in r.stdout.decode() and "group size 64" in r.stderr.decode()
+
+
+def test_report_card_in_process(tiny_with_tokenizer, tmp_path):
+    from llm_torch.quant.report import report_card
+
+    out = quantize_to_folder(str(tiny_with_tokenizer), make_spec("int8"), tmp_path / "q").out
+    base, quant = report_card(str(tiny_with_tokenizer), out, rss=False)
+    assert base.mean_kl == 0 and 0 < quant.mean_kl < 0.01
+    assert abs(quant.perplexity / base.perplexity - 1) < 0.05
+    assert quant.weights_bytes < base.weights_bytes and quant.decode_tokens_per_second > 0
+
+
+@pytest.mark.slow  # three fresh processes (quantize, and one per model for peak RSS): ~30-120 s on 2 busy cores
+def test_cli_report_card(tiny_with_tokenizer, tmp_path):
+    out = tmp_path / "tiny-int8"
+    assert run_llm("quantize", str(tiny_with_tokenizer), "--int8", "-o", str(out)).returncode == 0
+    r = run_llm("quantize", "--report", str(out))
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.decode()
+    for row in ("size on disk", "weights in memory", "peak RSS loaded", "prefill tok/s", "decode tok/s", "perplexity", "mean KL"):
+        assert row in text, text
