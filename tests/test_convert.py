@@ -629,3 +629,22 @@ def test_llama_cpp_reads_our_sentencepiece_gguf(source, meta, llama, spm_model, 
     llm.eval(ids)
     theirs = torch.tensor(llm.scores[: len(ids)])
     torch.testing.assert_close(theirs, logits(out, "gguf")[0], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_llama_cpp_computes_our_gemma2_logits(tmp_path, spm_model):
+    """Gemma 2 -> GGUF (norms stored as 1 + w, soft-caps, sliding window shorter than the prompt)."""
+    import llama_cpp
+
+    folder, ref = tiny_folder(tmp_path, spm_model, GEMMA2_BASE, query_pre_attn_scalar=16)
+    out = tmp_path / "gemma2.gguf"
+    convert(ConvertSpec(str(folder), out, to="gguf", outtype="f32"))
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=2, verbose=False, logits_all=True,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    ids = PROMPT_IDS[0].tolist()
+    llm.eval(ids)
+    theirs = torch.tensor(llm.scores[: len(ids)])
+    expected = ref(PROMPT_IDS).logits[0]
+    # ggml's GELU reads a float16 lookup table: ~1e-3 differences on logits soft-capped at 3.
+    torch.testing.assert_close(theirs, expected, atol=5e-3, rtol=5e-3)
+    assert torch.equal(theirs.argmax(-1), expected.argmax(-1))
