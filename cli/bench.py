@@ -117,6 +117,8 @@ def _notes(result) -> list[str]:
         if result.decode_fraction_of_ceiling is not None:
             line += f"; decode reaches {result.decode_fraction_of_ceiling:.0%} of it"
         notes.append(line)
+    if "decode_kernels" in result.environment:
+        notes.append(f"one-token matrix-vector products: {result.environment['decode_kernels']}")
     spec = result.spec
     notes.append(f"tok/s: median of {spec.repetitions} runs after {spec.warmup} warm-up; min and max alongside")
     if "load_average" in result.environment:

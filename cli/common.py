@@ -65,6 +65,10 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
         how = loaded.dtype_name if compute == loaded.dtype_name else f"{loaded.dtype_name} weights, {compute} compute"
         how += f", {spec.label} quantized" if spec is not None else ""
         chosen = " (--dtype auto)" if dtype == "auto" else ""
+        if weights.device.type == "cpu":
+            from llm_torch.core.kernels import status
+
+            how += f"; decode on {status().detail}"
         render.info(f"loaded {loaded.name}: {how}{chosen} on {weights.device} in {time.perf_counter() - t0:.2f} s")
     return loaded
 

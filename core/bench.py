@@ -290,7 +290,14 @@ def environment() -> dict[str, str]:
         "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
         "machine": platform.machine(),
         "cpus_available": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
+        "decode_kernels": _kernels_detail(),
     }
+
+
+def _kernels_detail() -> str:
+    from .kernels import status
+
+    return status().detail
 
 
 def set_threads(threads: int | None) -> int:

@@ -340,6 +340,10 @@ def load_resolved(
     source = load_model_config(resolved)
     config = source.config
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        from .layers import use_native_kernels
+
+        use_native_kernels()  # before the weights are placed: it decides their layout (layers.k_major_weights)
     target = resolve_dtype(dtype, config, kind=resolved.kind, device=dev)
     model = build_model(config, head, fused=fuse)
     if resolved.kind == "gguf":

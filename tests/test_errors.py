@@ -127,3 +127,12 @@ def test_cli_reports_checkpoint_errors_in_one_line(tiny_folder, tmp_path):
     assert err.startswith("error:") and err.count("\n") == 1
     r = run_llm("generate", "-m", str(folder), "hi", env={"LLM_DEBUG": "1"})
     assert b"Traceback" in r.stderr
+
+
+def test_unknown_option_is_a_usage_error():
+    """typer raises its vendored click usage errors: they get click's usage text and exit code 2."""
+    r = run_llm("generate", "--bogus-flag", "hi")
+    err = r.stderr.decode()
+    assert r.returncode == 2, err
+    assert "No such option: --bogus-flag" in err and "Try 'llm generate -h' for help." in err
+    assert "NoSuchOption" not in err and "Traceback" not in err

@@ -1,0 +1,168 @@
+"""Native matrix-vector kernels for one-token decode (matvec.c), built on first use with the system C compiler.
+
+Decode reads every weight once per token; on the AVX2 CPUs this targets, torch's kernels for a
+[N, K] x [K] product reach about half the memory bandwidth (matvec.c says more). The library is
+compiled once per machine into the user cache (keyed by source, compiler and flags) and loaded with
+ctypes. Where it cannot be used (another CPU, no compiler, LLM_KERNELS=torch), `status()` says why
+and layers.Linear keeps torch's kernels: callers report which path runs, nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("matvec.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+ABI = 1
+REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    active: bool
+    detail: str  # what runs decode's matrix-vector products, or why the native kernels do not
+
+
+class MatVec:
+    """y = W @ x (+ bias) for fp32 x [K] and a contiguous fp32 / fp16 / bf16 W [N, K] on the CPU."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        sig = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        self._fns = {}
+        for dtype, name in ((torch.float32, "llm_gemv_f32"), (torch.float16, "llm_gemv_f16"), (torch.bfloat16, "llm_gemv_bf16")):
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = sig, None
+            self._fns[dtype] = fn
+
+    def supports(self, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        return (
+            w.dtype in self._fns
+            and w.device.type == "cpu"
+            and w.dim() == 2
+            and w.is_contiguous()
+            and x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and not x.requires_grad
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+            and not torch.compiler.is_compiling()  # inside a compiled graph inductor's own code runs
+        )
+
+    def __call__(self, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """w [N, K], x [K] -> y [N] (fp32). The caller checks `supports` first."""
+        N, K = w.shape
+        x = x.contiguous()
+        if x.numel() != K:
+            raise ValueError(f"matvec: x has {x.numel()} values, the weight {K} columns")
+        y = torch.empty(N, dtype=torch.float32)
+        b = None if bias is None else bias.data_ptr()
+        self._fns[w.dtype](w.data_ptr(), x.data_ptr(), b, y.data_ptr(), N, K, torch.get_num_threads())
+        return y
+
+
+_STATE: tuple[MatVec | None, KernelStatus] | None = None
+
+
+def matvec() -> MatVec | None:
+    """The native kernels, or None where they cannot run (see status())."""
+    return _load()[0]
+
+
+def status() -> KernelStatus:
+    return _load()[1]
+
+
+def _load() -> tuple[MatVec | None, KernelStatus]:
+    global _STATE
+    if _STATE is None:
+        _STATE = _try_load()
+    return _STATE
+
+
+def _try_load() -> tuple[MatVec | None, KernelStatus]:
+    choice = os.environ.get("LLM_KERNELS", "auto").lower()
+    if choice == "torch":
+        return None, KernelStatus(False, "torch kernels (LLM_KERNELS=torch)")
+    if choice != "auto":
+        return None, KernelStatus(False, f"torch kernels (LLM_KERNELS={choice!r}: use auto or torch)")
+    reason = _unsupported_reason()
+    if reason is None:
+        try:
+            lib = ctypes.CDLL(str(_build()))
+            if lib.llm_kernels_abi() != ABI:
+                reason = "the cached kernel library is from another version"
+            else:
+                return MatVec(lib), KernelStatus(True, "native AVX2 matvec kernels")
+        except (OSError, subprocess.SubprocessError, _BuildError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None, KernelStatus(False, f"torch kernels (native ones unavailable: {reason})")
+
+
+class _BuildError(Exception):
+    pass
+
+
+def _unsupported_reason() -> str | None:
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"built for x86-64 Linux, this is {sys.platform} {platform.machine()}"
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        return f"cannot read /proc/cpuinfo: {e.strerror or e}"
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in flags]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    if _compiler() is None:
+        return "no C compiler found (set CC, or install gcc)"
+    return None
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc)
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LLM_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llm-torch" / "kernels"
+
+
+def _build() -> Path:
+    """Compile matvec.c once per (source, compiler, flags); later runs load the cached library."""
+    cc = _compiler()
+    assert cc is not None  # checked by _unsupported_reason
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + "\0".join((cc, *FLAGS)).encode()).hexdigest()[:16]
+    folder = cache_dir()
+    target = folder / f"matvec-{key}.so"
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: a concurrent or interrupted build never leaves a torn file.
+    fd, tmp = tempfile.mkstemp(prefix=".matvec-", suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise _BuildError(f"{Path(cc).name} failed: {(done.stderr or done.stdout).strip()[:200]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target

@@ -1,0 +1,144 @@
+"""Native matrix-vector kernels (core/kernels): equal to torch's products, used by Linear for one token,
+and every reason they cannot run is reported instead of hidden."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_torch.core import kernels, layers
+from llm_torch.core.loading import ResolvedModel, load_resolved
+from tests.tiny import LLAMA_BASE, config_dict, hf_model
+
+native = kernels.matvec()
+needs_native = pytest.mark.skipif(native is None, reason=f"native kernels unavailable here: {kernels.status().detail}")
+
+
+@pytest.fixture
+def fresh_state(monkeypatch, tmp_path):
+    """A kernels module that loads again (own cache folder), restored afterwards."""
+    monkeypatch.setattr(kernels, "_STATE", None)
+    monkeypatch.setenv("LLM_KERNEL_CACHE", str(tmp_path / "kernels"))
+    yield
+    kernels._STATE = None
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-5), (torch.bfloat16, 1e-5)])
+@pytest.mark.parametrize("shape", [(1027, 579), (64, 64), (3, 8), (5, 7), (49152 // 16, 576)])
+def test_matvec_equals_torch(dtype, tol, shape):
+    """Odd shapes exercise the 32-, 8- and 1-wide tails; products match torch in fp32 (relative to |W||x|)."""
+    g = torch.Generator().manual_seed(0)
+    N, K = shape
+    w = torch.randn(N, K, generator=g).to(dtype)
+    x, bias = torch.randn(K, generator=g), torch.randn(N, generator=g)
+    ref = torch.mv(w.double(), x.double())
+    scale = (w.double().abs() @ x.double().abs()).max().item()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            got = native(w, x)
+            with_bias = native(w, x, bias)
+        finally:
+            torch.set_num_threads(2)
+        assert got.dtype == torch.float32 and got.shape == (N,)
+        assert (got.double() - ref).abs().max().item() <= tol * scale
+        assert torch.equal(with_bias, (got + bias)) or (with_bias - got - bias).abs().max().item() < 1e-6 * scale
+
+
+@needs_native
+def test_supports_only_what_it_computes():
+    w = torch.randn(8, 16)
+    assert native.supports(w, torch.randn(16), None)
+    assert not native.supports(w.t().contiguous().t(), torch.randn(16), None)  # K-major storage
+    assert not native.supports(w.to(torch.float64), torch.randn(16), None)
+    assert not native.supports(w, torch.randn(16, dtype=torch.float64), None)
+    assert not native.supports(w, torch.randn(16), torch.randn(8).half())
+    with pytest.raises(ValueError, match="15 values"):
+        native(w, torch.randn(15))
+
+
+class Counting:
+    """Wraps the kernels to count the products that went through them."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def supports(self, *args):
+        return self.inner.supports(*args)
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.inner(*args)
+
+
+@needs_native
+def test_decode_through_native_kernels_equals_torch_kernels(tmp_path, monkeypatch):
+    """The same tiny model with and without the kernels: one-token logits agree to fp32 rounding,
+    and every Linear's one-token product went through the native kernel."""
+    folder = tmp_path / "tiny"
+    hf_model(config_dict(LLAMA_BASE, dict(num_key_value_heads=2, attention_bias=True))).save_pretrained(folder)
+    ref = ResolvedModel("tiny", "folder", folder)
+    monkeypatch.setattr(layers, "use_native_kernels", lambda enabled=True: layers._MATVEC is not None)
+
+    def decode(matvec) -> torch.Tensor:
+        monkeypatch.setattr(layers, "_MATVEC", matvec)
+        model = load_resolved(ref, dtype="float32", with_tokenizer=False).model
+        cache = model.new_cache(1, 16)
+        with torch.inference_mode():
+            model(torch.tensor([[1, 5, 9, 3]]), cache=cache)
+            return torch.cat([model(torch.tensor([[t]]), cache=cache)[0] for t in (7, 8, 2)])
+
+    plain = decode(None)
+    counting = Counting(native)
+    fast = decode(counting)
+    assert counting.calls == 3 * (2 * 4 + 1)  # 3 steps x (2 layers x qkv, o, gate_up, down + lm_head)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_disabled_by_environment(fresh_state, monkeypatch):
+    monkeypatch.setenv("LLM_KERNELS", "torch")
+    assert kernels.matvec() is None
+    assert kernels.status() == kernels.KernelStatus(False, "torch kernels (LLM_KERNELS=torch)")
+
+
+def test_unknown_choice_is_reported(fresh_state, monkeypatch):
+    monkeypatch.setenv("LLM_KERNELS", "fast")
+    assert kernels.matvec() is None
+    assert "LLM_KERNELS='fast'" in kernels.status().detail
+
+
+def test_a_failing_compiler_is_reported_not_raised(fresh_state, monkeypatch):
+    if kernels._unsupported_reason() not in (None,):
+        pytest.skip("this machine cannot build the kernels at all")
+    monkeypatch.setenv("CC", "false")  # exits 1 without output
+    assert kernels.matvec() is None
+    detail = kernels.status().detail
+    assert detail.startswith("torch kernels (native ones unavailable: false failed")
+    assert not list((kernels.cache_dir()).glob("*.so"))  # nothing half-built left in the cache
+
+
+def test_no_compiler_is_reported(fresh_state, monkeypatch):
+    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    monkeypatch.setattr(kernels.Path, "read_text", lambda self, **kw: "flags\t: avx2 fma f16c\n")
+    monkeypatch.setattr(kernels.sys, "platform", "linux")
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+    assert kernels.matvec() is None
+    assert "no C compiler found" in kernels.status().detail
+
+
+def test_other_cpus_are_reported(fresh_state, monkeypatch):
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
+    assert kernels.matvec() is None
+    assert "built for x86-64 Linux" in kernels.status().detail
+
+
+@needs_native
+def test_the_library_is_built_once_and_reused(fresh_state):
+    assert kernels.matvec() is not None
+    built = list(kernels.cache_dir().glob("matvec-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    kernels._STATE = None
+    assert kernels.matvec() is not None
+    assert built[0].stat().st_mtime_ns == stamp
