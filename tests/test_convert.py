@@ -141,6 +141,22 @@ def test_hf_to_hf_keeps_dtype_and_is_exact(llama, tmp_path):
     assert (out / "tokenizer.model").read_bytes() == (folder / "tokenizer.model").read_bytes()
 
 
+def test_hub_repo_from_the_cache(llama, tmp_path, monkeypatch):
+    """A Hub id resolves through the HF cache (snapshot files are symlinks to blobs) like `llm generate`'s."""
+    from tests.test_hub import cache_repo
+
+    folder, _ = llama
+    cache = tmp_path / "cache"
+    cache_repo(cache, "org/tiny", {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    out = tmp_path / "from-hub"
+    convert(ConvertSpec("org/tiny", out, dtype="float16"))
+    source, got = tensors_of(folder), tensors_of(out)
+    assert all(torch.equal(got[k], v.half()) for k, v in source.items())
+    assert not (out / "tokenizer.json").is_symlink() and (out / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+
+
 # ---- GGUF round trips ---------------------------------------------------------------------------------
 
 
