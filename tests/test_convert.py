@@ -308,6 +308,15 @@ def test_meta_layout_to_hf_matches_original(meta, tmp_path, spm_model):
     processor = spm.SentencePieceProcessor(model_proto=spm_model)
     assert tok.encode("Hello world") == [1, *processor.encode("Hello world")]
     assert digest(folder) == before  # the source is never touched
+    # transformers itself reads the folder: the same logits, and a tokenizer that agrees with ours.
+    import transformers
+
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(PROMPT_IDS).logits, ref(PROMPT_IDS).logits, atol=1e-5, rtol=1e-5)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    for text in ("Hello world", "tabs\there 日本語 😀", "x  =  1\n    y"):
+        assert hf_tok(text)["input_ids"] == tok.encode(text), text
 
 
 def test_meta_layout_to_gguf(meta, tmp_path):
