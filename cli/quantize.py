@@ -30,7 +30,7 @@ def quantize(
     double_quant: Annotated[bool, typer.Option("--double-quant", help="--nf4/--fp4: quantize the block scales too.")] = False,
     backend: Annotated[Optional[str], typer.Option("--backend", help="torchao | bitsandbytes, where a scheme has both (--int8).")] = None,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Keep modules matching PATTERN in full precision (repeatable).")] = None,
-    quantize_embeddings: Annotated[bool, typer.Option("--quantize-embeddings", help="Quantize lm_head too (kept by default).")] = False,
+    quantize_embeddings: Annotated[bool, typer.Option("--quantize-embeddings", help="Quantize lm_head and (torchao schemes) the embedding table too.")] = False,
     dtype: o.DtypeOpt = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Estimate the output size and memory; write nothing.")] = False,

@@ -102,9 +102,14 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False) 
     codec = codec_for(spec)
     todo, kept, notes = plan(model, spec)
     result = QuantResult(notes=notes, kept=[n for t in kept for n, _ in t.parts])
-    if spec.quantize_embeddings and getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
-        # The head gets its own quantized copy; the embedding lookup keeps the float table.
-        result.notes.append("lm_head is tied to the embeddings: it gets its own quantized copy, the embedding table stays in full precision")
+    tied_head = _tied_head(model)
+    if spec.quantize_embeddings:
+        if codec.backend == "torchao":
+            _quantize_embeddings(model, result, collect)
+            if tied_head:  # the head is the embedding's int8 table: not quantized a second time
+                todo = [t for t in todo if t.name != "lm_head"]
+        elif tied_head:
+            result.notes.append("bitsandbytes keeps embedding tables in full precision: the tied lm_head gets its own quantized copy")
     for t in todo:
         module = model.get_submodule(t.name)
         w = module.weight.detach().contiguous()  # fp32 CPU weights may be K-major (layers.k_major_weights)
@@ -121,9 +126,35 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False) 
             result.quantized.append(part_name)
         new = codec.build(parts, None if bias is None else bias.clone(), t.name)
         _replace(model, t.name, new.to(w.device))
-    if result.quantized and hasattr(model, "lm_head") and "lm_head" in result.quantized:
+    if "lm_head" in result.quantized and tied_head:
         _untie(model)
     return result
+
+
+def _tied_head(model: nn.Module) -> bool:
+    head = getattr(model, "lm_head", None)
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and isinstance(head, nn.Linear)
+
+
+def _quantize_embeddings(model: nn.Module, result: QuantResult, collect: bool) -> None:
+    """int8 rows (one scale per token) for every embedding table, whatever the scheme: a lookup reads
+    one row, so 4 bits would save memory, not time. A tied head then multiplies by the int8 table."""
+    from .torchao_backend import Int8Embedding, quantize_int8
+
+    tied = _tied_head(model)
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Embedding):
+            continue
+        tensors = quantize_int8(module.weight.detach())
+        emb = Int8Embedding(tensors["weight"], tensors["weight_scale"]).to(module.weight.device)
+        _replace(model, name, emb)
+        result.quantized.append(name)
+        if collect:
+            result.tensors.update({f"{name}.{k}": v for k, v in tensors.items()})
+        if tied and name.endswith("embed_tokens"):
+            model.lm_head = emb.tied_head()
+    if tied:
+        result.notes.append("lm_head is tied to the embeddings: it multiplies by the same int8 table")
 
 
 def _untie(model: nn.Module) -> None:

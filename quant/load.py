@@ -86,12 +86,21 @@ class QuantizedLoader:
                     f"'{t.name}' mixes quantized and float parts ({', '.join(n for n, _ in t.parts)})",
                     hint="fused projections must be quantized alike",
                 )
-        if not self.targets:
+        # --quantize-embeddings (torchao schemes): int8 tables; a tied head is rebuilt on the same table.
+        self.embeddings = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding) and f"{n}.{marker}" in keys]
+        self.tied_head = bool(self.embeddings) and getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head") \
+            and not any(n == "lm_head" for t in self.targets for n, _ in t.parts)
+        for name in self.embeddings:
+            _replace(model, name, _Pending())
+        if self.tied_head:
+            _replace(model, "lm_head", _Pending())
+            object.__setattr__(model.config, "tie_word_embeddings", False)  # nothing for assign_weights to tie
+        if not self.targets and not self.embeddings:
             raise CheckpointError(f"quantization_config says {scheme}, but no layer in the checkpoint is quantized")
         if any(n == "lm_head" for t in self.targets for n, _ in t.parts):
             # A quantized head has its own tensors, even when the float model tied it.
             object.__setattr__(model.config, "tie_word_embeddings", False)
-        self.prefixes = {n: t for t in self.targets for n, _ in t.parts}
+        self.prefixes = {n: t for t in self.targets for n, _ in t.parts} | dict.fromkeys(self.embeddings)
         self.stash: dict[str, torch.Tensor] = {}
 
     def _owner(self, key: str) -> str | None:
@@ -128,5 +137,15 @@ class QuantizedLoader:
                     f"quantized '{t.name}' is {module.out_features}x{module.in_features}, the config expects {rows}x{t.in_features}"
                 )
             _replace(self.model, t.name, module.to(self.device))
+        for name in self.embeddings:
+            from .torchao_backend import Int8Embedding
+
+            q, scale = self.stash.pop(f"{name}.weight", None), self.stash.pop(f"{name}.weight_scale")
+            if q is None or q.dtype != torch.int8 or scale.shape != (q.shape[0],):
+                raise CheckpointError(f"quantized embedding '{name}' is unusable (weight / weight_scale missing or mis-shaped)")
+            emb = Int8Embedding(q, scale).to(self.device)
+            _replace(self.model, name, emb)
+            if self.tied_head and name.endswith("embed_tokens"):
+                self.model.lm_head = emb.tied_head()
         if self.stash:
             raise CheckpointError(f"unexpected quantized tensor(s): {', '.join(sorted(self.stash)[:6])}")

@@ -88,6 +88,26 @@ class Int8Linear(QuantModule):
         return f"in={self.in_features}, out={self.out_features}, int8{' dynamic' if self.dynamic else ''}"
 
 
+class Int8Embedding(QuantModule):
+    """Embedding lookup from an int8 table with one scale per token row (--quantize-embeddings); a tied
+    head multiplies by the same int8 table (Int8Linear over the same storage)."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("row_scale", scale.float())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].float() * self.row_scale[ids, None]
+
+    def tied_head(self) -> Int8Linear:
+        return Int8Linear(self.qweight, self.row_scale, None)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+
 # ------------------------------------------------------------------------------------------- int4
 
 

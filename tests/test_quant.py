@@ -262,3 +262,29 @@ def test_cli_report_card(tiny_with_tokenizer, tmp_path):
     text = r.stdout.decode()
     for row in ("size on disk", "weights in memory", "peak RSS loaded", "prefill tok/s", "decode tok/s", "perplexity", "mean KL"):
         assert row in text, text
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_quantize_embeddings_int8_table(tied, tmp_path):
+    folder = tmp_path / "float"
+    hf_model(config_dict(LLAMA_BASE, dict(num_key_value_heads=2, tie_word_embeddings=tied)), std=STD).save_pretrained(folder)
+    with torch.inference_mode():
+        expected_float = load_model(str(folder), dtype="float32", with_tokenizer=False).model(IDS)
+    spec = make_spec("int4", group_size=32, quantize_embeddings=True)
+    in_memory = load_model(str(folder), dtype="float32", with_tokenizer=False)
+    quantize_loaded(in_memory, spec)
+    out = quantize_to_folder(str(folder), spec, tmp_path / "q", dtype="float32").out
+    reloaded = load_model(str(out), with_tokenizer=False)
+    assert type(reloaded.model.model.embed_tokens).__name__ == "Int8Embedding"
+    head = reloaded.model.lm_head
+    if tied:  # the head reads the embedding's own int8 table
+        assert type(head).__name__ == "Int8Linear" and head.qweight.data_ptr() == reloaded.model.model.embed_tokens.qweight.data_ptr()
+    else:
+        assert type(head).__name__ == "Int4Linear"
+    got = _logits(reloaded)
+    torch.testing.assert_close(got, _logits(in_memory), rtol=0, atol=0)
+    assert (got - expected_float).abs().max() / expected_float.abs().max() < TOLERANCE["int4"]
+    # The generation path sizes its KV cache from the (quantized) head.
+    from llm_torch.core.generate import GenerationSpec, generate_tokens
+
+    assert len(list(generate_tokens(reloaded.model, [1, 5, 9], GenerationSpec(max_new_tokens=3), eos_ids=frozenset()))) == 3
