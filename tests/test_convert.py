@@ -319,6 +319,21 @@ def test_meta_layout_to_hf_matches_original(meta, tmp_path, spm_model):
         assert hf_tok(text)["input_ids"] == tok.encode(text), text
 
 
+def test_meta_llama1_single_shard(tmp_path, spm_model):
+    """Llama 1 style: one shard, no n_kv_heads (MHA), no max_seq_len (norm_eps 1e-6 -> 2048 tokens)."""
+    _, ref = tiny_folder(tmp_path, spm_model)
+    folder = tmp_path / "llama-7b"
+    write_meta_layout(folder, ref, spm_model, shards=1)
+    params = json.loads((folder / "params.json").read_text())
+    del params["n_kv_heads"], params["max_seq_len"]
+    (folder / "params.json").write_text(json.dumps(params))
+    out = tmp_path / "out"
+    convert(ConvertSpec(str(folder), out))
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_key_value_heads"] == 4 and config["max_position_embeddings"] == 2048
+    torch.testing.assert_close(logits(out), ref(PROMPT_IDS).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_meta_layout_to_gguf(meta, tmp_path):
     folder, ref = meta
     out = tmp_path / "meta.gguf"
