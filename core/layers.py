@@ -97,13 +97,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        h = x.float()
+        h = x if dtype == torch.float32 else x.float()  # (no-op casts still cost a dispatch per call)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.unit_offset:
             # Gemma: scale by (1 + w) in fp32, then cast (the reference's order of operations).
             return (h * (1.0 + self.weight.float())).to(dtype)
         # Llama: cast back first, then scale in the weight's dtype.
-        return self.weight * h.to(dtype)
+        return self.weight * (h if dtype == torch.float32 else h.to(dtype))
 
 
 def rope_inv_freq(config: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
@@ -192,7 +192,11 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = inv_freq.to(device)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [B, T] -> cos, sin [B, T, D] in `dtype` (computed in fp32 like the reference)."""
+        """position_ids [B, T] -> cos, signed sin [B, T, 1, D] in `dtype` (computed in fp32 like the reference).
+
+        The sin half that multiplies the negated half of rotate_half(x) carries the sign instead
+        (apply_rope), and the head axis is added once here rather than in every layer.
+        """
         inv_freq = self.inv_freq
         if self.dynamic:
             seq_len = int(position_ids.max()) + 1
@@ -203,15 +207,16 @@ class RotaryEmbedding(nn.Module):
         cos, sin = emb.cos(), emb.sin()
         if self.attention_factor != 1.0:
             cos, sin = cos * self.attention_factor, sin * self.attention_factor
-        return cos.to(dtype), sin.to(dtype)
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return cos.to(dtype)[:, :, None], sin.to(dtype)[:, :, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, D]; cos/sin [B, T, D]. Rotate-half layout (HF checkpoints; GGUF is un-permuted on load)."""
-    cos, sin = cos[:, :, None], sin[:, :, None]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """x [B, T, H, D]; cos, signed sin [B, T, 1, D] (RotaryEmbedding). Rotate-half layout (HF checkpoints;
+    GGUF is un-permuted on load): x * cos + rotate_half(x) * sin, where rotate_half(x) * sin =
+    roll(x, D/2) * [-sin, sin]: the same products, bit for bit, in 4 ops instead of 7."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 _ACTIVATIONS = {
