@@ -39,6 +39,10 @@ _LLAMA3_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _GGUF_SPLITS = dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe"), _LLAMA3_SPLIT)
+# Pre-tokenizer names llama.cpp reads as "each digit alone, then GPT-2's regex" (SmolLM2's own
+# tokenizer.json: Digits(individual_digits) + ByteLevel). transformers' GGUF loader ignores the name
+# and would merge "2024" into multi-digit tokens the model never saw in training.
+_GGUF_DIGIT_SPLITS = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
 _REPLACEMENT = "\ufffd"
 
 
@@ -373,7 +377,12 @@ def _byte_level_backend(tokens: list[str], merges: list[tuple] | None, pre: str 
                 dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
     backend = _Backend(model)
     split = _GGUF_SPLITS.get(pre)
-    if split is None:  # unknown/absent pre-tokenizer name: ByteLevel's GPT-2 regex, as in transformers
+    if pre in _GGUF_DIGIT_SPLITS:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+    elif split is None:  # unknown/absent pre-tokenizer name: ByteLevel's GPT-2 regex, as in transformers
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
         backend.pre_tokenizer = pre_tokenizers.Sequence([

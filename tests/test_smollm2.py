@@ -66,3 +66,27 @@ def test_cli_greedy_equals_transformers(ours, reference):
     expected = reference.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=2)
     expected = expected[0, len(ids) :].tolist()
     assert got == expected[: len(got)] and len(got) >= 20
+
+
+# llama.cpp 0.3.36 (llama-cpp-python) tokenizing this text with the same GGUF: its "smollm"
+# pre-tokenizer puts every digit in a token of its own, as SmolLM2's tokenizer.json does.
+DIGITS_TEXT = "In 2024, 12345 apples cost $3.50 each."
+DIGITS_IDS = [788, 216, 34, 32, 34, 36, 28, 216, 33, 34, 35, 36, 37, 13855, 1708, 1885, 35, 30, 37, 32, 971, 30]
+
+
+def test_gguf_pre_tokenizer_splits_digits_like_llama_cpp():
+    from llm_torch.core.loading import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model("smollm2"))
+    assert tok.encode(DIGITS_TEXT, add_special_tokens=False) == DIGITS_IDS
+    assert tok.decode(DIGITS_IDS) == DIGITS_TEXT
+
+
+def test_digit_split_agrees_with_llama_cpp_when_installed():
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from llm_torch.core.loading import load_tokenizer, resolve_model
+
+    ref = llama_cpp.Llama(str(GGUF), vocab_only=True, verbose=False)
+    text = "Call 555-0199 or 1 800 42 at 10:30, 2.5e-3, ١٢٣ and ２０２４."
+    ours = load_tokenizer(resolve_model("smollm2")).encode(text, add_special_tokens=False)
+    assert ours == ref.tokenize(text.encode(), add_bos=False, special=False)
