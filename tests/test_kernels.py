@@ -142,3 +142,78 @@ def test_the_library_is_built_once_and_reused(fresh_state):
     kernels._STATE = None
     assert kernels.matvec() is not None
     assert built[0].stat().st_mtime_ns == stamp
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(1027, 579), (7, 16), (3072, 576)])
+def test_int8_matvec_equals_dequantized_product(shape):
+    g = torch.Generator().manual_seed(1)
+    N, K = shape
+    q = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    scale = torch.rand(N, generator=g) / 100
+    x, bias = torch.randn(K, generator=g), torch.randn(N, generator=g)
+    ref = (q.double() * scale.double()[:, None]) @ x.double() + bias.double()
+    got = native.int8(q, scale, x, bias)
+    bound = ((q.double().abs() * scale.double()[:, None]) @ x.double().abs()).max().item()
+    assert (got.double() - ref).abs().max().item() <= 1e-5 * bound
+    with pytest.raises(ValueError, match="scale must be fp32"):
+        native.int8(q, scale.double(), x)
+
+
+@needs_native
+@pytest.mark.parametrize("shape,group", [((1027, 576), 32), ((64, 1536), 128), ((5, 256), 256), ((96, 576), 64)])
+def test_int4_matvec_equals_dequantized_product(shape, group):
+    g = torch.Generator().manual_seed(2)
+    N, K = shape
+    codes = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()  # low nibble = even column
+    scale = (torch.rand(N, K // group, generator=g) / 10).to(torch.bfloat16)
+    zero = (torch.randn(N, K // group, generator=g) / 10).to(torch.bfloat16)
+    x, bias = torch.randn(K, generator=g), torch.randn(N, generator=g)
+    w = (codes.double() - 8) * scale.double().repeat_interleave(group, 1) + zero.double().repeat_interleave(group, 1)
+    ref = w @ x.double() + bias.double()
+    got = native.int4(packed, scale, zero, group, x, bias)
+    bound = (w.abs() @ x.double().abs()).max().item()
+    assert (got.double() - ref).abs().max().item() <= 1e-5 * bound
+    with pytest.raises(ValueError, match="multiple of 32"):
+        native.int4(packed, scale, zero, 48, x)
+
+
+def q8_error_bound(w: torch.Tensor, x: torch.Tensor) -> float:
+    """Largest |error| of w @ x when x is rounded per block of 32 to int8: half a step (max|x_b| / 127) per input."""
+    step = x.abs().view(-1, 32).amax(-1).repeat_interleave(32) / 127
+    return ((w.abs() @ (step.double() / 2)).max() * 1.001 + 1e-4).item()
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(1027, 576), (7, 32), (3072, 1536)])
+def test_int8_q8_matvec_is_within_the_activation_rounding(shape):
+    g = torch.Generator().manual_seed(3)
+    N, K = shape
+    q = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    scale = torch.rand(N, generator=g) / 100
+    x, bias = torch.randn(K, generator=g), torch.randn(N, generator=g)
+    w = q.double() * scale.double()[:, None]
+    got = native.int8_q8(q, scale, x, bias)
+    assert (got.double() - (w @ x.double() + bias.double())).abs().max().item() <= q8_error_bound(w, x)
+    # The float kernel is closer: this one's error is the rounding of x, not of the sums.
+    assert (native.int8(q, scale, x, bias).double() - (w @ x.double() + bias.double())).abs().max().item() < 1e-3
+    with pytest.raises(ValueError, match="multiple of 32"):
+        native.int8_q8(q[:, :20].contiguous(), scale, x[:20])
+
+
+@needs_native
+@pytest.mark.parametrize("shape,group", [((1027, 576), 32), ((64, 1536), 128), ((5, 256), 256), ((96, 576), 64)])
+def test_int4_q8_matvec_is_within_the_activation_rounding(shape, group):
+    g = torch.Generator().manual_seed(4)
+    N, K = shape
+    codes = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    scale = (torch.rand(N, K // group, generator=g) / 10).to(torch.bfloat16)
+    zero = (torch.randn(N, K // group, generator=g) / 10).to(torch.bfloat16)
+    x, bias = torch.randn(K, generator=g), torch.randn(N, generator=g)
+    w = (codes.double() - 8) * scale.double().repeat_interleave(group, 1) + zero.double().repeat_interleave(group, 1)
+    got = native.int4_q8(packed, scale, zero, group, x, bias)
+    # Only the (code - 8) * scale part sees rounded activations; the zero part uses exact sums of x.
+    wq = (codes.double() - 8) * scale.double().repeat_interleave(group, 1)
+    assert (got.double() - (w @ x.double() + bias.double())).abs().max().item() <= q8_error_bound(wq, x)

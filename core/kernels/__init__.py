@@ -24,7 +24,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("matvec.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-ABI = 1
+ABI = 3
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 
 
@@ -44,6 +44,18 @@ class MatVec:
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = sig, None
             self._fns[dtype] = fn
+
+        self._i8 = lib.llm_gemv_i8
+        self._i8.argtypes, self._i8.restype = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int], None
+        self._i4 = lib.llm_gemv_i4
+        self._i4.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+        self._i4.restype = None
+        self._i8q8 = lib.llm_gemv_i8q8
+        self._i8q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+        self._i8q8.restype = None
+        self._i4q8 = lib.llm_gemv_i4q8
+        self._i4q8.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int]
+        self._i4q8.restype = None
 
     def supports(self, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
         return (
@@ -68,6 +80,73 @@ class MatVec:
         b = None if bias is None else bias.data_ptr()
         self._fns[w.dtype](w.data_ptr(), x.data_ptr(), b, y.data_ptr(), N, K, torch.get_num_threads())
         return y
+
+
+    def int8(self, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """q int8 [N, K] (row-major), scale fp32 [N], x fp32 [K] -> y = scale * (q @ x) (+ bias), fp32 [N]."""
+        N, K = q.shape
+        _check(q.dtype == torch.int8 and q.is_contiguous() and x.numel() == K, "int8 matvec: bad weight or input")
+        _check(scale.dtype == torch.float32 and scale.is_contiguous() and scale.numel() == N, "int8 matvec: scale must be fp32 [N]")
+        x = x.contiguous()
+        y = torch.empty(N, dtype=torch.float32)
+        b = None if bias is None else bias.data_ptr()
+        self._i8(q.data_ptr(), scale.data_ptr(), x.data_ptr(), b, y.data_ptr(), N, K, torch.get_num_threads())
+        return y
+
+    def int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, x: torch.Tensor,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+        """q uint8 [N, K/2] (low nibble = even column), scale/zero bf16 [N, K/group] with
+        w = (code - 8) * scale + zero; x fp32 [K] -> y fp32 [N]. group_size: a multiple of 32 dividing K."""
+        N, K = q.shape[0], q.shape[1] * 2
+        _check(q.dtype == torch.uint8 and q.is_contiguous() and x.numel() == K, "int4 matvec: bad weight or input")
+        _check(group_size % 32 == 0 and K % group_size == 0, f"int4 matvec: group size {group_size} must be a multiple of 32 dividing {K}")
+        for t in (scale, zero):
+            _check(t.dtype == torch.bfloat16 and t.is_contiguous() and tuple(t.shape) == (N, K // group_size),
+                   "int4 matvec: scale/zero must be bf16 [N, K/group]")
+        x = x.contiguous()
+        y = torch.empty(N, dtype=torch.float32)
+        scratch = torch.empty(K // group_size + K, dtype=torch.float32)
+        b = None if bias is None else bias.data_ptr()
+        self._i4(q.data_ptr(), scale.data_ptr(), zero.data_ptr(), x.data_ptr(), b, y.data_ptr(), N, K, group_size,
+                 scratch.data_ptr(), scratch.data_ptr() + 4 * (K // group_size), torch.get_num_threads())
+        return y
+
+
+    def int8_q8(self, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """As int8(), with x rounded to int8 per block of 32 (one fp32 scale each, llama.cpp's Q8_0):
+        ~3x fewer instructions per weight; K must be a multiple of 32."""
+        N, K = q.shape
+        _check(K % 32 == 0, f"int8 x q8 matvec: {K} inputs is not a multiple of 32")
+        _check(q.dtype == torch.int8 and q.is_contiguous() and x.numel() == K, "int8 matvec: bad weight or input")
+        _check(scale.dtype == torch.float32 and scale.is_contiguous() and scale.numel() == N, "int8 matvec: scale must be fp32 [N]")
+        x = x.contiguous()
+        y = torch.empty(N, dtype=torch.float32)
+        scratch = torch.empty(K + 4 * (K // 32), dtype=torch.uint8)
+        b = None if bias is None else bias.data_ptr()
+        self._i8q8(q.data_ptr(), scale.data_ptr(), x.data_ptr(), b, y.data_ptr(), N, K, scratch.data_ptr(), torch.get_num_threads())
+        return y
+
+    def int4_q8(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, x: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """As int4(), with x as Q8 blocks of 32 (the zero term stays exact in fp32)."""
+        N, K = q.shape[0], q.shape[1] * 2
+        _check(q.dtype == torch.uint8 and q.is_contiguous() and x.numel() == K, "int4 matvec: bad weight or input")
+        _check(group_size % 32 == 0 and K % group_size == 0, f"int4 matvec: group size {group_size} must be a multiple of 32 dividing {K}")
+        for t in (scale, zero):
+            _check(t.dtype == torch.bfloat16 and t.is_contiguous() and tuple(t.shape) == (N, K // group_size),
+                   "int4 matvec: scale/zero must be bf16 [N, K/group]")
+        x = x.contiguous()
+        y = torch.empty(N, dtype=torch.float32)
+        scratch = torch.empty(K + 4 * (2 * (K // 32) + K // group_size), dtype=torch.uint8)
+        b = None if bias is None else bias.data_ptr()
+        self._i4q8(q.data_ptr(), scale.data_ptr(), zero.data_ptr(), x.data_ptr(), b, y.data_ptr(), N, K, group_size,
+                   scratch.data_ptr(), torch.get_num_threads())
+        return y
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
 
 _STATE: tuple[MatVec | None, KernelStatus] | None = None

@@ -52,5 +52,172 @@ DEFINE_GEMV(llm_gemv_f32, float, LOAD_F32, widen_f32)
 DEFINE_GEMV(llm_gemv_f16, uint16_t, LOAD_F16, widen_f16)
 DEFINE_GEMV(llm_gemv_bf16, uint16_t, LOAD_BF16, widen_bf16)
 
+/* y[n] = scale[n] * sum_k q[n, k] x[k] (+ bias[n]): int8 weights with one fp32 scale per row
+ * (quant's int8 weight-only layout). Products are exact in fp32 before the sum. */
+void llm_gemv_i8(const int8_t *Q, const float *scale, const float *x, const float *bias, float *y, int64_t N, int64_t K, int threads) {
+    int64_t K16 = K & ~(int64_t)15;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *q = Q + n * K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        int64_t k = 0;
+        for (; k < K16; k += 16) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(q + k));
+            __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+            __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+            a0 = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + k + 8), a1);
+        }
+        float s = hsum(_mm256_add_ps(a0, a1));
+        for (; k < K; k++) s += (float)q[k] * x[k];
+        s *= scale[n];
+        y[n] = bias ? s + bias[n] : s;
+    }
+}
+
+/* int4 weights, asymmetric per group of G inputs (quant's int4 layout): w[n, k] = (q - 8) * scale[n, g]
+ * + zero[n, g], two codes per byte (low nibble = even column), scale/zero bf16 [N, K/G].
+ * y[n] = sum_g scale * sum_{k in g} (q_k - 8) x_k + zero * sum_{k in g} x_k; the group sums of x and
+ * x's even/odd split are computed once per call (xs: K/G floats, xd: K floats of scratch). */
+void llm_gemv_i4(const uint8_t *Q, const uint16_t *scale, const uint16_t *zero, const float *x, const float *bias,
+                 float *y, int64_t N, int64_t K, int64_t G, float *xs, float *xd, int threads) {
+    int64_t groups = K / G;
+    for (int64_t g = 0; g < groups; g++) {
+        float t = 0;
+        for (int64_t k = g * G; k < (g + 1) * G; k++) t += x[k];
+        xs[g] = t;
+    }
+    /* Per 32 columns: the 16 even ones, then the 16 odd ones, matching 16 bytes' low and high nibbles. */
+    for (int64_t b = 0; b < K; b += 32)
+        for (int64_t i = 0; i < 16; i++) { xd[b + i] = x[b + 2 * i]; xd[b + 16 + i] = x[b + 2 * i + 1]; }
+    const __m128i low4 = _mm_set1_epi8(0x0f);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *q = Q + n * (K / 2);
+        float s = 0;
+        for (int64_t g = 0; g < groups; g++) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+            for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+                __m128i b = _mm_loadu_si128((const __m128i *)(q + k / 2));
+                __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+                const float *xe = xd + k, *xo = xd + k + 16;
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(xe), a0);
+                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(xe + 8), a1);
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(xo), a0);
+                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(xo + 8), a1);
+            }
+            float dot = hsum(_mm256_add_ps(a0, a1));  /* sum q_k x_k over the group */
+            float sc = widen_bf16(scale[n * groups + g]), zr = widen_bf16(zero[n * groups + g]);
+            s += sc * (dot - 8.0f * xs[g]) + zr * xs[g];
+        }
+        y[n] = bias ? s + bias[n] : s;
+    }
+}
+
+/* x [K] -> int8 codes xq [K] and one fp32 scale per block of 32 (xd [K/32]): x ~= xq * d, d = max|x| / 127
+ * (llama.cpp's Q8_0 activations). Integer dot products then handle 32 weights in a few instructions,
+ * where widening each weight to fp32 costs two (this CPU's decode is bound by those, not by memory). */
+static void quantize_q8(const float *x, int64_t K, int8_t *xq, float *xd) {
+    for (int64_t b = 0; b < K / 32; b++) {
+        const float *v = x + 32 * b;
+        float amax = 0;
+        for (int i = 0; i < 32; i++) { float a = v[i] < 0 ? -v[i] : v[i]; amax = a > amax ? a : amax; }
+        float d = amax / 127.0f, inv = d > 0 ? 1.0f / d : 0.0f;
+        xd[b] = d;
+        for (int i = 0; i < 32; i++) xq[32 * b + i] = (int8_t)__builtin_lrintf(v[i] * inv);
+    }
+}
+
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {  /* 8 int32 lanes of sum u*s over 32 bytes */
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+/* int8 weights [N, K] with fp32 row scales, activations as Q8 blocks: y = scale * sum_b d_b * (q_b . xq_b).
+ * K % 32 == 0; scratch: K bytes + K/32 floats. */
+void llm_gemv_i8q8(const int8_t *Q, const float *scale, const float *x, const float *bias, float *y,
+                   int64_t N, int64_t K, void *scratch, int threads) {
+    int8_t *xq = (int8_t *)scratch;
+    float *xd = (float *)((char *)scratch + K);
+    quantize_q8(x, K, xq, xd);
+    int64_t blocks = K / 32;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *q = Q + n * K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;  /* two chains hide the FMA latency */
+        int64_t b = 0;
+        for (; b + 1 < blocks; b += 2) {
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)(q + 32 * b));
+            __m256i w1 = _mm256_loadu_si256((const __m256i *)(q + 32 * b + 32));
+            __m256i v0 = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));
+            __m256i v1 = _mm256_loadu_si256((const __m256i *)(xq + 32 * b + 32));
+            /* maddubs wants one unsigned operand: |w| and v carrying w's sign (|w| <= 128, no overflow). */
+            __m256i p0 = dot_u8s8(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(v0, w0));
+            __m256i p1 = dot_u8s8(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(v1, w1));
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(xd[b]), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(xd[b + 1]), a1);
+        }
+        for (; b < blocks; b++) {
+            __m256i w = _mm256_loadu_si256((const __m256i *)(q + 32 * b));
+            __m256i v = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w))), _mm256_set1_ps(xd[b]), a0);
+        }
+        float s = hsum(_mm256_add_ps(a0, a1)) * scale[n];
+        y[n] = bias ? s + bias[n] : s;
+    }
+}
+
+/* int4 codes (quant's layout, see llm_gemv_i4) with Q8 activations: per group,
+ * scale * sum_b d_b (codes_b . xq_b - 8 * sum xq_b) + zero * sum_group x (the last in fp32). */
+void llm_gemv_i4q8(const uint8_t *Q, const uint16_t *scale, const uint16_t *zero, const float *x, const float *bias,
+                   float *y, int64_t N, int64_t K, int64_t G, void *scratch, int threads) {
+    int64_t blocks = K / 32, groups = K / G, per = G / 32;
+    int8_t *xq = (int8_t *)scratch;                      /* K codes, even/odd split per 32 columns */
+    float *xd = (float *)((char *)scratch + K);          /* blocks */
+    float *xs = xd + blocks;                             /* groups: fp32 sums of x */
+    float *xqs = xs + groups;                            /* blocks: d_b * 8 * sum xq_b */
+    int8_t tmp[32];
+    for (int64_t b = 0; b < blocks; b++) {
+        quantize_q8(x + 32 * b, 32, tmp, xd + b);
+        int sum = 0;
+        for (int i = 0; i < 16; i++) {
+            xq[32 * b + i] = tmp[2 * i];
+            xq[32 * b + 16 + i] = tmp[2 * i + 1];
+            sum += tmp[2 * i] + tmp[2 * i + 1];
+        }
+        xqs[b] = 8.0f * xd[b] * (float)sum;
+    }
+    for (int64_t g = 0; g < groups; g++) {
+        float t = 0;
+        for (int64_t k = g * G; k < (g + 1) * G; k++) t += x[k];
+        xs[g] = t;
+    }
+    const __m128i low4 = _mm_set1_epi8(0x0f);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *q = Q + n * (K / 2);
+        const uint16_t *sc = scale + n * groups, *zr = zero + n * groups;
+        /* Vector part: sum_b (scale_g d_b) (codes_b . xq_b), one horizontal sum per row;
+         * scalar part per group: zero_g * sum x - scale_g * sum_b 8 d_b sum xq_b. */
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        float s = 0;
+        for (int64_t g = 0; g < groups; g++) {
+            float sg = widen_bf16(sc[g]), corr = 0;
+            for (int64_t j = 0; j < per; j++) {
+                int64_t b = g * per + j;
+                __m128i raw = _mm_loadu_si128((const __m128i *)(q + 16 * b));
+                __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+                __m256i codes = _mm256_set_m128i(hi, lo);  /* even columns, then odd: as xq is laid out */
+                __m256i p = dot_u8s8(codes, _mm256_loadu_si256((const __m256i *)(xq + 32 * b)));
+                __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sg * xd[b]));
+                if (b & 1) a1 = _mm256_add_ps(a1, f); else a0 = _mm256_add_ps(a0, f);
+                corr += xqs[b];
+            }
+            s += widen_bf16(zr[g]) * xs[g] - sg * corr;
+        }
+        s += hsum(_mm256_add_ps(a0, a1));
+        y[n] = bias ? s + bias[n] : s;
+    }
+}
+
 /* Lets the loader check that the library it opened is the one built from this source. */
-int llm_kernels_abi(void) { return 1; }
+int llm_kernels_abi(void) { return 3; }
