@@ -144,33 +144,24 @@ def test_the_library_is_built_once_and_reused(fresh_state):
     assert built[0].stat().st_mtime_ns == stamp
 
 
-@needs_native
-@pytest.mark.parametrize("shape", [(1027, 579), (7, 16), (3072, 576)])
-def test_int8_matvec_equals_dequantized_product(shape):
-    g = torch.Generator().manual_seed(1)
+def int4_case(shape, group, seed):
+    """Random int4 codes packed as quant stores them (low nibble = even column), bf16 group scales/zeros,
+    and the exact dequantized weight in float64."""
+    g = torch.Generator().manual_seed(seed)
     N, K = shape
-    q = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
-    scale = torch.rand(N, generator=g) / 100
+    codes = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    scale = (torch.rand(N, K // group, generator=g) / 10).to(torch.bfloat16)
+    zero = (torch.randn(N, K // group, generator=g) / 10).to(torch.bfloat16)
     x, bias = torch.randn(K, generator=g), torch.randn(N, generator=g)
-    ref = (q.double() * scale.double()[:, None]) @ x.double() + bias.double()
-    got = native.int8(q, scale, x, bias)
-    bound = ((q.double().abs() * scale.double()[:, None]) @ x.double().abs()).max().item()
-    assert (got.double() - ref).abs().max().item() <= 1e-5 * bound
-    with pytest.raises(ValueError, match="scale must be fp32"):
-        native.int8(q, scale.double(), x)
+    w = (codes.double() - 8) * scale.double().repeat_interleave(group, 1) + zero.double().repeat_interleave(group, 1)
+    return codes, packed, scale, zero, x, bias, w
 
 
 @needs_native
 @pytest.mark.parametrize("shape,group", [((1027, 576), 32), ((64, 1536), 128), ((5, 256), 256), ((96, 576), 64)])
 def test_int4_matvec_equals_dequantized_product(shape, group):
-    g = torch.Generator().manual_seed(2)
-    N, K = shape
-    codes = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
-    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()  # low nibble = even column
-    scale = (torch.rand(N, K // group, generator=g) / 10).to(torch.bfloat16)
-    zero = (torch.randn(N, K // group, generator=g) / 10).to(torch.bfloat16)
-    x, bias = torch.randn(K, generator=g), torch.randn(N, generator=g)
-    w = (codes.double() - 8) * scale.double().repeat_interleave(group, 1) + zero.double().repeat_interleave(group, 1)
+    codes, packed, scale, zero, x, bias, w = int4_case(shape, group, seed=2)
     ref = w @ x.double() + bias.double()
     got = native.int4(packed, scale, zero, group, x, bias)
     bound = (w.abs() @ x.double().abs()).max().item()
@@ -186,34 +177,31 @@ def q8_error_bound(w: torch.Tensor, x: torch.Tensor) -> float:
 
 
 @needs_native
-@pytest.mark.parametrize("shape", [(1027, 576), (7, 32), (3072, 1536)])
-def test_int8_q8_matvec_is_within_the_activation_rounding(shape):
+@pytest.mark.parametrize("q8", [False, True])
+@pytest.mark.parametrize("shape", [(1027, 576), (7, 32), (3072, 1536), (5, 579)])
+def test_int8_matvec(shape, q8):
+    """Float activations: the exact product to fp32 rounding; Q8 activations: within their rounding."""
     g = torch.Generator().manual_seed(3)
     N, K = shape
     q = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
     scale = torch.rand(N, generator=g) / 100
     x, bias = torch.randn(K, generator=g), torch.randn(N, generator=g)
     w = q.double() * scale.double()[:, None]
-    got = native.int8_q8(q, scale, x, bias)
-    assert (got.double() - (w @ x.double() + bias.double())).abs().max().item() <= q8_error_bound(w, x)
-    # The float kernel is closer: this one's error is the rounding of x, not of the sums.
-    assert (native.int8(q, scale, x, bias).double() - (w @ x.double() + bias.double())).abs().max().item() < 1e-3
-    with pytest.raises(ValueError, match="multiple of 32"):
-        native.int8_q8(q[:, :20].contiguous(), scale, x[:20])
+    if q8 and K % 32:
+        with pytest.raises(ValueError, match="multiple of 32"):
+            native.int8(q, scale, x, q8=True)
+        return
+    err = (native.int8(q, scale, x, bias, q8=q8).double() - (w @ x.double() + bias.double())).abs().max().item()
+    assert err <= (q8_error_bound(w, x) if q8 else 1e-5 * (w.abs() @ x.double().abs()).max().item())
+    with pytest.raises(ValueError, match="scale must be fp32"):
+        native.int8(q, scale.double(), x, q8=q8)
 
 
 @needs_native
 @pytest.mark.parametrize("shape,group", [((1027, 576), 32), ((64, 1536), 128), ((5, 256), 256), ((96, 576), 64)])
 def test_int4_q8_matvec_is_within_the_activation_rounding(shape, group):
-    g = torch.Generator().manual_seed(4)
-    N, K = shape
-    codes = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
-    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
-    scale = (torch.rand(N, K // group, generator=g) / 10).to(torch.bfloat16)
-    zero = (torch.randn(N, K // group, generator=g) / 10).to(torch.bfloat16)
-    x, bias = torch.randn(K, generator=g), torch.randn(N, generator=g)
-    w = (codes.double() - 8) * scale.double().repeat_interleave(group, 1) + zero.double().repeat_interleave(group, 1)
-    got = native.int4_q8(packed, scale, zero, group, x, bias)
+    codes, packed, scale, zero, x, bias, w = int4_case(shape, group, seed=4)
+    got = native.int4(packed, scale, zero, group, x, bias, q8=True)
     # Only the (code - 8) * scale part sees rounded activations; the zero part uses exact sums of x.
     wq = (codes.double() - 8) * scale.double().repeat_interleave(group, 1)
     assert (got.double() - (w @ x.double() + bias.double())).abs().max().item() <= q8_error_bound(wq, x)
