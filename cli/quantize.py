@@ -92,7 +92,8 @@ def _print_estimate(model_ref, spec, dtype) -> None:
     render.write(
         f"{spec.label}: {e.quantized_layers} layers to quantize, {e.kept_layers} kept\n"
         f"float weights: {e.float_bytes / 2**20:.1f} MiB\n"
-        f"estimated output and weight memory: {e.quantized_bytes / 2**20:.1f} MiB ({e.quantized_bytes / e.float_bytes:.2f}x)\n"
+        f"estimated output size: {e.quantized_bytes / 2**20:.1f} MiB ({e.quantized_bytes / e.float_bytes:.2f}x)\n"
+        f"estimated weight memory loaded: {e.memory_bytes / 2**20:.1f} MiB ({e.memory_bytes / e.float_bytes:.2f}x)\n"
     )
 
 

@@ -91,7 +91,8 @@ def _skip_names(spec: QuantSpec) -> list[str]:
 @dataclass
 class Estimate:
     float_bytes: int  # weights as loaded (the float dtype)
-    quantized_bytes: int  # weights after quantization (scales included)
+    quantized_bytes: int  # weights after quantization (scales included): the output's size
+    memory_bytes: int  # weight memory once loaded (int4 also keeps its plain codes for prefill)
     quantized_layers: int
     kept_layers: int
     notes: list[str] = field(default_factory=list)
@@ -108,13 +109,19 @@ def estimate(ref: str | None, spec: QuantSpec, *, dtype: str = "auto") -> Estima
     float_bytes = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * torch.finfo(target).bits // 8
     todo, kept, notes = plan(model, spec)
     codec = codec_for(spec)
-    saved = 0
+    saved = extra = 0
     for t in todo:
         m = model.get_submodule(t.name)
         n, k = m.out_features, m.in_features
         saved += n * k * torch.finfo(target).bits // 8 - _quantized_bytes(codec, spec, n, k)
+        if spec.runtime_scheme == "int4":
+            from .torchao_backend import int4_group_size
+
+            # The plain codes kept beside the packed ones, with their scales / zeros widened to fp32.
+            extra += _quantized_bytes(codec, spec, n, k) + n * (k // (int4_group_size(k, spec.group_size) or k)) * 4
     # Layers counted as the checkpoint names them (a fused q|k|v layer is three).
-    return Estimate(float_bytes, float_bytes - saved, sum(len(t.parts) for t in todo), sum(len(t.parts) for t in kept), notes)
+    return Estimate(float_bytes, float_bytes - saved, float_bytes - saved + extra, sum(len(t.parts) for t in todo),
+                    sum(len(t.parts) for t in kept), notes)
 
 
 def _quantized_bytes(codec, spec: QuantSpec, n: int, k: int) -> int:
