@@ -33,7 +33,7 @@ class ResolvedModel:
     """Where a model reference points, once aliases and Hub downloads are resolved."""
 
     name: str  # what the user typed, or the alias
-    kind: str  # "folder" | "gguf"
+    kind: str  # "folder" | "gguf" | "meta" (Meta's consolidated.*.pth + params.json layout)
     path: Path
 
 
@@ -76,6 +76,11 @@ def resolve_model(ref: str | None, *, offline: bool | None = None, progress: boo
             return ResolvedModel(ref, "gguf", path)
         path = hub.resolve_hub_model(parsed.repo_id, parsed.revision, offline=offline, progress=progress)
         return ResolvedModel(ref, "folder", path)
+    if parsed.kind == "folder" and not (parsed.path / "config.json").exists():
+        from .meta_llama import is_meta_layout
+
+        if is_meta_layout(parsed.path):
+            return ResolvedModel(ref, "meta", parsed.path)
     return ResolvedModel(ref, parsed.kind, parsed.path)
 
 
@@ -282,6 +287,7 @@ class ModelSource:
     config: ModelConfig
     gguf_reader: Any = None  # gguf.GGUFReader (memory-mapped) for GGUF files
     gguf_meta: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Any = None  # meta_llama.MetaCheckpoint (shards memory-mapped) for Meta-layout folders
 
 
 def load_model_config(resolved: ResolvedModel) -> ModelSource:
@@ -295,18 +301,27 @@ def load_model_config(resolved: ResolvedModel) -> ModelSource:
         names = [t.name for t in reader.tensors]
         raw = gguf.gguf_config_dict(meta, names, gguf.gguf_rope_freqs(reader))
         return ModelSource(ModelConfig.from_dict(raw), reader, meta)
+    if resolved.kind == "meta":
+        from .meta_llama import MetaCheckpoint
+
+        checkpoint = MetaCheckpoint(resolved.path)  # torch.load(weights_only=True, mmap=True): no pickled code
+        return ModelSource(checkpoint.config, checkpoint=checkpoint)
     if not resolved.path.is_dir():
         raise ModelNotFoundError(f"no model folder at {resolved.path}")
     return ModelSource(load_config(resolved.path))
 
 
 def load_tokenizer(resolved: ResolvedModel, source: ModelSource | None = None):
-    """The tokenizer of a folder (tokenizer.json + configs) or rebuilt from GGUF metadata."""
+    """The tokenizer of a folder (tokenizer.json + configs), rebuilt from GGUF metadata, or from the
+    tokenizer.model of a Meta-layout folder."""
     from .tokenizer import Tokenizer
 
     if resolved.kind == "gguf":
         source = source or load_model_config(resolved)
         return Tokenizer.from_gguf_metadata(source.gguf_meta)
+    if resolved.kind == "meta":
+        source = source or load_model_config(resolved)
+        return source.checkpoint.tokenizer()
     return Tokenizer.from_folder(resolved.path)
 
 
@@ -356,6 +371,10 @@ def load_resolved(
 
         tensors = gguf.iter_gguf_tensors(source.gguf_reader, config.raw, target)
         generation_config: dict[str, Any] = {}
+    elif resolved.kind == "meta":
+        # Shards merged and q/k rows un-interleaved one tensor at a time (MetaCheckpoint.read).
+        tensors = source.checkpoint.read(target)
+        generation_config = {}  # Meta ships no sampling defaults: greedy unless flags say otherwise
     else:
         files = safetensors_files(resolved.path)
         tensors = iter_safetensors(files)
