@@ -232,7 +232,7 @@ class GGUFCheckpoint(Checkpoint):
         kinds = []
         self.tensors = []
         for t in self._reader.tensors:
-            hf_name, _ = gguf._hf_name(self.config.model_type, t.name, n_layers)
+            hf_name, _ = gguf.hf_tensor_name(self.config.model_type, t.name, n_layers)
             if hf_name is None:
                 continue
             shape = tuple(int(n) for n in reversed(t.shape.tolist()))
@@ -254,7 +254,7 @@ class GGUFCheckpoint(Checkpoint):
 
     def write_tokenizer_files(self, folder):
         tok = self.tokenizer()
-        (folder / "tokenizer.json").write_text(tok._backend.to_str(), encoding="utf-8")
+        (folder / "tokenizer.json").write_text(tok.backend.to_str(), encoding="utf-8")
         config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": tok.add_bos_token,
                                   "add_eos_token": bool(self.meta.get("tokenizer.ggml.add_eos_token", False)),
                                   "clean_up_tokenization_spaces": False,

@@ -354,7 +354,7 @@ def _rope_scaling(
     return None
 
 
-def _llama3_factors(theta: float, head_dim: int, factor: float, low: float, high: float, orig: int) -> np.ndarray:
+def llama3_rope_factors(theta: float, head_dim: int, factor: float, low: float, high: float, orig: int) -> np.ndarray:
     """convert_hf_to_gguf.py's rope_freqs for HF "llama3" scaling (float32 base frequencies, as it has)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     wavelen = 2 * math.pi / freqs.double().numpy()
@@ -389,7 +389,7 @@ def _llama3_from_rope_freqs(rope_freqs: Sequence[float], theta: float, head_dim:
     for low, high in candidates:
         if low <= 0 or high <= low:
             continue
-        expected = _llama3_factors(theta, head_dim, factor, low, high, orig)
+        expected = llama3_rope_factors(theta, head_dim, factor, low, high, orig)
         if np.allclose(expected, r, rtol=1e-4, atol=0):
             return {
                 "rope_type": "llama3",
@@ -423,7 +423,7 @@ def iter_gguf_tensors(
     n_kv_head = int(config.get("num_key_value_heads") or n_head)
     n_layers = int(config["num_hidden_layers"])
     for t in reader.tensors:
-        hf_name, leaf = _hf_name(arch, t.name, n_layers)
+        hf_name, leaf = hf_tensor_name(arch, t.name, n_layers)
         if hf_name is None:
             continue
         gemma_norm = arch == "gemma2" and leaf.endswith("norm") and t.name.endswith(".weight")
@@ -451,7 +451,19 @@ def _release_pages(reader: GGUFReader, t: Any) -> None:
     mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
-def _hf_name(arch: str, name: str, n_layers: int) -> tuple[str | None, str]:
+def block_tensor_names(arch: str) -> Mapping[str, str]:
+    """Per-block GGUF leaf name -> HF module path for `arch` (e.g. "attn_q" -> "self_attn.q_proj")."""
+    return _BLOCK_NAMES[arch]
+
+
+def top_tensor_names() -> Mapping[str, str]:
+    """Top-level GGUF tensor stem -> HF module path ("token_embd" -> "model.embed_tokens", ...)."""
+    return _TOP_NAMES
+
+
+def hf_tensor_name(arch: str, name: str, n_layers: int) -> tuple[str | None, str]:
+    """GGUF tensor name -> (HF state-dict name, GGUF leaf); (None, leaf) for tensors with no parameter
+    (rope_freqs). Raises CheckpointError for a name unknown to `arch` or a layer past `n_layers`."""
     if name == _ROPE_FREQS and arch == "llama":
         return None, "rope_freqs"
     m = _BLOCK_RE.fullmatch(name)

@@ -33,12 +33,12 @@ def gguf_tensor_name(arch: str, hf_name: str) -> str:
     parts = hf_name.split(".")
     if parts[:2] == ["model", "layers"]:
         module, kind = ".".join(parts[3:-1]), parts[-1]
-        for leaf, hf_module in gguf_read._BLOCK_NAMES[arch].items():
+        for leaf, hf_module in gguf_read.block_tensor_names(arch).items():
             if hf_module == module:
                 return f"blk.{parts[2]}.{leaf}.{kind}"
     else:
         module, kind = ".".join(parts[:-1]), parts[-1]
-        for leaf, hf_module in gguf_read._TOP_NAMES.items():
+        for leaf, hf_module in gguf_read.top_tensor_names().items():
             if hf_module == module:
                 return f"{leaf}.{kind}"
     raise UnsupportedError(f"tensor '{hf_name}' has no GGUF name for architecture '{arch}'",
@@ -153,8 +153,8 @@ def _rope_freqs(cfg: ModelConfig) -> np.ndarray | None:
     rope = cfg.rope_parameters
     if rope.get("rope_type") != "llama3":
         return None
-    factors = gguf_read._llama3_factors(rope["rope_theta"], cfg.head_dim, rope["factor"], rope["low_freq_factor"],
-                                        rope["high_freq_factor"], rope["original_max_position_embeddings"])
+    factors = gguf_read.llama3_rope_factors(rope["rope_theta"], cfg.head_dim, rope["factor"], rope["low_freq_factor"],
+                                            rope["high_freq_factor"], rope["original_max_position_embeddings"])
     return np.asarray(factors, dtype=np.float32)
 
 
@@ -297,7 +297,7 @@ def _strings(obj):
 
 def vocab_from_tokenizer(tok, cfg: ModelConfig) -> dict[str, Any]:
     """GGUF tokenizer metadata from a tokenizer.json pipeline (BPE: byte-level -> gpt2, byte-fallback -> llama)."""
-    spec = json.loads(tok._backend.to_str())
+    spec = json.loads(tok.backend.to_str())
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         raise UnsupportedError(f"a {model.get('type')} tokenizer.json cannot be written as GGUF",

@@ -156,12 +156,12 @@ def to_backend(m: SentencePieceModel) -> _Backend:
                                "are not supported")
     unk = m.piece(m.unk_id)
     if m.model_type == BPE_MODEL:
-        from .tokenizer import _derive_merges
+        from .tokenizer import derive_merges
 
         vocab = {p: i for i, p in enumerate(m.pieces)}
         # Only pieces sentencepiece's BPE can produce take part in merges (not <s>, <0x41>, ...).
         ranks = {p: s for p, s, t in zip(m.pieces, m.scores, m.types) if t in (NORMAL, USER_DEFINED)}
-        model = BPE(vocab=vocab, merges=_derive_merges(vocab, ranks), unk_token=unk, fuse_unk=True,
+        model = BPE(vocab=vocab, merges=derive_merges(vocab, ranks), unk_token=unk, fuse_unk=True,
                     byte_fallback=m.byte_fallback, dropout=None)
     elif m.model_type == UNIGRAM:
         model = Unigram([(p, s) for p, s in zip(m.pieces, m.scores)], m.unk_id if unk else None, m.byte_fallback)

@@ -190,6 +190,11 @@ class Tokenizer:
         )
 
     @property
+    def backend(self) -> _Backend:
+        """The wrapped `tokenizers.Tokenizer`: its to_str() is this tokenizer's tokenizer.json."""
+        return self._backend
+
+    @property
     def bos_token_id(self) -> int | None:
         return self._bos
 
@@ -373,7 +378,7 @@ def _byte_level_backend(tokens: list[str], merges: list[tuple] | None, pre: str 
     vocab = {t: i for i, t in enumerate(tokens)}
     if merges is not None:
         _check_merges(merges, vocab)
-    model = BPE(vocab=vocab, merges=merges if merges is not None else _derive_merges(vocab, None),
+    model = BPE(vocab=vocab, merges=merges if merges is not None else derive_merges(vocab, None),
                 dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
     backend = _Backend(model)
     split = _GGUF_SPLITS.get(pre)
@@ -407,7 +412,7 @@ def _sentencepiece_backend(tokens: list[str], merges: list[tuple] | None, scores
                              hint="the file's tokenizer metadata is incomplete")
     vocab = {t: i for i, t in enumerate(tokens)}
     if merges is None:
-        merges = _derive_merges(vocab, ranks)
+        merges = derive_merges(vocab, ranks)
     else:
         _check_merges(merges, vocab)
     unk = "<unk>" if gemma and "<unk>" in vocab else None  # GemmaTokenizer names an unk token, Llama's does not
@@ -425,7 +430,7 @@ def _sentencepiece_backend(tokens: list[str], merges: list[tuple] | None, scores
     return backend, tokens
 
 
-def _derive_merges(vocab: dict[str, int], ranks: dict[str, float] | None) -> list[tuple[str, str]]:
+def derive_merges(vocab: dict[str, int], ranks: dict[str, float] | None) -> list[tuple[str, str]]:
     """Merges implied by a vocabulary: every split of a token into two tokens, best first.
 
     With `ranks` (sentencepiece scores), higher-scored results merge first, ties going to the longer left
