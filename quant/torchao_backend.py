@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from llm_torch.core.errors import CheckpointError
+from llm_torch.core.layers import native_matvec
 
 from .spec import GROUP_SIZES, QuantSpec
 
@@ -76,11 +77,24 @@ class Int8Linear(QuantModule):
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scale", scale.to(KERNEL_DTYPE))
         self.register_buffer("bias", bias)
+        # The native kernel's copy of the (bf16-rounded) scales, so decode and prefill use the same ones.
+        self.register_buffer("scale_f32", self.scale.float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mv = native_matvec()
+        if mv is not None and x.numel() == x.shape[-1] and x.dtype == torch.float32 and x.device.type == "cpu" \
+                and (not self.dynamic or self.in_features % 32 == 0):
+            # One token: core.kernels reads the int8 rows with fp32 activations (SmolLM2's matrices per
+            # token, 2 threads: 14 ms vs ~30 ms in torch's bf16 kernel); int8-dynamic rounds them to Q8 blocks.
+            bias = None if self.bias is None else self.bias.float()
+            return mv.int8(self.qweight, self.scale_f32, x.reshape(-1), bias, q8=self.dynamic).view(*x.shape[:-1], -1)
         h = _flat(x)
-        if h.shape[0] >= PREFILL_ROWS and not self.dynamic:
+        if h.shape[0] >= PREFILL_ROWS:
             # Many tokens: fp32 GEMM on the dequantized weights beats the int8 kernel (compute-bound).
+            # Dynamic: activations rounded to their int8 grid first, so the products are those of q_x @ q_w.
+            if self.dynamic:
+                x_scale = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-12)
+                x = torch.round(x / x_scale) * x_scale
             w = self.qweight.to(x.dtype) * self.scale.to(x.dtype)[:, None]
             return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         if self.dynamic:
@@ -172,6 +186,9 @@ class Int4Linear(QuantModule):
         self.register_buffer("plain", packed)
         self.register_buffer("plain_scale", scale[:N].float())
         self.register_buffer("plain_zero", zero[:N].float())
+        # bf16 scales/zeros [N, K/g] for core.kernels' int4 product over the plain codes (one token).
+        self.register_buffer("scale_bf16", scale[:N].contiguous(), persistent=False)
+        self.register_buffer("zero_bf16", zero[:N].contiguous(), persistent=False)
 
     def dequantized(self) -> torch.Tensor:
         """W [N, K] in fp32: q * scale + (zero - 8 * scale) per group."""
@@ -183,6 +200,12 @@ class Int4Linear(QuantModule):
         return torch.addcmul(offset[:, :, None], q.view(N, K // g, g), self.plain_scale[:, :, None]).view(N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mv = native_matvec()
+        if mv is not None and x.numel() == x.shape[-1] and x.dtype == torch.float32 and x.device.type == "cpu":
+            # One token: core.kernels reads the plain 4-bit codes with fp32 activations (no bf16 rounding of x).
+            bias = None if self.bias is None else self.bias.float()
+            y = mv.int4(self.plain, self.scale_bf16, self.zero_bf16, self.group_size, x.reshape(-1), bias, q8=True)
+            return y.view(*x.shape[:-1], -1)
         if x.numel() >= INT4_PREFILL_ROWS * x.shape[-1]:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return torch.nn.functional.linear(x, self.dequantized().to(x.dtype), bias)
