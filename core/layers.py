@@ -46,6 +46,11 @@ def empty_weight(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
 _MATVEC = None  # core.kernels.MatVec once loaded (None: torch's kernels); see use_native_kernels
 
 
+def native_matvec():
+    """The loaded native kernels (core.kernels.MatVec) for one-token products, or None: torch's kernels."""
+    return _MATVEC
+
+
 def use_native_kernels(enabled: bool = True) -> bool:
     """Route one-token products through core.kernels when it can run here; -> whether it does.
 

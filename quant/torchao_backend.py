@@ -10,6 +10,9 @@ Activations go to the kernels in bfloat16 (fp32 activations take a ~25x slower p
 is exact for |v| <= 256, which the int8 dynamic scheme relies on), and outputs come back in x's dtype.
 Measured per call (3072x576 weight, 1 thread, cache-cold): fp32 mv 0.57 ms, int8 0.39 ms, int4 0.41 ms.
 From PREFILL_ROWS tokens on, dequantized weights in an fp32 GEMM are faster than the kernels.
+One token (decode) goes to core.kernels where it runs: int8 with fp32 activations, int4 with activations
+rounded to int8 blocks of 32 (llama.cpp's Q4 x Q8 scheme), int8-dynamic likewise. SmolLM2, 2 threads,
+same process, interleaved: int8 decode ~20 tok/s vs ~17 on torch's kernels, int4 (g32) ~24 vs ~20.
 """
 
 from __future__ import annotations
@@ -202,7 +205,7 @@ class Int4Linear(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mv = native_matvec()
         if mv is not None and x.numel() == x.shape[-1] and x.dtype == torch.float32 and x.device.type == "cpu":
-            # One token: core.kernels reads the plain 4-bit codes with fp32 activations (no bf16 rounding of x).
+            # One token: core.kernels reads the plain 4-bit codes; x as Q8 blocks (faster than torch's bf16 kernel).
             bias = None if self.bias is None else self.bias.float()
             y = mv.int4(self.plain, self.scale_bf16, self.zero_bf16, self.group_size, x.reshape(-1), bias, q8=True)
             return y.view(*x.shape[:-1], -1)

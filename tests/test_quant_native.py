@@ -1,0 +1,62 @@
+"""Quantized layers on the native kernels (core/kernels): one-token products equal the dequantized
+weights' fp32 product, and the torch-kernel path stays for everything else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_torch.core import kernels, layers
+from llm_torch.quant import torchao_backend as tb
+
+native = kernels.matvec()
+pytestmark = pytest.mark.skipif(native is None, reason=f"native kernels unavailable here: {kernels.status().detail}")
+
+
+@pytest.fixture
+def use_native(monkeypatch):
+    monkeypatch.setattr(layers, "_MATVEC", native)
+
+
+def relative_error(got: torch.Tensor, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> float:
+    ref = x.double() @ w.double().T + bias.double()
+    return ((got.double() - ref).abs().max() / (x.double().abs() @ w.double().abs().T).max()).item()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_one_token_uses_the_native_kernel_and_equals_the_dequantized_product(use_native, scheme, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    w, bias, x = torch.randn(96, 576, generator=g), torch.randn(96, generator=g), torch.randn(1, 1, 576, generator=g)
+    if scheme == "int8":
+        t = tb.quantize_int8(w)
+        layer = tb.Int8Linear(t["weight"], t["weight_scale"], bias)
+        dense = t["weight"].float() * layer.scale.float()[:, None]
+    else:
+        t = tb.quantize_int4(w, 64)
+        layer = tb.Int4Linear(t["weight"], t["weight_scale"], t["weight_zero"], bias)
+        dense = layer.dequantized()
+    calls = []
+    real = getattr(native, scheme)
+    monkeypatch.setattr(native, scheme, lambda *a, **k: calls.append(k) or real(*a, **k))
+    y = layer(x)
+    assert len(calls) == 1 and y.shape == (1, 1, 96)
+    # int8: fp32 activations, the exact product to fp32 rounding; int4: x rounded to Q8 blocks (< 1%).
+    assert relative_error(y.view(1, -1), dense, x.view(1, -1), bias) < (1e-6 if scheme == "int8" else 1e-2)
+    assert calls[0].get("q8", False) == (scheme == "int4")
+    # Two tokens take torch's path: same values to bf16 activation rounding.
+    y2 = layer(x.expand(1, 2, 576).contiguous())
+    assert len(calls) == 1
+    assert relative_error(y2[0, :1], dense, x.view(1, -1), bias) < 2e-2
+
+
+def test_int8_dynamic_rounds_activations_to_q8_blocks(use_native):
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(64, 576, generator=g), torch.randn(1, 1, 576, generator=g)
+    t = tb.quantize_int8(w)
+    layer = tb.Int8Linear(t["weight"], t["weight_scale"], None, dynamic=True)
+    dense = t["weight"].float() * layer.scale.float()[:, None]
+    y = layer(x)
+    # Within half a Q8 step of x per input (x rounded per block of 32 to max|x| / 127).
+    step = x.abs().view(-1, 32).amax(-1).repeat_interleave(32) / 127
+    bound = (dense.abs().double() @ (step.double() / 2)).max().item() * 1.001
+    assert (y.view(-1).double() - dense.double() @ x.view(-1).double()).abs().max().item() <= bound
