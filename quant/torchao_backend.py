@@ -207,7 +207,7 @@ class Int4Linear(QuantModule):
         if mv is not None and x.numel() == x.shape[-1] and x.dtype == torch.float32 and x.device.type == "cpu":
             # One token: core.kernels reads the plain 4-bit codes; x as Q8 blocks (faster than torch's bf16 kernel).
             bias = None if self.bias is None else self.bias.float()
-            y = mv.int4(self.plain, self.scale_bf16, self.zero_bf16, self.group_size, x.reshape(-1), bias, q8=True)
+            y = mv.int4(self.plain, self.scale_bf16, self.zero_bf16, self.group_size, x.reshape(-1), bias)
             return y.view(*x.shape[:-1], -1)
         if x.numel() >= INT4_PREFILL_ROWS * x.shape[-1]:
             bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -24,7 +24,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("matvec.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-ABI = 3
+ABI = 4
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 
 
@@ -47,9 +47,6 @@ class MatVec:
 
         self._i8 = lib.llm_gemv_i8
         self._i8.argtypes, self._i8.restype = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int], None
-        self._i4 = lib.llm_gemv_i4
-        self._i4.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
-        self._i4.restype = None
         self._i8q8 = lib.llm_gemv_i8q8
         self._i8q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
         self._i8q8.restype = None
@@ -103,10 +100,12 @@ class MatVec:
         return y
 
     def int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, x: torch.Tensor,
-             bias: torch.Tensor | None = None, *, q8: bool = False) -> torch.Tensor:
+             bias: torch.Tensor | None = None) -> torch.Tensor:
         """q uint8 [N, K/2] (low nibble = even column), scale/zero bf16 [N, K/group] with
         w = (code - 8) * scale + zero; x fp32 [K] -> y fp32 [N]. group_size: a multiple of 32 dividing K.
-        q8: as in int8(), for the (code - 8) * scale part; the zero part keeps exact fp32 sums of x."""
+        x is rounded to Q8 blocks of 32 for the (code - 8) * scale part (as llama.cpp's Q4 x Q8 product;
+        widening each code to fp32 instead was slower than torch's own int4 kernel); the zero part keeps
+        exact fp32 sums of x."""
         N, K = q.shape[0], q.shape[1] * 2
         _check(q.dtype == torch.uint8 and q.is_contiguous() and x.numel() == K, "int4 matvec: bad weight or input")
         _check(group_size % 32 == 0 and K % group_size == 0, f"int4 matvec: group size {group_size} must be a multiple of 32 dividing {K}")
@@ -114,14 +113,9 @@ class MatVec:
             _check(t.dtype == torch.bfloat16 and t.is_contiguous() and tuple(t.shape) == (N, K // group_size),
                    "int4 matvec: scale/zero must be bf16 [N, K/group]")
         x, y, b = x.contiguous(), torch.empty(N, dtype=torch.float32), _ptr(bias)
-        args = (q.data_ptr(), scale.data_ptr(), zero.data_ptr(), x.data_ptr(), b, y.data_ptr(), N, K, group_size)
-        threads = torch.get_num_threads()
-        if q8:
-            scratch = torch.empty(K + 4 * (2 * (K // 32) + K // group_size), dtype=torch.uint8)
-            self._i4q8(*args, scratch.data_ptr(), threads)
-        else:
-            scratch = torch.empty(K // group_size + K, dtype=torch.float32)
-            self._i4(*args, scratch.data_ptr(), scratch.data_ptr() + 4 * (K // group_size), threads)
+        scratch = torch.empty(K + 4 * (2 * (K // 32) + K // group_size), dtype=torch.uint8)
+        self._i4q8(q.data_ptr(), scale.data_ptr(), zero.data_ptr(), x.data_ptr(), b, y.data_ptr(), N, K, group_size,
+                   scratch.data_ptr(), torch.get_num_threads())
         return y
 
 

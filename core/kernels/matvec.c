@@ -75,45 +75,6 @@ void llm_gemv_i8(const int8_t *Q, const float *scale, const float *x, const floa
     }
 }
 
-/* int4 weights, asymmetric per group of G inputs (quant's int4 layout): w[n, k] = (q - 8) * scale[n, g]
- * + zero[n, g], two codes per byte (low nibble = even column), scale/zero bf16 [N, K/G].
- * y[n] = sum_g scale * sum_{k in g} (q_k - 8) x_k + zero * sum_{k in g} x_k; the group sums of x and
- * x's even/odd split are computed once per call (xs: K/G floats, xd: K floats of scratch). */
-void llm_gemv_i4(const uint8_t *Q, const uint16_t *scale, const uint16_t *zero, const float *x, const float *bias,
-                 float *y, int64_t N, int64_t K, int64_t G, float *xs, float *xd, int threads) {
-    int64_t groups = K / G;
-    for (int64_t g = 0; g < groups; g++) {
-        float t = 0;
-        for (int64_t k = g * G; k < (g + 1) * G; k++) t += x[k];
-        xs[g] = t;
-    }
-    /* Per 32 columns: the 16 even ones, then the 16 odd ones, matching 16 bytes' low and high nibbles. */
-    for (int64_t b = 0; b < K; b += 32)
-        for (int64_t i = 0; i < 16; i++) { xd[b + i] = x[b + 2 * i]; xd[b + 16 + i] = x[b + 2 * i + 1]; }
-    const __m128i low4 = _mm_set1_epi8(0x0f);
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *q = Q + n * (K / 2);
-        float s = 0;
-        for (int64_t g = 0; g < groups; g++) {
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-            for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-                __m128i b = _mm_loadu_si128((const __m128i *)(q + k / 2));
-                __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-                const float *xe = xd + k, *xo = xd + k + 16;
-                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(xe), a0);
-                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(xe + 8), a1);
-                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(xo), a0);
-                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(xo + 8), a1);
-            }
-            float dot = hsum(_mm256_add_ps(a0, a1));  /* sum q_k x_k over the group */
-            float sc = widen_bf16(scale[n * groups + g]), zr = widen_bf16(zero[n * groups + g]);
-            s += sc * (dot - 8.0f * xs[g]) + zr * xs[g];
-        }
-        y[n] = bias ? s + bias[n] : s;
-    }
-}
-
 /* x [K] -> int8 codes xq [K] and one fp32 scale per block of 32 (xd [K/32]): x ~= xq * d, d = max|x| / 127
  * (llama.cpp's Q8_0 activations). Integer dot products then handle 32 weights in a few instructions,
  * where widening each weight to fp32 costs two (this CPU's decode is bound by those, not by memory). */
@@ -166,7 +127,9 @@ void llm_gemv_i8q8(const int8_t *Q, const float *scale, const float *x, const fl
     }
 }
 
-/* int4 codes (quant's layout, see llm_gemv_i4) with Q8 activations: per group,
+/* int4 weights, asymmetric per group of G inputs (quant's int4 layout): w[n, k] = (q - 8) * scale[n, g]
+ * + zero[n, g], two codes per byte (low nibble = even column), scale/zero bf16 [N, K/G]; with Q8 activations,
+ * per group:
  * scale * sum_b d_b (codes_b . xq_b - 8 * sum xq_b) + zero * sum_group x (the last in fp32). */
 void llm_gemv_i4q8(const uint8_t *Q, const uint16_t *scale, const uint16_t *zero, const float *x, const float *bias,
                    float *y, int64_t N, int64_t K, int64_t G, void *scratch, int threads) {
@@ -220,4 +183,4 @@ void llm_gemv_i4q8(const uint8_t *Q, const uint16_t *scale, const uint16_t *zero
 }
 
 /* Lets the loader check that the library it opened is the one built from this source. */
-int llm_kernels_abi(void) { return 3; }
+int llm_kernels_abi(void) { return 4; }
