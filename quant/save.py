@@ -54,6 +54,7 @@ def save_quantized(
         # safetensors refuses views that share storage (rows of a fused layer): one contiguous copy each.
         plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
         save_file(plain, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors writes it private (0600), like a temp file
         config = dict(config_raw)
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         config["quantization_config"] = quantization_config

@@ -59,3 +59,18 @@ def test_int8_dynamic_rounds_activations_to_q8_blocks(use_native):
     step = x.abs().view(-1, 32).amax(-1).repeat_interleave(32) / 127
     bound = (dense.abs().double() @ (step.double() / 2)).max().item() * 1.001
     assert (y.view(-1).double() - dense.double() @ x.view(-1).double()).abs().max().item() <= bound
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    """The folder and every file in it follow the umask (safetensors alone would leave the weights 0600)."""
+    import os
+
+    from llm_torch.quant.save import save_quantized
+
+    out = save_quantized(tmp_path / "q", config_raw={"model_type": "llama"}, tensors={"w": torch.zeros(2, 2)},
+                         quantization_config={"quant_method": "torchao"}, dtype=torch.float32, source_folder=None)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
