@@ -100,8 +100,7 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 def write_tokenizer(folder: Path, tokenizer, generation_config: dict[str, Any]) -> None:
     """tokenizer.json + tokenizer_config.json (specials, BOS policy, chat template) of a loaded Tokenizer."""
-    # core's Tokenizer has no public save; its backend is a `tokenizers.Tokenizer`, which has one.
-    tokenizer._backend.save(str(folder / "tokenizer.json"))
+    tokenizer.backend.save(str(folder / "tokenizer.json"))  # the wrapped `tokenizers.Tokenizer`
     settings: dict[str, Any] = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
                                 "add_bos_token": tokenizer.add_bos_token, "add_eos_token": False}
     if tokenizer.pad_token_id is not None:
