@@ -23,10 +23,16 @@ BLOCKSIZE = 64  # transformers' default for 4-bit
 def _bnb():
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import bitsandbytes
-        import bitsandbytes.functional as F
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import bitsandbytes
+            import bitsandbytes.functional as F
+    except ImportError as e:
+        from llm_torch.core.errors import UnsupportedError
+
+        raise UnsupportedError(f"the bitsandbytes schemes need the bitsandbytes package ({e})",
+                               hint="pip install bitsandbytes, or use --int8 / --int4 (torchao schemes)") from None
     return bitsandbytes, F
 
 

@@ -74,3 +74,16 @@ def test_saved_files_get_ordinary_permissions(tmp_path):
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     for f in out.iterdir():
         assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+
+
+def test_missing_bitsandbytes_is_one_clear_error(monkeypatch):
+    import sys
+
+    from llm_torch.core.errors import UnsupportedError
+    from llm_torch.quant import bnb_backend
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    with pytest.raises(UnsupportedError, match="need the bitsandbytes package") as e:
+        bnb_backend._bnb()
+    assert "--int8" in e.value.hint
