@@ -341,12 +341,17 @@ def test_meta_layout_to_gguf(meta, tmp_path):
     torch.testing.assert_close(logits(out, "gguf"), ref(PROMPT_IDS).logits, atol=1e-4, rtol=1e-4)
 
 
+def copy_folder(src, dst):
+    """A copy of a flat model folder, to break without touching the fixture's."""
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
 def test_meta_shards_must_agree(meta, tmp_path):
     folder, _ = meta
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for p in folder.iterdir():
-        (broken / p.name).write_bytes(p.read_bytes())
+    broken = copy_folder(folder, tmp_path / "broken")
     (broken / "consolidated.01.pth").unlink()
     (broken / "consolidated.02.pth").write_bytes((folder / "consolidated.01.pth").read_bytes())
     with pytest.raises(CheckpointError, match="shards"):
@@ -359,10 +364,7 @@ class Payload:
 
 def test_meta_pickle_with_objects_is_refused(meta, tmp_path):
     folder, _ = meta
-    evil = tmp_path / "evil"
-    evil.mkdir()
-    for p in folder.iterdir():
-        (evil / p.name).write_bytes(p.read_bytes())
+    evil = copy_folder(folder, tmp_path / "evil")
     torch.save({"tok_embeddings.weight": torch.zeros(2, 2), "x": Payload()}, evil / "consolidated.01.pth")
     with pytest.raises(CheckpointError, match="safely"):
         convert(ConvertSpec(str(evil), tmp_path / "out"))
