@@ -63,7 +63,7 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
         weights = next(loaded.model.parameters())
         compute = str(compute_dtype(weights.dtype, weights.device)).removeprefix("torch.")
         how = loaded.dtype_name if compute == loaded.dtype_name else f"{loaded.dtype_name} weights, {compute} compute"
-        how += f", {spec.label} quantized" if spec is not None else ""
+        how += f", {spec.label} quantized" if spec is not None else _saved_quantization(loaded.config.raw)
         chosen = " (--dtype auto)" if dtype == "auto" else ""
         if weights.device.type == "cpu":
             from llm_torch.core.kernels import status
@@ -71,6 +71,19 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
             how += f"; decode on {status().detail}"
         render.info(f"loaded {loaded.name}: {how}{chosen} on {weights.device} in {time.perf_counter() - t0:.2f} s")
     return loaded
+
+
+def _saved_quantization(raw: dict) -> str:
+    """', <scheme> quantized' for a folder written by llm quantize (or the Hub), else ''."""
+    qc = raw.get("quantization_config") or {}
+    if not qc:
+        return ""
+    kind = ((qc.get("quant_type") or {}).get("default") or {}).get("_type")  # torchao's config class
+    if kind is None and qc.get("load_in_4bit"):
+        kind = f"{qc.get('bnb_4bit_quant_type', '4-bit')}"
+    elif kind is None and qc.get("load_in_8bit"):
+        kind = "LLM.int8"
+    return f", {qc.get('quant_method', '?')} {kind or ''} quantized".replace("  ", " ")
 
 
 def sampling_spec(generation_config: dict[str, Any], **flags):

@@ -87,3 +87,14 @@ def test_missing_bitsandbytes_is_one_clear_error(monkeypatch):
     with pytest.raises(UnsupportedError, match="need the bitsandbytes package") as e:
         bnb_backend._bnb()
     assert "--int8" in e.value.hint
+
+
+def test_loaded_line_names_a_saved_quantization():
+    from llm_torch.cli.common import _saved_quantization
+
+    assert _saved_quantization({}) == ""
+    torchao = {"quantization_config": {"quant_method": "torchao", "quant_type": {"default": {"_type": "Int8WeightOnlyConfig"}}}}
+    assert _saved_quantization(torchao) == ", torchao Int8WeightOnlyConfig quantized"
+    bnb = {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}}
+    assert _saved_quantization(bnb) == ", bitsandbytes nf4 quantized"
+    assert _saved_quantization({"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}}) == ", bitsandbytes LLM.int8 quantized"
