@@ -78,12 +78,9 @@ def _saved_quantization(raw: dict) -> str:
     qc = raw.get("quantization_config") or {}
     if not qc:
         return ""
-    kind = ((qc.get("quant_type") or {}).get("default") or {}).get("_type")  # torchao's config class
-    if kind is None and qc.get("load_in_4bit"):
-        kind = f"{qc.get('bnb_4bit_quant_type', '4-bit')}"
-    elif kind is None and qc.get("load_in_8bit"):
-        kind = "LLM.int8"
-    return f", {qc.get('quant_method', '?')} {kind or ''} quantized".replace("  ", " ")
+    from llm_torch.quant.load import describe_config
+
+    return f", {describe_config(qc)} quantized"
 
 
 def sampling_spec(generation_config: dict[str, Any], **flags):

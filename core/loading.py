@@ -195,12 +195,9 @@ def assign_weights(
         if tuple(tensor.shape) != shape:
             raise CheckpointError(f"tensor '{name}' has shape {tuple(tensor.shape)}, the config expects {shape}")
         k = k_major and (pname in matmul or (ties and pname == "model.embed_tokens.weight"))
-        if start is None and not k:
-            module._parameters[attr] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
-        elif start is None:
-            param = nn.Parameter(empty_weight(tuple(param.shape), dtype, device, True), requires_grad=False)
-            param.data.copy_(tensor)
-            module._parameters[attr] = param
+        if start is None:
+            data = empty_weight(tuple(param.shape), dtype, device, True).copy_(tensor) if k else tensor.to(device=device, dtype=dtype)
+            module._parameters[attr] = nn.Parameter(data, requires_grad=False)
         else:
             if param.is_meta:
                 param = nn.Parameter(empty_weight(tuple(param.shape), dtype, device, k), requires_grad=False)

@@ -236,7 +236,7 @@ except (OSError, AttributeError):
 def _release(t: torch.Tensor) -> None:
     """Drop the resident file pages behind a memory-mapped tensor already converted.
 
-    torch.load(mmap=True) maps each shard privately; pages it read stay in this process's RSS until
+    Shards are opened with weights_only=True and mmap=True, a private mapping: pages read stay in RSS until
     unmapped. Nothing wrote to them, so MADV_DONTNEED only forgets them (a later read refaults them
     from the file) and peak RSS stays near one tensor instead of the whole checkpoint.
     """

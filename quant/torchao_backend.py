@@ -187,11 +187,10 @@ class Int4Linear(QuantModule):
         # The checkpoint's plain codes too (+0.5 byte per weight): prefill dequantizes them for an fp32
         # GEMM (1.9x faster than the kernel at 128 tokens); the packed copy cannot be unpacked portably.
         self.register_buffer("plain", packed)
-        self.register_buffer("plain_scale", scale[:N].float())
-        self.register_buffer("plain_zero", zero[:N].float())
-        # bf16 scales/zeros [N, K/g] for core.kernels' int4 product over the plain codes (one token).
-        self.register_buffer("scale_bf16", scale[:N].contiguous(), persistent=False)
-        self.register_buffer("zero_bf16", zero[:N].contiguous(), persistent=False)
+        # bf16 scales/zeros [N, K/g], as the kernels use them: core.kernels' one-token product reads
+        # them directly, prefill's dequantization widens them.
+        self.register_buffer("plain_scale", scale[:N].contiguous())
+        self.register_buffer("plain_zero", zero[:N].contiguous())
 
     def dequantized(self) -> torch.Tensor:
         """W [N, K] in fp32: q * scale + (zero - 8 * scale) per group."""
@@ -199,15 +198,15 @@ class Int4Linear(QuantModule):
         q = torch.empty(N, K // 2, 2)  # nibbles written in place: ~1.4x faster than stack + casts
         q[..., 0] = self.plain & 15
         q[..., 1] = self.plain >> 4
-        offset = self.plain_zero - 8 * self.plain_scale
-        return torch.addcmul(offset[:, :, None], q.view(N, K // g, g), self.plain_scale[:, :, None]).view(N, K)
+        scale, zero = self.plain_scale.float(), self.plain_zero.float()
+        return torch.addcmul((zero - 8 * scale)[:, :, None], q.view(N, K // g, g), scale[:, :, None]).view(N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mv = native_matvec()
         if mv is not None and x.numel() == x.shape[-1] and x.dtype == torch.float32 and x.device.type == "cpu":
             # One token: core.kernels reads the plain 4-bit codes; x as Q8 blocks (faster than torch's bf16 kernel).
             bias = None if self.bias is None else self.bias.float()
-            y = mv.int4(self.plain, self.scale_bf16, self.zero_bf16, self.group_size, x.reshape(-1), bias)
+            y = mv.int4(self.plain, self.plain_scale, self.plain_zero, self.group_size, x.reshape(-1), bias)
             return y.view(*x.shape[:-1], -1)
         if x.numel() >= INT4_PREFILL_ROWS * x.shape[-1]:
             bias = None if self.bias is None else self.bias.to(x.dtype)
