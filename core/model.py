@@ -53,6 +53,8 @@ class KVCache:
 
 
 class DecoderModel(nn.Module):
+    native_step = True  # one-token decode through core.decode_step where it can run (False: the layers always)
+
     def __init__(self, config: ModelConfig, fused: bool = False):
         super().__init__()
         self.config = config
@@ -89,13 +91,46 @@ class DecoderModel(nn.Module):
             # The reference rounds sqrt(hidden) to the activation dtype before multiplying.
             x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
-        masks = self._masks(T, kv_len, start, attention_mask, device)
-        for i, layer in enumerate(self.layers):
-            kv = (cache.keys[i], cache.values[i]) if cache is not None else None
-            x = layer(x, cos, sin, masks[layer.layer_type], kv, start)
+        step = self._decode_step() if T == 1 and B == 1 and cache is not None and attention_mask is None else None
+        if step is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+            x = step(x, cos, sin, cache, start)  # all layers in one native call (core.decode_step)
+        else:
+            masks = self._masks(T, kv_len, start, attention_mask, device)
+            for i, layer in enumerate(self.layers):
+                kv = (cache.keys[i], cache.values[i]) if cache is not None else None
+                x = layer(x, cos, sin, masks[layer.layer_type], kv, start)
         if cache is not None:
             cache.length = kv_len
         return self.norm(x)
+
+    def _decode_step(self):
+        """The native one-token step (core.decode_step) when it can run now, else None."""
+        if not self.native_step or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None  # it records no autograd graph; compiled graphs trace the layers
+        from .layers import native_matvec
+
+        mv = native_matvec()
+        built = self.__dict__.get("_native_step")
+        if built is None or built[0] is not mv:
+            from . import decode_step
+
+            built = (mv, *decode_step.build(self))
+            self.__dict__["_native_step"] = built
+        return built[1]
+
+    def decode_path(self) -> str:
+        """What runs one-token decode: 'native decode step', or why the PyTorch layers do."""
+        with torch.inference_mode():
+            self._decode_step()
+        return self.__dict__["_native_step"][2]
+
+    def reset_decode_step(self) -> None:
+        """Forget the built decode step: call after replacing layers or weights (it points at their tensors)."""
+        self.__dict__.pop("_native_step", None)
+
+    def _apply(self, fn, recurse=True):
+        self.reset_decode_step()  # .to() / .half() / ... may move or replace the tensors it points to
+        return super()._apply(fn, recurse)
 
     def _masks(self, T, kv_len, start, attention_mask, device) -> dict[str, torch.Tensor | None]:
         cfg = self.config

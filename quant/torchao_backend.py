@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from llm_torch.core.errors import CheckpointError
+from llm_torch.core.kernels import I4Q8, I8, I8Q8, LinearSpec
 from llm_torch.core.layers import native_matvec
 
 from .spec import GROUP_SIZES, QuantSpec
@@ -110,6 +111,14 @@ class Int8Linear(QuantModule):
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def native_linear(self) -> LinearSpec | None:
+        """This layer for core.decode_step: the same kernel and operands as forward's one-token path."""
+        if self.dynamic and self.in_features % 32:
+            return None
+        bias = None if self.bias is None else self.bias.float().contiguous()
+        return LinearSpec(I8Q8 if self.dynamic else I8, self.qweight, self.out_features, self.in_features,
+                          scale=self.scale_f32, bias=bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int8{' dynamic' if self.dynamic else ''}"
@@ -217,6 +226,12 @@ class Int4Linear(QuantModule):
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def native_linear(self) -> LinearSpec:
+        """This layer for core.decode_step: the same kernel and operands as forward's one-token path."""
+        bias = None if self.bias is None else self.bias.float().contiguous()
+        return LinearSpec(I4Q8, self.plain, self.out_features, self.in_features, scale=self.plain_scale,
+                          zero=self.plain_zero, bias=bias, group=self.group_size)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int4 group {self.group_size}"

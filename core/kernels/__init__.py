@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("matvec.c")
+SOURCES = (Path(__file__).with_name("matvec.c"), Path(__file__).with_name("step.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-ABI = 4
+LIBS = ("-lm",)
+ABI = 5
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 
 
@@ -34,10 +35,57 @@ class KernelStatus:
     detail: str  # what runs decode's matrix-vector products, or why the native kernels do not
 
 
-class MatVec:
-    """y = W @ x (+ bias) for fp32 x [K] and a contiguous fp32 / fp16 / bf16 W [N, K] on the CPU."""
+# Weight layouts the decode step (step.c) multiplies by; values mirror its enum.
+F32, F16, BF16, I8, I8Q8, I4Q8 = range(6)
+FLOAT_KINDS = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
 
-    def __init__(self, lib: ctypes.CDLL):
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """One projection as step.c reads it: kind (F32 ... I4Q8), weight [n, k] (int4: packed [n, k/2]),
+    int8: fp32 row scales; int4: bf16 scale/zero [n, k/group]; optional fp32 bias [n]."""
+
+    kind: int
+    weight: torch.Tensor
+    n: int
+    k: int
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    group: int = 0
+
+
+class CLinear(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int64), ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64)]
+
+
+class CLayer(ctypes.Structure):
+    _fields_ = [("proj", CLinear * 3), ("o", CLinear), ("up", CLinear * 2), ("down", CLinear),
+                ("norm", ctypes.c_void_p * 4), ("n_proj", ctypes.c_int64), ("n_up", ctypes.c_int64),
+                ("window_slot", ctypes.c_int64)]
+
+
+class CModel(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in ("n_layers", "hidden", "inter", "heads", "kv_heads", "head_dim", "sandwich", "act")] + [
+        ("eps", ctypes.c_double), ("scale", ctypes.c_double), ("softcap", ctypes.c_double), ("layers", ctypes.POINTER(CLayer))]
+
+
+class MatVec:
+    """y = W @ x (+ bias) for fp32 x [K] and a contiguous fp32 / fp16 / bf16 W [N, K] on the CPU.
+
+    Also carries step.c's whole-stack decode step (`decode_layers`, driven by core.decode_step)."""
+
+    def __init__(self, lib: ctypes.CDLL, step: bool = True):
+        p = ctypes.c_void_p
+        self.decode_layers = lib.llm_decode_layers if step else None
+        if step:
+            self.decode_layers.argtypes = [ctypes.POINTER(CModel), p, p, p, p, p, ctypes.c_int64, ctypes.c_int64, p, p, p, ctypes.c_int]
+            self.decode_layers.restype = ctypes.c_int
+        self.step_work_floats = lib.llm_step_work_floats
+        self.step_work_floats.argtypes, self.step_work_floats.restype = [ctypes.POINTER(CModel), ctypes.c_int64], ctypes.c_int64
+        self.step_scratch_bytes = lib.llm_step_scratch_bytes
+        self.step_scratch_bytes.argtypes, self.step_scratch_bytes.restype = [ctypes.POINTER(CModel)], ctypes.c_int64
         sig = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         self._fns = {}
         for dtype, name in ((torch.float32, "llm_gemv_f32"), (torch.float16, "llm_gemv_f16"), (torch.bfloat16, "llm_gemv_bf16")):
@@ -151,8 +199,8 @@ def _try_load() -> tuple[MatVec | None, KernelStatus]:
     choice = os.environ.get("LLM_KERNELS", "auto").lower()
     if choice == "torch":
         return None, KernelStatus(False, "torch kernels (LLM_KERNELS=torch)")
-    if choice != "auto":
-        return None, KernelStatus(False, f"torch kernels (LLM_KERNELS={choice!r}: use auto or torch)")
+    if choice not in ("auto", "matvec"):
+        return None, KernelStatus(False, f"torch kernels (LLM_KERNELS={choice!r}: use auto, matvec or torch)")
     reason = _unsupported_reason()
     if reason is None:
         try:
@@ -160,7 +208,9 @@ def _try_load() -> tuple[MatVec | None, KernelStatus]:
             if lib.llm_kernels_abi() != ABI:
                 reason = "the cached kernel library is from another version"
             else:
-                return MatVec(lib), KernelStatus(True, "native AVX2 matvec kernels")
+                if choice == "matvec":  # one-token products only; the layers run as PyTorch ops
+                    return MatVec(lib, step=False), KernelStatus(True, "native AVX2 matvec kernels (LLM_KERNELS=matvec)")
+                return MatVec(lib), KernelStatus(True, "native AVX2 kernels")
         except (OSError, subprocess.SubprocessError, _BuildError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return None, KernelStatus(False, f"torch kernels (native ones unavailable: {reason})")
@@ -202,11 +252,11 @@ def cache_dir() -> Path:
 
 
 def _build() -> Path:
-    """Compile matvec.c once per (source, compiler, flags); later runs load the cached library."""
+    """Compile the sources once per (sources, compiler, flags); later runs load the cached library."""
     cc = _compiler()
     assert cc is not None  # checked by _unsupported_reason
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + "\0".join((cc, *FLAGS)).encode()).hexdigest()[:16]
+    source = b"\0".join(p.read_bytes() for p in SOURCES)
+    key = hashlib.sha256(source + "\0".join((cc, *FLAGS, *LIBS)).encode()).hexdigest()[:16]
     folder = cache_dir()
     target = folder / f"matvec-{key}.so"
     if target.is_file():
@@ -216,7 +266,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".matvec-", suffix=".so", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp, *LIBS], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise _BuildError(f"{Path(cc).name} failed: {(done.stderr or done.stdout).strip()[:200]}")
         os.replace(tmp, target)
