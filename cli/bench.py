@@ -119,6 +119,8 @@ def _notes(result) -> list[str]:
         notes.append(line)
     if "decode_kernels" in result.environment:
         notes.append(f"one-token matrix-vector products: {result.environment['decode_kernels']}")
+    if "decode_step" in result.environment:
+        notes.append(f"decode step: {result.environment['decode_step']}")
     spec = result.spec
     notes.append(f"tok/s: median of {spec.repetitions} runs after {spec.warmup} warm-up; min and max alongside")
     if "load_average" in result.environment:

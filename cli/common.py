@@ -67,8 +67,9 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
         chosen = " (--dtype auto)" if dtype == "auto" else ""
         if weights.device.type == "cpu":
             from llm_torch.core.kernels import status
+            from llm_torch.core.model import decode_path
 
-            how += f"; decode on {status().detail}"
+            how += f"; decode on {status().detail} ({decode_path(loaded.model)})"
         render.info(f"loaded {loaded.name}: {how}{chosen} on {weights.device} in {time.perf_counter() - t0:.2f} s")
     return loaded
 

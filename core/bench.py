@@ -461,6 +461,10 @@ def run_bench(
     loaded = load_model(ref, dtype=dtype, device=device, progress=False)
     load_seconds = time.perf_counter() - t0
     info = model_info(loaded)
+    if info.device == "cpu":
+        from .model import decode_path
+
+        env["decode_step"] = decode_path(loaded.model)
     prefill, decode, first_token = bench_loaded(loaded, spec, progress=progress)
     peak = peak_rss_bytes()  # before the bandwidth buffer exists, so it is the model's peak
     result = BenchResult(

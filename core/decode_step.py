@@ -20,6 +20,7 @@ from . import kernels
 from .layers import DecoderLayer, FusedLinear, Linear, RMSNorm
 from .masks import layer_type_masks
 
+STEP = "all layers in one native call"
 _ACTS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2, "relu": 3}
 
 
@@ -163,15 +164,15 @@ class DecodeStep:
 
 
 def build(decoder) -> tuple[DecodeStep | None, str]:
-    """(the step, 'native decode step') or (None, why the PyTorch layers run instead)."""
+    """(the step, 'all layers in one native call') or (None, 'PyTorch layers: <why not>')."""
     from .layers import native_matvec
 
     mv = native_matvec()
     if mv is None:
-        return None, "the native kernels are off"
+        return None, "PyTorch layers: the native kernels are off"
     if getattr(mv, "decode_layers", None) is None:
-        return None, "the native decode step is off (LLM_KERNELS=matvec)"
+        return None, "PyTorch layers: the native decode step is off"
     try:
-        return DecodeStep(mv, decoder), "native decode step"
+        return DecodeStep(mv, decoder), STEP
     except Unsupported as e:
-        return None, f"not for {e}"
+        return None, f"PyTorch layers: not for {e}"

@@ -119,7 +119,7 @@ class DecoderModel(nn.Module):
         return built[1]
 
     def decode_path(self) -> str:
-        """What runs one-token decode: 'native decode step', or why the PyTorch layers do."""
+        """What runs one-token decode: decode_step.STEP, or 'PyTorch layers: <why>'."""
         with torch.inference_mode():
             self._decode_step()
         return self.__dict__["_native_step"][2]
@@ -274,3 +274,9 @@ HEADS = {
     "token_classification": TokenClassification,
     "question_answering": QuestionAnswering,
 }
+
+
+def decode_path(model: nn.Module) -> str:
+    """How `model` (any head) runs one-token decode: decode_step.STEP, or 'PyTorch layers: <why>'."""
+    decoder = next((m for m in model.modules() if isinstance(m, DecoderModel)), None)
+    return decoder.decode_path() if decoder is not None else "no decoder"

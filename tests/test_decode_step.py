@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_torch.core import kernels
+from llm_torch.core import decode_step, kernels
 from llm_torch.core.loading import ResolvedModel, load_resolved
 from tests.tiny import GEMMA2_BASE, GEMMA2_VARIANTS, LLAMA_BASE, LLAMA_VARIANTS, config_dict, hf_model
 
@@ -46,7 +46,7 @@ def decode(model, native_step: bool, steps: int = 14, prompt: int = 3):
 
 
 def assert_same_decode(model, tol=1e-5):
-    assert model.model.decode_path() == "native decode step"
+    assert model.model.decode_path() == decode_step.STEP
     fast, fast_cache = decode(model, True)
     slow, slow_cache = decode(model, False)
     scale = slow.abs().max().item()
@@ -135,7 +135,7 @@ def test_unsupported_model_says_why(folders):
     mlp = model.model.layers[1].mlp
     mlp.down_proj = Wrapped(mlp.down_proj)
     model.model.reset_decode_step()
-    assert model.model.decode_path() == "not for Wrapped projections"
+    assert model.model.decode_path() == "PyTorch layers: not for Wrapped projections"
     with torch.inference_mode():
         assert model.model._decode_step() is None
         model(torch.tensor([[4]]), cache=model.new_cache(1, 2))  # the layers run it
@@ -147,7 +147,7 @@ def test_switched_off_by_environment(folders, monkeypatch):
     try:
         model = load(folders["llama-gqa"])
         assert kernels.status().detail == "native AVX2 matvec kernels (LLM_KERNELS=matvec)"
-        assert model.model.decode_path() == "the native decode step is off (LLM_KERNELS=matvec)"
+        assert model.model.decode_path() == "PyTorch layers: the native decode step is off"
     finally:
         kernels._STATE = None
         from llm_torch.core import layers
