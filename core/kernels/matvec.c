@@ -10,6 +10,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Software prefetch this far ahead of the row being read: the hardware prefetcher alone left SmolLM2's
+ * fp16 products at ~15 GB/s of ~21 here; 2 KiB ahead (1-4 rows of these shapes) reaches ~20 GB/s.
+ * A prefetch past the end of the matrix is harmless (a hint, it never faults). */
+#define PREFETCH_AHEAD 2048
+#define PREFETCH(p) _mm_prefetch((const char *)(p) + PREFETCH_AHEAD, _MM_HINT_T0)
+
 static inline float hsum(__m256 s) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -35,6 +41,8 @@ void NAME(const T *W, const float *x, const float *bias, float *y, int64_t N, in
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                               \
         int64_t k = 0;                                                                            \
         for (; k < K32; k += 32) {                                                                \
+            PREFETCH(w + k); /* one line per 32 weights of 2 bytes; fp32 rows need the second */   \
+            if (sizeof(T) == 4) PREFETCH((const char *)(w + k) + 64);                             \
             a0 = _mm256_fmadd_ps(LOAD(w, k), _mm256_loadu_ps(x + k), a0);                         \
             a1 = _mm256_fmadd_ps(LOAD(w, k + 8), _mm256_loadu_ps(x + k + 8), a1);                 \
             a2 = _mm256_fmadd_ps(LOAD(w, k + 16), _mm256_loadu_ps(x + k + 16), a2);               \
@@ -62,6 +70,7 @@ void llm_gemv_i8(const int8_t *Q, const float *scale, const float *x, const floa
         __m256 a0 = _mm256_setzero_ps(), a1 = a0;
         int64_t k = 0;
         for (; k < K16; k += 16) {
+            if (!(k & 63)) PREFETCH(q + k);
             __m128i b = _mm_loadu_si128((const __m128i *)(q + k));
             __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
             __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
@@ -107,6 +116,7 @@ void llm_gemv_i8q8(const int8_t *Q, const float *scale, const float *x, const fl
         __m256 a0 = _mm256_setzero_ps(), a1 = a0;  /* two chains hide the FMA latency */
         int64_t b = 0;
         for (; b + 1 < blocks; b += 2) {
+            PREFETCH(q + 32 * b);
             __m256i w0 = _mm256_loadu_si256((const __m256i *)(q + 32 * b));
             __m256i w1 = _mm256_loadu_si256((const __m256i *)(q + 32 * b + 32));
             __m256i v0 = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));
@@ -167,6 +177,7 @@ void llm_gemv_i4q8(const uint8_t *Q, const uint16_t *scale, const uint16_t *zero
             float sg = widen_bf16(sc[g]), corr = 0;
             for (int64_t j = 0; j < per; j++) {
                 int64_t b = g * per + j;
+                if (!(b & 3)) PREFETCH(q + 16 * b);
                 __m128i raw = _mm_loadu_si128((const __m128i *)(q + 16 * b));
                 __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
                 __m256i codes = _mm256_set_m128i(hi, lo);  /* even columns, then odd: as xq is laid out */
