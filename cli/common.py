@@ -54,8 +54,13 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
             for note in notes:
                 render.warn(note)
     if compile:
+        from llm_torch.core.decode_step import STEP
+        from llm_torch.core.model import decode_path
         from llm_torch.core.speed import compile_model
 
+        if decode_path(loaded.model) == STEP:
+            render.warn("--compile replaces the native decode step with a compiled graph of the PyTorch layers: "
+                        "slower on this CPU (see README), and the first token waits 20-90 s for the compile")
         compile_model(loaded.model)
     if not quiet or sys.stderr.isatty():
         from llm_torch.core.layers import compute_dtype

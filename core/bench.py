@@ -230,9 +230,29 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     return total
 
 
+def logical_params(model) -> int:
+    """Parameters as the float model counts them: quantized layers (an int `qweight` buffer, quant's
+    torchao-scheme modules) count their out x in weights, not their packed bytes; tied tensors once."""
+    seen, total = set(), 0
+    for m in model.modules():
+        q = m._buffers.get("qweight")
+        if q is not None:
+            if q.data_ptr() not in seen:
+                seen.add(q.data_ptr())
+                rows = getattr(m, "out_features", None) or m.num_embeddings
+                cols = getattr(m, "in_features", None) or m.embedding_dim
+                total += rows * cols
+            continue
+        for p in m.parameters(recurse=False):
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel()
+    return total
+
+
 def model_info(loaded) -> ModelInfo:
     model = loaded.model
-    params = sum(p.numel() for p in {p.data_ptr(): p for p in model.parameters()}.values())
+    params = logical_params(model)
     device = next(model.parameters()).device
     return ModelInfo(
         name=loaded.name,

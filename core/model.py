@@ -54,6 +54,7 @@ class KVCache:
 
 class DecoderModel(nn.Module):
     native_step = True  # one-token decode through core.decode_step where it can run (False: the layers always)
+    native_step_off = "switched off"  # why, when native_step is False
 
     def __init__(self, config: ModelConfig, fused: bool = False):
         super().__init__()
@@ -120,6 +121,8 @@ class DecoderModel(nn.Module):
 
     def decode_path(self) -> str:
         """What runs one-token decode: decode_step.STEP, or 'PyTorch layers: <why>'."""
+        if not self.native_step:
+            return f"PyTorch layers: {self.native_step_off}"
         with torch.inference_mode():
             self._decode_step()
         return self.__dict__["_native_step"][2]

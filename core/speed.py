@@ -8,9 +8,15 @@ import torch
 def compile_model(model: torch.nn.Module) -> None:
     """torch.compile the single-token decode step; prefill (few calls, compute-bound) stays eager.
 
-    Measured on SmolLM2 (2 threads, fp16 weights): decode 37 -> 63 tokens/s, but the first call
-    compiles for 20 s (warm inductor cache) to 75 s (cold), so it is opt-in (`--compile`).
+    The compiled graph traces the PyTorch layers, so it replaces the native decode step
+    (core.decode_step). Before that step existed it raised SmolLM2 decode (2 threads, fp16 weights)
+    from 37 to 63 tokens/s on one machine after a 20-75 s first call; now it is slower (README).
     """
+    from .model import DecoderModel
+
+    for m in model.modules():
+        if isinstance(m, DecoderModel):
+            m.native_step, m.native_step_off = False, "torch.compile (--compile)"
     eager = model.forward
     compiled = torch.compile(eager, dynamic=True)
 

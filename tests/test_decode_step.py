@@ -162,3 +162,12 @@ def test_moving_the_model_rebuilds_it(folders):
         model.to(torch.float16)
         second = model.model._decode_step()
     assert first is not None and second is not None and second is not first
+
+
+def test_compile_says_it_runs_the_layers(folders):
+    from llm_torch.core.model import decode_path
+    from llm_torch.core.speed import compile_model
+
+    model = load(folders["llama-gqa"])
+    compile_model(model)  # lazy: nothing is compiled until the first one-token call
+    assert decode_path(model) == "PyTorch layers: torch.compile (--compile)"
