@@ -119,7 +119,8 @@ class DecodeStep:
         self._keep.append(t)
         return t.data_ptr()
 
-    def _cache_pointers(self, cache) -> _CachePointers:
+    def _cache_pointers(self, cache) -> _CachePointers | None:
+        """The cache's tensors as step.c reads them, or None for a cache it cannot use (not fp32 [1, H_kv, S, D])."""
         p = self._pointers
         tensors = (*cache.keys, *cache.values)
         if p is not None and p.max_len == cache.max_len and all(a is b for a, b in zip(p.tensors, tensors)):
@@ -128,7 +129,7 @@ class DecodeStep:
         shape = (1, cfg.num_key_value_heads, cache.max_len, cfg.head_dim)
         for t in tensors:
             if t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
-                raise Unsupported(f"a {t.dtype} cache of shape {tuple(t.shape)}")
+                return None
         L = cfg.num_hidden_layers
         keys = (ctypes.c_void_p * L)(*(t.data_ptr() for t in cache.keys))
         values = (ctypes.c_void_p * L)(*(t.data_ptr() for t in cache.values))
@@ -146,11 +147,14 @@ class DecodeStep:
             firsts = [int(masks[t][0, 0, 0].to(torch.uint8).argmax()) for t in self.layer_types]
         return (ctypes.c_int64 * len(firsts))(*firsts)
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, start: int) -> torch.Tensor:
-        """x [1, 1, C] fp32 (embedded token), cos/sin [1, 1, 1, D] -> hidden states [1, 1, C] before the final norm.
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, start: int) -> torch.Tensor | None:
+        """x [1, 1, C] fp32 (embedded token), cos/sin [1, 1, 1, D] -> hidden states [1, 1, C] before the final
+        norm, or None (nothing done) for a cache the step cannot use: the caller runs the layers instead.
 
         Writes this token's keys and values into cache slot `start` (the caller advances the cache)."""
         ptrs = self._cache_pointers(cache)
+        if ptrs is None:
+            return None
         out = x.reshape(-1).clone()
         cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
         firsts = self.first_visible(start + 1, start)

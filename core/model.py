@@ -92,9 +92,13 @@ class DecoderModel(nn.Module):
             # The reference rounds sqrt(hidden) to the activation dtype before multiplying.
             x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
-        step = self._decode_step() if T == 1 and B == 1 and cache is not None and attention_mask is None else None
-        if step is not None and x.dtype == torch.float32 and x.device.type == "cpu":
-            x = step(x, cos, sin, cache, start)  # all layers in one native call (core.decode_step)
+        out = None
+        if T == 1 and B == 1 and cache is not None and attention_mask is None and x.dtype == torch.float32 and x.device.type == "cpu":
+            step = self._decode_step()
+            # All layers in one native call (core.decode_step); None: not here, or a cache it cannot use.
+            out = step(x, cos, sin, cache, start) if step is not None else None
+        if out is not None:
+            x = out
         else:
             masks = self._masks(T, kv_len, start, attention_mask, device)
             for i, layer in enumerate(self.layers):

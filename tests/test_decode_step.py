@@ -164,6 +164,7 @@ def test_moving_the_model_rebuilds_it(folders):
     assert first is not None and second is not None and second is not first
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's import of torch.jit
 def test_compile_says_it_runs_the_layers(folders):
     from llm_torch.core.model import decode_path
     from llm_torch.core.speed import compile_model
@@ -171,3 +172,19 @@ def test_compile_says_it_runs_the_layers(folders):
     model = load(folders["llama-gqa"])
     compile_model(model)  # lazy: nothing is compiled until the first one-token call
     assert decode_path(model) == "PyTorch layers: torch.compile (--compile)"
+
+
+def test_a_cache_it_cannot_use_is_left_to_the_layers(folders):
+    """A cache in another dtype (built by hand): the step does nothing and says so with None."""
+    from llm_torch.core.model import KVCache
+
+    model = load(folders["llama-gqa"])
+    dec = model.model
+    with torch.inference_mode():
+        step = dec._decode_step()
+        x = dec.embed_tokens(torch.tensor([[4]]))
+        cos, sin = dec.rotary_emb(torch.tensor([[0]]), torch.float32)
+        odd = KVCache(model.config, 1, 4, dtype=torch.float64)
+        assert step(x, cos, sin, odd, 0) is None
+        assert all(not t.any() for t in odd.keys + odd.values)  # nothing written
+        assert step(x, cos, sin, model.new_cache(1, 4), 0) is not None
