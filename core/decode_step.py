@@ -12,6 +12,7 @@ tests/test_decode_step.py compares the two. Where a model has something step.c d
 from __future__ import annotations
 
 import ctypes
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -65,8 +66,11 @@ class DecodeStep:
             layers=ctypes.cast(layers, ctypes.POINTER(kernels.CLayer)),
         )
         self._scratch = torch.empty(mv.step_scratch_bytes(ctypes.byref(self.model)), dtype=torch.uint8)
-        self._work = torch.empty(0)
+        self._work, self._work_for = torch.empty(0), (0, 0)
         self._pointers: _CachePointers | None = None
+        # ctypes releases the GIL: two Python threads decoding through one model (each with its own
+        # cache) would otherwise share the work buffers mid-step.
+        self._lock = threading.Lock()
 
     def _fill_layer(self, c: kernels.CLayer, layer: DecoderLayer) -> None:
         attn, mlp = layer.self_attn, layer.mlp
@@ -134,10 +138,15 @@ class DecodeStep:
         keys = (ctypes.c_void_p * L)(*(t.data_ptr() for t in cache.keys))
         values = (ctypes.c_void_p * L)(*(t.data_ptr() for t in cache.values))
         self._pointers = _CachePointers(keys, values, cache.max_len, tensors)
-        need = self._mv.step_work_floats(ctypes.byref(self.model), cache.max_len)
-        if self._work.numel() < need:
-            self._work = torch.empty(need)
         return self._pointers
+
+    def _work_buffer(self, max_len: int, threads: int) -> torch.Tensor:
+        if self._work_for != (max_len, threads):
+            need = self._mv.step_work_floats(ctypes.byref(self.model), max_len, threads)
+            if self._work.numel() < need:
+                self._work = torch.empty(need)
+            self._work_for = (max_len, threads)
+        return self._work
 
     def first_visible(self, kv_len: int, start: int) -> object:
         """Per layer type, the first cache slot the new token may attend to (from the model's mask builder)."""
@@ -152,15 +161,21 @@ class DecodeStep:
         norm, or None (nothing done) for a cache the step cannot use: the caller runs the layers instead.
 
         Writes this token's keys and values into cache slot `start` (the caller advances the cache)."""
+        with self._lock:
+            return self._run(x, cos, sin, cache, start)
+
+    def _run(self, x, cos, sin, cache, start):
         ptrs = self._cache_pointers(cache)
         if ptrs is None:
             return None
         out = x.reshape(-1).clone()
         cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
         firsts = self.first_visible(start + 1, start)
+        threads = torch.get_num_threads()
+        work = self._work_buffer(cache.max_len, threads)
         rc = self._mv.decode_layers(
             ctypes.byref(self.model), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), ptrs.keys, ptrs.values,
-            cache.max_len, start, firsts, self._work.data_ptr(), self._scratch.data_ptr(), torch.get_num_threads(),
+            cache.max_len, start, firsts, work.data_ptr(), self._scratch.data_ptr(), threads,
         )
         if rc != 0:
             raise ValueError(f"native decode step refused position {start} of a {cache.max_len}-slot cache")

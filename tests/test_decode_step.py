@@ -45,10 +45,10 @@ def decode(model, native_step: bool, steps: int = 14, prompt: int = 3):
     return torch.stack(out), cache
 
 
-def assert_same_decode(model, tol=1e-5):
+def assert_same_decode(model, tol=1e-5, **kw):
     assert model.model.decode_path() == decode_step.STEP
-    fast, fast_cache = decode(model, True)
-    slow, slow_cache = decode(model, False)
+    fast, fast_cache = decode(model, True, **kw)
+    slow, slow_cache = decode(model, False, **kw)
     scale = slow.abs().max().item()
     assert scale > 0.05
     assert (fast - slow).abs().max().item() <= tol * max(1.0, scale)
@@ -62,6 +62,22 @@ def assert_same_decode(model, tol=1e-5):
 def test_native_step_equals_layers(folders, name):
     """14 decode steps past a 3-token prefill: crosses Gemma 2's 6-token window and the dynamic-rope context."""
     assert_same_decode(load(folders[name]))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("base,variant", [(LLAMA_BASE, dict(num_key_value_heads=2)),
+                                          (GEMMA2_BASE, dict(sliding_window=150))])
+def test_long_context_splits_the_keys(tmp_path, base, variant, threads):
+    """Past 64 keys per thread the step splits attention over the keys and merges the partial softmaxes
+    (uneven shares with 3 threads); Gemma 2's sliding layers cross their 150-token window meanwhile."""
+    folder = tmp_path / "long"
+    hf_model(config_dict(base, dict(variant, max_position_embeddings=512))).save_pretrained(folder)
+    model = load(folder)
+    torch.set_num_threads(threads)
+    try:
+        assert_same_decode(model, prompt=200, steps=6)
+    finally:
+        torch.set_num_threads(2)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -25,7 +25,7 @@ import torch
 SOURCES = (Path(__file__).with_name("matvec.c"), Path(__file__).with_name("step.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
-ABI = 5
+ABI = 6
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 
 
@@ -83,7 +83,8 @@ class MatVec:
             self.decode_layers.argtypes = [ctypes.POINTER(CModel), p, p, p, p, p, ctypes.c_int64, ctypes.c_int64, p, p, p, ctypes.c_int]
             self.decode_layers.restype = ctypes.c_int
         self.step_work_floats = lib.llm_step_work_floats
-        self.step_work_floats.argtypes, self.step_work_floats.restype = [ctypes.POINTER(CModel), ctypes.c_int64], ctypes.c_int64
+        self.step_work_floats.argtypes = [ctypes.POINTER(CModel), ctypes.c_int64, ctypes.c_int]
+        self.step_work_floats.restype = ctypes.c_int64
         self.step_scratch_bytes = lib.llm_step_scratch_bytes
         self.step_scratch_bytes.argtypes, self.step_scratch_bytes.restype = [ctypes.POINTER(CModel)], ctypes.c_int64
         sig = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]

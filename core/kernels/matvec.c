@@ -194,4 +194,4 @@ void llm_gemv_i4q8(const uint8_t *Q, const uint16_t *scale, const uint16_t *zero
 }
 
 /* Lets the loader check that the library it opened is the one built from this source. */
-int llm_kernels_abi(void) { return 5; }
+int llm_kernels_abi(void) { return 6; }

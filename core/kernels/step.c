@@ -13,6 +13,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -87,16 +88,65 @@ static void rope(float *x, const float *cos, const float *sin, int64_t D) {
     for (int64_t d = 0; d < D; d++) x[d] = t[d] * cos[d] + t[(d + half) % D] * sin[d];
 }
 
+static inline float hsum8(__m256 s) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
 static inline float dot(const float *a, const float *b, int64_t n) {
     __m256 s = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    float r = _mm_cvtss_f32(h);
+    float r = hsum8(s);
     for (; i < n; i++) r += a[i] * b[i];
     return r;
+}
+
+/* e^x on 8 lanes (Cephes' expf: 2^n * polynomial on the reduced argument, within ~2 ulp of expf;
+ * below -88.4 it gives 0, which is all softmax and SiLU need). Scalar expf was ~10 ms per token of
+ * softmax at a 4k-token context on SmolLM2. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* x - n ln2, ln2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* v[i] = e^(v[i] - top); -> their sum. */
+static float exp_shifted(float *v, int64_t n, float top) {
+    __m256 t = _mm256_set1_ps(top), acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(v + i), t));
+        _mm256_storeu_ps(v + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float total = hsum8(acc);
+    for (; i < n; i++) total += (v[i] = expf(v[i] - top));
+    return total;
+}
+
+/* gate[i] = silu(gate[i]) * up[i] = gate / (1 + e^-gate) * up. */
+static void silu_mul(float *gate, const float *up, int64_t n) {
+    int64_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
 static float activate(float g, int64_t act) {
@@ -108,26 +158,89 @@ static float activate(float g, int64_t act) {
     }
 }
 
-/* Query head h over cached keys lo..pos of its key/value head; scores: s_max floats of scratch. */
-static void attend(const llm_model *m, const float *q, const float *kc, const float *vc, int64_t s_max,
-                   int64_t lo, int64_t pos, float *scores, float *out) {
-    int64_t D = m->head_dim;
-    float scale = (float)m->scale, cap = (float)m->softcap, top = -INFINITY;
-    for (int64_t s = lo; s <= pos; s++) {
-        float v = dot(q, kc + s * D, D) * scale;
-        if (cap > 0) v = tanhf(v / cap) * cap;
-        scores[s] = v;
-        top = v > top ? v : top;
+/* Attention of one new token, split over the keys (flash-decoding): thread t takes keys [s0, s1) of
+ * lo..pos for every head and keeps, per query head, its running max, sum of exp and unnormalised
+ * sum of exp * v; the partials merge after. Heads sharing a key/value head are done together, so each
+ * cached key and value is read once per layer (the cache is fp32: at 4k tokens it is as many bytes
+ * per token as SmolLM2's weights). part: per thread, H * (D + 2) floats; scores: H * s_max floats. */
+static void attend_part(const llm_model *m, const float *q, const float *const kc, const float *const vc,
+                        int64_t s_max, int64_t s0, int64_t s1, float *scores, float *part) {
+    int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, G = H / Hkv;
+    float scale = (float)m->scale, cap = (float)m->softcap;
+    for (int64_t h = 0; h < H; h++) {
+        float *acc = part + h * (D + 2);
+        for (int64_t d = 0; d < D + 2; d++) acc[d] = 0;
+        acc[D] = -INFINITY;  /* running max; acc[D + 1]: sum of exp */
     }
-    float total = 0;
-    for (int64_t s = lo; s <= pos; s++) total += (scores[s] = expf(scores[s] - top));
-    float inv = 1.0f / total;
-    for (int64_t d = 0; d < D; d++) out[d] = 0;
-    (void)s_max;
-    for (int64_t s = lo; s <= pos; s++) {
-        float p = scores[s] * inv;
-        const float *v = vc + s * D;
-        for (int64_t d = 0; d < D; d++) out[d] += p * v[d];
+    if (s0 >= s1) return;
+    for (int64_t g = 0; g < Hkv; g++) {
+        const float *K = kc + g * s_max * D, *V = vc + g * s_max * D;
+        for (int64_t s = s0; s < s1; s++) {
+            const float *k = K + s * D;
+            for (int64_t j = 0; j < G; j++) {
+                int64_t h = g * G + j;
+                float v = dot(q + h * D, k, D) * scale;
+                if (cap > 0) v = tanhf(v / cap) * cap;
+                scores[h * s_max + s] = v;
+                float *acc = part + h * (D + 2);
+                acc[D] = v > acc[D] ? v : acc[D];
+            }
+        }
+        for (int64_t j = 0; j < G; j++) {
+            int64_t h = g * G + j;
+            float *acc = part + h * (D + 2);
+            acc[D + 1] = exp_shifted(scores + h * s_max + s0, s1 - s0, acc[D]);
+        }
+        /* sum_s p_s v_s per head, 32 columns at a time in registers (the values stay in L1/L2 between heads). */
+        for (int64_t j = 0; j < G; j++) {
+            int64_t h = g * G + j;
+            const float *p = scores + h * s_max;
+            float *acc = part + h * (D + 2);
+            int64_t d = 0;
+            for (; d + 32 <= D; d += 32) {
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t s = s0; s < s1; s++) {
+                    const float *v = V + s * D + d;
+                    __m256 w = _mm256_set1_ps(p[s]);
+                    a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v), a0);
+                    a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8), a1);
+                    a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 16), a2);
+                    a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 24), a3);
+                }
+                _mm256_storeu_ps(acc + d, a0);
+                _mm256_storeu_ps(acc + d + 8, a1);
+                _mm256_storeu_ps(acc + d + 16, a2);
+                _mm256_storeu_ps(acc + d + 24, a3);
+            }
+            for (; d < D; d++) {
+                float t = 0;
+                for (int64_t s = s0; s < s1; s++) t += p[s] * V[s * D + d];
+                acc[d] = t;
+            }
+        }
+    }
+}
+
+/* out[h] = sum_t acc_t e^(max_t - max) / sum_t l_t e^(max_t - max) over the threads' partials. */
+static void attend_merge(const llm_model *m, const float *parts, int nt, float *out) {
+    int64_t H = m->heads, D = m->head_dim, stride = H * (D + 2);
+    for (int64_t h = 0; h < H; h++) {
+        float top = -INFINITY, total = 0;
+        for (int t = 0; t < nt; t++) {
+            float mt = parts[t * stride + h * (D + 2) + D];
+            top = mt > top ? mt : top;
+        }
+        float *o = out + h * D;
+        for (int64_t d = 0; d < D; d++) o[d] = 0;
+        for (int t = 0; t < nt; t++) {
+            const float *acc = parts + t * stride + h * (D + 2);
+            if (acc[D] == -INFINITY) continue;  /* a thread that got no keys */
+            float w = expf(acc[D] - top);
+            total += acc[D + 1] * w;
+            for (int64_t d = 0; d < D; d++) o[d] += acc[d] * w;
+        }
+        float inv = 1.0f / total;
+        for (int64_t d = 0; d < D; d++) o[d] *= inv;
     }
 }
 
@@ -140,7 +253,7 @@ static void add_normed(float *x, const float *y, const float *factor, float *tmp
 }
 
 /* x [hidden] in/out. cos/sin [head_dim] for this position; k_cache[l], v_cache[l]: [kv_heads, s_max, head_dim]
- * fp32 (batch 1); lo[slot]: first visible key for each layer type. work: llm_step_work_floats(m, s_max)
+ * fp32 (batch 1); lo[slot]: first visible key for each layer type. work: llm_step_work_floats(m, s_max, threads)
  * floats; scratch: llm_step_scratch_bytes(m) bytes. Returns 0, or -1 when a size is out of range. */
 int llm_decode_layers(const llm_model *m, float *x, const float *cos, const float *sin, float *const *k_cache,
                       float *const *v_cache, int64_t s_max, int64_t pos, const int64_t *lo, float *work,
@@ -149,8 +262,7 @@ int llm_decode_layers(const llm_model *m, float *x, const float *cos, const floa
     if (D > 1024 || pos < 0 || pos >= s_max || H % Hkv) return -1;
     float eps = (float)m->eps;
     float *h = work, *qkv = h + C, *att = qkv + (H + 2 * Hkv) * D, *o = att + H * D, *gu = o + C;
-    float *d = gu + 2 * I, *tmp = d + C, *scores = tmp + C;
-    int64_t groups = H / Hkv;
+    float *d = gu + 2 * I, *tmp = d + C, *scores = tmp + C, *parts = scores + H * s_max;
     for (int64_t li = 0; li < m->n_layers; li++) {
         const llm_layer *L = m->layers + li;
         rms_norm(x, L->norm[0], h, C, eps);
@@ -166,12 +278,17 @@ int llm_decode_layers(const llm_model *m, float *x, const float *cos, const floa
             memcpy(kc + (j * s_max + pos) * D, k + j * D, (size_t)D * sizeof(float));
             memcpy(vc + (j * s_max + pos) * D, v + j * D, (size_t)D * sizeof(float));
         }
-        int64_t first = lo[L->window_slot];
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t j = 0; j < H; j++) {
-            int64_t g = j / groups;
-            attend(m, q + j * D, kc + g * s_max * D, vc + g * s_max * D, s_max, first, pos, scores + j * s_max,
-                   att + j * D);
+        int64_t first = lo[L->window_slot], n_keys = pos + 1 - first;
+        /* Split the keys only when each thread gets a useful share; short contexts stay on one thread. */
+        int nt = n_keys >= 64 * threads ? threads : 1;
+        #pragma omp parallel num_threads(nt)
+        {
+            int t = omp_get_thread_num(), used = omp_get_num_threads();
+            int64_t chunk = (n_keys + used - 1) / used, s0 = first + t * chunk, s1 = s0 + chunk;
+            attend_part(m, q, kc, vc, s_max, s0, s1 < pos + 1 ? s1 : pos + 1, scores, parts + t * H * (D + 2));
+            #pragma omp barrier
+            #pragma omp single
+            attend_merge(m, parts, used, att);
         }
         linear(&L->o, att, o, scratch, threads);
         if (m->sandwich) {
@@ -186,16 +303,19 @@ int llm_decode_layers(const llm_model *m, float *x, const float *cos, const floa
             linear(L->up + p, h, y, scratch, threads);
             y += L->up[p].n;
         }
-        for (int64_t i = 0; i < I; i++) gu[i] = activate(gu[i], m->act) * gu[I + i];
+        if (m->act == ACT_SILU)
+            silu_mul(gu, gu + I, I);
+        else
+            for (int64_t i = 0; i < I; i++) gu[i] = activate(gu[i], m->act) * gu[I + i];
         linear(&L->down, gu, d, scratch, threads);
         add_normed(x, d, m->sandwich ? L->norm[3] : NULL, tmp, C, eps);
     }
     return 0;
 }
 
-int64_t llm_step_work_floats(const llm_model *m, int64_t s_max) {
+int64_t llm_step_work_floats(const llm_model *m, int64_t s_max, int threads) {
     int64_t C = m->hidden, H = m->heads, D = m->head_dim;
-    return C + (H + 2 * m->kv_heads) * D + H * D + C + 2 * m->inter + C + C + H * s_max;
+    return C + (H + 2 * m->kv_heads) * D + H * D + C + 2 * m->inter + C + C + H * s_max + threads * H * (D + 2);
 }
 
 /* Large enough for the Q8 activations of the widest input (llm_gemv_i8q8 / llm_gemv_i4q8). */
