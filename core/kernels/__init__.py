@@ -1,4 +1,5 @@
-"""Native matrix-vector kernels for one-token decode (matvec.c), built on first use with the system C compiler.
+"""Native kernels for one-token decode, built on first use with the system C compiler: matvec.c (the
+matrix-vector products) and step.c (a whole decode step over all layers, driven by core.decode_step).
 
 Decode reads every weight once per token; on the AVX2 CPUs this targets, torch's kernels for a
 [N, K] x [K] product reach about half the memory bandwidth (matvec.c says more). The library is
