@@ -204,3 +204,26 @@ def test_a_cache_it_cannot_use_is_left_to_the_layers(folders):
         assert step(x, cos, sin, odd, 0) is None
         assert all(not t.any() for t in odd.keys + odd.values)  # nothing written
         assert step(x, cos, sin, model.new_cache(1, 4), 0) is not None
+
+
+def test_two_threads_decoding_through_one_model(folders):
+    """Each Python thread with its own cache gets the logits it gets alone (the step's buffers are shared)."""
+    import threading
+
+    model = load(folders["llama-gqa"])
+    alone, _ = decode(model, True, steps=30)
+    got, errors = [None, None], []
+
+    def worker(i):
+        try:
+            got[i] = decode(model, True, steps=30)[0]
+        except Exception as e:  # surfaced below: a failure in a thread must fail the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(torch.equal(g, alone) for g in got)
