@@ -39,9 +39,10 @@ from pathlib import Path
 # transformers' GGUF dequantization draws a plain tqdm bar that its logging switches do not reach;
 # tqdm reads this when imported, so it is set before anything imports tqdm.
 os.environ.setdefault("TQDM_DISABLE", "1")
-# The CLI's OpenMP setting (cli/app.py _tune_openmp), for every engine in this process alike.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+# The CLI's OpenMP setting, for every engine in this process alike (before anything imports torch).
+from llm_torch.core.openmp import tune_openmp  # noqa: E402
+
+tune_openmp()
 
 THREADS = 2
 N_CTX = 1024

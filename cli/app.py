@@ -60,7 +60,9 @@ app.command("completions", hidden=True)(completions_cmd.completions)
 
 def main() -> None:
     """Entry point: one handler for every error, Ctrl-C and closed pipes."""
-    _tune_openmp()
+    from llm_torch.core.openmp import tune_openmp
+
+    tune_openmp()  # before anything loads torch
     from . import render
 
     abort, usage, exit_ = _click_exceptions()
@@ -95,18 +97,6 @@ def main() -> None:
             sys.exit(1)
         render.error(f"{type(e).__name__}: {e}", "set LLM_DEBUG=1 to see the traceback")
         sys.exit(1)
-
-
-def _tune_openmp() -> None:
-    """Shorten OpenMP's busy-wait before torch loads libgomp (it reads the environment once).
-
-    libgomp's threads spin ~300k iterations after each parallel region; when another process holds
-    a core, torch's 2 threads then wait on each other for whole scheduler slices. Measured on 2 cores
-    with a busy neighbour: decode 0.4-0.7 -> 4-6 tok/s with GOMP_SPINCOUNT=1000, and the same
-    ~20 tok/s on an idle machine (OMP_WAIT_POLICY=PASSIVE costs 8% idle). A user's setting wins.
-    """
-    if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["GOMP_SPINCOUNT"] = "1000"
 
 
 def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from . import kernels
 from .errors import InputError
 from .generate import GenerationSpec, Timings, context_length, generate_tokens
 from .sampling import SamplingSpec
@@ -310,14 +311,8 @@ def environment() -> dict[str, str]:
         "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
         "machine": platform.machine(),
         "cpus_available": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
-        "decode_kernels": _kernels_detail(),
+        "decode_kernels": kernels.status().detail,
     }
-
-
-def _kernels_detail() -> str:
-    from .kernels import status
-
-    return status().detail
 
 
 def set_threads(threads: int | None) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
-from .layers import DecoderLayer, FusedLinear, Linear, RMSNorm
+from .layers import DecoderLayer, RMSNorm
 from .masks import layer_type_masks
 
 STEP = "all layers in one native call"
@@ -107,16 +107,13 @@ class DecodeStep:
 
     @staticmethod
     def _spec(module) -> kernels.LinearSpec:
-        if type(module) in (Linear, FusedLinear):
-            w = module.weight.detach()
-            if w.dtype not in kernels.FLOAT_KINDS or w.device.type != "cpu" or not w.is_contiguous():
-                raise Unsupported(f"{w.dtype} weights" if w.device.type == "cpu" else f"weights on {w.device}")
-            bias = None if module.bias is None else module.bias.detach().float().contiguous()
-            return kernels.LinearSpec(kernels.FLOAT_KINDS[w.dtype], w, w.shape[0], w.shape[1], bias=bias)
+        # Every layer kind describes itself (layers.Linear, quant's int8 / int4 modules); others have no such method.
         native = getattr(module, "native_linear", None)
         spec = native() if native is not None else None
         if spec is None:
-            raise Unsupported(f"{type(module).__name__} projections")
+            w = getattr(module, "weight", None)
+            detail = f" with {w.dtype} weights on {w.device.type}" if isinstance(w, torch.Tensor) and w.numel() else ""
+            raise Unsupported(f"{type(module).__name__} projections{detail}")
         return spec
 
     def _hold(self, t: torch.Tensor) -> int:

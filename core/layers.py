@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ModelConfig
 
 
@@ -57,8 +58,6 @@ def use_native_kernels(enabled: bool = True) -> bool:
     The loader calls this (building the library on first use); until then Linear runs torch's kernels.
     """
     global _MATVEC
-    from . import kernels
-
     _MATVEC = kernels.matvec() if enabled else None
     return _MATVEC is not None
 
@@ -86,6 +85,14 @@ class Linear(nn.Linear):
         # Many tokens: widen the weights once per call; the fp32 matmul is compute-bound and fast.
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w.to(x.dtype), bias)
+
+    def native_linear(self):
+        """This layer as core.kernels multiply it (a kernels.LinearSpec), or None: a weight they do not read."""
+        w = self.weight.detach()
+        if w.dtype not in kernels.FLOAT_KINDS or w.device.type != "cpu" or w.dim() != 2 or not w.is_contiguous():
+            return None
+        bias = None if self.bias is None else self.bias.detach().float().contiguous()
+        return kernels.LinearSpec(kernels.FLOAT_KINDS[w.dtype], w, w.shape[0], w.shape[1], bias=bias)
 
 
 class Embedding(nn.Embedding):

@@ -8,11 +8,10 @@ next-token distributions, position by position. Peak RSS is measured in a fresh 
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -127,7 +126,3 @@ def report_card(float_ref: str, quant_dir: Path, *, dtype: str = "float32", rss:
             mean_kl=kl_value,
         ))
     return cards
-
-
-def cards_json(cards: list[Card]) -> str:
-    return json.dumps([asdict(c) for c in cards])

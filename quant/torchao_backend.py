@@ -47,6 +47,16 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _one_token(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """y for one fp32 CPU token through core.kernels (the product layer.native_linear() describes, the one
+    the decode step runs too), or None: more tokens, no native kernels, or none for this layer."""
+    mv = native_matvec()
+    if mv is None or x.numel() != x.shape[-1] or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    spec = layer.native_linear()
+    return None if spec is None else mv.linear(spec, x.reshape(-1)).view(*x.shape[:-1], -1)
+
+
 class QuantModule(nn.Module):
     """Base of our quantized layers. `weight` answers what callers ask a Linear's weight for (dtype and
     device of the activations: CausalLM.new_cache sizes the KV cache from lm_head.weight); it holds nothing."""
@@ -85,13 +95,11 @@ class Int8Linear(QuantModule):
         self.register_buffer("scale_f32", self.scale.float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mv = native_matvec()
-        if mv is not None and x.numel() == x.shape[-1] and x.dtype == torch.float32 and x.device.type == "cpu" \
-                and (not self.dynamic or self.in_features % 32 == 0):
-            # One token: core.kernels reads the int8 rows with fp32 activations (SmolLM2's matrices per
-            # token, 2 threads: 14 ms vs ~30 ms in torch's bf16 kernel); int8-dynamic rounds them to Q8 blocks.
-            bias = None if self.bias is None else self.bias.float()
-            return mv.int8(self.qweight, self.scale_f32, x.reshape(-1), bias, q8=self.dynamic).view(*x.shape[:-1], -1)
+        y = _one_token(self, x)
+        if y is not None:
+            # core.kernels read the int8 rows with fp32 activations (SmolLM2's matrices per token, 2 threads:
+            # 14 ms vs ~30 ms in torch's bf16 kernel); int8-dynamic rounds them to Q8 blocks.
+            return y
         h = _flat(x)
         if h.shape[0] >= PREFILL_ROWS:
             # Many tokens: fp32 GEMM on the dequantized weights beats the int8 kernel (compute-bound).
@@ -211,12 +219,9 @@ class Int4Linear(QuantModule):
         return torch.addcmul((zero - 8 * scale)[:, :, None], q.view(N, K // g, g), scale[:, :, None]).view(N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mv = native_matvec()
-        if mv is not None and x.numel() == x.shape[-1] and x.dtype == torch.float32 and x.device.type == "cpu":
-            # One token: core.kernels reads the plain 4-bit codes; x as Q8 blocks (faster than torch's bf16 kernel).
-            bias = None if self.bias is None else self.bias.float()
-            y = mv.int4(self.plain, self.plain_scale, self.plain_zero, self.group_size, x.reshape(-1), bias)
-            return y.view(*x.shape[:-1], -1)
+        y = _one_token(self, x)
+        if y is not None:  # core.kernels read the plain 4-bit codes; x as Q8 blocks (faster than torch's bf16 kernel)
+            return y
         if x.numel() >= INT4_PREFILL_ROWS * x.shape[-1]:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return torch.nn.functional.linear(x, self.dequantized().to(x.dtype), bias)

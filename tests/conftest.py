@@ -1,8 +1,8 @@
 import os
 
-# As the CLI does (cli/app.py _tune_openmp): short OpenMP spin-waits, set before torch loads libgomp.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+from llm_torch.core.openmp import tune_openmp
+
+tune_openmp()  # as the CLI does, before torch loads libgomp
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

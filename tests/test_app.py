@@ -1,4 +1,4 @@
-"""cli/app.py process setup: OpenMP's spin-wait is shortened unless the user chose a setting."""
+"""Process setup (core/openmp.py, called first by cli/app.py): OpenMP's spin-wait is shortened unless the user chose a setting."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from llm_torch.cli import app
+from llm_torch.core.openmp import tune_openmp
 
 
 @pytest.mark.parametrize(
@@ -18,5 +18,5 @@ def test_openmp_spin_count(monkeypatch, given, expected):
         monkeypatch.delenv(name, raising=False)
     for name, value in given.items():
         monkeypatch.setenv(name, value)
-    app._tune_openmp()
+    tune_openmp()
     assert os.environ.get("GOMP_SPINCOUNT") == expected

@@ -128,6 +128,13 @@ class MatVec:
         self._fns[w.dtype](w.data_ptr(), x.data_ptr(), b, y.data_ptr(), N, K, torch.get_num_threads())
         return y
 
+    def linear(self, spec: LinearSpec, x: torch.Tensor) -> torch.Tensor:
+        """y [n] = the product `spec` describes (a layer's native_linear()) for one fp32 x [k]."""
+        if spec.kind in (I8, I8Q8):
+            return self.int8(spec.weight, spec.scale, x, spec.bias, q8=spec.kind == I8Q8)
+        if spec.kind == I4Q8:
+            return self.int4(spec.weight, spec.scale, spec.zero, spec.group, x, spec.bias)
+        return self(spec.weight, x, spec.bias)
 
     def int8(self, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None,
              *, q8: bool = False) -> torch.Tensor:
