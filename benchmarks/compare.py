@@ -130,7 +130,10 @@ class Ours(Engine):
     def load(self, path):
         from llm_torch.core.loading import load_model
 
+        from llm_torch.core.runner import make_runner
+
         self.loaded = load_model(str(path), dtype=self.dtype, progress=False)
+        self.runner = make_runner(self.loaded.model)
         if self.dtype == "auto":
             self.note = f"auto -> {self.loaded.dtype_name}"
             self.label = f"llm-torch auto ({self.loaded.dtype_name})"
@@ -141,12 +144,12 @@ class Ours(Engine):
     def prefill(self, ids):
         from llm_torch.core.bench import time_prefill
 
-        return time_prefill(self.loaded.model, ids).prefill_seconds
+        return time_prefill(self.runner, ids).prefill_seconds
 
     def decode(self, ids, new_tokens):
         from llm_torch.core.bench import time_decode
 
-        return time_decode(self.loaded.model, ids, new_tokens).decode_tokens_per_second
+        return time_decode(self.runner, ids, new_tokens).decode_tokens_per_second
 
     def bytes_per_token(self):
         from llm_torch.core.bench import weight_bytes_per_token

@@ -16,17 +16,17 @@ from . import options as o
 from . import render
 
 
-def _parse_lengths(text: str) -> tuple[int, ...]:
+def _parse_counts(text: str, flag: str, example: str) -> tuple[int, ...]:
     from llm_torch.core.errors import InputError
 
     parts = [p.strip() for p in text.split(",") if p.strip()]
     try:
-        lengths = tuple(int(p) for p in parts)
+        counts = tuple(int(p) for p in parts)
     except ValueError:
-        raise InputError(f"--prompt-lengths must be integers separated by commas, got '{text}'", hint="e.g. --prompt-lengths 128,512") from None
-    if any(n < 1 for n in lengths):
-        raise InputError(f"prompt lengths must be >= 1, got '{text}'")
-    return lengths
+        raise InputError(f"{flag} must be integers separated by commas, got '{text}'", hint=f"e.g. {flag} {example}") from None
+    if any(n < 1 for n in counts):
+        raise InputError(f"{flag} values must be >= 1, got '{text}'")
+    return counts
 
 
 def bench(
@@ -38,14 +38,18 @@ def bench(
     ] = "128,512",
     new_tokens: Annotated[int, typer.Option("--new-tokens", "-n", min=0, help="Decode test: tokens generated (0 = skip).")] = 128,
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", min=1, help="Timed runs per test (after one warm-up).")] = 3,
+    batch: Annotated[
+        str, typer.Option("--batch", "-b", help="Batched decode tests: sequences decoding at once, comma-separated (e.g. 1,4,8,16).")
+    ] = "",
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads. Default: torch's choice.")] = None,
     format: Annotated[o.OutputFormat, typer.Option("--format", "-f", help="text (a table) or json (one object).")] = o.OutputFormat.text,
 ) -> None:
     """Measure load time, prefill and decode speed, peak memory and the decode ceiling of a model."""
-    lengths = _parse_lengths(prompt_lengths)  # before importing torch: a typo fails at once
+    lengths = _parse_counts(prompt_lengths, "--prompt-lengths", "128,512")  # before importing torch: a typo fails at once
+    batches = _parse_counts(batch, "--batch", "1,4,8,16")
     from llm_torch.core.bench import BenchSpec, run_bench
 
-    spec = BenchSpec(prompt_lengths=lengths, new_tokens=new_tokens, repetitions=repetitions)
+    spec = BenchSpec(prompt_lengths=lengths, new_tokens=new_tokens, repetitions=repetitions, batches=batches)
     status = render.err_console().status("loading") if sys.stderr.isatty() else nullcontext()
     with status as live:
         progress = (lambda msg: live.update(msg)) if live is not None else None
@@ -66,6 +70,7 @@ def _tests(result) -> list[tuple[str, object]]:
     rows = [(f"pp{p.prompt_tokens}", p.tokens_per_second) for p in result.prefill]
     if result.decode is not None:
         rows.append((f"tg{result.decode.new_tokens}", result.decode.tokens_per_second))
+    rows += [(f"tg{b.new_tokens} x{b.batch}", b.tokens_per_second) for b in result.batched]
     return rows
 
 
@@ -121,6 +126,10 @@ def _notes(result) -> list[str]:
         notes.append(f"one-token matrix-vector products: {result.environment['decode_kernels']}")
     if "decode_step" in result.environment:
         notes.append(f"decode step: {result.environment['decode_step']}")
+    if result.batched:
+        per = ", ".join(f"x{b.batch} {b.per_sequence_tokens_per_second.median:.1f}" for b in result.batched)
+        notes.append(f"tgN xB: B sequences ({result.batched[0].prompt_tokens}-token prompts) decoding at once, "
+                     f"aggregate tok/s; per sequence: {per}")
     spec = result.spec
     notes.append(f"tok/s: median of {spec.repetitions} runs after {spec.warmup} warm-up; min and max alongside")
     if "load_average" in result.environment:

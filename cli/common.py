@@ -54,11 +54,10 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
             for note in notes:
                 render.warn(note)
     if compile:
-        from llm_torch.core.decode_step import STEP
-        from llm_torch.core.model import decode_path
+        from llm_torch.core.runner import native_problem
         from llm_torch.core.speed import compile_model
 
-        if decode_path(loaded.model) == STEP:
+        if native_problem(loaded.model) is None:
             render.warn("--compile replaces the native decode step with a compiled graph of the PyTorch layers: "
                         "slower on this CPU (see README), and the first token waits 20-90 s for the compile")
         compile_model(loaded.model)
@@ -72,9 +71,9 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
         chosen = " (--dtype auto)" if dtype == "auto" else ""
         if weights.device.type == "cpu":
             from llm_torch.core.kernels import status
-            from llm_torch.core.model import decode_path
+            from llm_torch.core.runner import describe
 
-            how += f"; decode on {status().detail} ({decode_path(loaded.model)})"
+            how += f"; decode on {status().detail} ({describe(loaded.model)})"
         render.info(f"loaded {loaded.name}: {how}{chosen} on {weights.device} in {time.perf_counter() - t0:.2f} s")
     return loaded
 

@@ -33,7 +33,8 @@ def generate(
 ) -> None:
     """Generate text from a prompt (argument and/or stdin); streams to stdout."""
     from llm_torch.core.errors import InputError
-    from llm_torch.core.generate import GenerationSpec, stream_generate
+    from llm_torch.core.engine import stream_generate
+    from llm_torch.core.generate import GenerationSpec
 
     from .common import encode_prompt, load, read_prompt, sampling_spec
 

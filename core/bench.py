@@ -2,9 +2,12 @@
 
 What is measured, and how:
 - load: wall time of `load_model` in this process (resolve, config, weights, tokenizer);
-- prefill at N tokens: `generate_tokens` with a fixed random prompt of N ids and max_new_tokens=1, i.e.
+- prefill at N tokens: the engine (core/engine.py) with a fixed random prompt of N ids and max_new_tokens=1, i.e.
   the time to the first token (forward over the prompt + last-position logits + sampling);
 - decode: a 1-token prompt, then `new_tokens` steps through the KV cache (EOS never stops it);
+- batched decode at batch B (`batches`): B sequences with different short prompts in one engine, then
+  `new_tokens` steps that decode all of them at once; aggregate tokens/s = B x new_tokens / the time of
+  those steps, per-sequence tokens/s = new_tokens / that time;
 - each measurement runs `warmup` times uncounted, then `repetitions` times, interleaved per repetition
   (pp128, pp512, tg, pp128, ...) so slow drift on a shared machine hits every test alike;
 - memory bandwidth: a read-only reduction over a buffer far larger than the last-level cache, with the
@@ -27,13 +30,16 @@ from torch import nn
 
 from . import kernels
 from .errors import InputError
-from .generate import GenerationSpec, Timings, context_length, generate_tokens
+from .engine import Engine, EngineConfig
+from .generate import GenerationSpec, Timings, context_length
+from .runner import Runner, make_runner
 from .sampling import SamplingSpec
 
 DEFAULT_PROMPT_LENGTHS = (128, 512)
 DEFAULT_NEW_TOKENS = 128
 DEFAULT_REPETITIONS = 3
 DECODE_PROMPT_TOKENS = 1  # like llama-bench's tg test: decode from an (almost) empty context
+BATCH_PROMPT_TOKENS = 16  # each sequence of a batched decode test has its own prompt of this length
 BANDWIDTH_BUFFER_MIB = 256  # 8x this machine's 32 MiB L3: the reads must come from DRAM
 
 
@@ -44,8 +50,13 @@ class BenchSpec:
     repetitions: int = DEFAULT_REPETITIONS
     warmup: int = 1
     seed: int = 0  # for the random prompt ids: the same prompt every run and every engine
+    batches: tuple[int, ...] = ()  # batched decode tests: sequences decoding at once
 
     def __post_init__(self):
+        if any(b < 1 for b in self.batches):
+            raise InputError(f"batch sizes must be >= 1, got {list(self.batches)}")
+        if self.batches and self.new_tokens < 1:
+            raise InputError("batched decode tests need --new-tokens >= 1")
         if self.repetitions < 1:
             raise InputError(f"repetitions must be >= 1, got {self.repetitions}")
         if self.warmup < 0:
@@ -117,6 +128,16 @@ class DecodeResult:
     seconds: Stat
 
 
+@dataclass(frozen=True)
+class BatchResult:
+    batch: int
+    prompt_tokens: int  # per sequence
+    new_tokens: int  # per sequence
+    tokens_per_second: Stat  # aggregate: all sequences together
+    per_sequence_tokens_per_second: Stat
+    seconds: Stat
+
+
 @dataclass
 class BenchResult:
     model: ModelInfo
@@ -128,6 +149,7 @@ class BenchResult:
     first_token_prompt_tokens: int | None
     prefill: list[PrefillResult] = field(default_factory=list)
     decode: DecodeResult | None = None
+    batched: list[BatchResult] = field(default_factory=list)
     peak_rss_bytes: int = 0  # after load and every run, before the bandwidth probe allocates its buffer
     bandwidth: Bandwidth | None = None
     environment: dict[str, str] = field(default_factory=dict)
@@ -176,6 +198,17 @@ class BenchResult:
                 "tokens_per_second": self.decode.tokens_per_second.to_dict(),
                 "seconds": self.decode.seconds.to_dict(5),
             },
+            "batched_decode": [
+                {
+                    "batch": b.batch,
+                    "prompt_tokens": b.prompt_tokens,
+                    "new_tokens": b.new_tokens,
+                    "tokens_per_second": b.tokens_per_second.to_dict(),
+                    "per_sequence_tokens_per_second": b.per_sequence_tokens_per_second.to_dict(),
+                    "seconds": b.seconds.to_dict(5),
+                }
+                for b in self.batched
+            ],
             "peak_rss_bytes": self.peak_rss_bytes,
             "peak_rss_mib": round(self.peak_rss_bytes / 2**20, 1),
             "memory_bandwidth": None
@@ -362,29 +395,48 @@ def random_prompt(vocab_size: int, length: int, seed: int = 0) -> list[int]:
     return torch.randint(low, vocab_size, (length,), generator=g).tolist()
 
 
-def _run(model, prompt_ids: Sequence[int], max_new_tokens: int) -> Timings:
-    timings = Timings()
-    spec = GenerationSpec(max_new_tokens=max_new_tokens, sampling=SamplingSpec())
+def _run(runner: Runner, prompt_ids: Sequence[int], max_new_tokens: int) -> Timings:
     # No EOS ids: a benchmark must always run the full count.
-    for _ in generate_tokens(model, prompt_ids, spec, eos_ids=frozenset(), timings=timings):
-        pass
-    return timings
+    spec = GenerationSpec(max_new_tokens=max_new_tokens, sampling=SamplingSpec(), eos_token_ids=())
+    engine = Engine(runner.model, None, EngineConfig(max_batch=1), runner=runner)
+    for event in engine.stream(prompt_ids, spec):
+        if event.finish_reason:
+            return event.timings
+    raise AssertionError("stream ended without a final event")
 
 
-def time_prefill(model, prompt_ids: Sequence[int]) -> Timings:
+def time_prefill(runner: Runner, prompt_ids: Sequence[int]) -> Timings:
     """Time to the first token for this prompt (prefill + first sample)."""
-    return _run(model, prompt_ids, 1)
+    return _run(runner, prompt_ids, 1)
 
 
-def time_decode(model, prompt_ids: Sequence[int], new_tokens: int) -> Timings:
+def time_decode(runner: Runner, prompt_ids: Sequence[int], new_tokens: int) -> Timings:
     """`new_tokens` decode steps after the prompt (one more token comes out of prefill, uncounted)."""
-    timings = _run(model, prompt_ids, new_tokens + 1)
+    timings = _run(runner, prompt_ids, new_tokens + 1)
     if timings.completion_tokens != new_tokens + 1:
         raise InputError(
             f"decode stopped after {timings.completion_tokens - 1} of {new_tokens} tokens (context too short)",
             hint="lower --new-tokens",
         )
     return timings
+
+
+def time_batched_decode(runner: Runner, prompts: Sequence[Sequence[int]], new_tokens: int) -> float:
+    """Seconds of the `new_tokens` steps that decode every prompt's sequence at once (after all prefills)."""
+    spec = GenerationSpec(max_new_tokens=new_tokens + 1, sampling=SamplingSpec(), eos_token_ids=())
+    engine = Engine(runner.model, None, EngineConfig(max_batch=len(prompts)), runner=runner)
+    reqs = [engine.add(p, spec) for p in prompts]
+    while not all(r.generated for r in reqs):
+        engine.step()
+    if any(len(r.generated) != 1 for r in reqs):
+        raise AssertionError("the prefills did not end on the same step")
+    t0 = time.perf_counter()
+    while engine.has_work():
+        engine.step()
+    seconds = time.perf_counter() - t0
+    if any(len(r.generated) != new_tokens + 1 for r in reqs):
+        raise InputError("batched decode stopped early (context too short)", hint="lower --new-tokens")
+    return seconds
 
 
 def check_fits(model, spec: BenchSpec) -> None:
@@ -395,7 +447,7 @@ def check_fits(model, spec: BenchSpec) -> None:
             f"prompt length {max(too_long)} does not fit the model's context of {context} tokens",
             hint=f"use --prompt-lengths below {context}",
         )
-    if DECODE_PROMPT_TOKENS + spec.new_tokens + 1 > context:
+    if (BATCH_PROMPT_TOKENS if spec.batches else DECODE_PROMPT_TOKENS) + spec.new_tokens + 1 > context:
         raise InputError(
             f"{spec.new_tokens} new tokens do not fit the model's context of {context} tokens",
             hint=f"use --new-tokens below {context - DECODE_PROMPT_TOKENS - 1}",
@@ -405,36 +457,52 @@ def check_fits(model, spec: BenchSpec) -> None:
 Progress = Callable[[str], None]
 
 
-def bench_loaded(loaded, spec: BenchSpec, *, progress: Progress | None = None) -> tuple[list[PrefillResult], DecodeResult | None, float | None]:
+def bench_loaded(loaded, spec: BenchSpec, *, progress: Progress | None = None
+                 ) -> tuple[list[PrefillResult], DecodeResult | None, float | None, list[BatchResult]]:
     """Warm-up then interleaved repetitions on an already loaded model.
 
-    -> (prefill results, decode result, seconds of the first, cold prefill).
+    -> (prefill results, decode result, seconds of the first, cold prefill, batched decode results).
     """
     say = progress or (lambda _msg: None)
     model = loaded.model
     check_fits(model, spec)
+    runner = make_runner(model)
     vocab = model.config.vocab_size
     prompts = {n: random_prompt(vocab, n, spec.seed) for n in spec.prompt_lengths}
     decode_prompt = random_prompt(vocab, DECODE_PROMPT_TOKENS, spec.seed + 1)
     prefill_runs: dict[int, list[Timings]] = {n: [] for n in spec.prompt_lengths}
     decode_runs: list[Timings] = []
+    batch_prompts = {b: [random_prompt(vocab, BATCH_PROMPT_TOKENS, spec.seed + 2 + i) for i in range(b)]
+                     for b in spec.batches}
+    batch_runs: dict[int, list[float]] = {b: [] for b in spec.batches}
     first_token = None
     for rep in range(-spec.warmup, spec.repetitions):
         label = "warm-up" if rep < 0 else f"run {rep + 1}/{spec.repetitions}"
         for n, ids in prompts.items():
             say(f"{label}: prefill {n} tokens")
-            t = time_prefill(model, ids)
+            t = time_prefill(runner, ids)
             if first_token is None:
                 first_token = t.prefill_seconds
             if rep >= 0:
                 prefill_runs[n].append(t)
         if spec.new_tokens:
             say(f"{label}: decode {spec.new_tokens} tokens")
-            t = time_decode(model, decode_prompt, spec.new_tokens)
+            t = time_decode(runner, decode_prompt, spec.new_tokens)
             if first_token is None:
                 first_token = t.prefill_seconds
             if rep >= 0:
                 decode_runs.append(t)
+        for b, ps in batch_prompts.items():
+            say(f"{label}: decode {spec.new_tokens} tokens x batch {b}")
+            seconds = time_batched_decode(runner, ps, spec.new_tokens)
+            if rep >= 0:
+                batch_runs[b].append(seconds)
+    batched = [
+        BatchResult(b, BATCH_PROMPT_TOKENS, spec.new_tokens,
+                    Stat.of([b * spec.new_tokens / s for s in runs]), Stat.of([spec.new_tokens / s for s in runs]),
+                    Stat.of(runs))
+        for b, runs in batch_runs.items()
+    ]
     prefill = [
         PrefillResult(
             n,
@@ -451,7 +519,7 @@ def bench_loaded(loaded, spec: BenchSpec, *, progress: Progress | None = None) -
             Stat.of([t.decode_tokens_per_second for t in decode_runs]),
             Stat.of([t.decode_seconds for t in decode_runs]),
         )
-    return prefill, decode, first_token
+    return prefill, decode, first_token, batched
 
 
 def run_bench(
@@ -477,10 +545,10 @@ def run_bench(
     load_seconds = time.perf_counter() - t0
     info = model_info(loaded)
     if info.device == "cpu":
-        from .model import decode_path
+        from .runner import describe
 
-        env["decode_step"] = decode_path(loaded.model)
-    prefill, decode, first_token = bench_loaded(loaded, spec, progress=progress)
+        env["decode_step"] = describe(loaded.model)
+    prefill, decode, first_token, batched = bench_loaded(loaded, spec, progress=progress)
     peak = peak_rss_bytes()  # before the bandwidth buffer exists, so it is the model's peak
     result = BenchResult(
         model=info,
@@ -492,6 +560,7 @@ def run_bench(
         first_token_prompt_tokens=spec.prompt_lengths[0] if spec.prompt_lengths else (DECODE_PROMPT_TOKENS if spec.new_tokens else None),
         prefill=prefill,
         decode=decode,
+        batched=batched,
         peak_rss_bytes=peak,
         environment=env,
     )

@@ -1,8 +1,8 @@
 """A multi-turn chat session: messages, settings, one KV cache across turns. UI-free: it never prints.
 
-Each turn renders the whole conversation with the model's chat template, encodes it, and compares the ids
-with the ones the KV cache already holds (the previous prompt plus the tokens generated for the answer).
-Only the ids after the longest common prefix are prefilled; the cache is rolled back to that prefix first.
+Each turn renders the whole conversation with the model's chat template, encodes it, and hands the ids to
+the session's one-slot engine, whose prefix reuse finds them in the KV cache (the previous prompt plus the
+tokens generated for the answer): only the ids after the longest common prefix are prefilled.
 A template that renders a past answer differently from how it was generated (an end-of-turn token after
 it, stripped spaces, another tokenization of the same text) just makes the common prefix a little shorter.
 
@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Generator, Iterator, Sequence
 
 from .errors import InputError, TokenizerError
-from .generate import GenerationEvent, GenerationSpec, Timings, context_length, stream_generate
+from .engine import Engine, EngineConfig
+from .generate import GenerationEvent, GenerationSpec, Timings, context_length
 from .sampling import SamplingSpec
 
 FORMAT = "llm-torch-chat"
@@ -124,14 +125,6 @@ class ChatTurn:
         self._events.close()
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 class ChatSession:
     """One conversation with one model. `send` / `regenerate` return event iterators: `ChatNotice`s first,
     then the `GenerationEvent`s of the answer (the last one carries finish_reason and timings).
@@ -150,8 +143,7 @@ class ChatSession:
         self.last_turn: TurnInfo | None = None
         self._messages: list[dict[str, str]] = []  # user/assistant, alternating, starting with user
         self._start = 0  # index of the first message still in the model's window (even)
-        self._cache = None
-        self._cached: list[int] = []  # the ids whose keys/values the cache holds, in order
+        self._engine: Engine | None = None  # one slot, kept across turns: its KV cache is the conversation's
         self._fold_told = False
         self.system_role = self._system_role_supported()
 
@@ -170,7 +162,7 @@ class ChatSession:
 
     @property
     def cached_tokens(self) -> int:
-        return len(self._cached)
+        return len(self._engine.slot_tokens[0]) if self._engine is not None else 0
 
     def set_system(self, text: str | None) -> None:
         self.system = text or None
@@ -287,8 +279,7 @@ class ChatSession:
 
     def _stream(self, ids: list[int], dropped: int, undo) -> Iterator[GenerationEvent | ChatNotice]:
         generated: list[int] = []
-        final, cache, common, failed = None, None, 0, False
-        timings = Timings()  # filled by the engine as it goes, so an interrupted turn still has them
+        final, req, failed = None, None, False
         try:
             if self.system and not self.system_role and not self._fold_told:
                 self._fold_told = True
@@ -298,15 +289,11 @@ class ChatSession:
                 yield ChatNotice("context_trimmed",
                                  f"context full ({self.context} tokens): dropped the oldest {dropped} exchange(s) "
                                  f"from what the model sees, kept the system prompt")
-            common = min(common_prefix(ids, self._cached), len(ids) - 1)  # the last prompt token gives logits
-            budget = min(self.settings.max_new_tokens, self.context - len(ids))
-            reserved = self._reserve(len(ids) + budget)
-            self._cached = self._cached[:common]  # first: a shorter list than the cache holds is always safe
-            reserved.truncate(common)
-            cache = reserved
+            if self._engine is None:
+                self._engine = Engine(self.model, self.tokenizer, EngineConfig(max_batch=1))
             spec = GenerationSpec(max_new_tokens=self.settings.max_new_tokens, sampling=self.settings.sampling)
-            events = stream_generate(self.model, self.tokenizer, ids[common:], spec, cache=cache,
-                                     history=ids[:common], timings=timings)
+            req = self._engine.add(ids, spec)
+            events = self._engine.follow(req)
             try:
                 for event in events:
                     generated.extend(event.token_ids)
@@ -319,13 +306,10 @@ class ChatSession:
             failed = True
             raise
         finally:
-            if cache is not None:
-                # The cache holds the prompt, then the generated tokens fed back (never the last one sampled).
-                self._cached = (ids + generated)[: cache.length]
-            if cache is None or (failed and not generated):
+            if req is None or (failed and not generated):
                 undo()  # stopped before anything was generated: the turn did not happen
             else:
-                self._commit(ids, common, dropped, generated, final, timings)
+                self._commit(ids, req.timings.cached_tokens, dropped, generated, final, req.timings)
 
     def _commit(self, ids, common, dropped, generated, final, timings: Timings) -> None:
         answer = self.tokenizer.decode(generated, skip_special_tokens=True)
@@ -333,14 +317,6 @@ class ChatSession:
         # No final event: the consumer stopped reading (Ctrl-C in its own code).
         reason = final.finish_reason if final is not None else "interrupted"
         self.last_turn = TurnInfo(len(ids), common, len(ids) - common, dropped, reason, timings, answer, generated)
-
-    def _reserve(self, need: int):
-        need = min(need, self.context)
-        if self._cache is None:
-            self._cache = self.model.new_cache(1, min(self.context, max(need, 256)))
-        elif self._cache.max_len < need:  # grow geometrically: a reallocation copies the whole cache
-            self._cache.grow(min(self.context, max(need, 2 * self._cache.max_len)))
-        return self._cache
 
     # ---- status, save, load ----------------------------------------------------------------------------
 
@@ -353,7 +329,7 @@ class ChatSession:
             "dropped_messages": self._start,
             "context": self.context,
             "context_used": self.context_used(),
-            "cached_tokens": len(self._cached),
+            "cached_tokens": self.cached_tokens,
             "settings": self.settings.as_dict(),
         }
 

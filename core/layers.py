@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .config import ModelConfig
 
 
@@ -32,9 +31,13 @@ def k_major_weights(dtype: torch.dtype, device: torch.device) -> bool:
     Only where decode runs on torch's kernels: on CPU, MKL's fp32 matrix-vector product over a
     K-major weight (x @ W^T with W^T contiguous) reads ~1.2-2x faster than over rows (SmolLM2 fp32
     decode 12.0 -> 14.1 tok/s), and prefill's GEMM is as fast either way. The native kernels
-    (core.kernels) and torch.mv for fp16/bf16 want rows.
+    (core.kernels, which decode whenever they load) want rows.
     """
-    return device.type == "cpu" and dtype == torch.float32 and _MATVEC is None
+    if device.type != "cpu" or dtype != torch.float32:
+        return False
+    from . import kernels
+
+    return kernels.matvec() is None
 
 
 def empty_weight(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, k_major: bool) -> torch.Tensor:
@@ -44,22 +47,12 @@ def empty_weight(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-_MATVEC = None  # core.kernels.MatVec once loaded (None: torch's kernels); see use_native_kernels
+def use_native_kernels() -> bool:
+    """Build (first use) and load the native kernels; -> whether they run here. The loader calls it before
+    placing weights, since it decides their layout (k_major_weights)."""
+    from . import kernels
 
-
-def native_matvec():
-    """The loaded native kernels (core.kernels.MatVec) for one-token products, or None: torch's kernels."""
-    return _MATVEC
-
-
-def use_native_kernels(enabled: bool = True) -> bool:
-    """Route one-token products through core.kernels when it can run here; -> whether it does.
-
-    The loader calls this (building the library on first use); until then Linear runs torch's kernels.
-    """
-    global _MATVEC
-    _MATVEC = kernels.matvec() if enabled else None
-    return _MATVEC is not None
+    return kernels.matvec() is not None
 
 
 class Linear(nn.Linear):
@@ -72,27 +65,12 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.numel() == x.shape[-1] and _MATVEC is not None and _MATVEC.supports(w, x, self.bias):
-            # One token on the CPU: the native kernel reads fp32/fp16/bf16 rows at ~1.5-2x torch's speed.
-            return _MATVEC(w, x.reshape(-1), self.bias).view(*x.shape[:-1], -1)
         if w.dtype == x.dtype:
             return F.linear(x, w, self.bias)
-        if x.numel() == x.shape[-1]:
-            # One token: a matrix-vector product reads the narrow weights directly (memory-bound decode).
-            y = torch.mv(w, x.reshape(-1).to(w.dtype)).to(x.dtype)
-            y = y if self.bias is None else y + self.bias.to(x.dtype)
-            return y.view(*x.shape[:-1], -1)
-        # Many tokens: widen the weights once per call; the fp32 matmul is compute-bound and fast.
+        # Narrow storage (fp16/bf16 weights on CPU, fp32 activations): widen the weights for the product,
+        # so every token is computed in fp32 like the native kernels do (core.kernels).
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w.to(x.dtype), bias)
-
-    def native_linear(self):
-        """This layer as core.kernels multiply it (a kernels.LinearSpec), or None: a weight they do not read."""
-        w = self.weight.detach()
-        if w.dtype not in kernels.FLOAT_KINDS or w.device.type != "cpu" or w.dim() != 2 or not w.is_contiguous():
-            return None
-        bias = None if self.bias is None else self.bias.detach().float().contiguous()
-        return kernels.LinearSpec(kernels.FLOAT_KINDS[w.dtype], w, w.shape[0], w.shape[1], bias=bias)
 
 
 class Embedding(nn.Embedding):
@@ -209,11 +187,12 @@ class RotaryEmbedding(nn.Module):
         The sin half that multiplies the negated half of rotate_half(x) carries the sign instead
         (apply_rope), and the head axis is added once here rather than in every layer.
         """
-        inv_freq = self.inv_freq
+        inv_freq = self.inv_freq[None, None]  # [1, 1, D/2]
         if self.dynamic:
-            seq_len = int(position_ids.max()) + 1
-            if seq_len > self.config.max_position_embeddings:
-                inv_freq = rope_inv_freq(self.config, seq_len)[0].to(inv_freq.device)
+            # NTK frequencies follow each sequence's own length (rows of a batch are separate sequences).
+            longest = (position_ids.max(dim=1).values + 1).tolist()
+            if max(longest) > self.config.max_position_embeddings:
+                inv_freq = torch.stack([rope_inv_freq(self.config, n)[0] for n in longest])[:, None].to(inv_freq.device)
         freqs = position_ids[..., None].float() * inv_freq  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
@@ -286,17 +265,9 @@ class Attention(nn.Module):
             self.v_proj = Linear(c, kv_rows, bias=bias)
         self.o_proj = Linear(q_rows, c, bias=bias)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        kv: tuple[torch.Tensor, torch.Tensor] | None,
-        start: int,
-    ) -> torch.Tensor:
-        """x [B, T, C]; mask bool [B|1, 1, T, S] or None (= causal over the T new tokens only when
-        start == 0, or everything cached when T == 1); kv: this layer's cache [B, H_kv, S_max, D]."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, kv) -> torch.Tensor:
+        """x [B, T, C]; mask bool [B|1, 1, T, S] over the keys attended, or None: causal over the T new
+        tokens when they are all there is, everything when T == 1; kv: this layer's model.CacheLayer or None."""
         B, T, _ = x.shape
         H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
         if self.qkv_proj is not None:
@@ -311,10 +282,7 @@ class Attention(nn.Module):
             v = self.v_proj(x).view(B, T, H_kv, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if kv is not None:
-            k_cache, v_cache = kv
-            k_cache[:, :, start : start + T] = k
-            v_cache[:, :, start : start + T] = v
-            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]
+            k, v = kv.update(k, v)  # written to the cache; -> every key this row attends over
         if self.softcap is None:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads
@@ -355,8 +323,8 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, off)
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, off)
 
-    def forward(self, x, cos, sin, mask, kv, start):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, start)
+    def forward(self, x, cos, sin, mask, kv):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
         if self.sandwich:
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))

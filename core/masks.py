@@ -10,6 +10,18 @@ from __future__ import annotations
 import torch
 
 
+def mask_from_positions(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """The rule every mask follows, by position: q_pos [B|1, T] of the queries, k_pos [B|1, S] of the keys
+    (-1 where a key slot holds nothing) -> bool [B|1, 1, T, S]. A key is visible when it holds something,
+    is not in the query's future, and (sliding_window) 0 <= q - k < sliding_window (the reference's convention)."""
+    q = q_pos[:, None, :, None]
+    k = k_pos[:, None, None, :]
+    allowed = (k >= 0) & (k <= q)
+    if sliding_window is not None:
+        allowed = allowed & (q - k < sliding_window)
+    return allowed
+
+
 def attention_mask(
     q_len: int,
     kv_len: int,
@@ -22,18 +34,15 @@ def attention_mask(
     """Causal (optionally sliding-window, optionally padded) mask of shape [B|1, 1, q_len, kv_len].
 
     q_offset: slot of the first query (tokens already in the cache).
-    sliding_window: a key is visible when 0 <= q - k < sliding_window (the reference's convention).
+    sliding_window: a key is visible when 0 <= q - k < sliding_window.
     padding_mask: [B, >= kv_len], True/1 for real tokens.
     """
-    q = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]
-    k = torch.arange(kv_len, device=device)[None, :]
-    allowed = k <= q
-    if sliding_window is not None:
-        allowed = allowed & (q - k < sliding_window)
-    allowed = allowed[None, None]
+    q = torch.arange(q_offset, q_offset + q_len, device=device)[None]
+    k = torch.arange(kv_len, device=device)[None]
     if padding_mask is not None:
-        allowed = allowed & padding_mask[:, None, None, :kv_len].to(device=allowed.device, dtype=torch.bool)
-    return allowed
+        real = padding_mask[:, :kv_len].to(device=k.device, dtype=torch.bool)
+        k = torch.where(real, k, torch.full_like(k, -1))
+    return mask_from_positions(q, k, sliding_window)
 
 
 def layer_type_masks(

@@ -7,55 +7,19 @@ load with an identity key map.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
 from .errors import InputError
+from .kv_cache import KVCache
 from .layers import DecoderLayer, Embedding, Linear, RMSNorm, RotaryEmbedding, compute_dtype
-from .masks import layer_type_masks
-
-
-class KVCache:
-    """Preallocated keys/values, one [B, H_kv, S_max, D] pair per layer, written by position.
-
-    `length` is the number of slots filled; the model advances it after each forward, and
-    `truncate(n)` rolls it back (chat undo / regenerate) without touching memory.
-    """
-
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device="cpu"):
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.max_len = max_len
-        self.length = 0
-
-    @property
-    def batch_size(self) -> int:
-        return self.keys[0].shape[0]
-
-    def truncate(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
-        self.length = length
-
-    def grow(self, max_len: int) -> None:
-        """Reallocate to hold `max_len` slots, keeping what is cached."""
-        if max_len <= self.max_len:
-            return
-        for store in (self.keys, self.values):
-            for i, t in enumerate(store):
-                bigger = t.new_zeros(t.shape[0], t.shape[1], max_len, t.shape[3])
-                bigger[:, :, : self.length] = t[:, :, : self.length]
-                store[i] = bigger
-        self.max_len = max_len
+from .masks import layer_type_masks, mask_from_positions
 
 
 class DecoderModel(nn.Module):
-    native_step = True  # one-token decode through core.decode_step where it can run (False: the layers always)
-    native_step_off = "switched off"  # why, when native_step is False
-
     def __init__(self, config: ModelConfig, fused: bool = False):
         super().__init__()
         self.config = config
@@ -64,97 +28,106 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
         self.rotary_emb = RotaryEmbedding(config)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        *,
-        cache: KVCache | None = None,
-        position_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """input_ids [B, T] -> hidden states [B, T, C].
-
-        cache: new keys go to slots [cache.length, cache.length + T) and the cache advances.
-        attention_mask: [B, cache.length + T] with 1/True for real tokens (left padding), as in HF.
-        position_ids: [B, T]; default is the slot index.
-        """
-        B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        kv_len = start + T
-        if cache is not None and kv_len > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} tokens, {kv_len} needed")
-        device = input_ids.device
-        if position_ids is None:
-            position_ids = torch.arange(start, kv_len, device=device).expand(B, T)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] -> embeddings [B, T, C] in the activation dtype."""
         weights = self.embed_tokens.weight
         x = self.embed_tokens(input_ids).to(compute_dtype(weights.dtype, weights.device))
         if self.config.embed_scale:
             # The reference rounds sqrt(hidden) to the activation dtype before multiplying.
             x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
+        return x
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        slots: Sequence[int] | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> hidden states [B, T, C].
+
+        cache: row b continues the sequence in cache slot slots[b] (default: slot b): its T new keys go to
+        positions lengths[slot] .. + T - 1, which then advance.
+        attention_mask: [B, T] with 1/True for real tokens (left padding, as in HF), without a cache.
+        position_ids: [B, T]; default: each row's positions.
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        x = self.embed(input_ids)
+        if cache is None:
+            if position_ids is None:
+                position_ids = torch.arange(T, device=device).expand(B, T)
+            cos, sin = self.rotary_emb(position_ids, x.dtype)
+            masks = self._masks_without_cache(T, attention_mask, device)
+            for layer in self.layers:
+                x = layer(x, cos, sin, masks[layer.layer_type], None)
+            return self.norm(x)
+        slots = list(range(B)) if slots is None else list(slots)
+        if len(slots) != B or len(set(slots)) != B:
+            raise ValueError(f"{B} rows need {B} distinct cache slots, got {slots}")
+        starts = [cache.lengths[s] for s in slots]
+        cache.ensure(max(starts) + T)
+        if position_ids is None:
+            position_ids = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
-        out = None
-        if T == 1 and B == 1 and cache is not None and attention_mask is None and x.dtype == torch.float32 and x.device.type == "cpu":
-            step = self._decode_step()
-            # All layers in one native call (core.decode_step); None: not here, or a cache it cannot use.
-            out = step(x, cos, sin, cache, start) if step is not None else None
-        if out is not None:
-            x = out
-        else:
-            masks = self._masks(T, kv_len, start, attention_mask, device)
-            for i, layer in enumerate(self.layers):
-                kv = (cache.keys[i], cache.values[i]) if cache is not None else None
-                x = layer(x, cos, sin, masks[layer.layer_type], kv, start)
-        if cache is not None:
-            cache.length = kv_len
+        ends = [s + T for s in starts]
+        masks = self._cache_masks(cache, slots, ends, position_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, masks[i], CacheLayer(cache, i, slots, starts, ends))
+        for s, e in zip(slots, ends):
+            cache.lengths[s] = e
         return self.norm(x)
 
-    def _decode_step(self):
-        """The native one-token step (core.decode_step) when it can run now, else None."""
-        if not self.native_step or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return None  # it records no autograd graph; compiled graphs trace the layers
-        from .layers import native_matvec
+    def _cache_masks(self, cache: KVCache, slots, ends, position_ids) -> list[torch.Tensor | None]:
+        """Per layer, the mask over the keys CacheLayer.update returns (from the one mask builder), or None
+        where attention can take its fast path: one row whose keys all count (causal among the new ones)."""
+        cfg, T = self.config, position_ids.shape[1]
+        by_kind: dict[tuple, torch.Tensor | None] = {}
+        out = []
+        for i in range(cfg.num_hidden_layers):
+            window = cache.windows[i]
+            cap = cache.layer_cap(i)
+            kind = (window, cap)
+            if kind not in by_kind:
+                simple = len(slots) == 1 and ends[0] <= cap and (window is None or ends[0] <= window)
+                if simple and (T == 1 or ends[0] == T):
+                    by_kind[kind] = None
+                else:
+                    k_pos = cache.key_positions(i, slots, ends)
+                    by_kind[kind] = mask_from_positions(position_ids, k_pos, window)
+            out.append(by_kind[kind])
+        return out
 
-        mv = native_matvec()
-        built = self.__dict__.get("_native_step")
-        if built is None or built[0] is not mv:
-            from . import decode_step
-
-            built = (mv, *decode_step.build(self))
-            self.__dict__["_native_step"] = built
-        return built[1]
-
-    def decode_path(self) -> str:
-        """What runs one-token decode: decode_step.STEP, or 'PyTorch layers: <why>'."""
-        if not self.native_step:
-            return f"PyTorch layers: {self.native_step_off}"
-        with torch.inference_mode():
-            self._decode_step()
-        return self.__dict__["_native_step"][2]
-
-    def reset_decode_step(self) -> None:
-        """Forget the built decode step: call after replacing layers or weights (it points at their tensors)."""
-        self.__dict__.pop("_native_step", None)
-
-    def _apply(self, fn, recurse=True):
-        self.reset_decode_step()  # .to() / .half() / ... may move or replace the tensors it points to
-        return super()._apply(fn, recurse)
-
-    def _masks(self, T, kv_len, start, attention_mask, device) -> dict[str, torch.Tensor | None]:
+    def _masks_without_cache(self, T, attention_mask, device) -> dict[str, torch.Tensor | None]:
         cfg = self.config
         window = cfg.sliding_window
-        # None lets attention take its fast path: plain causal prefill, or one token seeing all it may.
-        needs_window = window is not None and kv_len > window
-        if attention_mask is None and not needs_window and (start == 0 or T == 1):
+        # None lets attention take its fast path: plain causal attention over the T tokens.
+        if attention_mask is None and (window is None or T <= window):
             return dict.fromkeys(cfg.layer_types)
         padding = attention_mask.bool() if attention_mask is not None else None
-        masks = layer_type_masks(cfg.layer_types, window, T, kv_len, q_offset=start, padding_mask=padding, device=device)
+        masks = layer_type_masks(cfg.layer_types, window, T, T, padding_mask=padding, device=device)
         if padding is not None:
             # A padded query row may see no key at all; let it see itself so softmax stays finite.
             # Its output is never used (padding stays masked as a key for every real token).
-            eye = torch.zeros(T, kv_len, dtype=torch.bool, device=device)
-            eye[torch.arange(T), torch.arange(start, kv_len)] = True
+            eye = torch.eye(T, dtype=torch.bool, device=device)
             masks = {t: m | (eye & ~m.any(-1, keepdim=True)) for t, m in masks.items()}
         return masks
+
+
+class CacheLayer:
+    """One layer's view of the cache for one forward: what Attention writes its new keys to and reads from."""
+
+    __slots__ = ("cache", "layer", "slots", "starts", "ends")
+
+    def __init__(self, cache: KVCache, layer: int, slots: list[int], starts: list[int], ends: list[int]):
+        self.cache, self.layer, self.slots, self.starts, self.ends = cache, layer, slots, starts, ends
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [B, H_kv, T, D] -> every key and value each row attends over [B, H_kv, S, D]."""
+        self.cache.write(self.layer, self.slots, self.starts, k, v)
+        return self.cache.read(self.layer, self.slots, self.ends)
 
 
 class CausalLM(nn.Module):
@@ -175,23 +148,29 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,
         *,
         cache: KVCache | None = None,
+        slots: Sequence[int] | None = None,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] ([B, 1, V] with last_only: prefill skips T-1 head matmuls)."""
-        h = self.model(input_ids, cache=cache, position_ids=position_ids, attention_mask=attention_mask)
+        h = self.model(input_ids, cache=cache, slots=slots, position_ids=position_ids, attention_mask=attention_mask)
         if last_only:
             h = h[:, -1:]
+        return self.logits(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [..., C] -> logits [..., V] (soft-capped where the config says so)."""
         logits = self.lm_head(h)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, **kw) -> KVCache:
+        """A cache of `batch_size` slots of `max_len` positions in the activation dtype (kv_cache.KVCache kw)."""
         p = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_len, dtype=compute_dtype(p.dtype, p.device), device=p.device)
+        return KVCache(self.config, batch_size, max_len, dtype=compute_dtype(p.dtype, p.device), device=p.device, **kw)
 
 
 class _EncoderHead(nn.Module):
@@ -281,9 +260,3 @@ HEADS = {
     "token_classification": TokenClassification,
     "question_answering": QuestionAnswering,
 }
-
-
-def decode_path(model: nn.Module) -> str:
-    """How `model` (any head) runs one-token decode: decode_step.STEP, or 'PyTorch layers: <why>'."""
-    decoder = next((m for m in model.modules() if isinstance(m, DecoderModel)), None)
-    return decoder.decode_path() if decoder is not None else "no decoder"

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from .errors import InputError
-from .generate import GenerationSpec, context_length, generate, generate_batch
+from .engine import Engine, EngineConfig
+from .generate import GenerationSpec, context_length
 
 TASKS = ("text-generation", "text-classification", "token-classification", "question-answering")
 
@@ -192,6 +193,10 @@ class Pipeline:
             "question-answering": self._answer,
         }[self.task]
         size = self.options.batch_size
+        if self.task == "text-generation":
+            # Continuous batching: up to `size` prompts in flight, a new one joining as soon as one finishes.
+            yield from self._generate(items, size)
+            return
         if self.task == "text-classification" and self.model.config.pad_token_id is None:
             # Without a pad id the last real token of a padded row cannot be found (HF refuses too).
             size = 1
@@ -242,17 +247,26 @@ class Pipeline:
 
     # -- tasks
 
-    def _generate(self, batch: list[Item]) -> Iterator[dict[str, Any]]:
+    def _generate(self, items: Iterable[Item], size: int) -> Iterator[dict[str, Any]]:
         encode = self.options.encode_prompt or (lambda t: self.tokenizer.encode(t, add_special_tokens=True))
         spec = self.options.generation
-        prompts = [encode(item.text) for item in batch]
-        if len(prompts) == 1:
-            results = [generate(self.model, self.tokenizer, prompts[0], spec)]
-        else:
-            results = generate_batch(self.model, self.tokenizer, prompts, spec)
-        for item, res in zip(batch, results, strict=True):
+        engine = Engine(self.model, self.tokenizer, EngineConfig(max_batch=size))
+        taken: list[Item] = []
+
+        def requests():
+            for item in items:
+                taken.append(item)
+                yield encode(item.text), spec
+
+        for n, res in enumerate(engine.run(requests())):
+            item = taken[n]
+            where = item.where or "input"
+            if res.error:
+                self.warn(f"{where}: {res.error}")
+                yield {"input": item.text, "generated_text": None, "finish_reason": "error", "error": res.error}
+                continue
             if res.timings.truncated_tokens:
-                self.warn(f"{item.where or 'input'}: prompt left-truncated by {res.timings.truncated_tokens} tokens")
+                self.warn(f"{where}: prompt left-truncated by {res.timings.truncated_tokens} tokens")
             yield {"input": item.text, "generated_text": res.text, "finish_reason": res.finish_reason}
 
     def _classify(self, batch: list[Item]) -> Iterator[dict[str, Any]]:

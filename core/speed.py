@@ -8,15 +8,11 @@ import torch
 def compile_model(model: torch.nn.Module) -> None:
     """torch.compile the single-token decode step; prefill (few calls, compute-bound) stays eager.
 
-    The compiled graph traces the PyTorch layers, so it replaces the native decode step
-    (core.decode_step). Before that step existed it raised SmolLM2 decode (2 threads, fp16 weights)
-    from 37 to 63 tokens/s on one machine after a 20-75 s first call; now it is slower (README).
+    The compiled graph traces the PyTorch layers, so the engine runs them instead of the native step
+    (core.runner reads `model.compiled`). Before that step existed it raised SmolLM2 decode (2 threads,
+    fp16 weights) from 37 to 63 tokens/s on one machine after a 20-75 s first call; now it is slower (README).
     """
-    from .model import DecoderModel
-
-    for m in model.modules():
-        if isinstance(m, DecoderModel):
-            m.native_step, m.native_step_off = False, "torch.compile (--compile)"
+    model.compiled = True
     eager = model.forward
     compiled = torch.compile(eager, dynamic=True)
 

@@ -99,9 +99,6 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False) 
 
     collect: also return the checkpoint tensors of the quantized layers (for saving).
     """
-    for m in model.modules():
-        if hasattr(m, "reset_decode_step"):
-            m.reset_decode_step()  # a decode step built over the float layers would keep running them
     codec = codec_for(spec)
     todo, kept, notes = plan(model, spec)
     result = QuantResult(notes=notes, kept=[n for t in kept for n, _ in t.parts])

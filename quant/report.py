@@ -73,14 +73,16 @@ def _log_probs(model, ids: list[int]) -> torch.Tensor:
 
 def _speeds(models: dict[str, torch.nn.Module], vocab: int, prefill_tokens: int) -> dict[str, tuple[float, float]]:
     from llm_torch.core.bench import random_prompt, time_decode, time_prefill
+    from llm_torch.core.runner import make_runner
 
     prompt, start = random_prompt(vocab, prefill_tokens), random_prompt(vocab, 1, 1)
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in models}
+    runners = {name: make_runner(model) for name, model in models.items()}
     with torch.inference_mode():
         for rep in range(-1, REPETITIONS):  # one warm-up round, then interleaved repetitions
-            for name, model in models.items():
-                p = time_prefill(model, prompt).prefill_tokens_per_second
-                d = time_decode(model, start, DECODE_TOKENS).decode_tokens_per_second
+            for name, runner in runners.items():
+                p = time_prefill(runner, prompt).prefill_tokens_per_second
+                d = time_decode(runner, start, DECODE_TOKENS).decode_tokens_per_second
                 if rep >= 0:
                     runs[name].append((p, d))
     return {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in runs.items()}

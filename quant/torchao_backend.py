@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from llm_torch.core.errors import CheckpointError
+from llm_torch.core import kernels
 from llm_torch.core.kernels import I4Q8, I8, I8Q8, LinearSpec
-from llm_torch.core.layers import native_matvec
 
 from .spec import GROUP_SIZES, QuantSpec
 
@@ -47,14 +47,15 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _one_token(layer, x: torch.Tensor) -> torch.Tensor | None:
-    """y for one fp32 CPU token through core.kernels (the product layer.native_linear() describes, the one
-    the decode step runs too), or None: more tokens, no native kernels, or none for this layer."""
-    mv = native_matvec()
-    if mv is None or x.numel() != x.shape[-1] or x.dtype != torch.float32 or x.device.type != "cpu":
+def _native(layer, x: torch.Tensor, max_rows: int) -> torch.Tensor | None:
+    """y for fewer than max_rows fp32 CPU tokens through core.kernels (the product layer.native_linear()
+    describes, the one the native step runs too), or None: more tokens, no native kernels, or none for
+    this layer. Below max_rows they beat torch's int kernels and keep fp32 activations."""
+    mv = kernels.matvec()
+    if mv is None or x.numel() >= max_rows * x.shape[-1] or x.dtype != torch.float32 or x.device.type != "cpu":
         return None
     spec = layer.native_linear()
-    return None if spec is None else mv.linear(spec, x.reshape(-1)).view(*x.shape[:-1], -1)
+    return None if spec is None else mv.linear(spec, x)
 
 
 class QuantModule(nn.Module):
@@ -95,7 +96,7 @@ class Int8Linear(QuantModule):
         self.register_buffer("scale_f32", self.scale.float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _one_token(self, x)
+        y = _native(self, x, PREFILL_ROWS)
         if y is not None:
             # core.kernels read the int8 rows with fp32 activations (SmolLM2's matrices per token, 2 threads:
             # 14 ms vs ~30 ms in torch's bf16 kernel); int8-dynamic rounds them to Q8 blocks.
@@ -121,7 +122,7 @@ class Int8Linear(QuantModule):
         return y.view(*x.shape[:-1], self.out_features)
 
     def native_linear(self) -> LinearSpec | None:
-        """This layer for core.decode_step: the same kernel and operands as forward's one-token path."""
+        """This layer for core.native_step: the same kernel and operands as forward's one-token path."""
         if self.dynamic and self.in_features % 32:
             return None
         bias = None if self.bias is None else self.bias.float().contiguous()
@@ -219,7 +220,7 @@ class Int4Linear(QuantModule):
         return torch.addcmul((zero - 8 * scale)[:, :, None], q.view(N, K // g, g), scale[:, :, None]).view(N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _one_token(self, x)
+        y = _native(self, x, INT4_PREFILL_ROWS)
         if y is not None:  # core.kernels read the plain 4-bit codes; x as Q8 blocks (faster than torch's bf16 kernel)
             return y
         if x.numel() >= INT4_PREFILL_ROWS * x.shape[-1]:
@@ -233,7 +234,7 @@ class Int4Linear(QuantModule):
         return y.view(*x.shape[:-1], self.out_features)
 
     def native_linear(self) -> LinearSpec:
-        """This layer for core.decode_step: the same kernel and operands as forward's one-token path."""
+        """This layer for core.native_step: the same kernel and operands as forward's one-token path."""
         bias = None if self.bias is None else self.bias.float().contiguous()
         return LinearSpec(I4Q8, self.plain, self.out_features, self.in_features, scale=self.plain_scale,
                           zero=self.plain_zero, bias=bias, group=self.group_size)

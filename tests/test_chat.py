@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_torch.core.chat import ChatNotice, ChatSession, ChatSettings, common_prefix
+from llm_torch.core.chat import ChatNotice, ChatSession, ChatSettings
+from llm_torch.core.engine import common_prefix
+from llm_torch.core.runner import NativeRunner, TorchRunner
 from llm_torch.core.errors import InputError
 from llm_torch.core.generate import GenerationEvent
 from llm_torch.core.loading import load_model
@@ -127,31 +129,30 @@ def run_turn(turn) -> tuple[str, list]:
 # ---- KV cache reuse ---------------------------------------------------------------------------------
 
 
-def test_each_turn_prefills_only_its_new_tokens(tiny):
+def test_each_turn_prefills_only_its_new_tokens(tiny, monkeypatch):
     session = ChatSession(tiny.model, tiny.tokenizer, system="Be brief.", settings=ChatSettings(max_new_tokens=12))
-    fed = []  # tokens of each forward call: the engine itself, instrumented
-    hook = tiny.model.register_forward_pre_hook(lambda module, args: fed.append(args[0].shape[1]))
-    try:
-        previous: list[int] = []  # what the cache holds after a turn: prompt + fed-back answer tokens
-        prev_prompt: list[int] = []
-        for n, text in enumerate(["Hello there!", "Tell me a story about a dragon.", "Why is the sky blue?",
-                                  "And the fox?", "Thanks, bye."], start=1):
-            ids = session.prompt_ids(session._messages + [{"role": "user", "content": text}])
-            fed.clear()
-            answer, _ = run_turn(session.send(text))
-            info = session.last_turn
-            new = len(ids) - min(common_prefix(ids, previous), len(ids) - 1)
-            assert info.conversation_tokens == len(ids)
-            assert info.prefilled_tokens == info.timings.prompt_tokens == new
-            # What the model really ran: the prefill, then one token per decode step after the first.
-            assert sum(fed) == new + info.timings.completion_tokens - 1
-            if n > 1:
-                assert new < len(ids) and new <= len(ids) - len(prev_prompt)  # the history is never re-run
-            assert answer == info.answer and len(info.answer_token_ids) == 12
-            prev_prompt = ids
-            previous = ids + info.answer_token_ids[:-1]
-    finally:
-        hook.remove()
+    fed = []  # tokens of each forward step: the engine's runner itself, instrumented
+    for cls in (NativeRunner, TorchRunner):
+        monkeypatch.setattr(cls, "forward", lambda self, cache, segments, _run=cls.forward:
+                            fed.append(sum(len(s.tokens) for s in segments)) or _run(self, cache, segments))
+    previous: list[int] = []  # what the cache holds after a turn: prompt + fed-back answer tokens
+    prev_prompt: list[int] = []
+    for n, text in enumerate(["Hello there!", "Tell me a story about a dragon.", "Why is the sky blue?",
+                              "And the fox?", "Thanks, bye."], start=1):
+        ids = session.prompt_ids(session._messages + [{"role": "user", "content": text}])
+        fed.clear()
+        answer, _ = run_turn(session.send(text))
+        info = session.last_turn
+        new = len(ids) - min(common_prefix(ids, previous), len(ids) - 1)
+        assert info.conversation_tokens == len(ids)
+        assert info.prefilled_tokens == info.timings.prompt_tokens - info.timings.cached_tokens == new
+        # What the model really ran: the prefill, then one token per decode step after the first.
+        assert sum(fed) == new + info.timings.completion_tokens - 1
+        if n > 1:
+            assert new < len(ids) and new <= len(ids) - len(prev_prompt)  # the history is never re-run
+        assert answer == info.answer and len(info.answer_token_ids) == 12
+        prev_prompt = ids
+        previous = ids + info.answer_token_ids[:-1]
     # The reused cache gives exactly what a fresh session computes for the same conversation.
     fresh = ChatSession(tiny.model, tiny.tokenizer, system="Be brief.", settings=ChatSettings(max_new_tokens=12))
     fresh.apply_dict({"messages": session.messages})

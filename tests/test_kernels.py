@@ -1,14 +1,12 @@
-"""Native matrix-vector kernels (core/kernels): equal to torch's products, used by Linear for one token,
-and every reason they cannot run is reported instead of hidden."""
+"""Native matrix kernels (core/kernels): equal to torch's products, each batched row bitwise what it is
+alone, the C structs as Python mirrors them, and every reason they cannot run reported instead of hidden."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from llm_torch.core import kernels, layers
-from llm_torch.core.loading import ResolvedModel, load_resolved
-from tests.tiny import LLAMA_BASE, config_dict, hf_model
+from llm_torch.core import kernels
 
 native = kernels.matvec()
 needs_native = pytest.mark.skipif(native is None, reason=f"native kernels unavailable here: {kernels.status().detail}")
@@ -58,42 +56,45 @@ def test_supports_only_what_it_computes():
         native(w, torch.randn(15))
 
 
-class Counting:
-    """Wraps the kernels to count the products that went through them."""
-
-    def __init__(self, inner):
-        self.inner, self.calls = inner, 0
-
-    def supports(self, *args):
-        return self.inner.supports(*args)
-
-    def __call__(self, *args):
-        self.calls += 1
-        return self.inner(*args)
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_batched_rows_are_bitwise_each_row_alone(dtype):
+    """B rows in one product (each weight read once for all): every row bitwise what it gets alone, for
+    every tile shape (1-9 rows), so a sequence's logits do not depend on what it is batched with."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(67, 101, generator=g).to(dtype)
+    X, bias = torch.randn(9, 101, generator=g), torch.randn(67, generator=g)
+    alone = torch.stack([native(w, x, bias) for x in X])
+    for B in range(1, 10):
+        assert torch.equal(native(w, X[:B], bias), alone[:B])
+    ref = X.double() @ w.double().T + bias.double()
+    assert (alone.double() - ref).abs().max().item() <= 1e-5 * (X.double().abs() @ w.double().abs().T).max().item()
 
 
 @needs_native
-def test_decode_through_native_kernels_equals_torch_kernels(tmp_path, monkeypatch):
-    """The same tiny model with and without the kernels: one-token logits agree to fp32 rounding,
-    and every Linear's one-token product went through the native kernel."""
-    folder = tmp_path / "tiny"
-    hf_model(config_dict(LLAMA_BASE, dict(num_key_value_heads=2, attention_bias=True))).save_pretrained(folder)
-    ref = ResolvedModel("tiny", "folder", folder)
-    monkeypatch.setattr(layers, "use_native_kernels", lambda enabled=True: layers._MATVEC is not None)
+@pytest.mark.parametrize("scheme", ["int8", "int8q8", "int4"])
+def test_batched_quantized_rows_are_bitwise_each_row_alone(scheme):
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(7, 256, generator=g)
+    if scheme == "int4":
+        _, packed, scale, zero, _, bias, _ = int4_case((37, 256), 64, seed=5)
+        run = lambda x: native.int4(packed, scale, zero, 64, x, bias)  # noqa: E731
+    else:
+        q = torch.randint(-128, 128, (37, 256), generator=g, dtype=torch.int8)
+        scale, bias = torch.rand(37, generator=g) / 100, torch.randn(37, generator=g)
+        run = lambda x: native.int8(q, scale, x, bias, q8=scheme == "int8q8")  # noqa: E731
+    alone = torch.stack([run(x) for x in X])
+    for B in (2, 3, 5, 7):
+        assert torch.equal(run(X[:B]), alone[:B])
 
-    def decode(matvec) -> torch.Tensor:
-        monkeypatch.setattr(layers, "_MATVEC", matvec)
-        model = load_resolved(ref, dtype="float32", with_tokenizer=False).model
-        cache = model.new_cache(1, 16)
-        with torch.inference_mode():
-            model(torch.tensor([[1, 5, 9, 3]]), cache=cache)
-            return torch.cat([model(torch.tensor([[t]]), cache=cache)[0] for t in (7, 8, 2)])
 
-    plain = decode(None)
-    counting = Counting(native)
-    fast = decode(counting)
-    assert counting.calls == 3 * (2 * 4 + 1)  # 3 steps x (2 layers x qkv, o, gate_up, down + lm_head)
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+@needs_native
+def test_c_structs_match_their_ctypes_mirrors():
+    import ctypes
+
+    out = (ctypes.c_int64 * 64)()
+    n = native.struct_layout(out)
+    assert list(out[:n]) == kernels.struct_layout()
 
 
 def test_disabled_by_environment(fresh_state, monkeypatch):
@@ -136,7 +137,7 @@ def test_other_cpus_are_reported(fresh_state, monkeypatch):
 @needs_native
 def test_the_library_is_built_once_and_reused(fresh_state):
     assert kernels.matvec() is not None
-    built = list(kernels.cache_dir().glob("matvec-*.so"))
+    built = list(kernels.cache_dir().glob("kernels-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     kernels._STATE = None

@@ -1,21 +1,16 @@
-"""Quantized layers on the native kernels (core/kernels): one-token products equal the dequantized
-weights' fp32 product, and the torch-kernel path stays for everything else."""
+"""Quantized layers on the native kernels (core/kernels): products of a few tokens equal the dequantized
+weights' fp32 product (each row bitwise what it is alone), and prefill-sized inputs take torch's GEMM."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from llm_torch.core import kernels, layers
+from llm_torch.core import kernels
 from llm_torch.quant import torchao_backend as tb
 
 native = kernels.matvec()
 pytestmark = pytest.mark.skipif(native is None, reason=f"native kernels unavailable here: {kernels.status().detail}")
-
-
-@pytest.fixture
-def use_native(monkeypatch):
-    monkeypatch.setattr(layers, "_MATVEC", native)
 
 
 def relative_error(got: torch.Tensor, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> float:
@@ -24,7 +19,7 @@ def relative_error(got: torch.Tensor, w: torch.Tensor, x: torch.Tensor, bias: to
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_one_token_uses_the_native_kernel_and_equals_the_dequantized_product(use_native, scheme, monkeypatch):
+def test_few_tokens_use_the_native_kernel_and_equal_the_dequantized_product(scheme, monkeypatch):
     g = torch.Generator().manual_seed(0)
     w, bias, x = torch.randn(96, 576, generator=g), torch.randn(96, generator=g), torch.randn(1, 1, 576, generator=g)
     if scheme == "int8":
@@ -42,13 +37,17 @@ def test_one_token_uses_the_native_kernel_and_equals_the_dequantized_product(use
     assert len(calls) == 1 and y.shape == (1, 1, 96)
     # int8: fp32 activations, the exact product to fp32 rounding; int4: x rounded to Q8 blocks (< 1%).
     assert relative_error(y.view(1, -1), dense, x.view(1, -1), bias) < (1e-6 if scheme == "int8" else 1e-2)
-    # Two tokens take torch's path: same values to bf16 activation rounding.
+    # Two tokens: the same kernel, each row bitwise the one-token result.
     y2 = layer(x.expand(1, 2, 576).contiguous())
-    assert len(calls) == 1
-    assert relative_error(y2[0, :1], dense, x.view(1, -1), bias) < 2e-2
+    assert len(calls) == 2 and torch.equal(y2[0, 1], y.view(-1))
+    # A prefill-sized input takes the dequantized weights' fp32 GEMM: the same values to fp32 rounding.
+    rows = tb.INT4_PREFILL_ROWS if scheme == "int4" else tb.PREFILL_ROWS
+    y3 = layer(x.expand(1, rows, 576).contiguous())
+    assert len(calls) == 2
+    assert relative_error(y3[0, :1], dense, x.view(1, -1), bias) < (1e-6 if scheme == "int8" else 1e-2)
 
 
-def test_int8_dynamic_rounds_activations_to_q8_blocks(use_native):
+def test_int8_dynamic_rounds_activations_to_q8_blocks():
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(64, 576, generator=g), torch.randn(1, 1, 576, generator=g)
     t = tb.quantize_int8(w)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from llm_torch.core.errors import ModelNotFoundError
-from llm_torch.core.generate import GenerationSpec, generate
+from llm_torch.core.engine import generate
+from llm_torch.core.generate import GenerationSpec
 from llm_torch.core.loading import embedded_model_path, load_model
 
 try:

@@ -140,14 +140,14 @@ def test_json_equals_layer_type_masks(llm, models):
 
 
 def test_json_equals_the_models_forward_masks(llm, models):
-    """The matrices are the ones DecoderModel._masks hands to attention (real rows; padded rows are unused)."""
+    """The matrices are the ones DecoderModel._masks_without_cache hands to attention (real rows; padded rows are unused)."""
     from llm_torch.core.loading import build_model
 
     cfg = load_config(models / "tiny-gemma2")  # window 6 < 10 tokens: the forward builds window masks
     data = _json(llm, "tiny-gemma2", TEXT10, "short text", "--pad-to", "12")
     model = build_model(cfg).model
     padding = torch.tensor([[not p for p in row] for row in data["padding"]])
-    forward = model._masks(12, 12, 0, padding.long(), "cpu")
+    forward = model._masks_without_cache(12, padding.long(), "cpu")
     for kind, got in data["masks"].items():
         got = torch.tensor(got["allowed"])
         want = forward[kind][:, 0]

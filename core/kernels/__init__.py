@@ -1,11 +1,12 @@
-"""Native kernels for one-token decode, built on first use with the system C compiler: matvec.c (the
-matrix-vector products) and step.c (a whole decode step over all layers, driven by core.decode_step).
+"""Native kernels for decode and small batches, built on first use with the system C compiler: gemm.c
+(matrix products for B rows, every weight read once for all of them) and step.c (a whole forward step
+over all layers for a batch of token rows, driven by core.native_step).
 
 Decode reads every weight once per token; on the AVX2 CPUs this targets, torch's kernels for a
-[N, K] x [K] product reach about half the memory bandwidth (matvec.c says more). The library is
+[N, K] x [K] product reach about half the memory bandwidth (gemm.c says more). The library is
 compiled once per machine into the user cache (keyed by source, compiler and flags) and loaded with
 ctypes. Where it cannot be used (another CPU, no compiler, LLM_KERNELS=torch), `status()` says why
-and layers.Linear keeps torch's kernels: callers report which path runs, nothing falls back silently.
+and the PyTorch layers run: callers report which path runs, nothing falls back silently.
 """
 
 from __future__ import annotations
@@ -23,27 +24,29 @@ from pathlib import Path
 
 import torch
 
-SOURCES = (Path(__file__).with_name("matvec.c"), Path(__file__).with_name("step.c"))
-FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+SOURCES = (Path(__file__).with_name("gemm.c"), Path(__file__).with_name("step.c"))
+# -ffp-contract=off: only the explicit FMA intrinsics fuse; GCC would otherwise contract a*b+c in some
+# inlined copies of a tile and not others, and a row would round differently alone and batched.
+FLAGS = ("-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
-ABI = 6
+ABI = 8
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 
 
 @dataclass(frozen=True)
 class KernelStatus:
     active: bool
-    detail: str  # what runs decode's matrix-vector products, or why the native kernels do not
+    detail: str  # what runs decode's products, or why the native kernels do not
 
 
-# Weight layouts the decode step (step.c) multiplies by; values mirror its enum.
+# Weight layouts the kernels multiply by; values mirror step.c's enum.
 F32, F16, BF16, I8, I8Q8, I4Q8 = range(6)
 FLOAT_KINDS = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
 
 
 @dataclass(frozen=True)
 class LinearSpec:
-    """One projection as step.c reads it: kind (F32 ... I4Q8), weight [n, k] (int4: packed [n, k/2]),
+    """One projection as the kernels read it: kind (F32 ... I4Q8), weight [n, k] (int4: packed [n, k/2]),
     int8: fp32 row scales; int4: bf16 scale/zero [n, k/group]; optional fp32 bias [n]."""
 
     kind: int
@@ -56,6 +59,7 @@ class LinearSpec:
     group: int = 0
 
 
+# ctypes mirrors of step.c's structs (tests/test_kernels.py checks the layout against the C side).
 class CLinear(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int64), ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
                 ("bias", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64)]
@@ -64,44 +68,63 @@ class CLinear(ctypes.Structure):
 class CLayer(ctypes.Structure):
     _fields_ = [("proj", CLinear * 3), ("o", CLinear), ("up", CLinear * 2), ("down", CLinear),
                 ("norm", ctypes.c_void_p * 4), ("n_proj", ctypes.c_int64), ("n_up", ctypes.c_int64),
-                ("window_slot", ctypes.c_int64)]
+                ("window", ctypes.c_int64)]
 
 
 class CModel(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int64) for name in ("n_layers", "hidden", "inter", "heads", "kv_heads", "head_dim", "sandwich", "act")] + [
-        ("eps", ctypes.c_double), ("scale", ctypes.c_double), ("softcap", ctypes.c_double), ("layers", ctypes.POINTER(CLayer))]
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("n_layers", "hidden", "inter", "heads", "kv_heads", "head_dim", "vocab", "sandwich", "act")] + [
+        ("eps", ctypes.c_double), ("scale", ctypes.c_double), ("softcap", ctypes.c_double),
+        ("layers", ctypes.POINTER(CLayer)), ("final_norm", ctypes.c_void_p), ("head", CLinear)]
+
+
+class CCache(ctypes.Structure):
+    _fields_ = [("k", ctypes.POINTER(ctypes.c_void_p)), ("v", ctypes.POINTER(ctypes.c_void_p)),
+                ("cap", ctypes.POINTER(ctypes.c_int64)), ("n_slots", ctypes.c_int64)]
+
+
+def struct_layout() -> list[int]:
+    """What step.c's llm_struct_layout reports, computed from the ctypes mirrors (same order)."""
+    return [ctypes.sizeof(CLinear), CLinear.bias.offset, CLinear.group.offset,
+            ctypes.sizeof(CLayer), CLayer.o.offset, CLayer.down.offset, CLayer.norm.offset, CLayer.window.offset,
+            ctypes.sizeof(CModel), CModel.act.offset, CModel.eps.offset, CModel.layers.offset, CModel.head.offset,
+            ctypes.sizeof(CCache), CCache.cap.offset, CCache.n_slots.offset]
+
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
 class MatVec:
-    """y = W @ x (+ bias) for fp32 x [K] and a contiguous fp32 / fp16 / bf16 W [N, K] on the CPU.
-
-    Also carries step.c's whole-stack decode step (`decode_layers`, driven by core.decode_step)."""
+    """The loaded kernels: y = W @ x (+ bias) for fp32 x [K] (or B rows [B, K]) and a contiguous
+    fp32 / fp16 / bf16 / int8 / int4 W on the CPU, and step.c's whole-stack forward (`forward_rows`)."""
 
     def __init__(self, lib: ctypes.CDLL, step: bool = True):
-        p = ctypes.c_void_p
-        self.decode_layers = lib.llm_decode_layers if step else None
+        self.forward_rows = lib.llm_forward_rows if step else None
         if step:
-            self.decode_layers.argtypes = [ctypes.POINTER(CModel), p, p, p, p, p, ctypes.c_int64, ctypes.c_int64, p, p, p, ctypes.c_int]
-            self.decode_layers.restype = ctypes.c_int
+            self.forward_rows.argtypes = [ctypes.POINTER(CModel), ctypes.POINTER(CCache), _I, _P, _P, _P, _P, _P, _I,
+                                          _P, _P, _P, _P, ctypes.c_int]
+            self.forward_rows.restype = ctypes.c_int
         self.step_work_floats = lib.llm_step_work_floats
-        self.step_work_floats.argtypes = [ctypes.POINTER(CModel), ctypes.c_int64, ctypes.c_int]
-        self.step_work_floats.restype = ctypes.c_int64
+        self.step_work_floats.argtypes = [ctypes.POINTER(CModel), _I, _I, ctypes.c_int]
+        self.step_work_floats.restype = _I
         self.step_scratch_bytes = lib.llm_step_scratch_bytes
-        self.step_scratch_bytes.argtypes, self.step_scratch_bytes.restype = [ctypes.POINTER(CModel)], ctypes.c_int64
-        sig = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        self.step_scratch_bytes.argtypes, self.step_scratch_bytes.restype = [ctypes.POINTER(CModel), _I], _I
+        self.struct_layout = lib.llm_struct_layout
+        self.struct_layout.argtypes, self.struct_layout.restype = [_P], _I
+        self.q8_row_bytes = lib.llm_q8_row_bytes
+        self.q8_row_bytes.argtypes, self.q8_row_bytes.restype = [_I], _I
+        float_sig = [_P, _P, _I, _P, _P, _I, _I, _I, _I, ctypes.c_int]
         self._fns = {}
-        for dtype, name in ((torch.float32, "llm_gemv_f32"), (torch.float16, "llm_gemv_f16"), (torch.bfloat16, "llm_gemv_bf16")):
+        for dtype, name in ((torch.float32, "llm_gemm_f32"), (torch.float16, "llm_gemm_f16"), (torch.bfloat16, "llm_gemm_bf16")):
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype = sig, None
+            fn.argtypes, fn.restype = float_sig, None
             self._fns[dtype] = fn
-
-        self._i8 = lib.llm_gemv_i8
-        self._i8.argtypes, self._i8.restype = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int], None
-        self._i8q8 = lib.llm_gemv_i8q8
-        self._i8q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-        self._i8q8.restype = None
-        self._i4q8 = lib.llm_gemv_i4q8
-        self._i4q8.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int]
+        self._i8 = lib.llm_gemm_i8
+        self._i8.argtypes, self._i8.restype = [_P, _P, _P, _I, _P, _P, _I, _I, _I, _I, ctypes.c_int], None
+        self._i8q8 = lib.llm_gemm_i8q8
+        self._i8q8.argtypes, self._i8q8.restype = [_P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _P, ctypes.c_int], None
+        self._i4q8 = lib.llm_gemm_i4q8
+        self._i4q8.argtypes = [_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _P, ctypes.c_int]
         self._i4q8.restype = None
 
     def supports(self, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -118,18 +141,18 @@ class MatVec:
         )
 
     def __call__(self, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """w [N, K], x [K] -> y [N] (fp32). The caller checks `supports` first."""
+        """w [N, K] float, x [K] or [B, K] fp32 -> y [N] or [B, N] (fp32). The caller checks `supports` first."""
         N, K = w.shape
-        x = x.contiguous()
-        if x.numel() != K:
-            raise ValueError(f"matvec: x has {x.numel()} values, the weight {K} columns")
-        y = torch.empty(N, dtype=torch.float32)
-        b = None if bias is None else bias.data_ptr()
-        self._fns[w.dtype](w.data_ptr(), x.data_ptr(), b, y.data_ptr(), N, K, torch.get_num_threads())
-        return y
+        if x.shape[-1] != K:
+            raise ValueError(f"matvec: x has {x.shape[-1]} values, the weight {K} columns")
+        X = x.reshape(-1, K).contiguous()
+        B = X.shape[0]
+        y = torch.empty(B, N, dtype=torch.float32)
+        self._fns[w.dtype](w.data_ptr(), X.data_ptr(), K, _ptr(bias), y.data_ptr(), N, B, N, K, torch.get_num_threads())
+        return y.view(*x.shape[:-1], N)
 
     def linear(self, spec: LinearSpec, x: torch.Tensor) -> torch.Tensor:
-        """y [n] = the product `spec` describes (a layer's native_linear()) for one fp32 x [k]."""
+        """y [..., n] = the product `spec` describes (a layer's native_linear()) for fp32 x [..., k]."""
         if spec.kind in (I8, I8Q8):
             return self.int8(spec.weight, spec.scale, x, spec.bias, q8=spec.kind == I8Q8)
         if spec.kind == I4Q8:
@@ -138,42 +161,46 @@ class MatVec:
 
     def int8(self, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None,
              *, q8: bool = False) -> torch.Tensor:
-        """q int8 [N, K] (row-major), scale fp32 [N], x fp32 [K] -> y = scale * (q @ x) (+ bias), fp32 [N].
+        """q int8 [N, K] (row-major), scale fp32 [N], x fp32 [..., K] -> y = scale * (q @ x) (+ bias), fp32 [..., N].
 
         q8: round x to int8 per block of 32 (one fp32 scale each, llama.cpp's Q8_0) and use integer
         dot products: ~1.5x faster here, within half a rounding step of x per input; K % 32 == 0.
         """
         N, K = q.shape
-        _check(q.dtype == torch.int8 and q.is_contiguous() and x.numel() == K, "int8 matvec: bad weight or input")
+        _check(q.dtype == torch.int8 and q.is_contiguous() and x.shape[-1] == K, "int8 matvec: bad weight or input")
         _check(scale.dtype == torch.float32 and scale.is_contiguous() and scale.numel() == N, "int8 matvec: scale must be fp32 [N]")
         _check(not q8 or K % 32 == 0, f"int8 x q8 matvec: {K} inputs is not a multiple of 32")
-        x, y, b = x.contiguous(), torch.empty(N, dtype=torch.float32), _ptr(bias)
+        X = x.reshape(-1, K).contiguous()
+        B = X.shape[0]
+        y, b = torch.empty(B, N, dtype=torch.float32), _ptr(bias)
         threads = torch.get_num_threads()
         if q8:
-            scratch = torch.empty(K + 4 * (K // 32), dtype=torch.uint8)
-            self._i8q8(q.data_ptr(), scale.data_ptr(), x.data_ptr(), b, y.data_ptr(), N, K, scratch.data_ptr(), threads)
+            scratch = torch.empty(B * self.q8_row_bytes(K), dtype=torch.uint8)
+            self._i8q8(q.data_ptr(), scale.data_ptr(), X.data_ptr(), K, b, y.data_ptr(), N, B, N, K, scratch.data_ptr(), threads)
         else:
-            self._i8(q.data_ptr(), scale.data_ptr(), x.data_ptr(), b, y.data_ptr(), N, K, threads)
-        return y
+            self._i8(q.data_ptr(), scale.data_ptr(), X.data_ptr(), K, b, y.data_ptr(), N, B, N, K, threads)
+        return y.view(*x.shape[:-1], N)
 
     def int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, x: torch.Tensor,
              bias: torch.Tensor | None = None) -> torch.Tensor:
         """q uint8 [N, K/2] (low nibble = even column), scale/zero bf16 [N, K/group] with
-        w = (code - 8) * scale + zero; x fp32 [K] -> y fp32 [N]. group_size: a multiple of 32 dividing K.
+        w = (code - 8) * scale + zero; x fp32 [..., K] -> y fp32 [..., N]. group_size: a multiple of 32 dividing K.
         x is rounded to Q8 blocks of 32 for the (code - 8) * scale part (as llama.cpp's Q4 x Q8 product;
         widening each code to fp32 instead was slower than torch's own int4 kernel); the zero part keeps
         exact fp32 sums of x."""
         N, K = q.shape[0], q.shape[1] * 2
-        _check(q.dtype == torch.uint8 and q.is_contiguous() and x.numel() == K, "int4 matvec: bad weight or input")
+        _check(q.dtype == torch.uint8 and q.is_contiguous() and x.shape[-1] == K, "int4 matvec: bad weight or input")
         _check(group_size % 32 == 0 and K % group_size == 0, f"int4 matvec: group size {group_size} must be a multiple of 32 dividing {K}")
         for t in (scale, zero):
             _check(t.dtype == torch.bfloat16 and t.is_contiguous() and tuple(t.shape) == (N, K // group_size),
                    "int4 matvec: scale/zero must be bf16 [N, K/group]")
-        x, y, b = x.contiguous(), torch.empty(N, dtype=torch.float32), _ptr(bias)
-        scratch = torch.empty(K + 4 * (2 * (K // 32) + K // group_size), dtype=torch.uint8)
-        self._i4q8(q.data_ptr(), scale.data_ptr(), zero.data_ptr(), x.data_ptr(), b, y.data_ptr(), N, K, group_size,
-                   scratch.data_ptr(), torch.get_num_threads())
-        return y
+        X = x.reshape(-1, K).contiguous()
+        B = X.shape[0]
+        y, b = torch.empty(B, N, dtype=torch.float32), _ptr(bias)
+        scratch = torch.empty(B * self.q8_row_bytes(K), dtype=torch.uint8)
+        self._i4q8(q.data_ptr(), scale.data_ptr(), zero.data_ptr(), X.data_ptr(), K, b, y.data_ptr(), N, B, N, K,
+                   group_size, scratch.data_ptr(), torch.get_num_threads())
+        return y.view(*x.shape[:-1], N)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -217,7 +244,7 @@ def _try_load() -> tuple[MatVec | None, KernelStatus]:
             if lib.llm_kernels_abi() != ABI:
                 reason = "the cached kernel library is from another version"
             else:
-                if choice == "matvec":  # one-token products only; the layers run as PyTorch ops
+                if choice == "matvec":  # the products only; the layers run as PyTorch ops
                     return MatVec(lib, step=False), KernelStatus(True, "native AVX2 matvec kernels (LLM_KERNELS=matvec)")
                 return MatVec(lib), KernelStatus(True, "native AVX2 kernels")
         except (OSError, subprocess.SubprocessError, _BuildError) as e:
@@ -267,12 +294,12 @@ def _build() -> Path:
     source = b"\0".join(p.read_bytes() for p in SOURCES)
     key = hashlib.sha256(source + "\0".join((cc, *FLAGS, *LIBS)).encode()).hexdigest()[:16]
     folder = cache_dir()
-    target = folder / f"matvec-{key}.so"
+    target = folder / f"kernels-{key}.so"
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: a concurrent or interrupted build never leaves a torn file.
-    fd, tmp = tempfile.mkstemp(prefix=".matvec-", suffix=".so", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=folder)
     os.close(fd)
     try:
         done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp, *LIBS], capture_output=True, text=True, timeout=120)

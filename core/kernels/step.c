@@ -1,36 +1,57 @@
-/* One decode step (batch 1, one new token) through every decoder layer, in one call.
+/* One forward step over a batch of token rows through every decoder layer, the final norm and the
+ * LM head, in one call.
  *
- * The PyTorch layers (core/layers.py) are the definition; this is their one-token case with the
- * ~30 tensor ops per layer fused into plain loops: on a 135M model the per-op dispatch and Python cost
- * (~20 ms/token for 30 layers) was as large as reading the weights. Behaviour comes from the config
- * flags the Python side fills in (core/decode_step.py), never from a family name. Tests compare it
- * with the layers' own forward (tests/test_decode_step.py).
+ * A row is one token of one sequence: (cache slot, position). Rows of different slots are independent
+ * (a batch of sequences decoding); several rows of one slot at consecutive positions are a chunk of
+ * that sequence's prompt (each layer writes every row's keys before any row attends, so a row sees the
+ * rows before it). Each weight matrix is read once per call for all rows (gemm.c).
  *
- * Per layer, with x the fp32 residual stream [C]:
- *   h = norm(x) -> q|k|v = proj(h) -> rope(q, k) -> cache[pos] = k, v -> a = attention(q, cache)
+ * The PyTorch layers (core/layers.py) are the definition; this is the same math with the ~30 tensor
+ * ops per layer fused into plain loops: on a 135M model the per-op dispatch and Python cost (~20 ms per
+ * token for 30 layers) was as large as reading the weights. Behaviour comes from the config flags the
+ * Python side fills in (core/native_step.py), never from a family name. tests/test_native_step.py
+ * compares the two.
+ *
+ * Per layer, with x the fp32 residual stream of each row:
+ *   h = norm(x) -> q|k|v = proj(h) -> rope(q, k) -> cache[slot, pos % cap] = k, v -> a = attention(q)
  *   -> o = o_proj(a) -> (sandwich: x += norm(o), h = norm(x) | else: x += o, h = norm(x))
  *   -> m = act(gate(h)) * up(h) -> d = down(m) -> (sandwich: x += norm(d) | else: x += d)
+ * then logits = head(norm(x)) for the rows asked for.
+ *
+ * Every row's result is independent of the other rows and of the thread count (gemm.c's tiles, and
+ * attention split into fixed chunks of keys merged in order), so a sequence gets bitwise the same
+ * logits alone, batched, or with its prompt cut into other chunks.
  */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
-/* matvec.c, same library */
-void llm_gemv_f32(const float *W, const float *x, const float *bias, float *y, int64_t N, int64_t K, int threads);
-void llm_gemv_f16(const uint16_t *W, const float *x, const float *bias, float *y, int64_t N, int64_t K, int threads);
-void llm_gemv_bf16(const uint16_t *W, const float *x, const float *bias, float *y, int64_t N, int64_t K, int threads);
-void llm_gemv_i8(const int8_t *Q, const float *scale, const float *x, const float *bias, float *y, int64_t N, int64_t K, int threads);
-void llm_gemv_i8q8(const int8_t *Q, const float *scale, const float *x, const float *bias, float *y,
-                   int64_t N, int64_t K, void *scratch, int threads);
-void llm_gemv_i4q8(const uint8_t *Q, const uint16_t *scale, const uint16_t *zero, const float *x, const float *bias,
-                   float *y, int64_t N, int64_t K, int64_t G, void *scratch, int threads);
+/* gemm.c, same library */
+void llm_gemm_f32(const float *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy,
+                  int64_t B, int64_t N, int64_t K, int threads);
+void llm_gemm_f16(const uint16_t *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy,
+                  int64_t B, int64_t N, int64_t K, int threads);
+void llm_gemm_bf16(const uint16_t *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy,
+                   int64_t B, int64_t N, int64_t K, int threads);
+void llm_gemm_i8(const int8_t *Q, const float *scale, const float *X, int64_t ldx, const float *bias, float *Y,
+                 int64_t ldy, int64_t B, int64_t N, int64_t K, int threads);
+void llm_gemm_i8q8(const int8_t *Q, const float *scale, const float *X, int64_t ldx, const float *bias, float *Y,
+                   int64_t ldy, int64_t B, int64_t N, int64_t K, void *scratch, int threads);
+void llm_gemm_i4q8(const uint8_t *Q, const uint16_t *scale, const uint16_t *zero, const float *X, int64_t ldx,
+                   const float *bias, float *Y, int64_t ldy, int64_t B, int64_t N, int64_t K, int64_t G,
+                   void *scratch, int threads);
+int64_t llm_q8_row_bytes(int64_t K);
 
 enum { LLM_F32 = 0, LLM_F16 = 1, LLM_BF16 = 2, LLM_I8 = 3, LLM_I8Q8 = 4, LLM_I4Q8 = 5 };
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2, ACT_RELU = 3 };
+/* Keys per attention work item: a row's keys are cut into chunks of this many positions whatever the
+ * batch or thread count, so its softmax partials and their merge order never change. */
+#define KEY_CHUNK 128
 
-typedef struct {           /* one projection y[n] = W x (+ bias); mirrored by core/decode_step.py */
+typedef struct {           /* one projection y[n] = W x (+ bias); mirrored by core/kernels/__init__.py */
     int64_t kind;
     const void *w;         /* f32/f16/bf16 rows, int8 codes, or packed uint8 int4 codes */
     const void *scale;     /* int8: fp32 [n]; int4: bf16 [n, k / group] */
@@ -46,28 +67,62 @@ typedef struct {
     llm_linear down;
     const float *norm[4];  /* input, post-attention, pre- and post-feedforward: the fp32 factor h is scaled by */
     int64_t n_proj, n_up;
-    int64_t window_slot;   /* index into the per-call first-visible-key table (its layer type) */
+    int64_t window;        /* 0: full attention; else a key is visible when 0 <= q - k < window */
 } llm_layer;
 
 typedef struct {
-    int64_t n_layers, hidden, inter, heads, kv_heads, head_dim;
+    int64_t n_layers, hidden, inter, heads, kv_heads, head_dim, vocab;
     int64_t sandwich, act;
     double eps, scale, softcap;  /* softcap 0: none */
     const llm_layer *layers;
+    const float *final_norm;     /* fp32 factor of the last norm */
+    llm_linear head;             /* the LM head */
 } llm_model;
 
-static void linear(const llm_linear *l, const float *x, float *y, void *scratch, int threads) {
+typedef struct {           /* the KV cache pool; mirrored by core/kernels/__init__.py */
+    float *const *k;       /* per layer: fp32 [n_slots, kv_heads, cap[layer], head_dim] */
+    float *const *v;
+    const int64_t *cap;    /* per layer: position p lives at index p % cap (a ring once p >= cap) */
+    int64_t n_slots;
+} llm_cache;
+
+/* sizeof and field offsets of the structs core/kernels/__init__.py mirrors with ctypes, for the test that
+ * checks both sides agree (a mismatch would read wrong pointers, not fail). Returns how many it wrote. */
+int64_t llm_struct_layout(int64_t *out) {
+    const int64_t v[] = {
+        sizeof(llm_linear), offsetof(llm_linear, bias), offsetof(llm_linear, group),
+        sizeof(llm_layer), offsetof(llm_layer, o), offsetof(llm_layer, down), offsetof(llm_layer, norm),
+        offsetof(llm_layer, window),
+        sizeof(llm_model), offsetof(llm_model, act), offsetof(llm_model, eps), offsetof(llm_model, layers),
+        offsetof(llm_model, head),
+        sizeof(llm_cache), offsetof(llm_cache, cap), offsetof(llm_cache, n_slots),
+    };
+    int64_t n = (int64_t)(sizeof(v) / sizeof(v[0]));
+    for (int64_t i = 0; i < n; i++) out[i] = v[i];
+    return n;
+}
+
+static int64_t q8_bytes(const llm_linear *l, int64_t B) {
+    return (l->kind == LLM_I8Q8 || l->kind == LLM_I4Q8) ? B * llm_q8_row_bytes(l->k) : 0;
+}
+
+/* Y[b, :n] = l(X[b, :k]) for B rows (strides ldx, ldy). */
+static void linear(const llm_linear *l, const float *X, int64_t ldx, float *Y, int64_t ldy, int64_t B,
+                   void *scratch, int threads) {
     switch (l->kind) {
-    case LLM_F32: llm_gemv_f32((const float *)l->w, x, l->bias, y, l->n, l->k, threads); break;
-    case LLM_F16: llm_gemv_f16((const uint16_t *)l->w, x, l->bias, y, l->n, l->k, threads); break;
-    case LLM_BF16: llm_gemv_bf16((const uint16_t *)l->w, x, l->bias, y, l->n, l->k, threads); break;
-    case LLM_I8: llm_gemv_i8((const int8_t *)l->w, (const float *)l->scale, x, l->bias, y, l->n, l->k, threads); break;
+    case LLM_F32: llm_gemm_f32((const float *)l->w, X, ldx, l->bias, Y, ldy, B, l->n, l->k, threads); break;
+    case LLM_F16: llm_gemm_f16((const uint16_t *)l->w, X, ldx, l->bias, Y, ldy, B, l->n, l->k, threads); break;
+    case LLM_BF16: llm_gemm_bf16((const uint16_t *)l->w, X, ldx, l->bias, Y, ldy, B, l->n, l->k, threads); break;
+    case LLM_I8:
+        llm_gemm_i8((const int8_t *)l->w, (const float *)l->scale, X, ldx, l->bias, Y, ldy, B, l->n, l->k, threads);
+        break;
     case LLM_I8Q8:
-        llm_gemv_i8q8((const int8_t *)l->w, (const float *)l->scale, x, l->bias, y, l->n, l->k, scratch, threads);
+        llm_gemm_i8q8((const int8_t *)l->w, (const float *)l->scale, X, ldx, l->bias, Y, ldy, B, l->n, l->k,
+                      scratch, threads);
         break;
     case LLM_I4Q8:
-        llm_gemv_i4q8((const uint8_t *)l->w, (const uint16_t *)l->scale, (const uint16_t *)l->zero, x, l->bias, y,
-                      l->n, l->k, l->group, scratch, threads);
+        llm_gemm_i4q8((const uint8_t *)l->w, (const uint16_t *)l->scale, (const uint16_t *)l->zero, X, ldx,
+                      l->bias, Y, ldy, B, l->n, l->k, l->group, scratch, threads);
         break;
     }
 }
@@ -158,54 +213,57 @@ static float activate(float g, int64_t act) {
     }
 }
 
-/* Attention of one new token, split over the keys (flash-decoding): thread t takes keys [s0, s1) of
- * lo..pos for every head and keeps, per query head, its running max, sum of exp and unnormalised
- * sum of exp * v; the partials merge after. Heads sharing a key/value head are done together, so each
- * cached key and value is read once per layer (the cache is fp32: at 4k tokens it is as many bytes
- * per token as SmolLM2's weights). part: per thread, H * (D + 2) floats; scores: H * s_max floats. */
-static void attend_part(const llm_model *m, const float *q, const float *const kc, const float *const vc,
-                        int64_t s_max, int64_t s0, int64_t s1, float *scores, float *part) {
-    int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, G = H / Hkv;
-    float scale = (float)m->scale, cap = (float)m->softcap;
-    for (int64_t h = 0; h < H; h++) {
-        float *acc = part + h * (D + 2);
-        for (int64_t d = 0; d < D + 2; d++) acc[d] = 0;
-        acc[D] = -INFINITY;  /* running max; acc[D + 1]: sum of exp */
-    }
-    if (s0 >= s1) return;
+/* Attention of one query row over the key positions [p0, p1) of its slot (p1 - p0 <= KEY_CHUNK): per query
+ * head the running max, sum of exp and unnormalised sum of exp * v (merged over the chunks after). Heads
+ * sharing a key/value head are done together, so each cached key and value is read once per layer.
+ * K, V: the slot's [kv_heads, cap, D] planes, position p at index p % cap. part: H * (D + 2) floats;
+ * scores: H * KEY_CHUNK floats. */
+static void attend_part(const llm_model *m, const float *q, const float *K, const float *V, int64_t cap,
+                        int64_t p0, int64_t p1, float *scores, float *part) {
+    int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, G = H / Hkv, n = p1 - p0;
+    float scale = (float)m->scale, cap_logit = (float)m->softcap;
+    int64_t i0 = p0 % cap;
     for (int64_t g = 0; g < Hkv; g++) {
-        const float *K = kc + g * s_max * D, *V = vc + g * s_max * D;
-        for (int64_t s = s0; s < s1; s++) {
-            const float *k = K + s * D;
+        const float *Kg = K + g * cap * D, *Vg = V + g * cap * D;
+        for (int64_t j = 0; j < G; j++) {
+            float *acc = part + (g * G + j) * (D + 2);
+            acc[D] = -INFINITY;  /* running max; acc[D + 1]: sum of exp */
+        }
+        int64_t i = i0;
+        for (int64_t s = 0; s < n; s++) {
+            const float *k = Kg + i * D;
             for (int64_t j = 0; j < G; j++) {
                 int64_t h = g * G + j;
                 float v = dot(q + h * D, k, D) * scale;
-                if (cap > 0) v = tanhf(v / cap) * cap;
-                scores[h * s_max + s] = v;
+                if (cap_logit > 0) v = tanhf(v / cap_logit) * cap_logit;
+                scores[h * KEY_CHUNK + s] = v;
                 float *acc = part + h * (D + 2);
                 acc[D] = v > acc[D] ? v : acc[D];
             }
+            if (++i == cap) i = 0;
         }
         for (int64_t j = 0; j < G; j++) {
             int64_t h = g * G + j;
             float *acc = part + h * (D + 2);
-            acc[D + 1] = exp_shifted(scores + h * s_max + s0, s1 - s0, acc[D]);
+            acc[D + 1] = exp_shifted(scores + h * KEY_CHUNK, n, acc[D]);
         }
         /* sum_s p_s v_s per head, 32 columns at a time in registers (the values stay in L1/L2 between heads). */
         for (int64_t j = 0; j < G; j++) {
             int64_t h = g * G + j;
-            const float *p = scores + h * s_max;
+            const float *p = scores + h * KEY_CHUNK;
             float *acc = part + h * (D + 2);
             int64_t d = 0;
             for (; d + 32 <= D; d += 32) {
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                for (int64_t s = s0; s < s1; s++) {
-                    const float *v = V + s * D + d;
+                int64_t ii = i0;
+                for (int64_t s = 0; s < n; s++) {
+                    const float *v = Vg + ii * D + d;
                     __m256 w = _mm256_set1_ps(p[s]);
                     a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v), a0);
                     a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8), a1);
                     a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 16), a2);
                     a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 24), a3);
+                    if (++ii == cap) ii = 0;
                 }
                 _mm256_storeu_ps(acc + d, a0);
                 _mm256_storeu_ps(acc + d + 8, a1);
@@ -214,27 +272,30 @@ static void attend_part(const llm_model *m, const float *q, const float *const k
             }
             for (; d < D; d++) {
                 float t = 0;
-                for (int64_t s = s0; s < s1; s++) t += p[s] * V[s * D + d];
+                int64_t ii = i0;
+                for (int64_t s = 0; s < n; s++) {
+                    t += p[s] * Vg[ii * D + d];
+                    if (++ii == cap) ii = 0;
+                }
                 acc[d] = t;
             }
         }
     }
 }
 
-/* out[h] = sum_t acc_t e^(max_t - max) / sum_t l_t e^(max_t - max) over the threads' partials. */
-static void attend_merge(const llm_model *m, const float *parts, int nt, float *out) {
+/* out[h] = sum_t acc_t e^(max_t - max) / sum_t l_t e^(max_t - max) over a row's chunk partials, in order. */
+static void attend_merge(const llm_model *m, const float *parts, int64_t n_parts, float *out) {
     int64_t H = m->heads, D = m->head_dim, stride = H * (D + 2);
     for (int64_t h = 0; h < H; h++) {
         float top = -INFINITY, total = 0;
-        for (int t = 0; t < nt; t++) {
+        for (int64_t t = 0; t < n_parts; t++) {
             float mt = parts[t * stride + h * (D + 2) + D];
             top = mt > top ? mt : top;
         }
         float *o = out + h * D;
         for (int64_t d = 0; d < D; d++) o[d] = 0;
-        for (int t = 0; t < nt; t++) {
+        for (int64_t t = 0; t < n_parts; t++) {
             const float *acc = parts + t * stride + h * (D + 2);
-            if (acc[D] == -INFINITY) continue;  /* a thread that got no keys */
             float w = expf(acc[D] - top);
             total += acc[D + 1] * w;
             for (int64_t d = 0; d < D; d++) o[d] += acc[d] * w;
@@ -252,75 +313,149 @@ static void add_normed(float *x, const float *y, const float *factor, float *tmp
     for (int64_t i = 0; i < C; i++) x[i] += y[i];
 }
 
-/* x [hidden] in/out. cos/sin [head_dim] for this position; k_cache[l], v_cache[l]: [kv_heads, s_max, head_dim]
- * fp32 (batch 1); lo[slot]: first visible key for each layer type. work: llm_step_work_floats(m, s_max, threads)
- * floats; scratch: llm_step_scratch_bytes(m) bytes. Returns 0, or -1 when a size is out of range. */
-int llm_decode_layers(const llm_model *m, float *x, const float *cos, const float *sin, float *const *k_cache,
-                      float *const *v_cache, int64_t s_max, int64_t pos, const int64_t *lo, float *work,
-                      void *scratch, int threads) {
-    int64_t C = m->hidden, I = m->inter, H = m->heads, Hkv = m->kv_heads, D = m->head_dim;
-    if (D > 1024 || pos < 0 || pos >= s_max || H % Hkv) return -1;
-    float eps = (float)m->eps;
-    float *h = work, *qkv = h + C, *att = qkv + (H + 2 * Hkv) * D, *o = att + H * D, *gu = o + C;
-    float *d = gu + 2 * I, *tmp = d + C, *scores = tmp + C, *parts = scores + H * s_max;
-    for (int64_t li = 0; li < m->n_layers; li++) {
-        const llm_layer *L = m->layers + li;
-        rms_norm(x, L->norm[0], h, C, eps);
-        float *y = qkv;
-        for (int64_t p = 0; p < L->n_proj; p++) {
-            linear(L->proj + p, h, y, scratch, threads);
-            y += L->proj[p].n;
-        }
-        float *q = qkv, *k = qkv + H * D, *v = k + Hkv * D;
-        for (int64_t j = 0; j < H + Hkv; j++) rope(q + j * D, cos, sin, D);  /* k follows q: one pass */
-        float *kc = k_cache[li], *vc = v_cache[li];
-        for (int64_t j = 0; j < Hkv; j++) {
-            memcpy(kc + (j * s_max + pos) * D, k + j * D, (size_t)D * sizeof(float));
-            memcpy(vc + (j * s_max + pos) * D, v + j * D, (size_t)D * sizeof(float));
-        }
-        int64_t first = lo[L->window_slot], n_keys = pos + 1 - first;
-        /* Split the keys only when each thread gets a useful share; short contexts stay on one thread. */
-        int nt = n_keys >= 64 * threads ? threads : 1;
-        #pragma omp parallel num_threads(nt)
-        {
-            int t = omp_get_thread_num(), used = omp_get_num_threads();
-            int64_t chunk = (n_keys + used - 1) / used, s0 = first + t * chunk, s1 = s0 + chunk;
-            attend_part(m, q, kc, vc, s_max, s0, s1 < pos + 1 ? s1 : pos + 1, scores, parts + t * H * (D + 2));
-            #pragma omp barrier
-            #pragma omp single
-            attend_merge(m, parts, used, att);
-        }
-        linear(&L->o, att, o, scratch, threads);
-        if (m->sandwich) {
-            add_normed(x, o, L->norm[1], tmp, C, eps);
-            rms_norm(x, L->norm[2], h, C, eps);
-        } else {
-            add_normed(x, o, NULL, tmp, C, eps);
-            rms_norm(x, L->norm[1], h, C, eps);
-        }
-        y = gu;
-        for (int64_t p = 0; p < L->n_up; p++) {
-            linear(L->up + p, h, y, scratch, threads);
-            y += L->up[p].n;
-        }
-        if (m->act == ACT_SILU)
-            silu_mul(gu, gu + I, I);
-        else
-            for (int64_t i = 0; i < I; i++) gu[i] = activate(gu[i], m->act) * gu[I + i];
-        linear(&L->down, gu, d, scratch, threads);
-        add_normed(x, d, m->sandwich ? L->norm[3] : NULL, tmp, C, eps);
-    }
-    return 0;
-}
-
-int64_t llm_step_work_floats(const llm_model *m, int64_t s_max, int threads) {
-    int64_t C = m->hidden, H = m->heads, D = m->head_dim;
-    return C + (H + 2 * m->kv_heads) * D + H * D + C + 2 * m->inter + C + C + H * s_max + threads * H * (D + 2);
-}
-
-/* Large enough for the Q8 activations of the widest input (llm_gemv_i8q8 / llm_gemv_i4q8). */
-int64_t llm_step_scratch_bytes(const llm_model *m) {
+/* The widest input any projection (or the head) reads: the Q8 scratch per row is sized by it. */
+static int64_t widest_input(const llm_model *m) {
     int64_t K = m->hidden > m->inter ? m->hidden : m->inter;
     if (m->heads * m->head_dim > K) K = m->heads * m->head_dim;
-    return K + 4 * (3 * (K / 32) + 8) + 64;
+    return K;
+}
+
+/* Work buffer layout (floats), for B rows and keys up to max_cap per row. */
+typedef struct { float *h, *qkv, *att, *o, *gu, *tmp, *parts, *scores; int64_t *items; } layout;
+
+static int64_t max_items(int64_t B, int64_t max_cap) { return B * ((max_cap + KEY_CHUNK - 1) / KEY_CHUNK); }
+
+static int64_t plan(const llm_model *m, int64_t B, int64_t max_cap, int threads, float *base, layout *L) {
+    int64_t C = m->hidden, H = m->heads, Hkv = m->kv_heads, D = m->head_dim, I = m->inter;
+    int64_t sizes[8] = {B * C, B * (H + 2 * Hkv) * D, B * H * D, B * C, B * 2 * I, B * C,
+                        max_items(B, max_cap) * H * (D + 2), (int64_t)threads * H * KEY_CHUNK};
+    float **slots[8] = {&L->h, &L->qkv, &L->att, &L->o, &L->gu, &L->tmp, &L->parts, &L->scores};
+    int64_t off = 0;
+    for (int i = 0; i < 8; i++) {
+        if (base) *slots[i] = base + off;
+        off += (sizes[i] + 15) & ~(int64_t)15;  /* 64-byte aligned pieces */
+    }
+    if (base) L->items = (int64_t *)(base + off);
+    off += 2 * (3 * max_items(B, max_cap) + B + 1);  /* int64 item tables */
+    return off;
+}
+
+int64_t llm_step_work_floats(const llm_model *m, int64_t B, int64_t max_cap, int threads) {
+    layout L;
+    return plan(m, B, max_cap, threads, NULL, &L);
+}
+
+int64_t llm_step_scratch_bytes(const llm_model *m, int64_t B) {
+    int64_t K = widest_input(m);
+    return B * llm_q8_row_bytes(K > m->hidden ? K : m->hidden) + 64;
+}
+
+/* x [B, hidden] in/out (the embedded rows; left holding the last hidden states before the final norm).
+ * cos/sin [B, head_dim]: each row's rope tables; slot/pos [B]. Logits [n_out, vocab] for the rows in
+ * out_rows. work: llm_step_work_floats(m, B, max cap, threads) floats; scratch: llm_step_scratch_bytes(m, B)
+ * bytes. Returns 0, or -1 when a row's slot or position does not fit the cache. */
+int llm_forward_rows(const llm_model *m, const llm_cache *c, int64_t B, float *x, const float *cos, const float *sin,
+                     const int64_t *slot, const int64_t *pos, int64_t n_out, const int64_t *out_rows, float *logits,
+                     float *work, void *scratch, int threads) {
+    int64_t C = m->hidden, I = m->inter, H = m->heads, Hkv = m->kv_heads, D = m->head_dim;
+    int64_t QKV = (H + 2 * Hkv) * D;
+    if (D > 1024 || H % Hkv || B <= 0) return -1;
+    int64_t max_cap = 0;
+    for (int64_t li = 0; li < m->n_layers; li++) {
+        int64_t cap = c->cap[li], win = m->layers[li].window;
+        if (cap > max_cap) max_cap = cap;
+        if (win > cap) return -1;  /* a sliding layer's ring holds at least its window */
+        for (int64_t b = 0; b < B; b++)
+            if (slot[b] < 0 || slot[b] >= c->n_slots || pos[b] < 0 || (!win && pos[b] >= cap)) return -1;
+    }
+    for (int64_t r = 0; r < n_out; r++)
+        if (out_rows[r] < 0 || out_rows[r] >= B) return -1;
+    layout L;
+    plan(m, B, max_cap, threads, work, &L);
+    float eps = (float)m->eps;
+    int par = B > 1;
+    int64_t *item_row = L.items, *item_p0 = item_row + max_items(B, max_cap), *item_p1 = item_p0 + max_items(B, max_cap);
+    int64_t *row_first = item_p1 + max_items(B, max_cap);  /* [B + 1]: a row's first item */
+
+    for (int64_t li = 0; li < m->n_layers; li++) {
+        const llm_layer *Ly = m->layers + li;
+        int64_t cap = c->cap[li];
+        float *kc = c->k[li], *vc = c->v[li];
+        #pragma omp parallel for num_threads(threads) schedule(static) if (par)
+        for (int64_t b = 0; b < B; b++) rms_norm(x + b * C, Ly->norm[0], L.h + b * C, C, eps);
+        int64_t col = 0;
+        for (int64_t p = 0; p < Ly->n_proj; p++) {
+            linear(Ly->proj + p, L.h, C, L.qkv + col, QKV, B, scratch, threads);
+            col += Ly->proj[p].n;
+        }
+        /* rope on q and k (k follows q: one pass), then every row's keys and values into the cache. */
+        #pragma omp parallel for num_threads(threads) schedule(static) if (par)
+        for (int64_t b = 0; b < B; b++) {
+            float *q = L.qkv + b * QKV, *k = q + H * D, *v = k + Hkv * D;
+            for (int64_t j = 0; j < H + Hkv; j++) rope(q + j * D, cos + b * D, sin + b * D, D);
+            int64_t at = pos[b] % cap;
+            for (int64_t j = 0; j < Hkv; j++) {
+                memcpy(kc + ((slot[b] * Hkv + j) * cap + at) * D, k + j * D, (size_t)D * sizeof(float));
+                memcpy(vc + ((slot[b] * Hkv + j) * cap + at) * D, v + j * D, (size_t)D * sizeof(float));
+            }
+        }
+        /* Work items: each row's visible positions [lo, pos] in chunks of KEY_CHUNK. */
+        int64_t n_items = 0;
+        for (int64_t b = 0; b < B; b++) {
+            int64_t lo = Ly->window ? pos[b] - Ly->window + 1 : 0;
+            if (lo < 0) lo = 0;
+            row_first[b] = n_items;
+            for (int64_t p0 = lo; p0 <= pos[b]; p0 += KEY_CHUNK) {
+                item_row[n_items] = b;
+                item_p0[n_items] = p0;
+                item_p1[n_items] = p0 + KEY_CHUNK < pos[b] + 1 ? p0 + KEY_CHUNK : pos[b] + 1;
+                n_items++;
+            }
+        }
+        row_first[B] = n_items;
+        #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (n_items > 1)
+        for (int64_t it = 0; it < n_items; it++) {
+            int64_t b = item_row[it];
+            const float *K = kc + slot[b] * Hkv * cap * D, *V = vc + slot[b] * Hkv * cap * D;
+            float *scores = L.scores + (int64_t)omp_get_thread_num() * H * KEY_CHUNK;
+            attend_part(m, L.qkv + b * QKV, K, V, cap, item_p0[it], item_p1[it], scores, L.parts + it * H * (D + 2));
+        }
+        #pragma omp parallel for num_threads(threads) schedule(static) if (par)
+        for (int64_t b = 0; b < B; b++)
+            attend_merge(m, L.parts + row_first[b] * H * (D + 2), row_first[b + 1] - row_first[b], L.att + b * H * D);
+        linear(&Ly->o, L.att, H * D, L.o, C, B, scratch, threads);
+        #pragma omp parallel for num_threads(threads) schedule(static) if (par)
+        for (int64_t b = 0; b < B; b++) {
+            float *xb = x + b * C, *ob = L.o + b * C, *hb = L.h + b * C, *tb = L.tmp + b * C;
+            if (m->sandwich) {
+                add_normed(xb, ob, Ly->norm[1], tb, C, eps);
+                rms_norm(xb, Ly->norm[2], hb, C, eps);
+            } else {
+                add_normed(xb, ob, NULL, tb, C, eps);
+                rms_norm(xb, Ly->norm[1], hb, C, eps);
+            }
+        }
+        col = 0;
+        for (int64_t p = 0; p < Ly->n_up; p++) {
+            linear(Ly->up + p, L.h, C, L.gu + col, 2 * I, B, scratch, threads);
+            col += Ly->up[p].n;
+        }
+        #pragma omp parallel for num_threads(threads) schedule(static) if (par)
+        for (int64_t b = 0; b < B; b++) {
+            float *gu = L.gu + b * 2 * I;
+            if (m->act == ACT_SILU)
+                silu_mul(gu, gu + I, I);
+            else
+                for (int64_t i = 0; i < I; i++) gu[i] = activate(gu[i], m->act) * gu[I + i];
+        }
+        linear(&Ly->down, L.gu, 2 * I, L.o, C, B, scratch, threads);
+        #pragma omp parallel for num_threads(threads) schedule(static) if (par)
+        for (int64_t b = 0; b < B; b++)
+            add_normed(x + b * C, L.o + b * C, m->sandwich ? Ly->norm[3] : NULL, L.tmp + b * C, C, eps);
+    }
+    if (n_out > 0) {
+        for (int64_t r = 0; r < n_out; r++) rms_norm(x + out_rows[r] * C, m->final_norm, L.h + r * C, C, eps);
+        linear(&m->head, L.h, C, logits, m->vocab, n_out, scratch, threads);
+    }
+    return 0;
 }

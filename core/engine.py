@@ -1,0 +1,424 @@
+"""The generation engine: one scheduler/step loop for any number of sequences (continuous batching).
+
+Every client goes through it: `llm generate`, `llm chat`, `llm run`, `llm bench` and the HTTP server.
+`Engine.add` queues a request; each `Engine.step()`:
+1. admits waiting requests into free KV slots, each into the slot whose cached tokens share the longest
+   prefix with its prompt (prefix reuse: the next turn of a chat, a common system prompt), copying that
+   prefix from another slot when one holds more of it;
+2. builds one batch: the next token of every decoding sequence, then prompt tokens of prefilling ones,
+   at most `prefill_chunk` in all, so a long prompt is prefilled over several steps interleaved with
+   the others' decode steps instead of stalling them;
+3. runs it through the runner (core/runner.py: on CPU one native call, each weight read once for all);
+4. samples each sequence's token with its own sampler (seed, temperature, penalties), applies its
+   EOS ids, stop strings and token budget, and queues text events on the request.
+A finished or cancelled sequence leaves its slot at once; the slot keeps its KV for prefix reuse until
+another request takes it. Each row's logits are bitwise those it gets alone (runner docs), so a seeded
+request gives the same tokens whatever else is in the batch.
+
+The engine is single-threaded: one thread calls add/cancel/step (core/engine_thread.py drives it for
+the server). Memory: the KV cache holds `max_batch` slots of up to `max_context` positions
+(KVCache.bytes_for gives the bound; it grows to it only as requests need).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from .errors import InputError, ResourceError
+from .generate import (
+    GenerationEvent,
+    GenerationResult,
+    GenerationSpec,
+    StopStringFilter,
+    Timings,
+    context_length,
+    eos_ids_for,
+    fit_prompt,
+)
+from .kv_cache import KVCache
+from .runner import Runner, Segment, make_runner
+from .sampling import Sampler, process_logits
+
+WAITING, PREFILL, DECODE, FINISHED = "waiting", "prefill", "decode", "finished"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 8  # KV slots: sequences in flight at once
+    max_context: int | None = None  # positions per slot (None: the model's context)
+    prefill_chunk: int = 256  # prompt tokens per step, over all prefilling sequences
+    max_queue: int | None = None  # requests waiting for a slot (None: no limit); more -> QueueFullError
+    prefix_reuse: bool = True
+    keep_logits: bool = False  # keep each sampled row's logits on its request (tests, debugging)
+
+    def __post_init__(self):
+        if self.max_batch < 1:
+            raise InputError(f"max batch must be >= 1, got {self.max_batch}")
+        if self.prefill_chunk < 1:
+            raise InputError(f"prefill chunk must be >= 1, got {self.prefill_chunk}")
+        if self.max_context is not None and self.max_context < 2:
+            raise InputError(f"max context must be >= 2, got {self.max_context}")
+        if self.max_queue is not None and self.max_queue < 0:
+            raise InputError(f"max queue must be >= 0, got {self.max_queue}")
+
+
+class QueueFullError(ResourceError):
+    """More requests waiting than the engine's max_queue allows."""
+
+
+class Request:
+    """One sequence: its prompt, settings and progress. Clients read `drain()` for events; the last
+    event carries finish_reason and timings."""
+
+    def __init__(self, rid, prompt: list[int], spec: GenerationSpec, eos: frozenset[int], tokenizer,
+                 dropped: int, context: int):
+        self.id = rid
+        self.prompt = prompt
+        self.spec = spec
+        self.eos = eos
+        self.state = WAITING
+        self.slot: int | None = None
+        self.generated: list[int] = []  # sampled tokens, EOS excluded
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.budget = min(spec.max_new_tokens, context - len(prompt))
+        self.sampler = Sampler(spec.sampling)
+        self.penalize = spec.sampling.repetition_penalty != 1.0
+        self.greedy = spec.sampling.greedy and not self.penalize
+        self.timings = Timings(prompt_tokens=len(prompt), truncated_tokens=dropped)
+        self.logits: list[torch.Tensor] = []
+        self._events: list[GenerationEvent] = []
+        self._detok = None
+        if tokenizer is not None:
+            from .tokenizer import StreamingDetokenizer
+
+            self._detok = StreamingDetokenizer(tokenizer, skip_special_tokens=True)
+        self._stops = StopStringFilter(spec.stop)
+        self._text: list[str] = []
+        self.arrived = time.perf_counter()
+        self.admitted = self.first_token = self.last_token = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state == FINISHED
+
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt + generated: what the KV slot holds (its length says how much of it)."""
+        return self.prompt + self.generated
+
+    def drain(self) -> list[GenerationEvent]:
+        out, self._events = self._events, []
+        return out
+
+    def result(self) -> GenerationResult:
+        if not self.finished:
+            raise RuntimeError("the request has not finished")
+        return GenerationResult("".join(self._text), list(self.generated), self.finish_reason, self.timings,
+                                error=self.error)
+
+    # -- engine side
+
+    def _emit(self, text: str, ids: tuple[int, ...], reason: str | None = None) -> None:
+        self._text.append(text)
+        self._events.append(GenerationEvent(text, ids, reason, self.timings if reason else None))
+
+    def _take(self, token: int, now: float) -> None:
+        """A sampled token: text, stops, budget."""
+        t = self.timings
+        if self.first_token is None:
+            self.first_token = now
+            t.prefill_seconds = now - self.admitted
+            t.queue_seconds = self.admitted - self.arrived
+        self.last_token = now
+        t.decode_seconds = now - self.first_token
+        t.completion_tokens += 1
+        if token in self.eos:
+            self._finish("stop")
+            return
+        self.generated.append(token)
+        text = self._detok.add_token(token) if self._detok is not None else ""
+        text, hit = self._stops.feed(text)
+        self._emit(text, (token,))
+        if hit:
+            self._finish("stop_string")
+        elif len(self.generated) >= self.budget:
+            self._finish("length")
+
+    def _finish(self, reason: str, error: str | None = None) -> None:
+        tail = ""
+        if reason != "stop_string":
+            if self._detok is not None:
+                tail = self._stops.feed(self._detok.finalize())[0]
+            tail += self._stops.flush()
+        self.state, self.finish_reason, self.error = FINISHED, reason, error
+        self._emit(tail, (), reason)
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, config: EngineConfig = EngineConfig(), *, runner: Runner | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.runner = runner if runner is not None else make_runner(model)
+        self.context = min(config.max_context or context_length(model), context_length(model))
+        self.cache: KVCache | None = None
+        n = config.max_batch
+        self.slots: list[Request | None] = [None] * n
+        self.slot_tokens: list[list[int]] = [[] for _ in range(n)]  # what a free slot's KV holds
+        self._slot_used = [0] * n  # last use, for least-recently-used replacement
+        self.waiting: deque[Request] = deque()
+        self._ids = itertools.count()
+        self._clock = itertools.count(1)
+        self.tokens_generated = 0  # totals for /metrics and benchmarks
+        self.prompt_tokens = 0
+        self.reused_tokens = 0
+
+    @property
+    def kv_bytes_limit(self) -> int:
+        """The most memory this engine's KV cache can take (max_batch x max_context)."""
+        return KVCache.bytes_for(self.model.config, self.config.max_batch, self.context, self.config.prefill_chunk,
+                                 torch.finfo(self.runner.dtype).bits // 8)
+
+    @property
+    def running(self) -> list[Request]:
+        return [r for r in self.slots if r is not None]
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.slots)
+
+    # ---- requests ------------------------------------------------------------------------------------
+
+    def add(self, prompt_ids: Sequence[int], spec: GenerationSpec, *, request_id=None) -> Request:
+        """Queue a request. Bad input (empty prompt, one longer than the context) raises InputError; a
+        full queue raises QueueFullError. max_new_tokens 0 finishes at once ('length', no tokens)."""
+        if not prompt_ids:
+            raise InputError("the prompt is empty", hint="give some text (or a chat message) to continue")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise InputError(f"token id {bad[0]} is outside the vocabulary of {vocab}")
+        ids, dropped = fit_prompt(prompt_ids, self.context, spec)
+        queued = len(self.waiting) - self.slots.count(None)  # those that will not get a slot at the next step
+        if self.config.max_queue is not None and queued >= self.config.max_queue and spec.max_new_tokens:
+            raise QueueFullError(f"{queued} requests already wait for one of {self.config.max_batch} slots",
+                                 hint="retry later, or raise the queue limit")
+        rid = next(self._ids) if request_id is None else request_id
+        req = Request(rid, ids, spec, eos_ids_for(self.model, self.tokenizer, spec), self.tokenizer, dropped,
+                      self.context)
+        if req.budget <= 0:
+            req.admitted = req.arrived
+            req._finish("length")
+        else:
+            self.waiting.append(req)
+        return req
+
+    def cancel(self, req: Request, reason: str = "cancelled") -> None:
+        """Stop a request now: it leaves the queue or frees its slot, and gets its final event."""
+        if req.finished:
+            return
+        if req.state == WAITING:
+            self.waiting.remove(req)
+        else:
+            self._release(req)
+        req._finish(reason)
+
+    # ---- the step ------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[Request]:
+        """One scheduler iteration; -> the requests that got events."""
+        touched = self._admit()
+        segments, owners = self._schedule()
+        if not segments:
+            return touched
+        logits = self.runner.forward(self.cache, segments)
+        now = time.perf_counter()
+        rows = [r for s, r in zip(segments, owners) if s.logits]
+        for r in owners:
+            if r.state == PREFILL and self.cache.lengths[r.slot] >= len(r.prompt):
+                r.state = DECODE
+        tokens = self._sample(rows, logits)
+        for i, (r, tok) in enumerate(zip(rows, tokens)):
+            if self.config.keep_logits:
+                r.logits.append(logits[i].clone())
+            r._take(tok, now)
+            self.tokens_generated += 1
+            if r.finished:
+                self._release(r)
+        return list(dict.fromkeys(touched + owners))
+
+    def _schedule(self) -> tuple[list[Segment], list[Request]]:
+        """Decode rows first (one token each), then prompt chunks within the prefill budget."""
+        segments, owners = [], []
+        budget = self.config.prefill_chunk
+        for r in sorted(self.running, key=lambda r: r.state != DECODE):
+            fed = self.cache.lengths[r.slot]
+            tokens = r.tokens
+            if fed >= len(tokens):
+                # An interrupted step fed the last token without sampling from it: feed it again.
+                fed = len(tokens) - 1
+                self.cache.truncate_slot(r.slot, fed)
+            if r.state == DECODE:
+                segments.append(Segment(r.slot, tokens[fed:]))
+            else:
+                if budget <= 0:
+                    continue
+                chunk = tokens[fed : fed + budget]
+                budget -= len(chunk)
+                segments.append(Segment(r.slot, chunk, logits=fed + len(chunk) == len(tokens)))
+            owners.append(r)
+        return segments, owners
+
+    def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
+        out = [0] * len(rows)
+        plain = [i for i, r in enumerate(rows) if r.greedy]
+        if plain:
+            for i, t in zip(plain, logits[plain].argmax(dim=-1).tolist()):
+                out[i] = t
+        for i, r in enumerate(rows):
+            if not r.greedy:
+                context = torch.tensor([r.tokens], device=logits.device) if r.penalize else None
+                out[i] = int(r.sampler(logits[i : i + 1], context)[0])
+        return out
+
+    # ---- slots ---------------------------------------------------------------------------------------
+
+    def _admit(self) -> list[Request]:
+        admitted = []
+        while self.waiting and None in self.slots:
+            req = self.waiting.popleft()
+            try:
+                self._place(req)
+            except ResourceError as e:
+                req._finish("error", e.message)
+                admitted.append(req)
+                continue
+            req.state, req.admitted = PREFILL, time.perf_counter()
+            admitted.append(req)
+        return admitted
+
+    def _place(self, req: Request) -> None:
+        """Put req in a free slot, with as much of its prompt's KV as the cache already holds."""
+        if self.cache is None:
+            self.cache = self.runner.new_cache(self.config.max_batch, self.context,
+                                               ring_margin=self.config.prefill_chunk,
+                                               initial_len=min(self.context, 256))
+        self.cache.ensure(len(req.prompt) + req.budget)  # a request that cannot fit fails alone, here
+        free = [s for s, r in enumerate(self.slots) if r is None]
+        slot = min(free, key=lambda s: self._slot_used[s])  # least recently used
+        reuse, source = 0, None
+        if self.config.prefix_reuse:
+            limit = len(req.prompt) - 1  # the last prompt token must run: its logits give the first token
+            held = {s: self.slot_tokens[s] if self.slots[s] is None else self.slots[s].tokens[: self.cache.lengths[s]]
+                    for s in range(self.config.max_batch)}
+            n = {s: self.cache.reusable(s, min(common_prefix(held[s], req.prompt), limit)) for s in held}
+            in_place = max(free, key=lambda s: (n[s], -self._slot_used[s]))
+            best = max(held, key=lambda s: n[s])
+            if n[in_place] > 0 and n[in_place] >= n[best]:
+                slot, reuse = in_place, n[in_place]
+            elif n[best] > 0:
+                reuse, source = n[best], best  # copied into the least recently used free slot
+        if source is not None:
+            self.cache.copy_prefix(source, slot, reuse)
+        else:
+            self.cache.truncate_slot(slot, reuse)
+        self.slots[slot], req.slot = req, slot
+        self.slot_tokens[slot] = []
+        self._slot_used[slot] = next(self._clock)
+        req.timings.cached_tokens = reuse
+        self.prompt_tokens += len(req.prompt)
+        self.reused_tokens += reuse
+
+    def _release(self, req: Request) -> None:
+        s = req.slot
+        if s is None or self.slots[s] is not req:
+            return
+        self.slot_tokens[s] = req.tokens[: self.cache.lengths[s]]
+        self.slots[s] = None
+        self._slot_used[s] = next(self._clock)
+
+    # ---- convenience for synchronous clients ----------------------------------------------------------
+
+    def stream(self, prompt_ids: Sequence[int], spec: GenerationSpec) -> Iterator[GenerationEvent]:
+        """Add one request and step until it finishes (others in flight progress too)."""
+        return self.follow(self.add(prompt_ids, spec))
+
+    def follow(self, req: Request) -> Iterator[GenerationEvent]:
+        """req's events, stepping the engine until it finishes. Ctrl-C ends it with 'interrupted';
+        closing the iterator cancels it."""
+        try:
+            while True:
+                for event in req.drain():
+                    yield event
+                    if event.finish_reason:
+                        return
+                self.step()
+        except KeyboardInterrupt:
+            self.cancel(req, "interrupted")
+            yield from req.drain()
+        finally:
+            self.cancel(req)
+
+    def run(self, requests: Iterable[tuple[Sequence[int], GenerationSpec]]) -> Iterator[GenerationResult]:
+        """Results of many requests, in input order, with up to max_batch in flight (inputs are read lazily).
+        A bad request gets a result with finish_reason 'error' and its message; the others run normally."""
+        pending: deque[Request | GenerationResult] = deque()
+        source = iter(requests)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(self.waiting) + len(self.running) < self.config.max_batch:
+                    item = next(source, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    try:
+                        pending.append(self.add(*item))
+                    except InputError as e:
+                        pending.append(GenerationResult("", [], "error", Timings(), error=e.message))
+                while pending and (isinstance(pending[0], GenerationResult) or pending[0].finished):
+                    head = pending.popleft()
+                    yield head if isinstance(head, GenerationResult) else head.result()
+                if exhausted and not pending:
+                    return
+                self.step()
+        finally:
+            for r in pending:
+                if isinstance(r, Request):
+                    self.cancel(r)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+# ---- one-shot helpers (a fresh single-slot engine per call) ------------------------------------------------
+
+
+def stream_generate(model, tokenizer, prompt_ids: Sequence[int], spec: GenerationSpec, *,
+                    runner: Runner | None = None) -> Iterator[GenerationEvent]:
+    """Text events for one prompt; the last carries finish_reason and timings."""
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=1, prefill_chunk=spec.prefill_chunk), runner=runner)
+    yield from engine.stream(prompt_ids, spec)
+
+
+def generate(model, tokenizer, prompt_ids: Sequence[int], spec: GenerationSpec, **kw) -> GenerationResult:
+    """Run one whole generation; -> text, generated ids (EOS excluded), finish_reason, timings."""
+    text, ids = [], []
+    for event in stream_generate(model, tokenizer, prompt_ids, spec, **kw):
+        text.append(event.text)
+        ids.extend(event.token_ids)
+        if event.finish_reason:
+            return GenerationResult("".join(text), ids, event.finish_reason, event.timings)
+    raise AssertionError("stream ended without a final event")

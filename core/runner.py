@@ -1,0 +1,161 @@
+"""Executes the engine's forward steps: segments of tokens (one per sequence) over a KVCache -> logits.
+
+A segment continues one sequence in one cache slot: a single token (decode) or a run of prompt tokens
+(a prefill chunk). Two runners share one interface:
+- NativeRunner: every segment of a step in one call to core.native_step (all layers in C, each weight
+  read once for all rows); CPU, fp32 activations, layers step.c knows.
+- TorchRunner: the PyTorch layers of core/model.py (the reference; any device, dtype and layer):
+  decode tokens batched in one forward, each prefill chunk in its own.
+`make_runner(model)` picks one and says why in `runner.description`; speed is installed on a model from
+here, never written into core/model.py. Build the runner after the model is final (quantized, moved):
+the native one points at the weights it was built over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from . import kernels
+from .kv_cache import KVCache
+from .layers import compute_dtype
+from .model import CausalLM
+
+NATIVE = "all layers in one native call"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """tokens continue the sequence in cache slot `slot` at its current length; `logits`: whether the
+    last token's logits are wanted (the last prompt chunk, every decode token)."""
+
+    slot: int
+    tokens: Sequence[int]
+    logits: bool = True
+
+
+class Runner:
+    description = ""
+
+    def __init__(self, model: CausalLM):
+        if not isinstance(model, CausalLM):
+            raise TypeError(f"generation needs a causal LM head, not {type(model).__name__}")
+        self.model = model
+        self.config = model.config
+        p = model.lm_head.weight
+        self.device = p.device
+        self.dtype = compute_dtype(p.dtype, p.device)
+
+    def new_cache(self, n_slots: int, max_len: int, **kw) -> KVCache:
+        return KVCache(self.config, n_slots, max_len, dtype=self.dtype, device=self.device, **kw)
+
+    def forward(self, cache: KVCache, segments: Sequence[Segment]) -> torch.Tensor:
+        """Runs every segment (advancing its slot's length) -> fp32 logits [n, V] of the segments that want
+        them, in order."""
+        raise NotImplementedError
+
+
+class TorchRunner(Runner):
+    def __init__(self, model: CausalLM, why: str):
+        super().__init__(model)
+        self.description = f"PyTorch layers: {why}"
+
+    def forward(self, cache, segments):
+        out: list[torch.Tensor | None] = [None] * len(segments)
+        single = [i for i, s in enumerate(segments) if len(s.tokens) == 1]
+        if single:
+            ids = torch.tensor([[segments[i].tokens[0]] for i in single], device=self.device)
+            logits = self.model(ids, cache=cache, slots=[segments[i].slot for i in single])[:, -1]
+            for j, i in enumerate(single):
+                out[i] = logits[j]
+        for i, s in enumerate(segments):
+            if len(s.tokens) > 1:
+                ids = torch.tensor([list(s.tokens)], device=self.device)
+                out[i] = self.model(ids, cache=cache, slots=[s.slot], last_only=True)[0, -1]
+        wanted = [out[i] for i, s in enumerate(segments) if s.logits]
+        if not wanted:
+            return torch.empty(0, self.config.vocab_size)
+        return torch.stack(wanted).float()
+
+
+class NativeRunner(Runner):
+    description = NATIVE
+
+    def __init__(self, model: CausalLM, step):
+        super().__init__(model)
+        self.step = step
+        self.decoder = model.model
+
+    def forward(self, cache, segments):
+        ids, slots, positions, out_rows = [], [], [], []
+        for s in segments:
+            start = cache.lengths[s.slot]
+            ids.extend(s.tokens)
+            slots.extend([s.slot] * len(s.tokens))
+            positions.extend(range(start, start + len(s.tokens)))
+            if s.logits:
+                out_rows.append(len(ids) - 1)
+        cache.ensure(max(p for p in positions) + 1)
+        x = self.decoder.embed(torch.tensor([ids]))[0]  # [N, C]
+        cos, sin = self._rope(segments, positions)
+        logits = self.step(cache, x, cos, sin, slots, positions, out_rows)
+        for s in segments:
+            cache.lengths[s.slot] += len(s.tokens)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _rope(self, segments, positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin [N, D] of every row. Dynamic NTK rope depends on each forward's length, so it is
+        computed per segment as the PyTorch path does; the others depend on the position alone."""
+        rotary = self.decoder.rotary_emb
+        if not rotary.dynamic:
+            cos, sin = rotary(torch.tensor([positions]), torch.float32)
+            return cos[0, :, 0], sin[0, :, 0]
+        parts, at = [], 0
+        for s in segments:
+            n = len(s.tokens)
+            c, si = rotary(torch.tensor([positions[at : at + n]]), torch.float32)
+            parts.append((c[0, :, 0], si[0, :, 0]))
+            at += n
+        return torch.cat([c for c, _ in parts]), torch.cat([si for _, si in parts])
+
+
+def make_runner(model: CausalLM) -> Runner:
+    """The fastest runner that computes this model here; its description says which and why."""
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"generation needs a causal LM head, not {type(model).__name__}")
+    why = native_problem(model)
+    if why is not None:
+        return TorchRunner(model, why)
+    from .native_step import NativeStep, Unsupported
+
+    try:
+        return NativeRunner(model, NativeStep(kernels.matvec(), model))
+    except Unsupported as e:
+        return TorchRunner(model, f"not for {e}")
+
+
+def native_problem(model: CausalLM) -> str | None:
+    """Why the native step cannot run this model here, or None."""
+    if getattr(model, "compiled", False):
+        return "torch.compile (--compile)"
+    p = model.lm_head.weight
+    if p.device.type != "cpu":
+        return f"on {p.device.type}"
+    if compute_dtype(p.dtype, p.device) != torch.float32:
+        return f"{compute_dtype(p.dtype, p.device)} activations"
+    mv = kernels.matvec()
+    if mv is None:
+        return kernels.status().detail
+    if mv.forward_rows is None:
+        return "the native step is off (LLM_KERNELS=matvec)"
+    return None
+
+
+def describe(model) -> str:
+    """What would run generation for `model` (make_runner's description); other heads do not generate."""
+    return make_runner(model).description if isinstance(model, CausalLM) else "no generation head"

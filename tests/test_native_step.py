@@ -1,0 +1,225 @@
+"""The native step (core/native_step.py + kernels/step.c + gemm.c) against the PyTorch layers it stands in
+for: same logits step after step and same cache contents for every family variant and weight layout;
+each row's logits bitwise the same alone, batched with others, or with its prompt cut into other chunks;
+and every model it does not cover runs the layers and says why."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from llm_torch.core import kernels
+from llm_torch.core.loading import ResolvedModel, load_resolved
+from llm_torch.core.runner import NATIVE, NativeRunner, Segment, TorchRunner, describe, make_runner
+from tests.tiny import GEMMA2_BASE, GEMMA2_VARIANTS, LLAMA_BASE, LLAMA_VARIANTS, config_dict, hf_model
+
+native = kernels.matvec()
+pytestmark = pytest.mark.skipif(native is None, reason=f"native kernels unavailable here: {kernels.status().detail}")
+
+CASES = [("llama-" + k, config_dict(LLAMA_BASE, v)) for k, v in LLAMA_VARIANTS.items()] + [
+    ("gemma2-" + k, config_dict(GEMMA2_BASE, v)) for k, v in GEMMA2_VARIANTS.items()
+]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    out = {}
+    for name, cfg in CASES:
+        folder = tmp_path_factory.mktemp(name)
+        hf_model(cfg).save_pretrained(folder)
+        out[name] = folder
+    return out
+
+
+def load(folder, dtype="float32", fuse=True):
+    return load_resolved(ResolvedModel("tiny", "folder", folder), dtype=dtype, with_tokenizer=False, fuse=fuse).model
+
+
+def ids_for(model, n, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist()
+
+
+@torch.inference_mode()
+def decode(runner, steps: int = 14, prompt: int = 3, seed: int = 5, slots: int = 1, slot: int = 0):
+    """Prefill `prompt` tokens in one segment, then `steps` single tokens (fixed ids): logits [steps + 1, V]
+    and the cache."""
+    ids = ids_for(runner.model, prompt + steps, seed)
+    cache = runner.new_cache(slots, prompt + steps + 4)
+    out = [runner.forward(cache, [Segment(slot, ids[:prompt])])[0]]
+    out += [runner.forward(cache, [Segment(slot, [t])])[0] for t in ids[prompt:]]
+    return torch.stack(out), cache
+
+
+def assert_same_decode(model, tol=1e-5, **kw):
+    fast_runner = make_runner(model)
+    assert isinstance(fast_runner, NativeRunner) and fast_runner.description == NATIVE
+    fast, fast_cache = decode(fast_runner, **kw)
+    slow, slow_cache = decode(TorchRunner(model, "reference"), **kw)
+    scale = slow.abs().max().item()
+    assert scale > 0.05
+    assert (fast - slow).abs().max().item() <= tol * max(1.0, scale)
+    assert fast_cache.lengths == slow_cache.lengths
+    n = fast_cache.lengths[0]
+    for a, b in zip(fast_cache.keys + fast_cache.values, slow_cache.keys + slow_cache.values):
+        m = min(n, a.shape[2])
+        assert (a[:, :, :m] - b[:, :, :m]).abs().max().item() <= tol * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CASES])
+def test_native_step_equals_layers(folders, name):
+    """14 decode steps past a 3-token prefill: crosses Gemma 2's 6-token window and the dynamic-rope context."""
+    assert_same_decode(load(folders[name]))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("base,variant", [(LLAMA_BASE, dict(num_key_value_heads=2)),
+                                          (GEMMA2_BASE, dict(sliding_window=150))])
+def test_long_context_splits_the_keys(tmp_path, base, variant, threads):
+    """Past 128 keys a row's attention is split into chunks whose partial softmaxes are merged (spread over
+    1-3 threads); Gemma 2's sliding layers cross their 150-token window meanwhile."""
+    folder = tmp_path / "long"
+    hf_model(config_dict(base, dict(variant, max_position_embeddings=512))).save_pretrained(folder)
+    model = load(folder)
+    torch.set_num_threads(threads)
+    try:
+        assert_same_decode(model, prompt=200, steps=6)
+    finally:
+        torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_narrow_weights(folders, dtype):
+    assert_same_decode(load(folders["llama-gqa"], dtype))
+
+
+def test_unfused_layout(folders):
+    """Separate q/k/v and gate/up projections (fuse=False keeps transformers' module names)."""
+    assert_same_decode(load(folders["llama-head_dim_bias"], fuse=False))
+    assert_same_decode(load(folders["gemma2-default_layers"], fuse=False))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int8-dynamic"])
+def test_quantized_layers(folders, scheme):
+    from llm_torch.quant.api import quantize_loaded
+    from llm_torch.quant.spec import make_spec
+
+    loaded = load_resolved(ResolvedModel("tiny", "folder", folders["llama-gqa"]), dtype="float32", with_tokenizer=False)
+    quantize_loaded(loaded, make_spec(scheme, group_size=32))
+    # int4 and int8-dynamic round activations to int8 blocks: an ulp of difference in the residual stream
+    # (a different but equally exact sum order) can move a code by one step, ~1e-3 of the logits.
+    assert_same_decode(loaded.model, tol=1e-5 if scheme == "int8" else 2e-3)
+
+
+# ---- batch invariance: what lets a seeded request trust the batched path -----------------------------
+
+
+@pytest.mark.parametrize("name,dtype", [("llama-gqa", "float32"), ("gemma2-default_layers", "float32"),
+                                        ("llama-gqa", "float16")])
+def test_rows_are_bitwise_the_same_alone_batched_and_chunked(folders, name, dtype):
+    """Three sequences decoded in one call give bitwise the logits each gets alone; a prompt fed in uneven
+    chunks (next to other rows) gives bitwise those of one token at a time."""
+    runner = make_runner(load(folders[name], dtype))
+    lengths, steps = (3, 11, 7), 6
+    seqs = [ids_for(runner.model, n + steps, seed=n) for n in lengths]
+    alone = []
+    for slot, (n, ids) in enumerate(zip(lengths, seqs)):
+        cache = runner.new_cache(3, 32)
+        with torch.inference_mode():
+            rows = [runner.forward(cache, [Segment(slot, [t])])[0] for t in ids[:n]]
+            rows += [runner.forward(cache, [Segment(slot, [t])])[0] for t in ids[n:]]
+        alone.append(torch.stack(rows[n - 1 :]))
+    cache = runner.new_cache(3, 32)
+    got = [[] for _ in seqs]
+    with torch.inference_mode():
+        # Prompts in chunks of 2 (the 11-token one also as a 5 + 6 split), all in the same calls.
+        fed = [0, 0, 0]
+        while any(f < n for f, n in zip(fed, lengths)):
+            segs, owners = [], []
+            for s, (n, ids) in enumerate(zip(lengths, seqs)):
+                if fed[s] < n:
+                    size = 5 if s == 1 and fed[s] == 0 else 2 if s != 1 else 6
+                    chunk = ids[fed[s] : min(n, fed[s] + size)]
+                    segs.append(Segment(s, chunk, logits=fed[s] + len(chunk) == n))
+                    owners.append(s)
+                    fed[s] += len(chunk)
+            out = runner.forward(cache, segs)
+            for row, s in zip(out, [o for o, seg in zip(owners, segs) if seg.logits]):
+                got[s].append(row)
+        for t in range(steps):
+            out = runner.forward(cache, [Segment(s, [seqs[s][lengths[s] + t]]) for s in range(3)])
+            for s in range(3):
+                got[s].append(out[s])
+    for s in range(3):
+        assert torch.equal(torch.stack(got[s]), alone[s]), f"sequence {s}"
+
+
+def test_two_threads_decoding_through_one_runner(folders):
+    """Each Python thread with its own cache gets the logits it gets alone (the step's buffers are shared)."""
+    runner = make_runner(load(folders["llama-gqa"]))
+    alone, _ = decode(runner, steps=30)
+    got, errors = [None, None], []
+
+    def worker(i):
+        try:
+            got[i] = decode(runner, steps=30)[0]
+        except Exception as e:  # surfaced below: a failure in a thread must fail the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(torch.equal(g, alone) for g in got)
+
+
+# ---- where it does not run, it says why ----------------------------------------------------------------
+
+
+def test_unsupported_layer_says_why(folders):
+    class Wrapped(torch.nn.Module):  # e.g. a layer kind step.c has no kernel for (bitsandbytes' 4-bit)
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    model = load(folders["llama-gqa"])
+    mlp = model.model.layers[1].mlp
+    mlp.down_proj = Wrapped(mlp.down_proj)
+    runner = make_runner(model)
+    assert isinstance(runner, TorchRunner)
+    assert runner.description == "PyTorch layers: not for Wrapped projections"
+    assert decode(runner, steps=2)[0].shape[0] == 3  # the layers run it
+
+
+def test_switched_off_by_environment(folders, monkeypatch):
+    monkeypatch.setattr(kernels, "_STATE", None)
+    monkeypatch.setenv("LLM_KERNELS", "matvec")
+    try:
+        model = load(folders["llama-gqa"])
+        assert kernels.status().detail == "native AVX2 matvec kernels (LLM_KERNELS=matvec)"
+        assert describe(model) == "PyTorch layers: the native step is off (LLM_KERNELS=matvec)"
+    finally:
+        kernels._STATE = None
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's import of torch.jit
+def test_compile_says_it_runs_the_layers(folders):
+    from llm_torch.core.speed import compile_model
+
+    model = load(folders["llama-gqa"])
+    compile_model(model)  # lazy: nothing is compiled until the first one-token call
+    assert describe(model) == "PyTorch layers: torch.compile (--compile)"
+
+
+def test_other_heads_do_not_generate(folders):
+    model = load(folders["llama-gqa"])
+    assert describe(model.model) == "no generation head"  # the decoder alone, as a bare LlamaModel loads
+    with pytest.raises(TypeError, match="causal LM head"):
+        make_runner(model.model)
