@@ -80,8 +80,9 @@ def chat(
         system = _read_text(system_file)
     interactive = sys.stdin.isatty()
     from llm_torch.core.chat import ChatSession, ChatSettings
+    from llm_torch.core.sampling import sampling_spec
 
-    from .common import load, sampling_spec
+    from .common import load
 
     loaded = load(model_arg or model, dtype, device, compile=compile, quiet=not (interactive or stats), quantize=quantize)
     sampling = sampling_spec(loaded.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -88,23 +88,6 @@ def _saved_quantization(raw: dict) -> str:
     return f", {describe_config(qc)} quantized"
 
 
-def sampling_spec(generation_config: dict[str, Any], **flags):
-    """User flags win; otherwise the model's generation_config; otherwise greedy."""
-    from llm_torch.core.sampling import SamplingSpec
-
-    gc = generation_config or {}
-    sampled = bool(gc.get("do_sample"))
-    defaults = {
-        "temperature": float(gc.get("temperature", 1.0)) if sampled else 0.0,
-        "top_k": int(gc.get("top_k") or 0) if sampled else 0,
-        "top_p": float(gc.get("top_p") or 1.0) if sampled else 1.0,
-        "min_p": float(gc.get("min_p") or 0.0) if sampled else 0.0,
-        "repetition_penalty": float(gc.get("repetition_penalty") or 1.0),
-    }
-    chosen = {k: (v if v is not None else defaults.get(k)) for k, v in flags.items()}
-    return SamplingSpec(**{k: v for k, v in chosen.items() if v is not None})
-
-
 def encode_prompt(tokenizer, text: str, *, chat: bool, system: str | None) -> list[int]:
     if not chat:
         return tokenizer.encode(text, add_special_tokens=True)

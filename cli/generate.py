@@ -35,8 +35,9 @@ def generate(
     from llm_torch.core.errors import InputError
     from llm_torch.core.engine import stream_generate
     from llm_torch.core.generate import GenerationSpec
+    from llm_torch.core.sampling import sampling_spec
 
-    from .common import encode_prompt, load, read_prompt, sampling_spec
+    from .common import encode_prompt, load, read_prompt
 
     text = read_prompt(prompt)
     if system and not chat:

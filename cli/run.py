@@ -61,8 +61,9 @@ def run(
     from llm_torch.core import pipelines as p
     from llm_torch.core.errors import InputError
     from llm_torch.core.generate import GenerationSpec
+    from llm_torch.core.sampling import sampling_spec
 
-    from .common import encode_prompt, load, sampling_spec
+    from .common import encode_prompt, load
 
     if task not in p.TASKS:
         raise InputError(f"unknown task '{task}'", hint=f"tasks: {', '.join(p.TASKS)}")

@@ -89,8 +89,7 @@ class Request:
         self.error: str | None = None
         self.budget = min(spec.max_new_tokens, context - len(prompt))
         self.sampler = Sampler(spec.sampling)
-        self.penalize = spec.sampling.repetition_penalty != 1.0
-        self.greedy = spec.sampling.greedy and not self.penalize
+        self.greedy = spec.sampling.greedy and not spec.sampling.uses_history
         self.timings = Timings(prompt_tokens=len(prompt), truncated_tokens=dropped)
         self.logits: list[torch.Tensor] = []
         self._events: list[GenerationEvent] = []
@@ -284,8 +283,12 @@ class Engine:
                 out[i] = t
         for i, r in enumerate(rows):
             if not r.greedy:
-                context = torch.tensor([r.tokens], device=logits.device) if r.penalize else None
-                out[i] = int(r.sampler(logits[i : i + 1], context)[0])
+                s = r.spec.sampling
+                context = torch.tensor([r.tokens], device=logits.device) if s.repetition_penalty != 1.0 else None
+                gen = None
+                if s.frequency_penalty or s.presence_penalty:
+                    gen = torch.tensor([r.generated], dtype=torch.long, device=logits.device)
+                out[i] = int(r.sampler(logits[i : i + 1], context, gen)[0])
         return out
 
     # ---- slots ---------------------------------------------------------------------------------------

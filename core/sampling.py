@@ -6,6 +6,7 @@ All functions take logits [B, V] (float32) and return [B, V]; masked entries bec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -20,6 +21,9 @@ class SamplingSpec:
     min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off
     seed: int | None = None
+    # OpenAI's additive penalties over the tokens generated so far (as vLLM applies them): 0 = off
+    frequency_penalty: float = 0.0  # minus this x the token's count
+    presence_penalty: float = 0.0  # minus this once the token appeared
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -32,6 +36,14 @@ class SamplingSpec:
             raise InputError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InputError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+
+    @property
+    def uses_history(self) -> bool:
+        """Whether the logits processors read the tokens seen so far."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -45,6 +57,14 @@ def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalt
     seen = logits.gather(1, context)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
     return logits.scatter(1, context, seen)
+
+
+def apply_frequency_presence(logits: torch.Tensor, generated: torch.Tensor, frequency: float, presence: float) -> torch.Tensor:
+    """generated [B, N] ids sampled so far: logits - frequency x count - presence x (count > 0) (OpenAI's definition)."""
+    if generated.numel() == 0 or (frequency == 0.0 and presence == 0.0):
+        return logits
+    counts = torch.zeros_like(logits).scatter_add_(1, generated, torch.ones(generated.shape, dtype=logits.dtype, device=logits.device))
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -76,11 +96,15 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def process_logits(logits: torch.Tensor, spec: SamplingSpec, context: torch.Tensor | None = None) -> torch.Tensor:
-    """The reference's order: repetition penalty, temperature, top-k, top-p, min-p."""
+def process_logits(logits: torch.Tensor, spec: SamplingSpec, context: torch.Tensor | None = None,
+                   generated: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference's order: repetition penalty (over `context`, prompt included), frequency/presence
+    penalties (over `generated`), temperature, top-k, top-p, min-p."""
     logits = logits.float()
     if context is not None:
         logits = apply_repetition_penalty(logits, context, spec.repetition_penalty)
+    if generated is not None:
+        logits = apply_frequency_presence(logits, generated, spec.frequency_penalty, spec.presence_penalty)
     if spec.greedy:
         return logits
     logits = logits / spec.temperature
@@ -102,10 +126,26 @@ class Sampler:
             else:
                 self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, context: torch.Tensor | None = None,
+                 generated: torch.Tensor | None = None) -> torch.Tensor:
         """-> next token ids [B]."""
-        logits = process_logits(logits, self.spec, context)
+        logits = process_logits(logits, self.spec, context, generated)
         if self.spec.greedy:
             return logits.argmax(dim=-1)
         probs = logits.softmax(dim=-1)
         return torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(-1).to(logits.device)
+
+
+def sampling_spec(generation_config: dict[str, Any] | None, **given) -> SamplingSpec:
+    """What was given (not None) wins; otherwise the model's generation_config; otherwise greedy."""
+    gc = generation_config or {}
+    sampled = bool(gc.get("do_sample"))
+    defaults = {
+        "temperature": float(gc.get("temperature", 1.0)) if sampled else 0.0,
+        "top_k": int(gc.get("top_k") or 0) if sampled else 0,
+        "top_p": float(gc.get("top_p") or 1.0) if sampled else 1.0,
+        "min_p": float(gc.get("min_p") or 0.0) if sampled else 0.0,
+        "repetition_penalty": float(gc.get("repetition_penalty") or 1.0),
+    }
+    chosen = {k: (v if v is not None else defaults.get(k)) for k, v in given.items()}
+    return SamplingSpec(**{k: v for k, v in chosen.items() if v is not None})

@@ -71,6 +71,19 @@ def test_json_schema_and_repetitions(tiny_folder):
     assert out["decode_ceiling_tokens_per_second"] > 0 and out["decode_fraction_of_ceiling"] > 0
 
 
+def test_batched_decode_rows(tiny_folder):
+    r = run_llm("bench", "-m", str(tiny_folder), "--dtype", "float32", "-p", "", "-n", "3", "-r", "1", "-t", "1",
+                "--batch", "1,3", "--format", "json")
+    assert r.returncode == 0, r.stderr.decode()
+    rows = json.loads(r.stdout)["batched_decode"]
+    assert [(b["batch"], b["new_tokens"], b["prompt_tokens"]) for b in rows] == [(1, 3, 16), (3, 3, 16)]
+    for b in rows:
+        agg, per = b["tokens_per_second"]["median"], b["per_sequence_tokens_per_second"]["median"]
+        assert agg == pytest.approx(b["batch"] * per, rel=1e-3) and per > 0
+    bad = run_llm("bench", "-m", str(tiny_folder), "--batch", "0")
+    assert bad.returncode != 0 and bad.stderr.decode().startswith("error: --batch values must be >= 1")
+
+
 def test_plain_table_when_piped(tiny_folder):
     r = run_llm("bench", "-m", str(tiny_folder), "-p", "8", "-n", "3", "-r", "1", "-t", "1")
     assert r.returncode == 0, r.stderr.decode()

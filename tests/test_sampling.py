@@ -9,6 +9,7 @@ from llm_torch.core.errors import InputError
 from llm_torch.core.sampling import (
     Sampler,
     SamplingSpec,
+    apply_frequency_presence,
     apply_repetition_penalty,
     min_p_filter,
     process_logits,
@@ -120,3 +121,16 @@ def test_sampling_follows_the_distribution():
 def test_bad_values_are_input_errors(kwargs):
     with pytest.raises(InputError):
         SamplingSpec(**kwargs)
+
+
+def test_frequency_and_presence_penalties_follow_openai():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    generated = torch.tensor([[2, 2, 3]])  # token 2 twice, token 3 once
+    out = apply_frequency_presence(logits, generated, frequency=0.5, presence=0.25)
+    assert out.tolist() == [[1.0, 2.0, 3.0 - 2 * 0.5 - 0.25, 4.0 - 0.5 - 0.25]]
+    assert torch.equal(apply_frequency_presence(logits, generated[:, :0], 0.5, 0.25), logits)
+    spec = SamplingSpec(temperature=0.0, presence_penalty=2.0)
+    assert spec.uses_history and not SamplingSpec().uses_history
+    assert int(Sampler(spec)(torch.tensor([[0.0, 3.0, 2.0]]), generated=torch.tensor([[1]]))[0]) == 2
+    with pytest.raises(InputError, match="frequency_penalty must be in"):
+        SamplingSpec(frequency_penalty=2.5)
