@@ -18,6 +18,7 @@ from . import convert as convert_cmd
 from . import generate as generate_cmd
 from . import quantize as quantize_cmd
 from . import run as run_cmd
+from . import serve as serve_cmd
 from . import tokenize as tokenize_cmd
 from . import visualize as visualize_cmd
 
@@ -51,6 +52,7 @@ app.command("generate")(generate_cmd.generate)
 app.command("chat")(chat_cmd.chat)
 app.command("bench")(bench_cmd.bench)
 app.command("run")(run_cmd.run)
+app.command("serve")(serve_cmd.serve)
 app.command("quantize")(quantize_cmd.quantize)
 app.command("visualize-mask")(visualize_cmd.visualize_mask)
 app.command("tokenize")(tokenize_cmd.tokenize)

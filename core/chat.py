@@ -106,6 +106,29 @@ class TurnInfo:
     answer_token_ids: list[int]
 
 
+def system_role_supported(tokenizer) -> bool:
+    """Probe the template once: does it accept (and show) a system message?"""
+    user = [{"role": "user", "content": "hi"}]
+    try:
+        text = tokenizer.apply_chat_template([{"role": "system", "content": _PROBE}] + user)
+    except TokenizerError:
+        tokenizer.apply_chat_template(user)  # a template that fails here too is broken: say so
+        return False
+    return _PROBE in text
+
+
+def with_system(system: str | None, messages: list[dict[str, str]], supported: bool) -> list[dict[str, str]]:
+    """messages with the system prompt first, or folded into the first user message (as transformers users
+    do for templates without a system role, e.g. Gemma's)."""
+    if not system:
+        return messages
+    if supported:
+        return [{"role": "system", "content": system}] + messages
+    if messages and messages[0]["role"] == "user":
+        messages = [dict(messages[0], content=f"{system}\n\n{messages[0]['content']}")] + messages[1:]
+    return messages
+
+
 class ChatTurn:
     """The events of one answer. Iterate it to run the turn; closing it before the first event undoes the
     turn (nothing was generated), closing it later keeps the partial answer."""
@@ -145,7 +168,7 @@ class ChatSession:
         self._start = 0  # index of the first message still in the model's window (even)
         self._engine: Engine | None = None  # one slot, kept across turns: its KV cache is the conversation's
         self._fold_told = False
-        self.system_role = self._system_role_supported()
+        self.system_role = system_role_supported(tokenizer)
 
     # ---- conversation state ------------------------------------------------------------------------
 
@@ -189,27 +212,11 @@ class ChatSession:
 
     # ---- rendering -----------------------------------------------------------------------------------
 
-    def _system_role_supported(self) -> bool:
-        """Probe the template once: does it accept (and show) a system message?"""
-        user = [{"role": "user", "content": "hi"}]
-        try:
-            text = self.tokenizer.apply_chat_template([{"role": "system", "content": _PROBE}] + user)
-        except TokenizerError:
-            self.tokenizer.apply_chat_template(user)  # a template that fails here too is broken: say so
-            return False
-        return _PROBE in text
-
     def chat_messages(self, messages: Sequence[dict[str, str]] | None = None) -> list[dict[str, str]]:
         """What the template gets for the window (or `messages`): system first, or folded into the first
         user message when the template has no system role."""
         window = [dict(m) for m in (self._messages[self._start:] if messages is None else messages)]
-        if not self.system:
-            return window
-        if self.system_role:
-            return [{"role": "system", "content": self.system}] + window
-        if window and window[0]["role"] == "user":
-            window[0]["content"] = f"{self.system}\n\n{window[0]['content']}"
-        return window
+        return with_system(self.system, window, self.system_role)
 
     def render(self, messages: Sequence[dict[str, str]] | None = None, add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(self.chat_messages(messages),

@@ -218,15 +218,16 @@ class Engine:
             self.waiting.append(req)
         return req
 
-    def cancel(self, req: Request, reason: str = "cancelled") -> None:
-        """Stop a request now: it leaves the queue or frees its slot, and gets its final event."""
+    def cancel(self, req: Request, reason: str = "cancelled", error: str | None = None) -> None:
+        """Stop a request now: it leaves the queue or frees its slot, and gets its final event
+        (finish_reason `reason`; 'error' with the `error` message)."""
         if req.finished:
             return
         if req.state == WAITING:
             self.waiting.remove(req)
         else:
             self._release(req)
-        req._finish(reason)
+        req._finish(reason, error)
 
     # ---- the step ------------------------------------------------------------------------------------
 

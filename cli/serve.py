@@ -1,0 +1,106 @@
+"""`llm serve`: an OpenAI-compatible HTTP server (core/server.py) over the batched engine, run by uvicorn."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from . import options as o
+from . import render
+
+
+def serve(
+    model_arg: Annotated[
+        Optional[str], typer.Argument(metavar="[MODEL]", help="The model (same forms as -m); default: smollm2.",
+                                      autocompletion=o.complete_model)
+    ] = None,
+    model: o.ModelOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on. 0.0.0.0 exposes the server to your network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0: any free port, printed at start).")] = 8000,
+    api_key: Annotated[
+        Optional[str], typer.Option("--api-key", envvar="LLM_API_KEY", help="Require 'Authorization: Bearer KEY' (env LLM_API_KEY).")
+    ] = None,
+    cors_origin: Annotated[
+        Optional[list[str]], typer.Option("--cors-origin", help="Allow browser pages from this origin (repeatable; '*' for any).")
+    ] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Sequences generated at once (KV cache slots).")] = 8,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests waiting for a slot before 429s.")] = 64,
+    max_context: Annotated[
+        Optional[int], typer.Option("--max-context", min=2, help="Tokens per sequence (prompt + answer). Default: the model's context.")
+    ] = None,
+    prefill_chunk: Annotated[
+        int, typer.Option("--prefill-chunk", min=1, help="Prompt tokens per engine step (longer prompts are split).")
+    ] = 256,
+    max_body: Annotated[int, typer.Option("--max-body", min=1, help="Largest request body, in MiB (413 beyond).")] = 4,
+    dtype: o.DtypeOpt = "auto",
+    device: o.DeviceOpt = "cpu",
+    quantize: o.QuantizeOpt = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level: warning, info (one line per request), debug.")] = "warning",
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    import socket
+
+    from llm_torch.core.errors import InputError
+
+    if model_arg and model and model_arg != model:
+        raise InputError(f"two models given: '{model_arg}' and -m '{model}'", hint="give the model once")
+    try:  # before loading: a port in use fails at once, not after the weights are read
+        sock = socket.create_server((host, port))
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}",
+                         hint="pick another --port (0 picks a free one)") from None
+    try:
+        _serve(sock, model_arg or model, api_key, tuple(cors_origin or ()), max_batch, max_queue, max_context,
+               prefill_chunk, max_body, dtype, device, quantize, log_level)
+    finally:
+        sock.close()
+
+
+def _serve(sock, model_ref, api_key, cors, max_batch, max_queue, max_context, prefill_chunk, max_body, dtype, device,
+           quantize, log_level) -> None:
+    import signal
+
+    import uvicorn
+
+    from llm_torch.core.engine import Engine, EngineConfig
+    from llm_torch.core.engine_thread import EngineThread
+    from llm_torch.core.errors import InputError
+    from llm_torch.core.server import ServeSettings, create_app
+
+    from .common import load
+
+    loaded = load(model_ref, dtype, device, quiet=False, quantize=quantize)
+    if loaded.tokenizer is None:
+        raise InputError(f"{loaded.name} has no tokenizer", hint="serve a model folder with tokenizer files")
+    config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_context=max_context, prefill_chunk=prefill_chunk)
+    engine = EngineThread(Engine(loaded.model, loaded.tokenizer, config)).start()
+    settings = ServeSettings(loaded.name, api_key=api_key or None, cors_origins=cors, max_body_bytes=max_body * 2**20,
+                             generation_config=loaded.generation_config)
+    app = create_app(engine, loaded.tokenizer, settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            engine.cancel_all()  # in-flight streams end now instead of holding the shutdown open
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off"))
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    limit = engine.engine.kv_bytes_limit / 2**20
+    render.info(f"serving {loaded.name} at http://{shown}:{port}/v1 (OpenAI-compatible; max batch {max_batch}, "
+                f"queue {max_queue}, context {engine.engine.context}, KV cache up to {limit:.0f} MiB"
+                f"{', API key required' if api_key else ''}); Ctrl-C to stop")
+    if host not in ("127.0.0.1", "::1", "localhost") and not api_key:
+        render.warn(f"listening on {host} without --api-key: anyone who can reach this port can use the model")
+    # uvicorn re-raises the signal that stopped it once it is done; with these no-op handlers that ends here,
+    # and the command exits 0 instead of dying of SIGTERM or a KeyboardInterrupt traceback.
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        engine.stop()
+    render.info("server stopped")
+
