@@ -65,6 +65,12 @@ def chat(
     compile: o.CompileOpt = False,
     quantize: o.QuantizeOpt = None,
     stats: o.StatsOpt = False,
+    base_url: Annotated[
+        Optional[str], typer.Option("--base-url", help="Chat with an OpenAI-compatible server instead (llm serve, llama-server, ollama): e.g. http://127.0.0.1:8000/v1.")
+    ] = None,
+    api_key: Annotated[
+        Optional[str], typer.Option("--api-key", envvar="LLM_API_KEY", help="API key for --base-url (env LLM_API_KEY).")
+    ] = None,
 ) -> None:
     """Chat with a model: interactive on a terminal (/help lists the commands), one message per input line otherwise.
 
@@ -84,13 +90,26 @@ def chat(
 
     from .common import load
 
-    loaded = load(model_arg or model, dtype, device, compile=compile, quiet=not (interactive or stats), quantize=quantize)
-    sampling = sampling_spec(loaded.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
-                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-    session = ChatSession(loaded.model, loaded.tokenizer, model_name=loaded.name,
-                          settings=ChatSettings(max_new_tokens=max_new_tokens or 1, sampling=sampling),
-                          system=system)
-    repl = Repl(session, loaded, interactive=interactive, stats=stats)
+    if base_url is not None:
+        from llm_torch.core.remote_chat import RemoteChatSession
+
+        local_only = [f"--{k.replace('_', '-')}" for k in ("dtype", "device", "compile", "quantize") if _from_command_line(ctx, k)]
+        if local_only:
+            raise InputError(f"{', '.join(local_only)} cannot apply to a model on a server", hint="drop them with --base-url")
+        sampling = sampling_spec(None, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                 repetition_penalty=repetition_penalty, seed=seed)
+        session = RemoteChatSession(base_url, api_key=api_key, model=model_arg or model, system=system,
+                                    settings=ChatSettings(max_new_tokens=max_new_tokens or 1, sampling=sampling))
+        where = session.base
+    else:
+        loaded = load(model_arg or model, dtype, device, compile=compile, quiet=not (interactive or stats), quantize=quantize)
+        sampling = sampling_spec(loaded.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+        session = ChatSession(loaded.model, loaded.tokenizer, model_name=loaded.name,
+                              settings=ChatSettings(max_new_tokens=max_new_tokens or 1, sampling=sampling),
+                              system=system)
+        where = f"{loaded.dtype_name}, {_device(loaded.model)}"
+    repl = Repl(session, where, interactive=interactive, stats=stats)
     if resume is not None:
         repl.load(str(resume), quiet=not interactive)
         # What the command line says wins over the file.
@@ -131,9 +150,9 @@ class Repl:
     """The read-answer loop. Interactive: prompts, line editing, Markdown answers, errors that do not end
     the session. Scripted (stdin not a terminal): no prompts, plain answers one per turn, errors end it."""
 
-    def __init__(self, session, loaded, *, interactive: bool, stats: bool):
+    def __init__(self, session, where: str, *, interactive: bool, stats: bool):
         self.session = session
-        self.loaded = loaded
+        self.where = where  # dtype and device, or the server's URL
         self.interactive = interactive
         self.stats = stats
         self.markdown = interactive and render.color_enabled(sys.stdout)
@@ -144,7 +163,7 @@ class Repl:
     def run(self) -> int:
         if self.interactive:
             self._setup_readline()
-            render.info(f"chatting with {self.loaded.name}: /help for commands, /exit or Ctrl-D to quit")
+            render.info(f"chatting with {self.session.model_name}: /help for commands, /exit or Ctrl-D to quit")
         try:
             return self._loop()
         finally:
@@ -331,21 +350,23 @@ class Repl:
     def _status(self) -> None:
         s = self.session.status()
         used = s["context_used"]
+        context = (f"context: {used} of {s['context']} tokens used ({100 * used / s['context']:.0f}%)" if s["context"]
+                   else f"context: {used} tokens used (the server's limit is not known)")
         lines = [
-            f"model: {s['model']} ({self.loaded.dtype_name}, {_device(self.loaded.model)})",
+            f"model: {s['model']} ({self.where})",
             f"system prompt: {_clip(s['system'], 70) if s['system'] else '(none)'}"
             + (" (folded into the first message)" if s["system_folded"] else ""),
             f"messages: {s['messages']}" + (f" ({s['dropped_messages']} dropped from the context)" if s["dropped_messages"] else ""),
-            f"context: {used} of {s['context']} tokens used ({100 * used / s['context']:.0f}%)",
+            context,
             f"settings: {_settings_line(s['settings'])}",
         ]
         self.say("\n".join(lines))
 
     def load(self, path: str, *, quiet: bool = False) -> None:
         data = self.session.load(path)
-        saved_model = data.get("model")
-        if saved_model and saved_model != self.loaded.name:
-            render.warn(f"{path} was saved with model '{saved_model}'; continuing with '{self.loaded.name}'")
+        saved_model, name = data.get("model"), self.session.model_name
+        if saved_model and saved_model != name:
+            render.warn(f"{path} was saved with model '{saved_model}'; continuing with '{name}'")
         if not quiet:
             self.say(f"loaded {len(self.session.messages)} messages from {path}")
 
@@ -380,7 +401,7 @@ class Repl:
             render.info(f"(stopped after {info.timings.completion_tokens} tokens: /set max_new_tokens to allow more)")
         if self.stats and info is not None:
             render.info(render.stats_line(info.timings) + f" | reused {info.reused_tokens} tok | "
-                        f"context {self.session.cached_tokens}/{self.session.context}")
+                        f"context {self.session.cached_tokens}/{self.session.context or '?'}")
         if interrupted and not self.interactive:
             raise _Interrupted
         return True

@@ -148,27 +148,23 @@ class ChatTurn:
         self._events.close()
 
 
-class ChatSession:
-    """One conversation with one model. `send` / `regenerate` return event iterators: `ChatNotice`s first,
-    then the `GenerationEvent`s of the answer (the last one carries finish_reason and timings).
-
-    Stopping early (Ctrl-C inside the engine, or closing the iterator) keeps the partial answer.
+class Conversation:
+    """A conversation: messages, system prompt, settings, turns, save/load. `send` / `regenerate` return event
+    iterators: `ChatNotice`s first, then the `GenerationEvent`s of the answer (the last one carries
+    finish_reason and timings). Stopping early (Ctrl-C inside the engine, or closing the iterator) keeps the
+    partial answer. Subclasses answer: ChatSession with a local model, core.remote_chat with an HTTP server.
     """
 
-    def __init__(self, model, tokenizer, *, model_name: str = "", settings: ChatSettings | None = None,
-                 system: str | None = None):
-        self.model = model
-        self.tokenizer = tokenizer
+    system_role = True  # whether the system prompt goes in as a message (else: folded into the first one)
+    context: int | None = None  # tokens the model sees at most (None: the server does not say)
+
+    def __init__(self, *, model_name: str = "", settings: ChatSettings | None = None, system: str | None = None):
         self.model_name = model_name
         self.settings = settings or ChatSettings()
         self.system = system or None
-        self.context = context_length(model)
         self.last_turn: TurnInfo | None = None
         self._messages: list[dict[str, str]] = []  # user/assistant, alternating, starting with user
         self._start = 0  # index of the first message still in the model's window (even)
-        self._engine: Engine | None = None  # one slot, kept across turns: its KV cache is the conversation's
-        self._fold_told = False
-        self.system_role = system_role_supported(tokenizer)
 
     # ---- conversation state ------------------------------------------------------------------------
 
@@ -182,10 +178,6 @@ class ChatSession:
     def window_start(self) -> int:
         """How many user/assistant messages at the start are no longer shown to the model."""
         return self._start
-
-    @property
-    def cached_tokens(self) -> int:
-        return len(self._engine.slot_tokens[0]) if self._engine is not None else 0
 
     def set_system(self, text: str | None) -> None:
         self.system = text or None
@@ -209,26 +201,6 @@ class ChatSession:
         self._start = min(self._start, len(self._messages))
         self.last_turn = None
         return user
-
-    # ---- rendering -----------------------------------------------------------------------------------
-
-    def chat_messages(self, messages: Sequence[dict[str, str]] | None = None) -> list[dict[str, str]]:
-        """What the template gets for the window (or `messages`): system first, or folded into the first
-        user message when the template has no system role."""
-        window = [dict(m) for m in (self._messages[self._start:] if messages is None else messages)]
-        return with_system(self.system, window, self.system_role)
-
-    def render(self, messages: Sequence[dict[str, str]] | None = None, add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(self.chat_messages(messages),
-                                                  add_generation_prompt=add_generation_prompt)
-
-    def prompt_ids(self, messages: Sequence[dict[str, str]] | None = None) -> list[int]:
-        # The rendered template holds BOS and the other specials itself.
-        return self.tokenizer.encode(self.render(messages), add_special_tokens=False)
-
-    def context_used(self) -> int:
-        """Tokens the conversation in the window takes (with the generation prompt)."""
-        return len(self.prompt_ids()) if self._messages[self._start:] else 0
 
     # ---- turns ---------------------------------------------------------------------------------------
 
@@ -261,69 +233,33 @@ class ChatSession:
             undo_messages()
 
         try:
-            ids, dropped = self._fit()
+            prompt, dropped = self._fit()
         except BaseException:
             undo()
             raise
-        return ChatTurn(self._stream(ids, dropped, undo), undo)
+        return ChatTurn(self._stream(prompt, dropped, undo), undo)
 
-    def _fit(self) -> tuple[list[int], int]:
-        """The prompt ids of the window, dropping the oldest exchanges until it leaves room for an answer."""
-        reserve = max(1, min(self.settings.max_new_tokens, self.context // 4))
-        dropped = 0
-        while True:
-            ids = self.prompt_ids()
-            if len(ids) + reserve <= self.context:
-                return ids, dropped
-            if len(self._messages) - self._start <= 1:
-                raise InputError(
-                    f"the message needs {len(ids)} tokens, with room for {reserve} more for the answer; "
-                    f"the context holds {self.context}",
-                    hint="shorten the message (or the system prompt), or lower max_new_tokens",
-                )
-            self._start += 2
-            dropped += 1
+    def _fit(self) -> tuple[Any, int]:
+        """What the answer is computed from (prompt ids, messages), and how many exchanges were dropped."""
+        raise NotImplementedError
 
-    def _stream(self, ids: list[int], dropped: int, undo) -> Iterator[GenerationEvent | ChatNotice]:
-        generated: list[int] = []
-        final, req, failed = None, None, False
-        try:
-            if self.system and not self.system_role and not self._fold_told:
-                self._fold_told = True
-                yield ChatNotice("system_folded", "this model's chat template has no system role: the system "
-                                                  "prompt is sent at the start of the first user message")
-            if dropped:
-                yield ChatNotice("context_trimmed",
-                                 f"context full ({self.context} tokens): dropped the oldest {dropped} exchange(s) "
-                                 f"from what the model sees, kept the system prompt")
-            if self._engine is None:
-                self._engine = Engine(self.model, self.tokenizer, EngineConfig(max_batch=1))
-            spec = GenerationSpec(max_new_tokens=self.settings.max_new_tokens, sampling=self.settings.sampling)
-            req = self._engine.add(ids, spec)
-            events = self._engine.follow(req)
-            try:
-                for event in events:
-                    generated.extend(event.token_ids)
-                    if event.finish_reason:
-                        final = event
-                    yield event
-            finally:
-                events.close()
-        except Exception:
-            failed = True
-            raise
-        finally:
-            if req is None or (failed and not generated):
-                undo()  # stopped before anything was generated: the turn did not happen
-            else:
-                self._commit(ids, req.timings.cached_tokens, dropped, generated, final, req.timings)
+    def _stream(self, prompt: Any, dropped: int, undo) -> Iterator[GenerationEvent | ChatNotice]:
+        raise NotImplementedError
 
-    def _commit(self, ids, common, dropped, generated, final, timings: Timings) -> None:
-        answer = self.tokenizer.decode(generated, skip_special_tokens=True)
+    @property
+    def cached_tokens(self) -> int:
+        return 0
+
+    def context_used(self) -> int:
+        raise NotImplementedError
+
+    def _commit(self, conversation_tokens: int, reused: int, dropped: int, generated: list[int], answer: str,
+                final, timings: Timings) -> None:
         self._messages.append({"role": "assistant", "content": answer})
         # No final event: the consumer stopped reading (Ctrl-C in its own code).
         reason = final.finish_reason if final is not None else "interrupted"
-        self.last_turn = TurnInfo(len(ids), common, len(ids) - common, dropped, reason, timings, answer, generated)
+        self.last_turn = TurnInfo(conversation_tokens, reused, conversation_tokens - reused, dropped, reason, timings,
+                                  answer, generated)
 
     # ---- status, save, load ----------------------------------------------------------------------------
 
@@ -388,6 +324,97 @@ class ChatSession:
                 raise InputError(f"{where}: {e.message}", hint=e.hint) from None
         self.settings, self.system = settings, system
         self._messages, self._start, self.last_turn = messages, 0, None
+
+
+
+class ChatSession(Conversation):
+    """A conversation with a local model, answered by a one-slot engine kept across turns."""
+
+    def __init__(self, model, tokenizer, *, model_name: str = "", settings: ChatSettings | None = None,
+                 system: str | None = None):
+        super().__init__(model_name=model_name, settings=settings, system=system)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context = context_length(model)
+        self._engine: Engine | None = None  # one slot, kept across turns: its KV cache is the conversation's
+        self._fold_told = False
+        self.system_role = system_role_supported(tokenizer)
+
+    @property
+    def cached_tokens(self) -> int:
+        return len(self._engine.slot_tokens[0]) if self._engine is not None else 0
+
+    # ---- rendering -----------------------------------------------------------------------------------
+
+    def chat_messages(self, messages: Sequence[dict[str, str]] | None = None) -> list[dict[str, str]]:
+        """What the template gets for the window (or `messages`): system first, or folded into the first
+        user message when the template has no system role."""
+        window = [dict(m) for m in (self._messages[self._start:] if messages is None else messages)]
+        return with_system(self.system, window, self.system_role)
+
+    def render(self, messages: Sequence[dict[str, str]] | None = None, add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(self.chat_messages(messages),
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def prompt_ids(self, messages: Sequence[dict[str, str]] | None = None) -> list[int]:
+        # The rendered template holds BOS and the other specials itself.
+        return self.tokenizer.encode(self.render(messages), add_special_tokens=False)
+
+    def context_used(self) -> int:
+        """Tokens the conversation in the window takes (with the generation prompt)."""
+        return len(self.prompt_ids()) if self._messages[self._start:] else 0
+
+    def _fit(self) -> tuple[list[int], int]:
+        """The prompt ids of the window, dropping the oldest exchanges until it leaves room for an answer."""
+        reserve = max(1, min(self.settings.max_new_tokens, self.context // 4))
+        dropped = 0
+        while True:
+            ids = self.prompt_ids()
+            if len(ids) + reserve <= self.context:
+                return ids, dropped
+            if len(self._messages) - self._start <= 1:
+                raise InputError(
+                    f"the message needs {len(ids)} tokens, with room for {reserve} more for the answer; "
+                    f"the context holds {self.context}",
+                    hint="shorten the message (or the system prompt), or lower max_new_tokens",
+                )
+            self._start += 2
+            dropped += 1
+
+    def _stream(self, ids: list[int], dropped: int, undo) -> Iterator[GenerationEvent | ChatNotice]:
+        generated: list[int] = []
+        final, req, failed = None, None, False
+        try:
+            if self.system and not self.system_role and not self._fold_told:
+                self._fold_told = True
+                yield ChatNotice("system_folded", "this model's chat template has no system role: the system "
+                                                  "prompt is sent at the start of the first user message")
+            if dropped:
+                yield ChatNotice("context_trimmed",
+                                 f"context full ({self.context} tokens): dropped the oldest {dropped} exchange(s) "
+                                 f"from what the model sees, kept the system prompt")
+            if self._engine is None:
+                self._engine = Engine(self.model, self.tokenizer, EngineConfig(max_batch=1))
+            spec = GenerationSpec(max_new_tokens=self.settings.max_new_tokens, sampling=self.settings.sampling)
+            req = self._engine.add(ids, spec)
+            events = self._engine.follow(req)
+            try:
+                for event in events:
+                    generated.extend(event.token_ids)
+                    if event.finish_reason:
+                        final = event
+                    yield event
+            finally:
+                events.close()
+        except Exception:
+            failed = True
+            raise
+        finally:
+            if req is None or (failed and not generated):
+                undo()  # stopped before anything was generated: the turn did not happen
+            else:
+                answer = self.tokenizer.decode(generated, skip_special_tokens=True)
+                self._commit(len(ids), req.timings.cached_tokens, dropped, generated, answer, final, req.timings)
 
 
 def _check_messages(data: Any, where: str) -> tuple[str | None, list[dict[str, str]]]:

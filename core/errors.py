@@ -49,5 +49,9 @@ class InputError(LLMError):
     """Bad user input: prompt, flags or files given to a command."""
 
 
+class ServerError(LLMError):
+    """An HTTP server (llm chat --base-url) that cannot be reached or answered with an error."""
+
+
 class ResourceError(LLMError):
     """Not enough memory / context / an unavailable device."""

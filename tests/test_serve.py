@@ -218,3 +218,24 @@ def test_port_in_use_is_one_line():
         r = subprocess.run([*LLM, "serve", "--port", str(port)], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and r.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}")
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_chat_base_url_answers_like_local_chat(server):
+    lines = "What is the capital of France?\n/set max_new_tokens 8\nAnd of Italy?\n/status\n"
+    args = ["chat", "--temperature", "0", "-n", "16"]
+    remote = subprocess.run([*LLM, *args, "--base-url", server.url.removesuffix("/v1")], input=lines,
+                            capture_output=True, text=True, timeout=120)
+    local = subprocess.run([*LLM, *args], input=lines, capture_output=True, text=True, timeout=120)
+    assert remote.returncode == 0, remote.stderr
+    assert remote.stdout == local.stdout and len(remote.stdout.splitlines()) == 2
+    assert "context: " in remote.stderr and "max_new_tokens = 8" in remote.stderr
+
+
+def test_chat_base_url_errors_are_one_line(server):
+    bad_key = subprocess.run([*LLM, "chat", "--base-url", "http://127.0.0.1:9/v1"], input="hi\n",
+                             capture_output=True, text=True, timeout=60)
+    assert bad_key.returncode == 1 and bad_key.stderr.startswith("error: cannot reach http://127.0.0.1:9/v1")
+    assert len(bad_key.stderr.strip().splitlines()) == 1
+    local_flag = subprocess.run([*LLM, "chat", "--base-url", server.url, "--dtype", "float32"], input="hi\n",
+                                capture_output=True, text=True, timeout=60)
+    assert local_flag.returncode != 0 and "--dtype cannot apply to a model on a server" in local_flag.stderr
