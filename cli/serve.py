@@ -33,12 +33,17 @@ def serve(
         int, typer.Option("--prefill-chunk", min=1, help="Prompt tokens per engine step (longer prompts are split).")
     ] = 256,
     max_body: Annotated[int, typer.Option("--max-body", min=1, help="Largest request body, in MiB (413 beyond).")] = 4,
+    prefix_reuse: Annotated[
+        bool, typer.Option("--prefix-reuse/--no-prefix-reuse", help="Reuse the KV of prompt prefixes already cached.")
+    ] = True,
     dtype: o.DtypeOpt = "auto",
     device: o.DeviceOpt = "cpu",
     quantize: o.QuantizeOpt = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level: warning, info (one line per request), debug.")] = "warning",
 ) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    """Serve a model to many clients at once over an OpenAI-compatible HTTP API.
+
+    Endpoints: /v1/chat/completions, /v1/completions and /v1/models (as OpenAI's), /health and /metrics."""
     import socket
 
     from llm_torch.core.errors import InputError
@@ -52,13 +57,13 @@ def serve(
                          hint="pick another --port (0 picks a free one)") from None
     try:
         _serve(sock, model_arg or model, api_key, tuple(cors_origin or ()), max_batch, max_queue, max_context,
-               prefill_chunk, max_body, dtype, device, quantize, log_level)
+               prefill_chunk, prefix_reuse, max_body, dtype, device, quantize, log_level)
     finally:
         sock.close()
 
 
-def _serve(sock, model_ref, api_key, cors, max_batch, max_queue, max_context, prefill_chunk, max_body, dtype, device,
-           quantize, log_level) -> None:
+def _serve(sock, model_ref, api_key, cors, max_batch, max_queue, max_context, prefill_chunk, prefix_reuse, max_body,
+           dtype, device, quantize, log_level) -> None:
     import signal
 
     import uvicorn
@@ -73,7 +78,8 @@ def _serve(sock, model_ref, api_key, cors, max_batch, max_queue, max_context, pr
     loaded = load(model_ref, dtype, device, quiet=False, quantize=quantize)
     if loaded.tokenizer is None:
         raise InputError(f"{loaded.name} has no tokenizer", hint="serve a model folder with tokenizer files")
-    config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_context=max_context, prefill_chunk=prefill_chunk)
+    config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_context=max_context, prefill_chunk=prefill_chunk,
+                          prefix_reuse=prefix_reuse)
     engine = EngineThread(Engine(loaded.model, loaded.tokenizer, config)).start()
     settings = ServeSettings(loaded.name, api_key=api_key or None, cors_origins=cors, max_body_bytes=max_body * 2**20,
                              generation_config=loaded.generation_config)
