@@ -15,6 +15,11 @@ Method
 - Prefill N = time to the first token for the same N fixed random token ids (forward over the prompt,
   last-position logits, greedy pick). Decode = tokens/s over --new-tokens greedy steps after a 1-token
   prompt, timed from the first generated token to the last (EOS never stops a run). Medians, min-max.
+- Batched decode (--batch B, default 8): B different 16-token prompts decoded together, aggregate
+  tokens/s of the --new-tokens steps after the first token. Ours: B sequences in one engine (each weight
+  read once per step for all of them). transformers: generate() on the B prompts as one batch (left
+  padding, as a user batches them), decode time = generate(new_tokens + 1) - generate(1). llama.cpp:
+  llama-cpp-python's API decodes one sequence at a time, so it has no batched figure.
 - Load = wall time of the engine's load call in this process, after the GGUF is in the page cache.
   Import times are listed apart (torch is imported once and shared by ours and transformers).
 - Peak RSS cannot be told apart per engine in one process, so each engine is also run in its own child
@@ -102,6 +107,10 @@ class Engine:
     def bytes_per_token(self) -> int | None:
         return None
 
+    def batch_decode(self, prompts: list[list[int]], new_tokens: int) -> float | None:
+        """Aggregate tokens/s of `new_tokens` steps decoding every prompt's sequence at once (None: cannot)."""
+        return None
+
 
 def _import_torch() -> float:
     """Import torch with THREADS intra-op threads; -> seconds the import took (0 when already imported)."""
@@ -155,6 +164,11 @@ class Ours(Engine):
         from llm_torch.core.bench import weight_bytes_per_token
 
         return weight_bytes_per_token(self.loaded.model)
+
+    def batch_decode(self, prompts, new_tokens):
+        from llm_torch.core.bench import time_batched_decode
+
+        return len(prompts) * new_tokens / time_batched_decode(self.runner, prompts, new_tokens)
 
 
 class _Stamps:
@@ -233,6 +247,22 @@ class Transformers(Engine):
         from llm_torch.core.bench import weight_bytes_per_token
 
         return weight_bytes_per_token(self.model)
+
+    def batch_decode(self, prompts, new_tokens):
+        torch = self.torch
+        longest = max(len(p) for p in prompts)
+        pad = self.model.config.eos_token_id if self.model.config.pad_token_id is None else self.model.config.pad_token_id
+        ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+
+        def timed(n):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                    do_sample=False, pad_token_id=pad)
+            return time.perf_counter() - t0
+
+        return len(prompts) * new_tokens / (timed(new_tokens + 1) - timed(1))
 
 
 class LlamaCpp(Engine):
@@ -318,6 +348,7 @@ class Figures:
     rss_load: int = 0
     prefill_s: dict[int, list[float]] = field(default_factory=dict)
     decode_tps: list[float] = field(default_factory=list)
+    batch_tps: list[float] = field(default_factory=list)
     child: dict | None = None
 
     def prefill_tps(self, n: int) -> list[float]:
@@ -363,6 +394,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=None, help="decode steps (default 128)")
     p.add_argument("--repetitions", type=int, default=None, help="timed rounds after one warm-up (default 3)")
     p.add_argument("--no-rss", action="store_true", help="skip the per-engine child processes that measure peak RSS")
+    p.add_argument("--batch", type=int, default=8, help="sequences of the batched decode test (0: skip it)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -418,6 +450,7 @@ def main() -> None:
     vocab = min(r.engine.vocab_size() for r in runs)
     prompts = {n: random_ids(vocab, n, args.seed) for n in args.prompt_lengths}
     decode_prompt = random_ids(vocab, 1, args.seed + 1)
+    batch_prompts = [random_ids(vocab, 16, args.seed + 2 + i) for i in range(args.batch)]
     for rep in range(-1, args.repetitions):
         print(("warm-up" if rep < 0 else f"repetition {rep + 1}/{args.repetitions}"), end="", flush=True)
         for r in runs:
@@ -429,6 +462,10 @@ def main() -> None:
                 tps = r.engine.decode(decode_prompt, args.new_tokens)
                 if rep >= 0:
                     r.decode_tps.append(tps)
+            if args.new_tokens and args.batch:
+                tps = r.engine.batch_decode(batch_prompts, args.new_tokens)
+                if rep >= 0 and tps is not None:
+                    r.batch_tps.append(tps)
             print(".", end="", flush=True)
         print()
 
@@ -472,7 +509,8 @@ def table(columns: list[str], rows: list[list[str]]) -> str:
 def report(runs: list[Figures], args, bandwidth, imports: dict[str, float]) -> None:
     lengths = args.prompt_lengths
     columns = ["engine", "load s", "load s (own process)"] + [f"prefill {n} tok/s" for n in lengths]
-    columns += [f"decode tok/s", "decode % of ceiling", "RSS +load MiB", "peak RSS MiB (own process)"]
+    columns += [f"decode tok/s", "decode % of ceiling", f"decode x{args.batch} tok/s (all)", "RSS +load MiB",
+                "peak RSS MiB (own process)"]
     rows = []
     for r in runs:
         row = [r.engine.label, f"{r.load_s:.2f}", f"{r.child['load_s']:.2f}" if r.child else "-"]
@@ -482,6 +520,7 @@ def report(runs: list[Figures], args, bandwidth, imports: dict[str, float]) -> N
         ceiling = bandwidth.read_gb_per_s * 1e9 / bpt if bpt else None
         d = median(r.decode_tps)
         row.append(f"{d / ceiling:.0%} of {ceiling:.0f}" if ceiling and d else "-")
+        row.append(_fmt(median(r.batch_tps)) + _range(r.batch_tps) if r.batch_tps else "-")
         row.append(f"{r.rss_load / 2**20:.0f}")
         row.append(f"{r.child['peak_rss'] / 2**20:.0f}" if r.child else "-")
         rows.append(row)
@@ -494,15 +533,16 @@ def report(runs: list[Figures], args, bandwidth, imports: dict[str, float]) -> N
         if base is None:
             print(f"\n(no ratios vs {base_key}: it did not run)")
             continue
-        cols = ["engine"] + [f"prefill {n}" for n in lengths] + ["decode", "load (faster = >1)"]
+        cols = ["engine"] + [f"prefill {n}" for n in lengths] + ["decode", f"decode x{args.batch}", "load (faster = >1)"]
         rows = []
         for r in runs:
             row = [r.engine.label]
             for n in lengths:
                 a, b = median(r.prefill_tps(n)), median(base.prefill_tps(n))
                 row.append(f"{a / b:.2f}x" if a and b else "-")
-            a, b = median(r.decode_tps), median(base.decode_tps)
-            row.append(f"{a / b:.2f}x" if a and b else "-")
+            for mine, theirs in ((r.decode_tps, base.decode_tps), (r.batch_tps, base.batch_tps)):
+                a, b = median(mine), median(theirs)
+                row.append(f"{a / b:.2f}x" if a and b else "-")
             row.append(f"{base.load_s / r.load_s:.2f}x" if r.load_s else "-")
             rows.append(row)
         print(f"\nratios vs {base.engine.label} (speed / its speed; >1 = faster):")
@@ -529,6 +569,7 @@ def to_json(runs: list[Figures], args, bandwidth, imports: dict[str, float]) -> 
         "repetitions": args.repetitions,
         "prompt_lengths": args.prompt_lengths,
         "new_tokens": args.new_tokens,
+        "batch": args.batch,
         "bandwidth_read_gb_per_s": bandwidth.read_gb_per_s,
         "engines": [
             {
@@ -539,6 +580,7 @@ def to_json(runs: list[Figures], args, bandwidth, imports: dict[str, float]) -> 
                 "rss_load_bytes": r.rss_load,
                 "prefill_tokens_per_second": {str(n): r.prefill_tps(n) for n in args.prompt_lengths},
                 "decode_tokens_per_second": r.decode_tps,
+                "batched_decode_tokens_per_second": r.batch_tps,
                 "bytes_per_token": r.engine.bytes_per_token(),
                 "child": r.child,
             }

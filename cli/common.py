@@ -31,12 +31,47 @@ def read_prompt(argument: str | None, *, required: bool = True) -> str:
     return prompt
 
 
+def tp_worker(tp: int | None, model_ref: str | None, dtype: str, device: str) -> bool:
+    """On ranks > 0 of a tensor-parallel run (torchrun, or started by `--tp`): load this rank's shard and
+    follow rank 0 until it stops; -> True when this process was such a rank (the command ends there,
+    without reading input or printing)."""
+    from llm_torch.core.distributed import launched_rank
+
+    if not launched_rank():
+        return False
+    import torch.distributed as dist
+
+    from llm_torch.core import distributed
+    from llm_torch.core.loading import load_model, resolve_device
+    from llm_torch.core.runner import TorchRunner
+    from llm_torch.core.tensor_parallel import Shard
+
+    ctx = distributed.init(tp, resolve_device(device))
+    loaded = load_model(model_ref, dtype=dtype, device=str(ctx.device), progress=False, shard=Shard(ctx.rank, ctx.world))
+    dist.barrier()  # loaded everywhere (rank 0 waits here too)
+    distributed.follow(TorchRunner(loaded.model, "tensor parallel"), ctx)
+    dist.destroy_process_group()
+    return True
+
+
+def _tensor_parallel(tp: int | None, device: str):
+    """Rank 0's process group (starting ranks 1..tp-1 itself without a launcher), or None alone."""
+    from llm_torch.core.distributed import init, launched_rank
+    from llm_torch.core.loading import resolve_device
+
+    if not tp and launched_rank() is None:
+        return None
+    return init(tp, resolve_device(device))
+
+
 def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = False, quiet: bool = False,
-         quantize: str | None = None):
+         quantize: str | None = None, tp: int | None = None):
     """Load a model, saying on stderr what was loaded and how long it took.
 
     quantize: a scheme name (--quantize int8 ...): the float model is quantized in memory after loading.
+    tp: split it over this many processes (tensor parallel); this process is rank 0.
     """
+    from llm_torch.core.errors import InputError
     from llm_torch.core.loading import load_model
 
     spec = None
@@ -45,7 +80,13 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
 
         spec = make_spec(quantize)  # a bad name fails before the weights are read
     t0 = time.perf_counter()
-    loaded = load_model(model_ref, dtype=dtype, device=device, progress=not quiet and sys.stderr.isatty())
+    ctx = _tensor_parallel(tp, device)
+    if ctx is not None and (quantize or compile):
+        raise InputError(f"--tp cannot be combined with {'--quantize' if quantize else '--compile'}")
+    if ctx is None:
+        loaded = load_model(model_ref, dtype=dtype, device=device, progress=not quiet and sys.stderr.isatty())
+    else:
+        loaded = _load_rank0(ctx, model_ref, dtype)
     if spec is not None:
         from llm_torch.quant.api import quantize_loaded
 
@@ -69,12 +110,35 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
         how = loaded.dtype_name if compute == loaded.dtype_name else f"{loaded.dtype_name} weights, {compute} compute"
         how += f", {spec.label} quantized" if spec is not None else _saved_quantization(loaded.config.raw)
         chosen = " (--dtype auto)" if dtype == "auto" else ""
+        from llm_torch.core.runner import describe
+
         if weights.device.type == "cpu":
             from llm_torch.core.kernels import status
-            from llm_torch.core.runner import describe
 
             how += f"; decode on {status().detail} ({describe(loaded.model)})"
+        elif ctx is not None:
+            how += f"; {describe(loaded.model)}"
         render.info(f"loaded {loaded.name}: {how}{chosen} on {weights.device} in {time.perf_counter() - t0:.2f} s")
+    return loaded
+
+
+def _load_rank0(ctx, model_ref, dtype):
+    import torch.distributed as dist
+
+    from llm_torch.core import distributed
+    from llm_torch.core.errors import ResourceError
+    from llm_torch.core.loading import load_model
+    from llm_torch.core.runner import TorchRunner, install
+    from llm_torch.core.tensor_parallel import Shard
+
+    loaded = load_model(model_ref, dtype=dtype, device=str(ctx.device), progress=False, shard=Shard(0, ctx.world))
+    try:
+        dist.barrier()
+    except RuntimeError as e:  # a rank died while loading: its connection closed
+        why = distributed.worker_failure(ctx) or str(e).splitlines()[0]
+        raise ResourceError(f"tensor parallel rank failed: {why}") from None
+    # The native step has no all-reduce between layers: the ranks run the PyTorch layers.
+    install(loaded.model, lambda m: distributed.TPRunner(TorchRunner(m, "the native step has no all-reduce"), ctx))
     return loaded
 
 

@@ -30,8 +30,13 @@ def generate(
     quantize: o.QuantizeOpt = None,
     format: o.FormatOpt = o.OutputFormat.text,
     stats: o.StatsOpt = False,
+    tp: o.TpOpt = None,
 ) -> None:
     """Generate text from a prompt (argument and/or stdin); streams to stdout."""
+    from .common import tp_worker
+
+    if tp_worker(tp, model, dtype, device):
+        return
     from llm_torch.core.errors import InputError
     from llm_torch.core.engine import stream_generate
     from llm_torch.core.generate import GenerationSpec
@@ -42,7 +47,7 @@ def generate(
     text = read_prompt(prompt)
     if system and not chat:
         raise InputError("--system needs --chat", hint="add --chat to use the model's chat template")
-    loaded = load(model, dtype, device, compile=compile, quiet=not stats, quantize=quantize)
+    loaded = load(model, dtype, device, compile=compile, quiet=not stats, quantize=quantize, tp=tp)
     sampling = sampling_spec(
         loaded.generation_config,
         temperature=temperature,

@@ -41,6 +41,10 @@ StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when 
 CompileOpt = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the decode step.")]
 StatsOpt = Annotated[bool, typer.Option("--stats", help="Print tokens/s, time to first token and peak memory to stderr.")]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="text (streamed) or json (one object at the end).")]
+TpOpt = Annotated[
+    Optional[int],
+    typer.Option("--tp", min=1, help="Split the model over N processes (tensor parallel: torch.distributed, gloo on CPU, NCCL on GPUs)."),
+]
 QuantizeOpt = Annotated[
     Optional[str],
     typer.Option("--quantize", help="Quantize on load: int8 | int4 | int8-dynamic | nf4 | fp4 | llm-int8 (see llm quantize)."),

@@ -56,8 +56,13 @@ def run(
     dtype: o.DtypeOpt = "auto",
     device: o.DeviceOpt = "cpu",
     quantize: o.QuantizeOpt = None,
+    tp: o.TpOpt = None,
 ) -> None:
     """Run a task pipeline over inputs from the argument, stdin (--lines: one per line) or --input FILE."""
+    from .common import tp_worker
+
+    if tp_worker(tp, model, dtype, device):
+        return
     from llm_torch.core import pipelines as p
     from llm_torch.core.errors import InputError
     from llm_torch.core.generate import GenerationSpec
@@ -82,7 +87,7 @@ def run(
     # Inputs are read before the model loads when they are one block, lazily (streamed) otherwise.
     items = _items(p, prompt, lines, input, column, question)
 
-    loaded = load(model, dtype, device, quiet=True, quantize=quantize)
+    loaded = load(model, dtype, device, quiet=True, quantize=quantize, tp=tp)
     p.check_task(task, loaded.model, loaded.name)
     spec = GenerationSpec()
     if task == "text-generation":
@@ -108,12 +113,13 @@ def run(
         encode_prompt=lambda text: encode_prompt(loaded.tokenizer, text, chat=chat, system=system),
     )
     pipeline = p.Pipeline(loaded.model, loaded.tokenizer, task, opts, warn=render.warn)
-    count = 0
+    count = failed = 0
 
     def counted():
-        nonlocal count
+        nonlocal count, failed
         for result in pipeline.run(items):
             count += 1
+            failed += result.get("finish_reason") == "error"
             yield result
 
     if output is None:
@@ -123,6 +129,9 @@ def run(
     if count == 0:
         # An empty file or all-blank stdin is not an error, but silence would look like a hang or a bug.
         render.warn("no inputs: nothing was run")
+    if failed:
+        # Each failed input already has its warning and its error object; the others ran.
+        raise InputError(f"{failed} of {count} inputs failed", hint="see the warnings above")
 
 
 def _items(p, prompt, lines, input, column, question):

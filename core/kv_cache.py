@@ -50,6 +50,8 @@ class KVCache:
         )
         self.capacity = min(max_len, initial_len or max_len)
         self.lengths = [0] * n_slots
+        # Prefix copies made, for a tensor-parallel rank 0 to replay on the others (core.distributed).
+        self.journal: list[tuple[int, int, int, int]] | None = None
         self.keys = [self._new(self.layer_cap(i)) for i in range(config.num_hidden_layers)]
         self.values = [self._new(self.layer_cap(i)) for i in range(config.num_hidden_layers)]
 
@@ -96,17 +98,24 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.max_len} positions per slot, {length} needed")
         if length <= self.capacity:
             return
+        self.grow_to(min(self.max_len, max(length, 2 * self.capacity)), need=length)
+
+    def grow_to(self, capacity: int, *, need: int | None = None) -> None:
+        """Exactly `capacity` positions per slot (never shrinks), keeping what is cached."""
+        if capacity <= self.capacity:
+            return
         old = self.capacity
-        self.capacity = min(self.max_len, max(length, 2 * self.capacity))
+        self.capacity = capacity
         try:  # all or nothing: every layer's shape must match layer_cap (step.c indexes by it)
             grown = [[self._grow(t, i) for i, t in enumerate(store)] for store in (self.keys, self.values)]
         except (RuntimeError, MemoryError) as e:  # torch's allocators raise RuntimeError subclasses
             self.capacity = old
             if "alloc" not in str(e).lower() and not isinstance(e, (MemoryError, torch.OutOfMemoryError)):
                 raise
-            need = self.bytes_for(self.config, self.n_slots, length, self.ring_margin, self.dtype.itemsize)
-            raise ResourceError(f"out of memory growing the KV cache to {length} positions x {self.n_slots} slots "
-                                f"({need / 2**20:.0f} MiB)", hint="use a smaller max batch or context") from None
+            size = self.bytes_for(self.config, self.n_slots, capacity, self.ring_margin, self.dtype.itemsize)
+            raise ResourceError(f"out of memory growing the KV cache to {need or capacity} positions x "
+                                f"{self.n_slots} slots ({size / 2**20:.0f} MiB)",
+                                hint="use a smaller max batch or context") from None
         self.keys, self.values = grown
 
     def _grow(self, t: torch.Tensor, layer: int) -> torch.Tensor:
@@ -140,6 +149,8 @@ class KVCache:
 
     def copy_prefix(self, src: int, dst: int, length: int) -> None:
         """Slot dst takes slot src's first `length` positions (src must be able to roll back to them)."""
+        if self.journal is not None:
+            self.journal.append((src, dst, length, self.lengths[src]))
         for store in (self.keys, self.values):
             for i, t in enumerate(store):
                 if self.layer_cap(i) >= self.lengths[src]:

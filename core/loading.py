@@ -252,15 +252,22 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"no model.safetensors in {folder}", hint="a model folder needs safetensors weights")
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors one at a time from memory-mapped safetensors files."""
+def iter_safetensors(files: list[Path], select=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors one at a time from memory-mapped safetensors files.
+
+    select(name, shape) -> an index (tuple of slices) or None: read only that part of the tensor (a
+    tensor-parallel rank's slice), or the whole of it."""
     from safetensors import SafetensorError, safe_open
 
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
-                    yield key, f.get_tensor(key)
+                    index = None
+                    if select is not None:
+                        part = f.get_slice(key)
+                        index = select(key, part.get_shape())
+                    yield key, (f.get_tensor(key) if index is None else part[index])
         except SafetensorError as e:
             raise CheckpointError(f"cannot read {path.name}: {e}", hint="the file may be truncated; download it again") from None
         except OSError as e:
@@ -331,10 +338,11 @@ def load_model(
     with_tokenizer: bool = True,
     offline: bool | None = None,
     progress: bool = True,
+    shard=None,
 ) -> LoadedModel:
     """Resolve `ref`, build the model on the meta device and fill it from the checkpoint."""
     resolved = resolve_model(ref, offline=offline, progress=progress)
-    return load_resolved(resolved, dtype=dtype, device=device, head=head, with_tokenizer=with_tokenizer)
+    return load_resolved(resolved, dtype=dtype, device=device, head=head, with_tokenizer=with_tokenizer, shard=shard)
 
 
 def load_resolved(
@@ -345,10 +353,12 @@ def load_resolved(
     head: str | None = None,
     with_tokenizer: bool = True,
     fuse: bool = True,
+    shard=None,
 ) -> LoadedModel:
     """Build the model on the meta device and fill it from the checkpoint.
 
     fuse: stack q/k/v and gate/up weights for faster inference (module names then differ from HF).
+    shard: a tensor_parallel.Shard: build and read only this rank's part of the split layers.
     """
     source = load_model_config(resolved)
     config = source.config
@@ -362,7 +372,11 @@ def load_resolved(
     # before the weights arrive instead of adding to the peak (and a broken tokenizer fails fast).
     tokenizer = load_tokenizer(resolved, source) if with_tokenizer else None
     source.gguf_meta = {}
-    model = build_model(config, head, fused=fuse)
+    model = build_model(config if shard is None else shard.local_config(config), head, fused=fuse)
+    if shard is not None:
+        if config.raw.get("quantization_config") is not None:
+            raise UnsupportedError("--tp with a quantized checkpoint is not supported", hint="split the float model")
+        shard.prepare(model)
     if resolved.kind == "gguf":
         from . import gguf
 
@@ -374,8 +388,10 @@ def load_resolved(
         generation_config = {}  # Meta ships no sampling defaults: greedy unless flags say otherwise
     else:
         files = safetensors_files(resolved.path)
-        tensors = iter_safetensors(files)
+        tensors = iter_safetensors(files, None if shard is None else shard.select)
         generation_config = read_generation_config(resolved.path)
+    if shard is not None and resolved.kind in ("gguf", "meta"):
+        tensors = shard.slices(tensors)  # read whole, one tensor at a time, then cut
     quantized = None
     if resolved.kind == "folder" and config.raw.get("quantization_config") is not None:
         # Pre-quantized weights: the quant package (the only one importing torchao / bitsandbytes)

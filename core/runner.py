@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import weakref
+
 import torch
 
 from . import kernels
@@ -124,10 +126,20 @@ class NativeRunner(Runner):
         return torch.cat([c for c, _ in parts]), torch.cat([si for _, si in parts])
 
 
+_INSTALLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def install(model: CausalLM, factory) -> None:
+    """Make `factory(model)` the runner every engine over this model uses (e.g. tensor parallel's)."""
+    _INSTALLED[model] = factory
+
+
 def make_runner(model: CausalLM) -> Runner:
     """The fastest runner that computes this model here; its description says which and why."""
     if not isinstance(model, CausalLM):
         raise TypeError(f"generation needs a causal LM head, not {type(model).__name__}")
+    if model in _INSTALLED:
+        return _INSTALLED[model](model)
     why = native_problem(model)
     if why is not None:
         return TorchRunner(model, why)

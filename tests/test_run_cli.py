@@ -124,6 +124,25 @@ def test_text_generation_lines(models):
     assert json.loads(one.stdout)["generated_text"] == rows[1]["generated_text"]
 
 
+@pytest.mark.parametrize("batch", ["1", "3"])
+def test_long_inputs_warn_or_fail_alone_at_every_batch_size(models, batch, tmp_path):
+    """LLAMA_BASE's context is 128 tokens: the middle line is ~300."""
+    lines = tmp_path / "in.txt"
+    lines.write_text("Hello there\n" + "word " * 300 + "\nGood morning\n")
+    warned = run_llm("run", "-m", str(models["lm"]), "--lines", "-n", "3", "-b", batch, "--format", "jsonl",
+                     input=lines.read_bytes())
+    assert warned.returncode == 0, warned.stderr.decode()
+    assert "line 2: prompt left-truncated by" in warned.stderr.decode()
+    assert [r["finish_reason"] for r in jsonl(warned.stdout)] == ["length"] * 3
+    refused = run_llm("run", "-m", str(models["lm"]), "--lines", "-n", "3", "-b", batch, "--format", "jsonl",
+                      "--truncate", "error", input=lines.read_bytes())
+    rows = jsonl(refused.stdout)
+    assert [r["finish_reason"] for r in rows] == ["length", "error", "length"]
+    assert "context" in rows[1]["error"] and rows[0]["generated_text"] == jsonl(warned.stdout)[0]["generated_text"]
+    err = refused.stderr.decode()
+    assert refused.returncode == 1 and "line 2: prompt is" in err and err.strip().endswith("1 of 3 inputs failed (hint: see the warnings above)")
+
+
 def test_token_classification(models):
     r = run_llm("run", "--task", "token-classification", "-m", str(models["tok"]), "--format", "json", input="Alice lives in Paris")
     assert r.returncode == 0, r.stderr.decode()
