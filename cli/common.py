@@ -54,13 +54,17 @@ def tp_worker(tp: int | None, model_ref: str | None, dtype: str, device: str) ->
     return True
 
 
-def _tensor_parallel(tp: int | None, device: str):
+def _tensor_parallel(tp: int | None, device: str, model_ref: str | None):
     """Rank 0's process group (starting ranks 1..tp-1 itself without a launcher), or None alone."""
     from llm_torch.core.distributed import init, launched_rank
-    from llm_torch.core.loading import resolve_device
+    from llm_torch.core.loading import load_model_config, resolve_device, resolve_model
+    from llm_torch.core.tensor_parallel import check_splits
 
-    if not tp and launched_rank() is None:
+    launched = launched_rank() is not None
+    if (not tp or tp <= 1) and not launched:
         return None
+    if not launched:  # before starting any process: a split that cannot work fails here, alone
+        check_splits(load_model_config(resolve_model(model_ref)).config, tp)
     return init(tp, resolve_device(device))
 
 
@@ -80,9 +84,9 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
 
         spec = make_spec(quantize)  # a bad name fails before the weights are read
     t0 = time.perf_counter()
-    ctx = _tensor_parallel(tp, device)
-    if ctx is not None and (quantize or compile):
+    if tp and tp > 1 and (quantize or compile):
         raise InputError(f"--tp cannot be combined with {'--quantize' if quantize else '--compile'}")
+    ctx = _tensor_parallel(tp, device, model_ref)
     if ctx is None:
         loaded = load_model(model_ref, dtype=dtype, device=device, progress=not quiet and sys.stderr.isatty())
     else:
@@ -112,12 +116,12 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
         chosen = " (--dtype auto)" if dtype == "auto" else ""
         from llm_torch.core.runner import describe
 
-        if weights.device.type == "cpu":
+        if ctx is not None:
+            how += f"; {describe(loaded.model)}"
+        elif weights.device.type == "cpu":
             from llm_torch.core.kernels import status
 
             how += f"; decode on {status().detail} ({describe(loaded.model)})"
-        elif ctx is not None:
-            how += f"; {describe(loaded.model)}"
         render.info(f"loaded {loaded.name}: {how}{chosen} on {weights.device} in {time.perf_counter() - t0:.2f} s")
     return loaded
 
