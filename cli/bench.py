@@ -32,7 +32,7 @@ def _parse_counts(text: str, flag: str, example: str) -> tuple[int, ...]:
 def bench(
     model: o.ModelOpt = None,
     dtype: o.DtypeOpt = "auto",
-    device: o.DeviceOpt = "cpu",
+    device: o.DeviceOpt = "auto",
     prompt_lengths: Annotated[
         str, typer.Option("--prompt-lengths", "-p", help="Prefill tests: prompt lengths in tokens, comma-separated ('' for none).")
     ] = "128,512",

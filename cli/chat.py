@@ -61,7 +61,7 @@ def chat(
     repetition_penalty: o.RepetitionPenaltyOpt = None,
     seed: o.SeedOpt = None,
     dtype: o.DtypeOpt = "auto",
-    device: o.DeviceOpt = "cpu",
+    device: o.DeviceOpt = "auto",
     compile: o.CompileOpt = False,
     quantize: o.QuantizeOpt = None,
     stats: o.StatsOpt = False,

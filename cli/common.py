@@ -80,9 +80,15 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
 
     spec = None
     if quantize:
+        from llm_torch.core.errors import UnsupportedError
+        from llm_torch.core.loading import resolve_device
         from llm_torch.quant.spec import make_spec
 
         spec = make_spec(quantize)  # a bad name fails before the weights are read
+        where = resolve_device(device)
+        if where.type != "cpu":
+            raise UnsupportedError(f"--quantize runs on the CPU only in this version, not on {where}",
+                                   hint="add --device cpu, or use --dtype bfloat16 / float16 on the GPU")
     t0 = time.perf_counter()
     if tp and tp > 1 and (quantize or compile):
         raise InputError(f"--tp cannot be combined with {'--quantize' if quantize else '--compile'}")

@@ -25,7 +25,7 @@ def generate(
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="System message (with --chat).")] = None,
     truncate: Annotated[bool, typer.Option("--truncate", help="Left-truncate a prompt longer than the context.")] = False,
     dtype: o.DtypeOpt = "auto",
-    device: o.DeviceOpt = "cpu",
+    device: o.DeviceOpt = "auto",
     compile: o.CompileOpt = False,
     quantize: o.QuantizeOpt = None,
     format: o.FormatOpt = o.OutputFormat.text,
@@ -78,6 +78,6 @@ def generate(
     else:
         render.write("\n")
     if stats:
-        render.info(render.stats_line(final.timings))
+        render.info(render.stats_line(final.timings, str(next(loaded.model.parameters()).device)))
     if final.finish_reason == "interrupted":
         raise typer.Exit(130)

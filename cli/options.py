@@ -25,7 +25,7 @@ ModelOpt = Annotated[
     ),
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | auto.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | N | mps.")]
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", min=0, help="Most tokens to generate.")]
 TemperatureOpt = Annotated[
     Optional[float], typer.Option("--temperature", "-t", min=0.0, help="0 = greedy. Default: the model's generation_config, else 0.")

@@ -76,9 +76,12 @@ def peak_rss_mib() -> float:
     return peak_rss_bytes() / 2**20
 
 
-def stats_line(timings) -> str:
+def stats_line(timings, device: str | None = None) -> str:
+    computed = timings.prompt_tokens - timings.cached_tokens
+    cached = f" (+{timings.cached_tokens} cached)" if timings.cached_tokens else ""
     return (
-        f"prefill: {timings.prompt_tokens} tok, {timings.prefill_tokens_per_second:.1f} tok/s | "
+        f"prefill: {computed} tok{cached}, {timings.prefill_tokens_per_second:.1f} tok/s | "
         f"decode: {timings.completion_tokens} tok, {timings.decode_tokens_per_second:.1f} tok/s | "
         f"TTFT {timings.time_to_first_token:.3f} s | peak RSS {peak_rss_mib():.0f} MiB"
+        + (f" | {device}" if device else "")
     )

@@ -54,7 +54,7 @@ def run(
     chat: Annotated[bool, typer.Option("--chat", help="text-generation: wrap each input in the chat template.")] = False,
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="System message (with --chat).")] = None,
     dtype: o.DtypeOpt = "auto",
-    device: o.DeviceOpt = "cpu",
+    device: o.DeviceOpt = "auto",
     quantize: o.QuantizeOpt = None,
     tp: o.TpOpt = None,
 ) -> None:

@@ -37,7 +37,7 @@ def serve(
         bool, typer.Option("--prefix-reuse/--no-prefix-reuse", help="Reuse the KV of prompt prefixes already cached.")
     ] = True,
     dtype: o.DtypeOpt = "auto",
-    device: o.DeviceOpt = "cpu",
+    device: o.DeviceOpt = "auto",
     quantize: o.QuantizeOpt = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level: warning, info (one line per request), debug.")] = "warning",
     tp: o.TpOpt = None,

@@ -527,7 +527,7 @@ def run_bench(
     spec: BenchSpec = BenchSpec(),
     *,
     dtype: str = "auto",
-    device: str = "cpu",
+    device: str = "auto",
     threads: int | None = None,
     bandwidth: bool = True,
     progress: Progress | None = None,

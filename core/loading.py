@@ -89,7 +89,8 @@ def resolve_dtype(
 ) -> torch.dtype:
     """The weights' storage dtype. `auto` picks the fastest correct one for the device:
 
-    on CPU, 16-bit storage (activations stay fp32, see layers.compute_dtype) halves the bytes each
+    on a GPU, bfloat16 where it computes in it (else float16), or the checkpoint's own 16-bit dtype; on
+    Apple's MPS float16. On CPU, 16-bit storage (activations stay fp32, see layers.compute_dtype) halves the bytes each
     decode step reads, so checkpoints that are not fp32 already use it: bf16/fp16 checkpoints keep
     their own dtype, GGUF files take fp16 (their block scales are fp16, so fp16 holds Q4/Q8 values
     more exactly than bf16, and torch's fp16 matrix-vector kernel is the faster one here: 19 vs
@@ -101,26 +102,52 @@ def resolve_dtype(
     name = DTYPE_ALIASES.get(name, name)
     if name == "auto":
         own = DTYPES.get((config.torch_dtype or "float32").replace("torch.", ""), torch.float32)
-        on_cpu = device is None or device.type == "cpu"
+        if device is not None and device.type == "cuda":
+            if own in (torch.float16, torch.bfloat16) and kind != "gguf":
+                return own
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device is not None and device.type == "mps":
+            return torch.float16
         if kind == "gguf":
-            return torch.float16 if on_cpu else torch.bfloat16
+            return torch.float16
         return own
     if name not in DTYPES:
         raise InputError(f"unknown dtype '{requested}'", hint="use auto, float32, bfloat16 or float16")
     return DTYPES[name]
 
 
-def resolve_device(device: str | None) -> torch.device:
-    name = (device or "cpu").lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        from .errors import ResourceError
+def available_devices() -> list[str]:
+    """What this machine and this PyTorch build can run on, in `auto`'s order of preference."""
+    out = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out + ["cpu"]
 
-        raise ResourceError(f"device '{device}' asked for, but this PyTorch has no CUDA device", hint="use --device cpu")
-    if name not in ("cpu", "mps") and not name.startswith("cuda"):
-        raise InputError(f"unknown device '{device}'", hint="use cpu, cuda, cuda:N or auto")
-    return torch.device(name)
+
+def resolve_device(device: str | None) -> torch.device:
+    """`auto` (cuda, then mps, then cpu), `cpu`, `cuda`, `cuda:N`, a bare index N (= cuda:N, as
+    transformers' pipelines take it), `mps`. A device that is not here is a ResourceError naming those that are."""
+    from .errors import ResourceError
+
+    name = (device or "auto").strip().lower()
+    if name.isdigit():
+        name = f"cuda:{name}"
+    available = available_devices()
+    if name == "auto":
+        return torch.device(available[0].split(":")[0] if available[0].startswith("cuda") else available[0])
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device '{device}'", hint="use auto, cpu, cuda, cuda:N, N or mps") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"unknown device '{device}'", hint="use auto, cpu, cuda, cuda:N, N or mps")
+    here = dev.type == "cpu" or (dev.type == "mps" and "mps" in available) or (
+        dev.type == "cuda" and f"cuda:{dev.index or 0}" in available)
+    if not here:
+        raise ResourceError(f"device '{device}' is not available here; this machine has: {', '.join(available)}",
+                            hint="use --device auto (or one of those)")
+    return dev
 
 
 def build_model(config: ModelConfig, head: str | None = None, *, fused: bool = False) -> nn.Module:
@@ -333,7 +360,7 @@ def load_model(
     ref: str | None = None,
     *,
     dtype: str | torch.dtype | None = "auto",
-    device: str | None = "cpu",
+    device: str | None = "auto",
     head: str | None = None,
     with_tokenizer: bool = True,
     offline: bool | None = None,
@@ -349,7 +376,7 @@ def load_resolved(
     resolved: ResolvedModel,
     *,
     dtype: str | torch.dtype | None = "auto",
-    device: str | None = "cpu",
+    device: str | None = "auto",
     head: str | None = None,
     with_tokenizer: bool = True,
     fuse: bool = True,
@@ -368,6 +395,10 @@ def load_resolved(
 
         use_native_kernels()  # before the weights are placed: it decides their layout (layers.k_major_weights)
     target = resolve_dtype(dtype, config, kind=resolved.kind, device=dev)
+    if config.raw.get("quantization_config") is None:
+        from .memory import check_fits
+
+        check_fits(config, target, dev, ranks=1 if shard is None else shard.world)  # before anything is read
     # Tokenizer before weights: a GGUF's metadata (the vocabulary as Python lists) can then be freed
     # before the weights arrive instead of adding to the peak (and a broken tokenizer fails fast).
     tokenizer = load_tokenizer(resolved, source) if with_tokenizer else None

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from llm_torch.core.errors import CheckpointError, ConfigError, ModelNotFoundError, UnsupportedError
+from llm_torch.core.errors import CheckpointError, ConfigError, InputError, ModelNotFoundError, UnsupportedError
 from llm_torch.core.loading import ResolvedModel, load_model, load_resolved
 from tests.cli_util import run_llm
 from tests.tiny import LLAMA_BASE, config_dict, hf_model
@@ -136,3 +136,46 @@ def test_unknown_option_is_a_usage_error():
     assert r.returncode == 2, err
     assert "No such option: --bogus-flag" in err and "Try 'llm generate -h' for help." in err
     assert "NoSuchOption" not in err and "Traceback" not in err
+
+
+def test_a_model_that_cannot_fit_is_refused_before_loading(monkeypatch, tmp_path):
+    """The estimate from the config alone (no weight read) against the free memory, with the numbers."""
+    import torch
+
+    from llm_torch.core import memory
+    from llm_torch.core.config import ModelConfig
+    from llm_torch.core.errors import ResourceError
+    from llm_torch.core.loading import ResolvedModel, load_resolved
+    from llm_torch.core.model import CausalLM
+    from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, hf_model
+
+    for cfg in (LLAMA_BASE, config_dict(LLAMA_BASE, dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
+                GEMMA2_BASE):
+        config = ModelConfig.from_dict(cfg)
+        with torch.device("meta"):
+            assert memory.param_count(config) == sum(p.numel() for p in CausalLM(config).parameters())
+    hf_model(LLAMA_BASE).save_pretrained(tmp_path)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 10_000)
+    with pytest.raises(ResourceError, match=r"needs ~0\.0 GiB of float32 weights \+ 0\.0 GiB of KV cache for 128 tokens on cpu"):
+        load_resolved(ResolvedModel("tiny", "folder", tmp_path), dtype="float32", with_tokenizer=False)
+
+
+def test_devices_are_parsed_and_missing_ones_named(monkeypatch):
+    import torch
+
+    from llm_torch.core.errors import ResourceError
+    from llm_torch.core.loading import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type in ("cpu", "mps") and resolve_device("cpu") == torch.device("cpu")
+    for name in ("cuda", "cuda:1", "0"):
+        with pytest.raises(ResourceError, match=rf"device '{name}' is not available here; this machine has: .*cpu"):
+            resolve_device(name)
+    with pytest.raises(InputError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("1") == torch.device("cuda", 1) and resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(ResourceError, match="this machine has: cuda:0, cuda:1"):
+        resolve_device("cuda:2")

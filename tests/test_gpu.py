@@ -1,0 +1,58 @@
+"""The PyTorch path on CUDA (marked `gpu`: skipped without a GPU; scripts/gpu_check.sh runs them on one).
+The native step never runs there; the engine runs the PyTorch layers with scaled-dot-product attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_torch.core.engine import Engine, EngineConfig
+from llm_torch.core.generate import GenerationSpec
+from llm_torch.core.loading import ResolvedModel, load_resolved
+from llm_torch.core.runner import TorchRunner, make_runner
+from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, hf_model
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")]
+
+SPEC = GenerationSpec(max_new_tokens=12, eos_token_ids=())
+
+
+def greedy(model, prompts):
+    engine = Engine(model, None, EngineConfig(max_batch=len(prompts), keep_logits=True))
+    reqs = [engine.add(p, SPEC) for p in prompts]
+    while engine.has_work():
+        engine.step()
+    return reqs
+
+
+@pytest.mark.parametrize("base", [config_dict(LLAMA_BASE, dict(num_key_value_heads=2)), GEMMA2_BASE],
+                         ids=["llama-gqa", "gemma2"])
+def test_cuda_fp32_matches_the_cpu(tmp_path, base):
+    hf_model(base).save_pretrained(tmp_path)
+    ref = ResolvedModel("tiny", "folder", tmp_path)
+    cpu = load_resolved(ref, dtype="float32", device="cpu", with_tokenizer=False).model
+    gpu = load_resolved(ref, dtype="float32", device="cuda", with_tokenizer=False).model
+    runner = make_runner(gpu)
+    assert isinstance(runner, TorchRunner) and runner.description == "PyTorch layers: on cuda"
+    prompts = [[5, 9, 11, 3, 7, 8, 21], [17, 2, 30]]
+    a, b = greedy(cpu, prompts), greedy(gpu, prompts)
+    for x, y in zip(a, b):
+        assert x.generated == y.generated
+        for p, q in zip(x.logits, y.logits):
+            assert (p - q.cpu()).abs().max().item() < 1e-3  # TF32 / other kernels: close, not bitwise
+
+
+def test_auto_dtype_on_cuda_is_16_bit(tmp_path):
+    hf_model(LLAMA_BASE).save_pretrained(tmp_path)
+    loaded = load_resolved(ResolvedModel("tiny", "folder", tmp_path), device="cuda", with_tokenizer=False)
+    want = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert loaded.dtype == want and next(loaded.model.parameters()).device.type == "cuda"
+    assert len(greedy(loaded.model, [[5, 9, 11]])[0].generated) == 12
+
+
+def test_quantize_on_cuda_is_a_clear_error():
+    from tests.cli_util import run_llm
+
+    r = run_llm("generate", "--device", "cuda", "--quantize", "int8", "hi")
+    assert r.returncode == 1 and b"--quantize runs on the CPU only" in r.stderr
