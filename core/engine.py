@@ -175,9 +175,6 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self._ids = itertools.count()
         self._clock = itertools.count(1)
-        self.tokens_generated = 0  # totals for /metrics and benchmarks
-        self.prompt_tokens = 0
-        self.reused_tokens = 0
 
     @property
     def kv_bytes_limit(self) -> int:
@@ -194,7 +191,7 @@ class Engine:
 
     # ---- requests ------------------------------------------------------------------------------------
 
-    def add(self, prompt_ids: Sequence[int], spec: GenerationSpec, *, request_id=None) -> Request:
+    def add(self, prompt_ids: Sequence[int], spec: GenerationSpec) -> Request:
         """Queue a request. Bad input (empty prompt, one longer than the context) raises InputError; a
         full queue raises QueueFullError. max_new_tokens 0 finishes at once ('length', no tokens)."""
         if not prompt_ids:
@@ -208,8 +205,7 @@ class Engine:
         if self.config.max_queue is not None and queued >= self.config.max_queue and spec.max_new_tokens:
             raise QueueFullError(f"{queued} requests already wait for one of {self.config.max_batch} slots",
                                  hint="retry later, or raise the queue limit")
-        rid = next(self._ids) if request_id is None else request_id
-        req = Request(rid, ids, spec, eos_ids_for(self.model, self.tokenizer, spec), self.tokenizer, dropped,
+        req = Request(next(self._ids), ids, spec, eos_ids_for(self.model, self.tokenizer, spec), self.tokenizer, dropped,
                       self.context)
         if req.budget <= 0:
             req.admitted = req.arrived
@@ -249,7 +245,6 @@ class Engine:
             if self.config.keep_logits:
                 r.logits.append(logits[i].clone())
             r._take(tok, now)
-            self.tokens_generated += 1
             if r.finished:
                 self._release(r)
         return list(dict.fromkeys(touched + owners))
@@ -258,7 +253,7 @@ class Engine:
         """Decode rows first (one token each), then prompt chunks within the prefill budget."""
         segments, owners = [], []
         budget = self.config.prefill_chunk
-        for r in sorted(self.running, key=lambda r: r.state != DECODE):
+        for r in sorted(self.running, key=lambda r: (r.state != DECODE, r.admitted)):  # then first come, first served
             fed = self.cache.lengths[r.slot]
             tokens = r.tokens
             if fed >= len(tokens):
@@ -337,8 +332,6 @@ class Engine:
         self.slot_tokens[slot] = []
         self._slot_used[slot] = next(self._clock)
         req.timings.cached_tokens = reuse
-        self.prompt_tokens += len(req.prompt)
-        self.reused_tokens += reuse
 
     def _release(self, req: Request) -> None:
         s = req.slot

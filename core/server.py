@@ -180,25 +180,24 @@ class Server:
 
     # ---- running one request -------------------------------------------------------------------------
 
-    async def submit(self, prompt_ids: list[int], spec: GenerationSpec, queue: asyncio.Queue, tag: Any = None):
+    async def submit(self, prompt_ids: list[int], spec: GenerationSpec, queue: asyncio.Queue, tag: Any = None) -> _Flight:
+        """Hand a request to the engine; its events arrive on `queue` as (tag, event, time)."""
         loop = asyncio.get_running_loop()
         arrived = time.perf_counter()
-        last = [None]
 
         def on_event(event: GenerationEvent) -> None:  # engine thread
             loop.call_soon_threadsafe(queue.put_nowait, (tag, event, time.perf_counter()))
 
-        req = await asyncio.wrap_future(self.engine.submit(prompt_ids, spec, on_event))
-        return req, arrived, last
+        return _Flight(await asyncio.wrap_future(self.engine.submit(prompt_ids, spec, on_event)), arrived)
 
-    def observe(self, event: GenerationEvent, at: float, arrived: float, last: list) -> None:
+    def observe(self, flight: _Flight, event: GenerationEvent, at: float) -> None:
         if event.token_ids:
             self.metrics.generated_tokens += len(event.token_ids)
-            if last[0] is None:
-                self.metrics.ttft.observe(at - arrived)
+            if flight.last is None:
+                self.metrics.ttft.observe(at - flight.arrived)
             else:
-                self.metrics.itl.observe(at - last[0])
-            last[0] = at
+                self.metrics.itl.observe(at - flight.last)
+            flight.last = at
         if event.finish_reason:
             self.metrics.request_done(event.finish_reason, event.timings)
 
@@ -219,6 +218,15 @@ class Server:
     def model_names(self) -> set[str]:
         name = self.settings.model_name
         return {name, name.rstrip("/").rsplit("/", 1)[-1]}
+
+
+@dataclass
+class _Flight:
+    """One request in the engine, as the HTTP side follows it."""
+
+    req: Any  # core.engine.Request
+    arrived: float
+    last: float | None = None  # when its last token came (inter-token latency)
 
 
 class _NotFound(Exception):
@@ -296,12 +304,12 @@ def create_app(engine: EngineThread, tokenizer, settings: ServeSettings):
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         spec = body.spec(settings.generation_config, max_tokens, server.context)
         queue: asyncio.Queue = asyncio.Queue()
-        req, arrived, last = await server.submit(ids, spec, queue)
+        flight = await server.submit(ids, spec, queue)
         rid = api.new_id("chatcmpl")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
-            return _sse(_chat_stream(server, http, queue, req, rid, include_usage, arrived, last))
-        return await _chat_whole(server, http, queue, req, rid, arrived, last)
+            return _sse(_chat_stream(server, http, queue, flight, rid, include_usage))
+        return await _chat_whole(server, http, queue, flight, rid)
 
     @app.post("/v1/completions")
     async def completions(body: api.CompletionRequest, http: HTTPRequest):
@@ -310,21 +318,21 @@ def create_app(engine: EngineThread, tokenizer, settings: ServeSettings):
         prompts = body.prompts()
         spec = body.spec(settings.generation_config, body.max_tokens, server.context)
         queue: asyncio.Queue = asyncio.Queue()
-        reqs = []
+        flights = []
         try:
             for i, p in enumerate(prompts):
                 ids = p if isinstance(p, list) else await asyncio.to_thread(tokenizer.encode, p, add_special_tokens=True)
-                reqs.append(await server.submit(list(ids), spec, queue, tag=i))
+                flights.append(await server.submit(list(ids), spec, queue, tag=i))
         except BaseException:
-            for r, _, _ in reqs:
-                engine.cancel(r)
+            for f in flights:
+                engine.cancel(f.req)
             raise
         echo = [p if body.echo and isinstance(p, str) else "" for p in prompts]
         rid = api.new_id("cmpl")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
-            return _sse(_completion_stream(server, http, queue, reqs, rid, echo, include_usage))
-        return await _completion_whole(server, http, queue, reqs, rid, echo)
+            return _sse(_completion_stream(server, http, queue, flights, rid, echo, include_usage))
+        return await _completion_whole(server, http, queue, flights, rid, echo)
 
     return _Guard(app, settings)
 
@@ -342,7 +350,7 @@ def _sse(events: AsyncIterator[dict | str]) -> StreamingResponse:
     return StreamingResponse(encode(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _chat_whole(server: Server, http, queue, req, rid, arrived, last):
+async def _chat_whole(server: Server, http, queue, flight: _Flight, rid):
     pieces = []
     try:
         while True:
@@ -350,19 +358,19 @@ async def _chat_whole(server: Server, http, queue, req, rid, arrived, last):
             if got is None:
                 return _error(499, "client closed the request")
             _, event, at = got
-            server.observe(event, at, arrived, last)
+            server.observe(flight, event, at)
             pieces.append(event.text)
             if event.finish_reason:
-                failed = _failure(event, req)
+                failed = _failure(event, flight.req)
                 if failed is not None:
                     return failed
                 return api.chat_response(rid, server.settings.model_name, "".join(pieces), event.finish_reason,
                                          event.timings)
     finally:
-        server.engine.cancel(req)  # a no-op once finished; frees the slot of an abandoned request
+        server.engine.cancel(flight.req)  # a no-op once finished; frees the slot of an abandoned request
 
 
-async def _chat_stream(server: Server, http, queue, req, rid, include_usage, arrived, last):
+async def _chat_stream(server: Server, http, queue, flight: _Flight, rid, include_usage):
     name, created = server.settings.model_name, int(time.time())
     try:
         yield api.chat_chunk(rid, name, created, {"role": "assistant", "content": ""}, with_usage=include_usage)
@@ -371,11 +379,11 @@ async def _chat_stream(server: Server, http, queue, req, rid, include_usage, arr
             if got is None:
                 return
             _, event, at = got
-            server.observe(event, at, arrived, last)
+            server.observe(flight, event, at)
             if event.text:
                 yield api.chat_chunk(rid, name, created, {"content": event.text}, with_usage=include_usage)
             if event.finish_reason:
-                failed = _failure(event, req)
+                failed = _failure(event, flight.req)
                 if failed is not None:
                     yield json.loads(failed.body)
                     yield "[DONE]"
@@ -387,33 +395,34 @@ async def _chat_stream(server: Server, http, queue, req, rid, include_usage, arr
                 yield "[DONE]"
                 return
     finally:
-        server.engine.cancel(req)
+        server.engine.cancel(flight.req)
 
 
-async def _completion_whole(server: Server, http, queue, reqs, rid, echo):
+async def _completion_whole(server: Server, http, queue, flights: list[_Flight], rid, echo):
     texts = [[e] for e in echo]
     finals: dict[int, GenerationEvent] = {}
     try:
-        while len(finals) < len(reqs):
+        while len(finals) < len(flights):
             got = await server.next_event(queue, http)
             if got is None:
                 return _error(499, "client closed the request")
             i, event, at = got
-            server.observe(event, at, reqs[i][1], reqs[i][2])
+            server.observe(flights[i], event, at)
             texts[i].append(event.text)
             if event.finish_reason:
-                failed = _failure(event, reqs[i][0])
+                failed = _failure(event, flights[i].req)
                 if failed is not None:
                     return failed
                 finals[i] = event
-        choices = [api.completion_choice(i, "".join(texts[i]), finals[i].finish_reason) for i in range(len(reqs))]
-        return api.completion_response(rid, server.settings.model_name, choices, [finals[i].timings for i in range(len(reqs))])
+        n = len(flights)
+        choices = [api.completion_choice(i, "".join(texts[i]), finals[i].finish_reason) for i in range(n)]
+        return api.completion_response(rid, server.settings.model_name, choices, [finals[i].timings for i in range(n)])
     finally:
-        for r, _, _ in reqs:
-            server.engine.cancel(r)
+        for f in flights:
+            server.engine.cancel(f.req)
 
 
-async def _completion_stream(server: Server, http, queue, reqs, rid, echo, include_usage):
+async def _completion_stream(server: Server, http, queue, flights: list[_Flight], rid, echo, include_usage):
     name, created = server.settings.model_name, int(time.time())
     finals: dict[int, GenerationEvent] = {}
 
@@ -427,14 +436,14 @@ async def _completion_stream(server: Server, http, queue, reqs, rid, echo, inclu
         for i, e in enumerate(echo):
             if e:
                 yield chunk(api.completion_choice(i, e, None))
-        while len(finals) < len(reqs):
+        while len(finals) < len(flights):
             got = await server.next_event(queue, http)
             if got is None:
                 return
             i, event, at = got
-            server.observe(event, at, reqs[i][1], reqs[i][2])
+            server.observe(flights[i], event, at)
             if event.finish_reason:
-                failed = _failure(event, reqs[i][0])
+                failed = _failure(event, flights[i].req)
                 if failed is not None:
                     yield json.loads(failed.body)
                     yield "[DONE]"
@@ -444,11 +453,11 @@ async def _completion_stream(server: Server, http, queue, reqs, rid, echo, inclu
                 yield chunk(api.completion_choice(i, event.text, event.finish_reason))
         if include_usage:
             yield {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": [],
-                   "usage": api.usage([finals[i].timings for i in range(len(reqs))])}
+                   "usage": api.usage([finals[i].timings for i in range(len(flights))])}
         yield "[DONE]"
     finally:
-        for r, _, _ in reqs:
-            server.engine.cancel(r)
+        for f in flights:
+            server.engine.cancel(f.req)
 
 
 def _failure(event: GenerationEvent, req) -> JSONResponse | None:
