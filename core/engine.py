@@ -308,7 +308,7 @@ class Engine:
         if self.cache is None:
             self.cache = self.runner.new_cache(self.config.max_batch, self.context,
                                                ring_margin=self.config.prefill_chunk,
-                                               initial_len=min(self.context, 256))
+                                               initial_len=min(self.context, 64))
         self.cache.ensure(len(req.prompt) + req.budget)  # a request that cannot fit fails alone, here
         free = [s for s, r in enumerate(self.slots) if r is None]
         slot = min(free, key=lambda s: self._slot_used[s])  # least recently used

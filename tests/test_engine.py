@@ -245,3 +245,27 @@ def test_queue_limit_and_context_budget(models):
         engine.add([5] * 40, GREEDY)
     long = Engine(model, None, EngineConfig(max_batch=1, max_context=32), runner=runner).add([5] * 25, GREEDY)
     assert long.budget == 7  # the answer is cut by the context: finish_reason 'length'
+
+
+def test_a_request_the_memory_cannot_hold_fails_alone(models, monkeypatch):
+    """Growing the KV cache for a long request runs out of memory: that request ends with 'error' and the
+    message, the cache keeps its old size, and the running ones go on."""
+    model = models["llama"]
+    runner = runner_of(model, "native")
+    engine = Engine(model, None, EngineConfig(max_batch=2), runner=runner)
+    short = engine.add([5, 6, 7], GREEDY)
+    engine.step()
+    real = KVCache._new
+
+    def tight(self, cap):
+        if cap > 64:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+        return real(self, cap)
+
+    monkeypatch.setattr(KVCache, "_new", tight)
+    big = engine.add([5] * 100, GREEDY)
+    touched = engine.step()
+    assert big in touched and big.finish_reason == "error" and "out of memory growing the KV cache" in big.error
+    assert engine.cache.capacity <= 64
+    run_all(engine, [short])
+    assert short.generated == alone(model, runner, [5, 6, 7]).generated
