@@ -137,8 +137,10 @@ def start_ours(model: str, max_batch: int, reuse: bool = True) -> Process:
 
 def start_llama_cpp(gguf: str, parallel: int) -> Process:
     port = free_port()
+    # interrupt_requests False: by default a new request cuts the one in progress short (its answer ends
+    # early with 200), which would count as fast, empty answers; this way they wait their turn.
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port), "--n_threads", "2",
-            "--n_ctx", "8192"]
+            "--n_ctx", "8192", "--interrupt_requests", "False"]
     p = Process(argv, "Uvicorn running", None)
     p.url = f"http://127.0.0.1:{port}/v1"
     return p
@@ -190,11 +192,12 @@ def main() -> None:
     ap.add_argument("--llama-cpp", metavar="GGUF", help="also start llama_cpp.server on this GGUF and load it the same way")
     ap.add_argument("--compare-no-reuse", action="store_true", help="also measure the second turn without prefix reuse")
     ap.add_argument("--json", type=Path, help="write all figures here too")
+    ap.add_argument("--skip-ours", action="store_true", help="with --llama-cpp: measure only llama.cpp's server")
     args = ap.parse_args()
     rows: list[dict] = []
     if args.url:
         rows += run_all(args.url.rstrip("/"), "given server", args)
-    else:
+    elif not args.skip_ours:
         ours = start_ours(args.model, max(args.clients))
         try:
             rows += run_all(ours.url, "llm serve", args)

@@ -71,6 +71,7 @@ def _serve(sock, model_ref, api_key, cors, max_batch, max_queue, max_context, pr
            dtype, device, quantize, log_level, tp) -> None:
     import signal
     import sys
+    import threading
 
     import uvicorn
 
@@ -86,20 +87,15 @@ def _serve(sock, model_ref, api_key, cors, max_batch, max_queue, max_context, pr
         raise InputError(f"{loaded.name} has no tokenizer", hint="serve a model folder with tokenizer files")
     config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_context=max_context, prefill_chunk=prefill_chunk,
                           prefix_reuse=prefix_reuse)
-    engine = EngineThread(Engine(loaded.model, loaded.tokenizer, config)).start()
+    engine = EngineThread(Engine(loaded.model, loaded.tokenizer, config))
     settings = ServeSettings(loaded.name, api_key=api_key or None, cors_origins=cors, max_body_bytes=max_body * 2**20,
                              generation_config=loaded.generation_config)
     app = create_app(engine, loaded.tokenizer, settings)
-    # Two busy threads (engine steps, the event loop's streaming): with Python's default 5 ms GIL switch
-    # interval each token waited for the other thread's turn (measured ~7 ms per token at 1 client).
+    # Two busy threads (engine steps, the event loop's streaming) hand the GIL back and forth every token;
+    # a shorter switch interval than Python's 5 ms: 206 -> 213 tok/s at 8 clients, 58 -> 61 at 1 (small).
     sys.setswitchinterval(0.0005)
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            engine.cancel_all()  # in-flight streams end now instead of holding the shutdown open
-            super().handle_exit(sig, frame)
-
-    server = Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off"))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     limit = engine.engine.kv_bytes_limit / 2**20
@@ -108,14 +104,28 @@ def _serve(sock, model_ref, api_key, cors, max_batch, max_queue, max_context, pr
                 f"{', API key required' if api_key else ''}); Ctrl-C to stop")
     if host not in ("127.0.0.1", "::1", "localhost") and not api_key:
         render.warn(f"listening on {host} without --api-key: anyone who can reach this port can use the model")
-    # uvicorn re-raises the signal that stopped it once it is done; with these no-op handlers that ends here,
-    # and the command exits 0 instead of dying of SIGTERM or a KeyboardInterrupt traceback.
-    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    # The engine loop runs on this (the main) thread (core/engine_thread.py says why), uvicorn on another.
+    # Ctrl-C / SIGTERM: in-flight requests are cancelled (their streams end), then both loops stop; exit 0.
+    def stop(*_):
+        engine.cancel_all()
+        engine.stop()
+        server.should_exit = True
+
+    def http():
+        try:
+            server.run(sockets=[sock])
+        finally:  # however uvicorn ends, the engine loop ends with it
+            stop()
+
+    web = threading.Thread(target=http, name="llm-http", daemon=True)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.run(sockets=[sock])
+        web.start()
+        engine.run()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        engine.stop()
+        server.should_exit = True
+        web.join(10)
     render.info("server stopped")
 
