@@ -38,10 +38,6 @@ class Context:
     device: torch.device
     spawned: list = field(default_factory=list)  # (Popen, stderr file) of ranks this process started
 
-    @property
-    def is_worker(self) -> bool:
-        return self.rank > 0
-
 
 def launched_rank() -> int | None:
     """This process's rank when started by torchrun or by `--tp` (None: a plain single process)."""
@@ -95,7 +91,7 @@ def _spawn(world: int, argv: list[str]) -> list:
     command = [sys.executable, "-c", "from llm_torch.cli.app import main; main()", *argv[1:]]
     out = []
     for rank in range(1, world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LLM_TP_SPAWNED="1")
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
         log = tempfile.TemporaryFile()
         proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
         out.append((proc, log))
