@@ -42,6 +42,7 @@ def bench(
         str, typer.Option("--batch", "-b", help="Batched decode tests: sequences decoding at once, comma-separated (e.g. 1,4,8,16).")
     ] = "",
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads. Default: torch's choice.")] = None,
+    quantize: o.QuantizeOpt = None,
     format: Annotated[o.OutputFormat, typer.Option("--format", "-f", help="text (a table) or json (one object).")] = o.OutputFormat.text,
 ) -> None:
     """Measure load time, prefill and decode speed, peak memory and the decode ceiling of a model."""
@@ -50,10 +51,18 @@ def bench(
     from llm_torch.core.bench import BenchSpec, run_bench
 
     spec = BenchSpec(prompt_lengths=lengths, new_tokens=new_tokens, repetitions=repetitions, batches=batches)
+    prepare = None
+    if quantize:
+        from llm_torch.core.loading import resolve_device
+        from llm_torch.quant.api import quantize_loaded
+        from llm_torch.quant.spec import make_spec
+
+        qspec = make_spec(quantize, cuda=resolve_device(device).type == "cuda")
+        prepare = lambda loaded: quantize_loaded(loaded, qspec)  # noqa: E731 - timed with the load
     status = render.err_console().status("loading") if sys.stderr.isatty() else nullcontext()
     with status as live:
         progress = (lambda msg: live.update(msg)) if live is not None else None
-        result = run_bench(model, spec, dtype=dtype, device=device, threads=threads, progress=progress)
+        result = run_bench(model, spec, dtype=dtype, device=device, threads=threads, progress=progress, prepare=prepare)
     if format is o.OutputFormat.json:
         render.write_json(result.to_dict())
     elif sys.stdout.isatty():

@@ -72,6 +72,8 @@ def chat(
         Optional[str], typer.Option("--api-key", envvar="LLM_API_KEY", help="API key for --base-url (env LLM_API_KEY).")
     ] = None,
     tp: o.TpOpt = None,
+    device_map: o.DeviceMapOpt = None,
+    dry_run: o.DryRunOpt = False,
 ) -> None:
     """Chat with a model: interactive on a terminal (/help lists the commands), one message per input line otherwise.
 
@@ -79,10 +81,12 @@ def chat(
     ended by a newline; the command exits at the end of the input."""
     from llm_torch.core.errors import InputError
 
-    from .common import tp_worker
+    from .common import print_plan, tp_worker
 
     if tp_worker(tp, model_arg or model, dtype, device):
         return
+    if dry_run:
+        return print_plan(model_arg or model, dtype, device, device_map)
     if model_arg and model and model_arg != model:
         raise InputError(f"two models given: '{model_arg}' and -m '{model}'", hint="give the model once")
     if system is not None and system_file is not None:
@@ -108,7 +112,7 @@ def chat(
         where = session.base
     else:
         loaded = load(model_arg or model, dtype, device, compile=compile, quiet=not (interactive or stats),
-                      quantize=quantize, tp=tp)
+                      quantize=quantize, tp=tp, device_map=device_map)
         sampling = sampling_spec(loaded.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
                                  min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
         session = ChatSession(loaded.model, loaded.tokenizer, model_name=loaded.name,

@@ -68,12 +68,35 @@ def _tensor_parallel(tp: int | None, device: str, model_ref: str | None):
     return init(tp, resolve_device(device))
 
 
+def print_plan(model_ref: str | None, dtype: str, device: str, device_map: str | None) -> None:
+    """--dry-run: where the weights and one context of KV cache would go, from the config alone (stdout)."""
+    from llm_torch.core.loading import load_model_config, plan_device_map, resolve_device, resolve_dtype, resolve_model
+    from llm_torch.core.memory import available_bytes, estimate
+
+    resolved = resolve_model(model_ref)
+    source = load_model_config(resolved)
+    config = source.config
+    if device_map is not None:
+        placement, target = plan_device_map(resolved, dtype, device_map, source=source)
+        lines = placement.lines()
+    else:
+        dev = resolve_device(device)
+        target = resolve_dtype(dtype, config, kind=resolved.kind, device=dev)
+        context = config.max_position_embeddings
+        weights, kv = estimate(config, target, dev, context)
+        free = available_bytes(dev)
+        lines = [f"{dev}: {weights / 2**30:.2f} GiB weights + {kv / 2**30:.2f} GiB KV for {context} tokens"
+                 + (f", {free / 2**30:.2f} GiB free" if free is not None else "")]
+    render.write(f"{resolved.name} ({str(target).removeprefix('torch.')} weights):\n" + "\n".join(lines) + "\n")
+
+
 def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = False, quiet: bool = False,
-         quantize: str | None = None, tp: int | None = None):
+         quantize: str | None = None, tp: int | None = None, device_map: str | None = None):
     """Load a model, saying on stderr what was loaded and how long it took.
 
     quantize: a scheme name (--quantize int8 ...): the float model is quantized in memory after loading.
     tp: split it over this many processes (tensor parallel); this process is rank 0.
+    device_map: "auto": its layers over the GPUs, then the CPU (core/device_map.py).
     """
     from llm_torch.core.errors import InputError
     from llm_torch.core.loading import load_model
@@ -84,19 +107,26 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
         from llm_torch.core.loading import resolve_device
         from llm_torch.quant.spec import make_spec
 
-        spec = make_spec(quantize)  # a bad name fails before the weights are read
         where = resolve_device(device)
-        if where.type != "cpu":
-            raise UnsupportedError(f"--quantize runs on the CPU only in this version, not on {where}",
-                                   hint="add --device cpu, or use --dtype bfloat16 / float16 on the GPU")
+        spec = make_spec(quantize, cuda=where.type == "cuda")  # a bad name fails before the weights are read
+        if where.type not in ("cpu", "cuda"):
+            raise UnsupportedError(f"--quantize runs on the CPU and on CUDA GPUs, not on {where}",
+                                   hint="add --device cpu")
     t0 = time.perf_counter()
-    if tp and tp > 1 and (quantize or compile):
-        raise InputError(f"--tp cannot be combined with {'--quantize' if quantize else '--compile'}")
+    if tp and tp > 1 and (quantize or compile or device_map):
+        other = "--quantize" if quantize else "--compile" if compile else "--device-map"
+        raise InputError(f"--tp cannot be combined with {other}")
+    if device_map and (quantize or compile):
+        raise InputError(f"--device-map cannot be combined with {'--quantize' if quantize else '--compile'}")
     ctx = _tensor_parallel(tp, device, model_ref)
-    if ctx is None:
-        loaded = load_model(model_ref, dtype=dtype, device=device, progress=not quiet and sys.stderr.isatty())
-    else:
+    if ctx is not None:
         loaded = _load_rank0(ctx, model_ref, dtype)
+    elif device_map is not None:
+        from llm_torch.core.loading import load_resolved, resolve_model
+
+        loaded = load_resolved(resolve_model(model_ref), dtype=dtype, device_map=device_map)
+    else:
+        loaded = load_model(model_ref, dtype=dtype, device=device, progress=not quiet and sys.stderr.isatty())
     if spec is not None:
         from llm_torch.quant.api import quantize_loaded
 
@@ -122,7 +152,7 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
         chosen = " (--dtype auto)" if dtype == "auto" else ""
         from llm_torch.core.runner import describe
 
-        if ctx is not None:
+        if ctx is not None or loaded.device_plan is not None:
             how += f"; {describe(loaded.model)}"
         elif weights.device.type == "cpu":
             from llm_torch.core.kernels import status

@@ -31,12 +31,16 @@ def generate(
     format: o.FormatOpt = o.OutputFormat.text,
     stats: o.StatsOpt = False,
     tp: o.TpOpt = None,
+    device_map: o.DeviceMapOpt = None,
+    dry_run: o.DryRunOpt = False,
 ) -> None:
     """Generate text from a prompt (argument and/or stdin); streams to stdout."""
-    from .common import tp_worker
+    from .common import print_plan, tp_worker
 
     if tp_worker(tp, model, dtype, device):
         return
+    if dry_run:
+        return print_plan(model, dtype, device, device_map)
     from llm_torch.core.errors import InputError
     from llm_torch.core.engine import stream_generate
     from llm_torch.core.generate import GenerationSpec
@@ -47,7 +51,7 @@ def generate(
     text = read_prompt(prompt)
     if system and not chat:
         raise InputError("--system needs --chat", hint="add --chat to use the model's chat template")
-    loaded = load(model, dtype, device, compile=compile, quiet=not stats, quantize=quantize, tp=tp)
+    loaded = load(model, dtype, device, compile=compile, quiet=not stats, quantize=quantize, tp=tp, device_map=device_map)
     sampling = sampling_spec(
         loaded.generation_config,
         temperature=temperature,

@@ -41,6 +41,13 @@ StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when 
 CompileOpt = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the decode step.")]
 StatsOpt = Annotated[bool, typer.Option("--stats", help="Print tokens/s, time to first token and peak memory to stderr.")]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="text (streamed) or json (one object at the end).")]
+DeviceMapOpt = Annotated[
+    Optional[str],
+    typer.Option("--device-map", help="auto: spread the layers over the GPUs, then the CPU (for models bigger than one device)."),
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Print where the weights and KV cache would go and how much memory they need; load nothing."),
+]
 TpOpt = Annotated[
     Optional[int],
     typer.Option("--tp", min=1, help="Split the model over N processes (tensor parallel: torch.distributed, gloo on CPU, NCCL on GPUs)."),

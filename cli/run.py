@@ -57,12 +57,16 @@ def run(
     device: o.DeviceOpt = "auto",
     quantize: o.QuantizeOpt = None,
     tp: o.TpOpt = None,
+    device_map: o.DeviceMapOpt = None,
+    dry_run: o.DryRunOpt = False,
 ) -> None:
     """Run a task pipeline over inputs from the argument, stdin (--lines: one per line) or --input FILE."""
-    from .common import tp_worker
+    from .common import print_plan, tp_worker
 
     if tp_worker(tp, model, dtype, device):
         return
+    if dry_run:
+        return print_plan(model, dtype, device, device_map)
     from llm_torch.core import pipelines as p
     from llm_torch.core.errors import InputError
     from llm_torch.core.generate import GenerationSpec
@@ -87,7 +91,7 @@ def run(
     # Inputs are read before the model loads when they are one block, lazily (streamed) otherwise.
     items = _items(p, prompt, lines, input, column, question)
 
-    loaded = load(model, dtype, device, quiet=True, quantize=quantize, tp=tp)
+    loaded = load(model, dtype, device, quiet=True, quantize=quantize, tp=tp, device_map=device_map)
     p.check_task(task, loaded.model, loaded.name)
     spec = GenerationSpec()
     if task == "text-generation":

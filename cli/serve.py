@@ -41,6 +41,8 @@ def serve(
     quantize: o.QuantizeOpt = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level: warning, info (one line per request), debug.")] = "warning",
     tp: o.TpOpt = None,
+    device_map: o.DeviceMapOpt = None,
+    dry_run: o.DryRunOpt = False,
 ) -> None:
     """Serve a model to many clients at once over an OpenAI-compatible HTTP API.
 
@@ -49,10 +51,12 @@ def serve(
 
     from llm_torch.core.errors import InputError
 
-    from .common import tp_worker
+    from .common import print_plan, tp_worker
 
     if tp_worker(tp, model_arg or model, dtype, device):
         return
+    if dry_run:
+        return print_plan(model_arg or model, dtype, device, device_map)
     if model_arg and model and model_arg != model:
         raise InputError(f"two models given: '{model_arg}' and -m '{model}'", hint="give the model once")
     try:  # before loading: a port in use fails at once, not after the weights are read
@@ -62,13 +66,13 @@ def serve(
                          hint="pick another --port (0 picks a free one)") from None
     try:
         _serve(sock, model_arg or model, api_key, tuple(cors_origin or ()), max_batch, max_queue, max_context,
-               prefill_chunk, prefix_reuse, max_body, dtype, device, quantize, log_level, tp)
+               prefill_chunk, prefix_reuse, max_body, dtype, device, quantize, log_level, tp, device_map)
     finally:
         sock.close()
 
 
 def _serve(sock, model_ref, api_key, cors, max_batch, max_queue, max_context, prefill_chunk, prefix_reuse, max_body,
-           dtype, device, quantize, log_level, tp) -> None:
+           dtype, device, quantize, log_level, tp, device_map) -> None:
     import signal
     import sys
     import threading
@@ -82,7 +86,7 @@ def _serve(sock, model_ref, api_key, cors, max_batch, max_queue, max_context, pr
 
     from .common import load
 
-    loaded = load(model_ref, dtype, device, quiet=False, quantize=quantize, tp=tp)
+    loaded = load(model_ref, dtype, device, quiet=False, quantize=quantize, tp=tp, device_map=device_map)
     if loaded.tokenizer is None:
         raise InputError(f"{loaded.name} has no tokenizer", hint="serve a model folder with tokenizer files")
     config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_context=max_context, prefill_chunk=prefill_chunk,

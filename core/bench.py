@@ -531,8 +531,11 @@ def run_bench(
     threads: int | None = None,
     bandwidth: bool = True,
     progress: Progress | None = None,
+    prepare: Callable[[Any], Any] | None = None,
 ) -> BenchResult:
-    """Load `ref`, measure load, prefill and decode, then peak RSS and the memory bandwidth."""
+    """Load `ref`, measure load, prefill and decode, then peak RSS and the memory bandwidth.
+
+    prepare(loaded): run after loading and timed with it (the CLI's --quantize)."""
     from .loading import load_model
 
     say = progress or (lambda _msg: None)
@@ -542,6 +545,8 @@ def run_bench(
     say("loading")
     t0 = time.perf_counter()
     loaded = load_model(ref, dtype=dtype, device=device, progress=False)
+    if prepare is not None:
+        prepare(loaded)
     load_seconds = time.perf_counter() - t0
     info = model_info(loaded)
     if info.device == "cpu":

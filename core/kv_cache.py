@@ -36,8 +36,11 @@ class KVCache:
         device: torch.device | str = "cpu",
         ring_margin: int | None = None,
         initial_len: int | None = None,
+        layer_devices: list[torch.device] | None = None,
     ):
-        """ring_margin: None keeps every position in sliding layers too (a plain cache); else see the module doc."""
+        """ring_margin: None keeps every position in sliding layers too (a plain cache); else see the module doc.
+        layer_devices: where each layer's keys and values live when the layers are spread over devices
+        (core/device_map.py); positions and masks stay on `device`."""
         if n_slots < 1 or max_len < 1:
             raise ValueError(f"a KV cache needs at least one slot and one position, got {n_slots} x {max_len}")
         self.config = config
@@ -45,6 +48,7 @@ class KVCache:
         self.max_len = max_len
         self.ring_margin = ring_margin
         self.dtype, self.device = dtype, torch.device(device)
+        self.layer_devices = [torch.device(d) for d in layer_devices] if layer_devices else None
         self.windows = tuple(
             config.sliding_window if t == "sliding_attention" else None for t in config.layer_types
         )
@@ -52,8 +56,8 @@ class KVCache:
         self.lengths = [0] * n_slots
         # Prefix copies made, for a tensor-parallel rank 0 to replay on the others (core.distributed).
         self.journal: list[tuple[int, int, int, int]] | None = None
-        self.keys = [self._new(self.layer_cap(i)) for i in range(config.num_hidden_layers)]
-        self.values = [self._new(self.layer_cap(i)) for i in range(config.num_hidden_layers)]
+        self.keys = [self._new(self.layer_cap(i), i) for i in range(config.num_hidden_layers)]
+        self.values = [self._new(self.layer_cap(i), i) for i in range(config.num_hidden_layers)]
 
     @staticmethod
     def layer_caps(config: ModelConfig, capacity: int, ring_margin: int | None) -> list[int]:
@@ -79,9 +83,10 @@ class KVCache:
     def is_ring(self, layer: int) -> bool:
         return self.layer_cap(layer) < self.max_len and self.windows[layer] is not None and self.ring_margin is not None
 
-    def _new(self, cap: int) -> torch.Tensor:
+    def _new(self, cap: int, layer: int) -> torch.Tensor:
         c = self.config
-        return torch.zeros(self.n_slots, c.num_key_value_heads, cap, c.head_dim, dtype=self.dtype, device=self.device)
+        device = self.layer_devices[layer] if self.layer_devices else self.device
+        return torch.zeros(self.n_slots, c.num_key_value_heads, cap, c.head_dim, dtype=self.dtype, device=device)
 
     @property
     def nbytes(self) -> int:
@@ -122,7 +127,7 @@ class KVCache:
         cap = self.layer_cap(layer)
         if cap == t.shape[2]:
             return t
-        bigger = self._new(cap)
+        bigger = self._new(cap, layer)
         bigger[:, :, : t.shape[2]] = t
         return bigger
 
@@ -199,7 +204,7 @@ class KVCache:
             raise ValueError(f"{T} positions at once overrun a {cap}-key ring with a window of {self.windows[layer]}")
         keys, values = self.keys[layer], self.values[layer]
         for b, (slot, start) in enumerate(zip(slots, starts)):
-            idx = torch.arange(start, start + T, device=self.device) % cap
+            idx = torch.arange(start, start + T, device=keys.device) % cap
             if start + T <= cap:
                 keys[slot, :, start : start + T] = k[b]
                 values[slot, :, start : start + T] = v[b]
@@ -216,5 +221,5 @@ class KVCache:
             return keys[s : s + 1, :, :span], values[s : s + 1, :, :span]
         if slots == list(range(slots[0], slots[0] + len(slots))):
             return keys[slots[0] : slots[0] + len(slots), :, :span], values[slots[0] : slots[0] + len(slots), :, :span]
-        index = torch.tensor(slots, device=self.device)
+        index = torch.tensor(slots, device=keys.device)
         return keys[index, :, :span], values[index, :, :span]

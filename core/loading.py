@@ -45,6 +45,7 @@ class LoadedModel:
     name: str
     dtype: torch.dtype
     generation_config: dict[str, Any] = field(default_factory=dict)
+    device_plan: Any = None  # core.device_map.DevicePlan with --device-map
 
     @property
     def dtype_name(self) -> str:
@@ -188,8 +189,9 @@ def assign_weights(
     """
     from .layers import Linear, empty_weight, k_major_weights
 
-    device = torch.device(device)
-    k_major = fast_layout and k_major_weights(dtype, device)
+    # device: one for every tensor, or a function of the parameter name (a device map's placement)
+    place = (lambda _name: torch.device(device)) if not callable(device) else (lambda name: torch.device(device(name)))
+    k_major = fast_layout and not callable(device) and k_major_weights(dtype, torch.device(device))
     # Matmul weights: every Linear's, and the embedding when the LM head shares it.
     matmul = {f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, Linear)}
     targets: dict[str, tuple[str, int | None, int | None]] = {}  # checkpoint name -> (param, row range)
@@ -222,12 +224,13 @@ def assign_weights(
         if tuple(tensor.shape) != shape:
             raise CheckpointError(f"tensor '{name}' has shape {tuple(tensor.shape)}, the config expects {shape}")
         k = k_major and (pname in matmul or (ties and pname == "model.embed_tokens.weight"))
+        dev = place(pname)
         if start is None:
-            data = empty_weight(tuple(param.shape), dtype, device, True).copy_(tensor) if k else tensor.to(device=device, dtype=dtype)
+            data = empty_weight(tuple(param.shape), dtype, dev, True).copy_(tensor) if k else tensor.to(device=dev, dtype=dtype)
             module._parameters[attr] = nn.Parameter(data, requires_grad=False)
         else:
             if param.is_meta:
-                param = nn.Parameter(empty_weight(tuple(param.shape), dtype, device, k), requires_grad=False)
+                param = nn.Parameter(empty_weight(tuple(param.shape), dtype, dev, k), requires_grad=False)
                 module._parameters[attr] = param
             param.data[start:stop].copy_(tensor)
         seen.add(name)
@@ -241,9 +244,9 @@ def assign_weights(
         raise CheckpointError("checkpoint does not match the config: " + "; ".join(parts))
     if ties:
         model.lm_head.weight = model.model.embed_tokens.weight
-    for module in model.modules():
+    for name, module in model.named_modules():
         if hasattr(module, "reset_buffers"):
-            module.reset_buffers(device)
+            module.reset_buffers(place(f"{name}.buffers"))
     model.train(False)  # inference mode for every submodule (dropout off)
 
 
@@ -381,14 +384,20 @@ def load_resolved(
     with_tokenizer: bool = True,
     fuse: bool = True,
     shard=None,
+    device_map: str | None = None,
+    budgets=None,
 ) -> LoadedModel:
     """Build the model on the meta device and fill it from the checkpoint.
 
     fuse: stack q/k/v and gate/up weights for faster inference (module names then differ from HF).
     shard: a tensor_parallel.Shard: build and read only this rank's part of the split layers.
+    device_map: "auto": layers over the GPUs, then the CPU (core/device_map.py; `budgets` replaces this
+    machine's devices, for planning tests).
     """
     source = load_model_config(resolved)
     config = source.config
+    if device_map is not None:
+        return _load_mapped(resolved, source, dtype, head, with_tokenizer, fuse, device_map, budgets)
     dev = resolve_device(device)
     if dev.type == "cpu":
         from .layers import use_native_kernels
@@ -435,3 +444,40 @@ def load_resolved(
     if quantized is not None:
         quantized.finish()
     return LoadedModel(model, config, tokenizer, resolved.name, target, generation_config)
+
+
+def plan_device_map(resolved: ResolvedModel, dtype, device_map: str, budgets=None, source: ModelSource | None = None):
+    """The device plan (core/device_map.py) for a model, from its config alone: nothing is read."""
+    from . import device_map as dm
+
+    if device_map != "auto":
+        raise InputError(f"unknown device map '{device_map}'", hint="use --device-map auto")
+    source = source or load_model_config(resolved)
+    config = source.config
+    if config.raw.get("quantization_config") is not None:
+        raise UnsupportedError("--device-map with a quantized checkpoint is not supported", hint="use the float model")
+    budgets = budgets or dm.device_budgets()
+    target = resolve_dtype(dtype, config, kind=resolved.kind, device=torch.device(budgets[0].name))
+    return dm.plan(config, target, budgets), target
+
+
+def _load_mapped(resolved, source, dtype, head, with_tokenizer, fuse, device_map, budgets) -> LoadedModel:
+    from . import device_map as dm
+
+    placement, target = plan_device_map(resolved, dtype, device_map, budgets, source)
+    config = source.config
+    tokenizer = load_tokenizer(resolved, source) if with_tokenizer else None
+    source.gguf_meta = {}
+    model = build_model(config, head, fused=fuse)
+    if resolved.kind == "gguf":
+        from . import gguf
+
+        tensors, generation_config = gguf.iter_gguf_tensors(source.gguf_reader, config.raw, target), {}
+    elif resolved.kind == "meta":
+        tensors, generation_config = source.checkpoint.read(target), {}
+    else:
+        tensors = iter_safetensors(safetensors_files(resolved.path))
+        generation_config = read_generation_config(resolved.path)
+    assign_weights(model, tensors, target, placement.device_of, fast_layout=True)
+    dm.install(model, placement)
+    return LoadedModel(model, config, tokenizer, resolved.name, target, generation_config, placement)

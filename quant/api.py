@@ -18,12 +18,19 @@ def quantize_loaded(loaded, spec: QuantSpec, *, collect: bool = False) -> QuantR
     """Quantize a LoadedModel's model in place (`--quantize` at load time)."""
     if loaded.config.raw.get("quantization_config") is not None:
         raise InputError(f"{loaded.name} is already quantized", hint="drop --quantize, or start from the float model")
-    if next(loaded.model.parameters()).device.type != "cpu":
+    device = next(loaded.model.parameters()).device
+    if device.type not in ("cpu", "cuda"):
         from llm_torch.core.errors import UnsupportedError
 
-        raise UnsupportedError("quantized layers run on the CPU only in this version", hint="use --device cpu")
+        raise UnsupportedError(f"quantized layers run on the CPU and on CUDA GPUs, not on {device.type}",
+                               hint="use --device cpu (or a CUDA GPU)")
     with torch.no_grad():
-        result = quantize_model(loaded.model, spec, collect=collect)
+        if device.type == "cuda":
+            from .cuda import quantize_on_cuda
+
+            result = quantize_on_cuda(loaded.model, spec)  # torchao / bitsandbytes' own CUDA layers
+        else:
+            result = quantize_model(loaded.model, spec, collect=collect)
     if not result.quantized:
         raise InputError(f"no layer was quantized (skipped: {', '.join(spec.skip)})", hint="check the --skip patterns")
     return result

@@ -82,13 +82,15 @@ def make_spec(
     double_quant: bool = False,
     skip: tuple[str, ...] | list[str] = (),
     quantize_embeddings: bool = False,
+    cuda: bool = False,
 ) -> QuantSpec:
-    """Validate a scheme request (CLI flags or `--quantize NAME`) into a QuantSpec."""
+    """Validate a scheme request (CLI flags or `--quantize NAME`) into a QuantSpec. cuda: the model will be
+    on a CUDA GPU (quant/cuda.py), where the CUDA-only schemes run too."""
     name = ALIASES.get(scheme.strip().lower(), scheme.strip().lower())
     if name not in SCHEMES:
         raise InputError(f"unknown quantization scheme '{scheme}'", hint=f"use one of: {', '.join(n for n in SCHEMES if not SCHEMES[n].cuda_only)}")
     s = SCHEMES[name]
-    if s.cuda_only:
+    if s.cuda_only and not cuda:
         raise UnsupportedError(
             f"{name} needs a CUDA GPU (its torchao kernels have no CPU implementation)",
             hint="on this machine use --int8 (fastest), --int4 (smallest) or --nf4",

@@ -257,10 +257,10 @@ def test_a_request_the_memory_cannot_hold_fails_alone(models, monkeypatch):
     engine.step()
     real = KVCache._new
 
-    def tight(self, cap):
+    def tight(self, cap, layer):
         if cap > 64:
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
-        return real(self, cap)
+        return real(self, cap, layer)
 
     monkeypatch.setattr(KVCache, "_new", tight)
     big = engine.add([5] * 100, GREEDY)
