@@ -231,6 +231,7 @@ class Engine:
     def step(self) -> list[Request]:
         """One scheduler iteration; -> the requests that got events."""
         touched = self._admit()
+        touched += self._grow()
         segments, owners = self._schedule()
         if not segments:
             return touched
@@ -248,6 +249,22 @@ class Engine:
             if r.finished:
                 self._release(r)
         return list(dict.fromkeys(touched + owners))
+
+    def _grow(self) -> list[Request]:
+        """Room for this step's tokens (a sequence's tokens so far, the last one fed now); when memory runs
+        out, the sequences that need more than the cache holds end with 'error' and the others go on."""
+        running = self.running
+        if not running:
+            return []
+        need = min(self.cache.max_len, max(len(r.tokens) for r in running))
+        try:
+            self.cache.ensure(need)
+            return []
+        except ResourceError as e:
+            over = [r for r in running if len(r.tokens) + 1 > self.cache.capacity]
+            for r in over:
+                self.cancel(r, "error", e.message)
+            return over
 
     def _schedule(self) -> tuple[list[Segment], list[Request]]:
         """Decode rows first (one token each), then prompt chunks within the prefill budget."""
@@ -309,7 +326,9 @@ class Engine:
             self.cache = self.runner.new_cache(self.config.max_batch, self.context,
                                                ring_margin=self.config.prefill_chunk,
                                                initial_len=min(self.context, 64))
-        self.cache.ensure(len(req.prompt) + req.budget)  # a request that cannot fit fails alone, here
+        # Room for the prompt now (a request that cannot fit fails alone, here); its answer grows the cache
+        # step by step (_grow), so a budget of "the rest of the context" does not reserve it up front.
+        self.cache.ensure(len(req.prompt) + 1)
         free = [s for s, r in enumerate(self.slots) if r is None]
         slot = min(free, key=lambda s: self._slot_used[s])  # least recently used
         reuse, source = 0, None

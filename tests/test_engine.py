@@ -269,3 +269,19 @@ def test_a_request_the_memory_cannot_hold_fails_alone(models, monkeypatch):
     assert engine.cache.capacity <= 64
     run_all(engine, [short])
     assert short.generated == alone(model, runner, [5, 6, 7]).generated
+
+
+def test_an_answer_that_outgrows_the_memory_ends_alone(models, monkeypatch):
+    """The cache grows as answers do (no reservation for the whole budget); when it cannot, the sequence that
+    needs the room ends with 'error' and the one that fits finishes as it would alone."""
+    model = models["llama"]
+    runner = runner_of(model, "native")
+    real = KVCache._new
+    monkeypatch.setattr(KVCache, "_new", lambda self, cap, layer: real(self, cap, layer) if cap <= 64 else
+                        (_ for _ in ()).throw(RuntimeError("DefaultCPUAllocator: can't allocate memory")))
+    engine = Engine(model, None, EngineConfig(max_batch=2), runner=runner)
+    long = engine.add([5, 6, 7], GenerationSpec(max_new_tokens=100, eos_token_ids=()))
+    short = engine.add([8, 9], GREEDY)
+    run_all(engine, [long, short])
+    assert long.finish_reason == "error" and "out of memory" in long.error and len(long.generated) == 62  # 64 positions held 3 + 61
+    assert short.finish_reason == "length" and short.generated == alone(model, runner, [8, 9]).generated
