@@ -81,12 +81,10 @@ def chat(
     ended by a newline; the command exits at the end of the input."""
     from llm_torch.core.errors import InputError
 
-    from .common import print_plan, tp_worker
+    from .common import handled_before_input
 
-    if tp_worker(tp, model_arg or model, dtype, device):
+    if handled_before_input(tp, model_arg or model, dtype, device, device_map, dry_run):
         return
-    if dry_run:
-        return print_plan(model_arg or model, dtype, device, device_map)
     if model_arg and model and model_arg != model:
         raise InputError(f"two models given: '{model_arg}' and -m '{model}'", hint="give the model once")
     if system is not None and system_file is not None:

@@ -54,6 +54,18 @@ def tp_worker(tp: int | None, model_ref: str | None, dtype: str, device: str) ->
     return True
 
 
+def handled_before_input(tp: int | None, model_ref: str | None, dtype: str, device: str, device_map: str | None,
+                         dry_run: bool) -> bool:
+    """True when this process's part of the command is done before any input is read: a tensor-parallel
+    rank > 0 (it followed rank 0 to the end), or --dry-run (it printed the memory plan)."""
+    if tp_worker(tp, model_ref, dtype, device):
+        return True
+    if dry_run:
+        print_plan(model_ref, dtype, device, device_map)
+        return True
+    return False
+
+
 def _tensor_parallel(tp: int | None, device: str, model_ref: str | None):
     """Rank 0's process group (starting ranks 1..tp-1 itself without a launcher), or None alone."""
     from llm_torch.core.distributed import init, launched_rank

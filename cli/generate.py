@@ -35,12 +35,10 @@ def generate(
     dry_run: o.DryRunOpt = False,
 ) -> None:
     """Generate text from a prompt (argument and/or stdin); streams to stdout."""
-    from .common import print_plan, tp_worker
+    from .common import handled_before_input
 
-    if tp_worker(tp, model, dtype, device):
+    if handled_before_input(tp, model, dtype, device, device_map, dry_run):
         return
-    if dry_run:
-        return print_plan(model, dtype, device, device_map)
     from llm_torch.core.errors import InputError
     from llm_torch.core.engine import stream_generate
     from llm_torch.core.generate import GenerationSpec

@@ -61,12 +61,10 @@ def run(
     dry_run: o.DryRunOpt = False,
 ) -> None:
     """Run a task pipeline over inputs from the argument, stdin (--lines: one per line) or --input FILE."""
-    from .common import print_plan, tp_worker
+    from .common import handled_before_input
 
-    if tp_worker(tp, model, dtype, device):
+    if handled_before_input(tp, model, dtype, device, device_map, dry_run):
         return
-    if dry_run:
-        return print_plan(model, dtype, device, device_map)
     from llm_torch.core import pipelines as p
     from llm_torch.core.errors import InputError
     from llm_torch.core.generate import GenerationSpec
