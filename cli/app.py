@@ -16,6 +16,7 @@ from . import chat as chat_cmd
 from . import completions as completions_cmd
 from . import convert as convert_cmd
 from . import generate as generate_cmd
+from . import perplexity as perplexity_cmd
 from . import quantize as quantize_cmd
 from . import run as run_cmd
 from . import serve as serve_cmd
@@ -57,6 +58,7 @@ app.command("quantize")(quantize_cmd.quantize)
 app.command("visualize-mask")(visualize_cmd.visualize_mask)
 app.command("tokenize")(tokenize_cmd.tokenize)
 app.command("convert")(convert_cmd.convert)
+app.command("perplexity")(perplexity_cmd.perplexity)
 app.command("completions", hidden=True)(completions_cmd.completions)
 
 
