@@ -95,7 +95,7 @@ def chat(
     from llm_torch.core.chat import ChatSession, ChatSettings
     from llm_torch.core.sampling import sampling_spec
 
-    from .common import load
+    from .common import load, sampling_line
 
     if base_url is not None:
         from llm_torch.core.remote_chat import RemoteChatSession
@@ -117,6 +117,8 @@ def chat(
                               settings=ChatSettings(max_new_tokens=max_new_tokens or 1, sampling=sampling),
                               system=system)
         where = f"{loaded.dtype_name}, {_device(loaded.model)}"
+        if stats:
+            render.info(sampling_line(sampling, loaded.generation_config))
     repl = Repl(session, where, interactive=interactive, stats=stats)
     if resume is not None:
         repl.load(str(resume), quiet=not interactive)

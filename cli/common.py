@@ -204,6 +204,18 @@ def _saved_quantization(raw: dict) -> str:
     return f", {describe_config(qc)} quantized"
 
 
+def sampling_line(sampling, generation_config: dict) -> str:
+    """What --stats shows of the sampling settings in effect, and where their defaults came from."""
+    if sampling.greedy and sampling.repetition_penalty == 1.0:
+        how = "greedy"
+    else:
+        names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+        off = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0, "seed": None}
+        how = ", ".join(f"{k} {getattr(sampling, k)}" for k in names if getattr(sampling, k) != off.get(k, object()))
+    source = "the model's generation_config" if generation_config else "llm's defaults (the model has no generation_config)"
+    return f"sampling: {how} (unset flags: {source}; --temperature 0 for greedy)"
+
+
 def encode_prompt(tokenizer, text: str, *, chat: bool, system: str | None) -> list[int]:
     if not chat:
         return tokenizer.encode(text, add_special_tokens=True)

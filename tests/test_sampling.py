@@ -134,3 +134,19 @@ def test_frequency_and_presence_penalties_follow_openai():
     assert int(Sampler(spec)(torch.tensor([[0.0, 3.0, 2.0]]), generated=torch.tensor([[1]]))[0]) == 2
     with pytest.raises(InputError, match="frequency_penalty must be in"):
         SamplingSpec(frequency_penalty=2.5)
+
+
+def test_top_k_fast_path_draws_from_the_reference_distribution():
+    """Sampler filters the top k before top-p / min-p (no sort of the whole vocabulary): the distribution
+    must be process_logits' own."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 500, generator=g) * 3
+    spec = SamplingSpec(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.3, seed=1)
+    context = torch.tensor([[int(logits.argmax()), 3, 4]])
+    want = process_logits(logits, spec, context).softmax(-1)[0]
+    sampler = Sampler(spec)
+    counts = torch.zeros(500)
+    for _ in range(4000):
+        counts[int(sampler(logits, context)[0])] += 1
+    assert set(counts.nonzero()[:, 0].tolist()) <= set(want.nonzero()[:, 0].tolist())
+    assert (counts / 4000 - want).abs().max().item() < 0.03
