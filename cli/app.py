@@ -20,6 +20,7 @@ from . import perplexity as perplexity_cmd
 from . import quantize as quantize_cmd
 from . import run as run_cmd
 from . import serve as serve_cmd
+from . import template as template_cmd
 from . import tokenize as tokenize_cmd
 from . import visualize as visualize_cmd
 
@@ -59,6 +60,7 @@ app.command("visualize-mask")(visualize_cmd.visualize_mask)
 app.command("tokenize")(tokenize_cmd.tokenize)
 app.command("convert")(convert_cmd.convert)
 app.command("perplexity")(perplexity_cmd.perplexity)
+app.command("template")(template_cmd.template)
 app.command("completions", hidden=True)(completions_cmd.completions)
 
 

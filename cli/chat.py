@@ -71,6 +71,7 @@ def chat(
     api_key: Annotated[
         Optional[str], typer.Option("--api-key", envvar="LLM_API_KEY", help="API key for --base-url (env LLM_API_KEY).")
     ] = None,
+    chat_template: o.ChatTemplateOpt = None,
     tp: o.TpOpt = None,
     device_map: o.DeviceMapOpt = None,
     dry_run: o.DryRunOpt = False,
@@ -95,7 +96,7 @@ def chat(
     from llm_torch.core.chat import ChatSession, ChatSettings
     from llm_torch.core.sampling import sampling_spec
 
-    from .common import load, sampling_line
+    from .common import load, sampling_line, use_chat_template
 
     if base_url is not None:
         from llm_torch.core.remote_chat import RemoteChatSession
@@ -113,6 +114,7 @@ def chat(
                       quantize=quantize, tp=tp, device_map=device_map)
         sampling = sampling_spec(loaded.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
                                  min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+        use_chat_template(loaded.tokenizer, chat_template)
         session = ChatSession(loaded.model, loaded.tokenizer, model_name=loaded.name,
                               settings=ChatSettings(max_new_tokens=max_new_tokens or 1, sampling=sampling),
                               system=system)

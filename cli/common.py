@@ -219,7 +219,42 @@ def sampling_line(sampling, generation_config: dict) -> str:
 def encode_prompt(tokenizer, text: str, *, chat: bool, system: str | None) -> list[int]:
     if not chat:
         return tokenizer.encode(text, add_special_tokens=True)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(chat_messages(tokenizer, text, system), add_generation_prompt=True)
     # The template already holds BOS and other specials; encoding must not add them again.
     return tokenizer.encode(rendered, add_special_tokens=False)
+
+
+_FOLD_TOLD: set[int] = set()
+
+
+def chat_messages(tokenizer, text: str, system: str | None) -> list[dict[str, str]]:
+    """One user message, with the system prompt as a message of its own, or folded into the user's for
+    templates without a system role (Gemma's), as transformers users do; a warning says so."""
+    from llm_torch.core.chat import system_role_supported, with_system
+
+    supported = not system or system_role_supported(tokenizer)
+    if not supported and id(tokenizer) not in _FOLD_TOLD:
+        _FOLD_TOLD.add(id(tokenizer))  # once per run, not per input line
+        render.warn("this model's chat template has no system role: the system prompt is put at the start of "
+                    "the user message")
+    return with_system(system, [{"role": "user", "content": text}], supported)
+
+
+def use_chat_template(tokenizer, value: str | None) -> None:
+    """--chat-template: a file's contents, or the template text itself, instead of the model's template."""
+    from pathlib import Path
+
+    from llm_torch.core.errors import InputError
+
+    if value is None:
+        return
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            value = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read the chat template {path}: {e}") from None
+    elif "{{" not in value and "{%" not in value:
+        raise InputError(f"--chat-template: no file '{value}', and the text is not a jinja template",
+                         hint="give a template file, or the template itself ('{% for m in messages %}...')")
+    tokenizer.override_chat_template(value)

@@ -30,6 +30,7 @@ def generate(
     quantize: o.QuantizeOpt = None,
     format: o.FormatOpt = o.OutputFormat.text,
     stats: o.StatsOpt = False,
+    chat_template: o.ChatTemplateOpt = None,
     tp: o.TpOpt = None,
     device_map: o.DeviceMapOpt = None,
     dry_run: o.DryRunOpt = False,
@@ -44,7 +45,7 @@ def generate(
     from llm_torch.core.generate import GenerationSpec
     from llm_torch.core.sampling import sampling_spec
 
-    from .common import encode_prompt, load, read_prompt, sampling_line
+    from .common import encode_prompt, load, read_prompt, sampling_line, use_chat_template
 
     text = read_prompt(prompt)
     if system and not chat:
@@ -62,6 +63,7 @@ def generate(
     spec = GenerationSpec(max_new_tokens=max_new_tokens, sampling=sampling, stop=tuple(stop or ()), truncate=truncate)
     if stats:
         render.info(sampling_line(sampling, loaded.generation_config))
+    use_chat_template(loaded.tokenizer, chat_template)
     ids = encode_prompt(loaded.tokenizer, text, chat=chat, system=system)
     pieces, token_ids = [], []
     final = None

@@ -48,6 +48,10 @@ DeviceMapOpt = Annotated[
 DryRunOpt = Annotated[
     bool, typer.Option("--dry-run", help="Print where the weights and KV cache would go and how much memory they need; load nothing."),
 ]
+ChatTemplateOpt = Annotated[
+    Optional[str],
+    typer.Option("--chat-template", help="A jinja chat template to use instead of the model's: a file, or the template text."),
+]
 TpOpt = Annotated[
     Optional[int],
     typer.Option("--tp", min=1, help="Split the model over N processes (tensor parallel: torch.distributed, gloo on CPU, NCCL on GPUs)."),

@@ -56,6 +56,7 @@ def run(
     dtype: o.DtypeOpt = "auto",
     device: o.DeviceOpt = "auto",
     quantize: o.QuantizeOpt = None,
+    chat_template: o.ChatTemplateOpt = None,
     tp: o.TpOpt = None,
     device_map: o.DeviceMapOpt = None,
     dry_run: o.DryRunOpt = False,
@@ -70,7 +71,7 @@ def run(
     from llm_torch.core.generate import GenerationSpec
     from llm_torch.core.sampling import sampling_spec
 
-    from .common import encode_prompt, load
+    from .common import encode_prompt, load, use_chat_template
 
     if task not in p.TASKS:
         raise InputError(f"unknown task '{task}'", hint=f"tasks: {', '.join(p.TASKS)}")
@@ -91,6 +92,7 @@ def run(
 
     loaded = load(model, dtype, device, quiet=True, quantize=quantize, tp=tp, device_map=device_map)
     p.check_task(task, loaded.model, loaded.name)
+    use_chat_template(loaded.tokenizer, chat_template)
     spec = GenerationSpec()
     if task == "text-generation":
         sampling = sampling_spec(

@@ -40,6 +40,7 @@ def serve(
     device: o.DeviceOpt = "auto",
     quantize: o.QuantizeOpt = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level: warning, info (one line per request), debug.")] = "warning",
+    chat_template: o.ChatTemplateOpt = None,
     tp: o.TpOpt = None,
     device_map: o.DeviceMapOpt = None,
     dry_run: o.DryRunOpt = False,
@@ -64,13 +65,13 @@ def serve(
                          hint="pick another --port (0 picks a free one)") from None
     try:
         _serve(sock, model_arg or model, api_key, tuple(cors_origin or ()), max_batch, max_queue, max_context,
-               prefill_chunk, prefix_reuse, max_body, dtype, device, quantize, log_level, tp, device_map)
+               prefill_chunk, prefix_reuse, max_body, dtype, device, quantize, log_level, tp, device_map, chat_template)
     finally:
         sock.close()
 
 
 def _serve(sock, model_ref, api_key, cors, max_batch, max_queue, max_context, prefill_chunk, prefix_reuse, max_body,
-           dtype, device, quantize, log_level, tp, device_map) -> None:
+           dtype, device, quantize, log_level, tp, device_map, chat_template) -> None:
     import signal
     import sys
     import threading
@@ -82,11 +83,12 @@ def _serve(sock, model_ref, api_key, cors, max_batch, max_queue, max_context, pr
     from llm_torch.core.errors import InputError
     from llm_torch.core.server import ServeSettings, create_app
 
-    from .common import load
+    from .common import load, use_chat_template
 
     loaded = load(model_ref, dtype, device, quiet=False, quantize=quantize, tp=tp, device_map=device_map)
     if loaded.tokenizer is None:
         raise InputError(f"{loaded.name} has no tokenizer", hint="serve a model folder with tokenizer files")
+    use_chat_template(loaded.tokenizer, chat_template)
     config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_context=max_context, prefill_chunk=prefill_chunk,
                           prefix_reuse=prefix_reuse)
     engine = EngineThread(Engine(loaded.model, loaded.tokenizer, config))

@@ -21,6 +21,7 @@ def tokenize(
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="System message (with --chat).")] = None,
     decode: Annotated[Optional[str], typer.Option("--decode", "-d", help="Decode comma-separated ids instead, e.g. 1,2,3.")] = None,
     format: Annotated[o.OutputFormat, typer.Option("--format", "-f", help="text (a table) or json.")] = o.OutputFormat.text,
+    chat_template: o.ChatTemplateOpt = None,
 ) -> None:
     """Show the tokens and ids of a text (a table on a terminal, tab-separated when piped), or decode ids."""
     import sys
@@ -28,7 +29,7 @@ def tokenize(
     from llm_torch.core.errors import InputError
     from llm_torch.core.loading import load_tokenizer, resolve_model
 
-    from .common import encode_prompt, read_prompt
+    from .common import encode_prompt, read_prompt, use_chat_template
 
     if system and not chat:
         raise InputError("--system needs --chat")
@@ -37,6 +38,7 @@ def tokenize(
     ids = _parse_ids(decode) if decode is not None else None
     text = None if ids is not None else read_prompt(text)
     tokenizer = load_tokenizer(resolve_model(model, progress=sys.stderr.isatty()))
+    use_chat_template(tokenizer, chat_template)
     if ids is None:
         ids = encode_prompt(tokenizer, text, chat=True, system=system) if chat else tokenizer.encode(text, add_special_tokens=not no_special)
     tokens = tokenizer.convert_ids_to_tokens(ids)

@@ -222,6 +222,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    def override_chat_template(self, source: str) -> None:
+        """Use `source` (a jinja chat template, rendered in the same sandbox) instead of the checkpoint's;
+        a template that does not parse is a TokenizerError here, not at the first message."""
+        _compile_template(source)
+        self._templates = {"default": source}
+
     @property
     def chat_template(self) -> str | None:
         return self._templates.get("default")
