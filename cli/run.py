@@ -57,6 +57,10 @@ def run(
     device: o.DeviceOpt = "auto",
     quantize: o.QuantizeOpt = None,
     chat_template: o.ChatTemplateOpt = None,
+    return_full_text: Annotated[
+        bool, typer.Option("--return-full-text/--no-return-full-text",
+                           help="text-generation: generated_text starts with the input (the pipeline's return_full_text).")
+    ] = True,
     tp: o.TpOpt = None,
     device_map: o.DeviceMapOpt = None,
     dry_run: o.DryRunOpt = False,
@@ -115,6 +119,7 @@ def run(
         aggregation=aggregation,
         generation=spec,
         encode_prompt=lambda text: encode_prompt(loaded.tokenizer, text, chat=chat, system=system),
+        return_full_text=return_full_text,
     )
     pipeline = p.Pipeline(loaded.model, loaded.tokenizer, task, opts, warn=render.warn)
     count = failed = 0

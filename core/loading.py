@@ -235,6 +235,13 @@ def assign_weights(
             param.data[start:stop].copy_(tensor)
         seen.add(name)
     missing = sorted(set(targets) - seen)
+    if unexpected and {f"model.{n}" for n in unexpected} <= set(missing):
+        # The decoder's weights under the bare model's names (LlamaModel, Gemma2Model): there is no head.
+        raise CheckpointError(
+            "this checkpoint is a bare decoder (transformers' LlamaModel / Gemma2Model: no head), which serves "
+            "feature extraction only; text-generation needs a *ForCausalLM checkpoint (with lm_head), the other "
+            "tasks a *ForSequenceClassification / *ForTokenClassification / *ForQuestionAnswering one",
+            hint="use the model's ForCausalLM checkpoint (feature extraction is not in llm yet)")
     if missing or unexpected:
         parts = []
         if missing:

@@ -165,6 +165,7 @@ class PipelineOptions:
     max_answer_tokens: int = 30  # question-answering: longest span considered
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     encode_prompt: Callable[[str], list[int]] | None = None  # text-generation (chat template or raw)
+    return_full_text: bool = True  # text-generation: generated_text starts with the input (the pipeline's default)
 
 
 class Pipeline:
@@ -267,7 +268,8 @@ class Pipeline:
                 continue
             if res.timings.truncated_tokens:
                 self.warn(f"{where}: prompt left-truncated by {res.timings.truncated_tokens} tokens")
-            yield {"input": item.text, "generated_text": res.text, "finish_reason": res.finish_reason}
+            text = item.text + res.text if self.options.return_full_text else res.text
+            yield {"input": item.text, "generated_text": text, "finish_reason": res.finish_reason}
 
     def _classify(self, batch: list[Item]) -> Iterator[dict[str, Any]]:
         rows = [self._fit(self.tokenizer.encode(it.text, add_special_tokens=True), it) for it in batch]

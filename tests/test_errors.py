@@ -179,3 +179,13 @@ def test_devices_are_parsed_and_missing_ones_named(monkeypatch):
     assert resolve_device("auto") == torch.device("cuda")
     with pytest.raises(ResourceError, match="this machine has: cuda:0, cuda:1"):
         resolve_device("cuda:2")
+
+
+def test_a_bare_decoder_checkpoint_names_what_it_can_serve(tmp_path):
+    """transformers' LlamaModel (no head) saved as it is: one clear line instead of a key mismatch list."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**dict(LLAMA_BASE, architectures=["LlamaModel"]))
+    transformers.LlamaModel(config).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"bare decoder .* serves feature extraction only; text-generation needs"):
+        load_resolved(ResolvedModel("bare", "folder", tmp_path), dtype="float32", with_tokenizer=False)

@@ -143,6 +143,14 @@ def test_long_inputs_warn_or_fail_alone_at_every_batch_size(models, batch, tmp_p
     assert refused.returncode == 1 and "line 2: prompt is" in err and err.strip().endswith("1 of 3 inputs failed (hint: see the warnings above)")
 
 
+def test_generated_text_includes_the_input_unless_asked_not_to(models):
+    """transformers' text-generation pipeline: return_full_text=True by default."""
+    full = run_llm("run", "-m", str(models["lm"]), "-n", "4", "--format", "json", input="Hello there")
+    bare = run_llm("run", "-m", str(models["lm"]), "-n", "4", "--format", "json", "--no-return-full-text", input="Hello there")
+    assert full.returncode == 0 and bare.returncode == 0, full.stderr.decode() + bare.stderr.decode()
+    assert json.loads(full.stdout)["generated_text"] == "Hello there" + json.loads(bare.stdout)["generated_text"]
+
+
 def test_token_classification(models):
     r = run_llm("run", "--task", "token-classification", "-m", str(models["tok"]), "--format", "json", input="Alice lives in Paris")
     assert r.returncode == 0, r.stderr.decode()
