@@ -76,7 +76,7 @@ def _tensor_parallel(tp: int | None, device: str, model_ref: str | None):
     if (not tp or tp <= 1) and not launched:
         return None
     if not launched:  # before starting any process: a split that cannot work fails here, alone
-        check_splits(load_model_config(resolve_model(model_ref)).config, tp)
+        check_splits(load_model_config(resolve_model(model_ref, weights=False)).config, tp)
     return init(tp, resolve_device(device))
 
 
@@ -85,7 +85,7 @@ def print_plan(model_ref: str | None, dtype: str, device: str, device_map: str |
     from llm_torch.core.loading import load_model_config, plan_device_map, resolve_device, resolve_dtype, resolve_model
     from llm_torch.core.memory import available_bytes, estimate
 
-    resolved = resolve_model(model_ref)
+    resolved = resolve_model(model_ref, weights=False)
     source = load_model_config(resolved)
     config = source.config
     if device_map is not None:

@@ -37,7 +37,7 @@ def template(
 
     if messages is not None and (text or system):
         raise InputError("--messages holds the whole conversation", hint="drop TEXT and --system")
-    resolved = resolve_model(model, progress=sys.stderr.isatty())
+    resolved = resolve_model(model, progress=sys.stderr.isatty(), weights=False)
     source = load_model_config(resolved)
     tokenizer = load_tokenizer(resolved, source)
     use_chat_template(tokenizer, chat_template)

@@ -37,7 +37,7 @@ def tokenize(
         raise InputError("--decode takes no text and no --chat", hint="give either the text or --decode IDS")
     ids = _parse_ids(decode) if decode is not None else None
     text = None if ids is not None else read_prompt(text)
-    tokenizer = load_tokenizer(resolve_model(model, progress=sys.stderr.isatty()))
+    tokenizer = load_tokenizer(resolve_model(model, progress=sys.stderr.isatty(), weights=False))
     use_chat_template(tokenizer, chat_template)
     if ids is None:
         ids = encode_prompt(tokenizer, text, chat=True, system=system) if chat else tokenizer.encode(text, add_special_tokens=not no_special)

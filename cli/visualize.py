@@ -40,7 +40,7 @@ def visualize_mask(
     from .common import read_prompt
 
     inputs = list(texts or []) or [read_prompt(None)]
-    resolved = resolve_model(model, progress=sys.stderr.isatty())
+    resolved = resolve_model(model, progress=sys.stderr.isatty(), weights=False)
     source = load_model_config(resolved)
     tokenizer = load_tokenizer(resolved, source)
     sequences = []

@@ -37,6 +37,7 @@ from llm_torch.core.errors import HubError, ModelNotFoundError
 _ALLOW = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
           "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
           "model.safetensors.index.json", "*.safetensors"]
+_ALLOW_NO_WEIGHTS = [p for p in _ALLOW if "safetensors" not in p]
 # Root files only ("*/*"): repos keep alternate weights in original/, onnx/...; a consolidated
 # copy next to HF-format shards would double the download.
 _IGNORE = ["*/*", "consolidated*.safetensors"]
@@ -101,18 +102,20 @@ def parse_model_ref(text: str) -> ModelRef:
 
 def resolve_hub_model(repo_id: str, revision: str | None = None, *, token: str | None = None,
                       offline: bool | None = None, progress: bool = True,
-                      cache_dir: Path | None = None) -> Path:
+                      cache_dir: Path | None = None, weights: bool = True) -> Path:
     """Download (or find in the HF cache) the config, tokenizer and safetensors files of a Hub repo.
 
     `offline` defaults to HF_HUB_OFFLINE (cache only); `cache_dir` defaults to HF_HUB_CACHE / HF_HOME.
+    weights=False: config and tokenizer files only (tokenize, template, visualize-mask, --dry-run).
     Returns the snapshot folder. Raises HubError.
     """
     offline = _offline() if offline is None else offline
     kw = dict(revision=revision, token=token, local_files_only=offline, cache_dir=_cache_dir(cache_dir),
               endpoint=os.environ.get("HF_ENDPOINT") or None)
+    allow = _ALLOW if weights else _ALLOW_NO_WEIGHTS
     with _hub_errors(repo_id, revision, offline), _progress(progress):
-        folder = Path(snapshot_download(repo_id, allow_patterns=_ALLOW, ignore_patterns=_IGNORE, **kw))
-    _check_snapshot(folder, repo_id, offline, kw)
+        folder = Path(snapshot_download(repo_id, allow_patterns=allow, ignore_patterns=_IGNORE, **kw))
+    _check_snapshot(folder, repo_id, offline, kw, weights)
     return folder
 
 
@@ -164,11 +167,11 @@ def _progress(enabled: bool) -> Iterator[None]:
             enable_progress_bars()
 
 
-def _check_snapshot(folder: Path, repo_id: str, offline: bool, kw: dict) -> None:
+def _check_snapshot(folder: Path, repo_id: str, offline: bool, kw: dict, weights: bool = True) -> None:
     """Raise HubError when the snapshot lacks config.json or safetensors weights, naming what it has instead."""
     names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
     has_config, has_weights = "config.json" in names, any(n.endswith(".safetensors") for n in names)
-    if has_config and has_weights:
+    if has_config and (has_weights or not weights):
         return
     if not offline:  # the snapshot only holds allowed files: ask the Hub what else the repo has
         try:

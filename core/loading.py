@@ -64,8 +64,11 @@ def embedded_model_path(alias: str) -> Path:
     return path
 
 
-def resolve_model(ref: str | None, *, offline: bool | None = None, progress: bool = True) -> ResolvedModel:
-    """Turn an alias, a local path or `org/name[@revision]` into a local folder or GGUF file."""
+def resolve_model(ref: str | None, *, offline: bool | None = None, progress: bool = True,
+                  weights: bool = True) -> ResolvedModel:
+    """Turn an alias, a local path or `org/name[@revision]` into a local folder or GGUF file.
+
+    weights=False: a Hub repo's config and tokenizer files only (a GGUF file holds both with its weights)."""
     ref = (ref or DEFAULT_MODEL).strip()
     if ref.lower() in EMBEDDED_MODELS and not Path(ref).exists():
         return ResolvedModel(ref.lower(), "gguf", embedded_model_path(ref.lower()))
@@ -75,7 +78,8 @@ def resolve_model(ref: str | None, *, offline: bool | None = None, progress: boo
         if parsed.filename:
             path = hub.resolve_hub_gguf(parsed.repo_id, parsed.filename, parsed.revision, offline=offline, progress=progress)
             return ResolvedModel(ref, "gguf", path)
-        path = hub.resolve_hub_model(parsed.repo_id, parsed.revision, offline=offline, progress=progress)
+        path = hub.resolve_hub_model(parsed.repo_id, parsed.revision, offline=offline, progress=progress,
+                                     weights=weights)
         return ResolvedModel(ref, "folder", path)
     if parsed.kind == "folder" and not (parsed.path / "config.json").exists():
         from .meta_llama import is_meta_layout

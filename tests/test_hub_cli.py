@@ -51,3 +51,43 @@ def test_uncached_hub_id_offline_is_one_line(hf_cache):
     assert r.returncode == 1
     err = r.stderr.decode()
     assert err.count("\n") == 1 and "acme/not-cached" in err and "offline" in err
+
+
+@pytest.fixture(scope="module")
+def cache_without_weights(tmp_path_factory):
+    """A cached snapshot with config and tokenizer files but no safetensors (as weights=False fetches)."""
+    root = tmp_path_factory.mktemp("hub-no-weights")
+    staging = root / "staging"
+    staging.mkdir()
+    tok = load_tokenizer(resolve_model("smollm2"))
+    save_with_tokenizer(staging, config_dict(LLAMA_BASE, dict(vocab_size=tok.vocab_size)), tok)
+    repo = root / "models--acme--tiny-config-only"
+    commit = "b" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in staging.iterdir():
+        if not f.name.endswith(".safetensors"):
+            (snap / f.name).write_bytes(f.read_bytes())
+    return root
+
+
+def test_commands_that_need_no_weights_never_ask_for_them(cache_without_weights, monkeypatch):
+    env = {"HF_HUB_CACHE": str(cache_without_weights), "HF_HUB_OFFLINE": "1"}
+    for args in (["tokenize", "acme/tiny-config-only", "hello", "--format", "json"],
+                 ["visualize-mask", "acme/tiny-config-only", "hello world", "--format", "json"],
+                 ["template", "acme/tiny-config-only", "hello"],
+                 ["generate", "-m", "acme/tiny-config-only", "--dry-run"]):
+        r = run_llm(*args, env=env)
+        assert r.returncode == 0, (args, r.stderr)
+    r = run_llm("generate", "-m", "acme/tiny-config-only", "hello", env=env)
+    assert r.returncode == 1 and "has no *.safetensors weights" in r.stderr.decode()
+    # What is asked of the Hub: no weight pattern at all.
+    from llm_torch.core import hub
+
+    asked = {}
+    monkeypatch.setattr(hub, "snapshot_download", lambda repo, **kw: asked.update(kw) or str(cache_without_weights))
+    monkeypatch.setattr(hub, "_check_snapshot", lambda *a, **k: None)
+    hub.resolve_hub_model("acme/tiny-config-only", weights=False, offline=True)
+    assert not [p for p in asked["allow_patterns"] if "safetensors" in p] and "tokenizer.json" in asked["allow_patterns"]
