@@ -43,7 +43,7 @@ from .generate import (
 )
 from .kv_cache import KVCache
 from .runner import Runner, Segment, make_runner
-from .sampling import Sampler, process_logits
+from .sampling import Sampler
 
 WAITING, PREFILL, DECODE, FINISHED = "waiting", "prefill", "decode", "finished"
 

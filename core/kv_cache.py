@@ -164,25 +164,6 @@ class KVCache:
                     t[dst] = t[src]
         self.lengths[dst] = length
 
-    # ---- one-sequence view (the cache of a plain model(ids, cache=...) call) ------------------------
-
-    @property
-    def length(self) -> int:
-        """Positions held, when every slot holds the same number (a batch decoded in lockstep)."""
-        first = self.lengths[0]
-        if any(n != first for n in self.lengths):
-            raise ValueError("the slots of this cache hold different lengths; use lengths[slot]")
-        return first
-
-    def truncate(self, length: int) -> None:
-        """Roll every slot back to `length` positions (chat undo / regenerate) without touching memory."""
-        for s in range(self.n_slots):
-            self.truncate_slot(s, length)
-
-    @property
-    def batch_size(self) -> int:
-        return self.n_slots
-
     # ---- what the PyTorch layers read and write ------------------------------------------------------
 
     def key_positions(self, layer: int, slots: list[int], ends: list[int]) -> torch.Tensor:

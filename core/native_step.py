@@ -119,15 +119,6 @@ class NativeStep:
         self._keep.append(t)
         return t.data_ptr()
 
-    def cache_problem(self, cache: KVCache) -> str | None:
-        """Why step.c cannot use `cache` (None: it can): it reads fp32 [n_slots, H_kv, cap, D] on the CPU."""
-        cfg = self.config
-        for i, t in enumerate(cache.keys + cache.values):
-            shape = (cache.n_slots, cfg.num_key_value_heads, cache.layer_cap(i % cfg.num_hidden_layers), cfg.head_dim)
-            if t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
-                return f"a {t.dtype} {tuple(t.shape)} cache on {t.device.type}"
-        return None
-
     def _cache_struct(self, cache: KVCache):
         tensors = (*cache.keys, *cache.values)
         key = tuple(t.data_ptr() for t in tensors)

@@ -40,6 +40,7 @@ class Segment:
 
 class Runner:
     description = ""
+    layer_devices: list[torch.device] | None = None  # a device map's: each layer's KV cache beside its weights
 
     def __init__(self, model: CausalLM):
         if not isinstance(model, CausalLM):
@@ -51,9 +52,7 @@ class Runner:
         self.dtype = compute_dtype(p.dtype, p.device)
 
     def new_cache(self, n_slots: int, max_len: int, **kw) -> KVCache:
-        layer_devices = getattr(self, "layer_devices", None)
-        return KVCache(self.config, n_slots, max_len, dtype=self.dtype, device=self.device,
-                       layer_devices=layer_devices, **kw)
+        return self.model.new_cache(n_slots, max_len, layer_devices=self.layer_devices, **kw)
 
     def forward(self, cache: KVCache, segments: Sequence[Segment]) -> torch.Tensor:
         """Runs every segment (advancing its slot's length) -> fp32 logits [n, V] of the segments that want
@@ -65,7 +64,7 @@ class TorchRunner(Runner):
     def __init__(self, model: CausalLM, why: str, *, layer_devices: list[torch.device] | None = None):
         super().__init__(model)
         self.description = f"PyTorch layers: {why}"
-        self.layer_devices = layer_devices  # a device map's: each layer's KV cache beside its weights
+        self.layer_devices = layer_devices
 
     def forward(self, cache, segments):
         out: list[torch.Tensor | None] = [None] * len(segments)

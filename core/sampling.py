@@ -96,15 +96,22 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def process_logits(logits: torch.Tensor, spec: SamplingSpec, context: torch.Tensor | None = None,
-                   generated: torch.Tensor | None = None) -> torch.Tensor:
-    """The reference's order: repetition penalty (over `context`, prompt included), frequency/presence
-    penalties (over `generated`), temperature, top-k, top-p, min-p."""
+def apply_penalties(logits: torch.Tensor, spec: SamplingSpec, context: torch.Tensor | None,
+                    generated: torch.Tensor | None) -> torch.Tensor:
+    """fp32 logits with the repetition penalty (over `context`) and frequency/presence ones (over `generated`)."""
     logits = logits.float()
     if context is not None:
         logits = apply_repetition_penalty(logits, context, spec.repetition_penalty)
     if generated is not None:
         logits = apply_frequency_presence(logits, generated, spec.frequency_penalty, spec.presence_penalty)
+    return logits
+
+
+def process_logits(logits: torch.Tensor, spec: SamplingSpec, context: torch.Tensor | None = None,
+                   generated: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference's order: repetition penalty (over `context`, prompt included), frequency/presence
+    penalties (over `generated`), temperature, top-k, top-p, min-p."""
+    logits = apply_penalties(logits, spec, context, generated)
     if spec.greedy:
         return logits
     logits = logits / spec.temperature
@@ -138,11 +145,7 @@ class Sampler:
         # top-k first, then top-p / min-p on those k only: the same distribution as process_logits (tokens
         # outside the k have probability 0 there), without sorting the whole vocabulary every token
         # (SmolLM2's 49k: ~60% of a decode step).
-        logits = logits.float()
-        if context is not None:
-            logits = apply_repetition_penalty(logits, context, s.repetition_penalty)
-        if generated is not None:
-            logits = apply_frequency_presence(logits, generated, s.frequency_penalty, s.presence_penalty)
+        logits = apply_penalties(logits, s, context, generated)
         values, index = torch.topk(logits / s.temperature, s.top_k, dim=-1)
         values = min_p_filter(top_p_filter(values, s.top_p), s.min_p)
         return self._draw(values, index)
