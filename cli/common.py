@@ -68,27 +68,29 @@ def handled_before_input(tp: int | None, model_ref: str | None, dtype: str, devi
 def _tensor_parallel(tp: int | None, device: str, model_ref: str | None):
     """Rank 0's process group (starting ranks 1..tp-1 itself without a launcher), or None alone."""
     from llm_torch.core.distributed import init, launched_rank
-    from llm_torch.core.loading import load_model_config, resolve_device, resolve_model
+    from llm_torch.core.checkpoint import open_checkpoint
+    from llm_torch.core.loading import resolve_device, resolve_model
     from llm_torch.core.tensor_parallel import check_splits
 
     launched = launched_rank() is not None
     if (not tp or tp <= 1) and not launched:
         return None
     if not launched:  # before starting any process: a split that cannot work fails here, alone
-        check_splits(load_model_config(resolve_model(model_ref, weights=False)).config, tp)
+        check_splits(open_checkpoint(resolve_model(model_ref, weights=False)).config, tp)
     return init(tp, resolve_device(device))
 
 
 def print_plan(model_ref: str | None, dtype: str, device: str, device_map: str | None) -> None:
     """--dry-run: where the weights and one context of KV cache would go, from the config alone (stdout)."""
-    from llm_torch.core.loading import load_model_config, plan_device_map, resolve_device, resolve_dtype, resolve_model
+    from llm_torch.core.checkpoint import open_checkpoint
+    from llm_torch.core.loading import plan_device_map, resolve_device, resolve_dtype, resolve_model
     from llm_torch.core.memory import available_bytes, estimate
 
     resolved = resolve_model(model_ref, weights=False)
-    source = load_model_config(resolved)
+    source = open_checkpoint(resolved)
     config = source.config
     if device_map is not None:
-        placement, target = plan_device_map(resolved, dtype, device_map, source=source)
+        placement, target = plan_device_map(resolved, dtype, device_map, checkpoint=source)
         lines = placement.lines()
     else:
         dev = resolve_device(device)

@@ -31,14 +31,15 @@ def template(
     import sys
 
     from llm_torch.core.errors import InputError
-    from llm_torch.core.loading import load_model_config, load_tokenizer, resolve_model
+    from llm_torch.core.checkpoint import open_checkpoint
+    from llm_torch.core.loading import load_tokenizer, resolve_model
 
     from .common import chat_messages, use_chat_template
 
     if messages is not None and (text or system):
         raise InputError("--messages holds the whole conversation", hint="drop TEXT and --system")
     resolved = resolve_model(model, progress=sys.stderr.isatty(), weights=False)
-    source = load_model_config(resolved)
+    source = open_checkpoint(resolved)
     tokenizer = load_tokenizer(resolved, source)
     use_chat_template(tokenizer, chat_template)
     conversation = _read_messages(messages) if messages is not None else chat_messages(tokenizer, text or "Hello!", system)

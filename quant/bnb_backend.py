@@ -15,7 +15,7 @@ from torch import nn
 from llm_torch.core.errors import CheckpointError
 
 from .spec import QuantSpec
-from .torchao_backend import QuantModule
+from .int_layers import QuantModule
 
 BLOCKSIZE = 64  # transformers' default for 4-bit
 
@@ -82,7 +82,7 @@ class BnbCodec:
     def build(self, parts: list[dict[str, torch.Tensor]], bias: torch.Tensor | None, name: str) -> nn.Module:
         try:
             if not self.four_bit:
-                from .torchao_backend import Int8Linear
+                from .int_layers import Int8Linear
 
                 q = torch.cat([p["weight"] for p in parts])
                 scb = torch.cat([p["SCB"] for p in parts]).float()

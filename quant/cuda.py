@@ -1,7 +1,7 @@
 """Quantizing a model that lives on a CUDA GPU, through the backends made for it (the seeds' examples):
 torchao's weight-only int4 / int8, dynamic int8 and float8 (`quantize_`, in place on our nn.Linear
 subclasses, so the PyTorch layers run them unchanged), bitsandbytes' Linear4bit (nf4 / fp4) and
-Linear8bitLt (LLM.int8). The same skip list and notes as the CPU path (quant.convert.plan); nothing is saved
+Linear8bitLt (LLM.int8). The same skip list and notes as the CPU path (quant.swap.plan); nothing is saved
 from here (`llm quantize` writes CPU-format folders, which load on any device). Tests: tests/test_gpu.py.
 """
 
@@ -12,7 +12,7 @@ from torch import nn
 
 from llm_torch.core.errors import UnsupportedError
 
-from .convert import QuantResult, plan
+from .swap import QuantResult, plan
 from .spec import QuantSpec
 
 CUDA_SCHEMES = ("int8", "int4", "int8-dynamic", "float8", "nf4", "fp4", "llm-int8")

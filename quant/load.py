@@ -6,7 +6,6 @@ checkpoint's own keys (a pre-quantized Hub checkpoint may skip any layer), never
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 
 from llm_torch.core.errors import CheckpointError, UnsupportedError
 
-from .convert import _replace, codec_for, linear_targets
+from .swap import replace_module, codec_for, linear_targets
 
 
 def scheme_from_config(qconfig: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -32,7 +31,7 @@ def scheme_from_config(qconfig: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             return "llm-int8", {}
         raise CheckpointError("bitsandbytes quantization_config has neither load_in_4bit nor load_in_8bit")
     if method == "torchao":
-        from .torchao_backend import FORMAT, SCHEME_OF_TYPE
+        from .int_layers import FORMAT, SCHEME_OF_TYPE
 
         quant_type = qconfig.get("quant_type")
         if qconfig.get("llm_torch_format") != FORMAT or not isinstance(quant_type, dict):
@@ -58,19 +57,6 @@ def describe_config(qconfig: dict[str, Any]) -> str:
     return " ".join(filter(None, (qconfig.get("quant_method", "?"), kind)))
 
 
-def _checkpoint_keys(files: list[Path]) -> set[str]:
-    from safetensors import SafetensorError, safe_open
-
-    keys: set[str] = set()
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                keys.update(f.keys())
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"cannot read {path.name}: {e}", hint="the file may be truncated; quantize again") from None
-    return keys
-
-
 class _Pending(nn.Module):
     """Stands in for a quantized layer until its tensors have been read."""
 
@@ -79,18 +65,18 @@ class QuantizedLoader:
     """Replace quantized Linears of a meta model by placeholders, take their tensors out of the stream,
     build the quantized modules at the end. core/loading.py: loader.filter(stream) ... loader.finish()."""
 
-    def __init__(self, model: nn.Module, qconfig: dict[str, Any], files: list[Path], dtype: torch.dtype, device: torch.device):
+    def __init__(self, model: nn.Module, qconfig: dict[str, Any], keys: set[str], dtype: torch.dtype, device: torch.device):
+        # keys: every tensor name of the checkpoint (its safetensors headers; nothing is read yet)
         scheme, kwargs = scheme_from_config(qconfig)
         self.codec = codec_for(scheme, **kwargs)
         self.model, self.device, self.dtype = model, device, dtype
-        keys = _checkpoint_keys(files)
         marker = self.codec.marker
         self.targets = []
         for t in linear_targets(model):
             flags = [f"{n}.{marker}" in keys for n, _ in t.parts]
             if all(flags):
                 self.targets.append(t)
-                _replace(model, t.name, _Pending())
+                replace_module(model, t.name, _Pending())
             elif any(flags):
                 raise CheckpointError(
                     f"'{t.name}' mixes quantized and float parts ({', '.join(n for n, _ in t.parts)})",
@@ -101,9 +87,9 @@ class QuantizedLoader:
         self.tied_head = bool(self.embeddings) and getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head") \
             and not any(n == "lm_head" for t in self.targets for n, _ in t.parts)
         for name in self.embeddings:
-            _replace(model, name, _Pending())
+            replace_module(model, name, _Pending())
         if self.tied_head:
-            _replace(model, "lm_head", _Pending())
+            replace_module(model, "lm_head", _Pending())
             object.__setattr__(model.config, "tie_word_embeddings", False)  # nothing for assign_weights to tie
         if not self.targets and not self.embeddings:
             raise CheckpointError(f"quantization_config says {scheme}, but no layer in the checkpoint is quantized")
@@ -146,15 +132,15 @@ class QuantizedLoader:
                 raise CheckpointError(
                     f"quantized '{t.name}' is {module.out_features}x{module.in_features}, the config expects {rows}x{t.in_features}"
                 )
-            _replace(self.model, t.name, module.to(self.device))
+            replace_module(self.model, t.name, module.to(self.device))
         for name in self.embeddings:
-            from .torchao_backend import Int8Embedding
+            from .int_layers import Int8Embedding
 
             q, scale = self.stash.pop(f"{name}.weight", None), self.stash.pop(f"{name}.weight_scale")
             if q is None or q.dtype != torch.int8 or scale.shape != (q.shape[0],):
                 raise CheckpointError(f"quantized embedding '{name}' is unusable (weight / weight_scale missing or mis-shaped)")
             emb = Int8Embedding(q, scale).to(self.device)
-            _replace(self.model, name, emb)
+            replace_module(self.model, name, emb)
             if self.tied_head and name.endswith("embed_tokens"):
                 self.model.lm_head = emb.tied_head()
         if self.stash:

@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_torch.core import convert as cv
 from llm_torch.core import sentencepiece as sp
 from llm_torch.core.convert import ConvertSpec, convert
 from llm_torch.core.errors import CheckpointError, InputError, ResourceError, UnsupportedError
-from llm_torch.core.loading import ResolvedModel, iter_safetensors, load_resolved, safetensors_files
+from llm_torch.core.checkpoint import ResolvedModel
+from llm_torch.core.checkpoint import safetensors as st_io
+from llm_torch.core.checkpoint.gguf import GGUFCheckpoint
+from llm_torch.core.checkpoint.hf import HFCheckpoint
+from llm_torch.core.loading import load_resolved
 from llm_torch.core.tokenizer import Tokenizer
 from tests.cli_util import run_llm
 from tests.templates import LLAMA2_TEMPLATE
@@ -87,7 +90,7 @@ def llama(tmp_path_factory, spm_model):
 
 
 def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in iter_safetensors(safetensors_files(folder))}
+    return {k: v.clone() for k, v in HFCheckpoint(folder).read(None)}
 
 
 def logits(path: Path, kind: str = "folder") -> torch.Tensor:
@@ -224,7 +227,7 @@ def test_gguf_outtypes_verify(llama, tmp_path, outtype):
 
 
 def test_gguf_to_gguf_keeps_the_vocabulary(llama, tmp_path):
-    from llm_torch.core.gguf import gguf_metadata, open_gguf
+    from llm_torch.core.checkpoint.gguf_reader import gguf_metadata, open_gguf
 
     folder, _ = llama
     first, second = tmp_path / "a.gguf", tmp_path / "b.gguf"
@@ -405,7 +408,7 @@ def test_tokenizer_model_parse_errors():
 
 def test_gguf_vocabulary_from_tokenizer_json(llama, tmp_path):
     """A folder with only tokenizer.json (sentencepiece-style BPE) -> GGUF "llama" vocabulary with scores."""
-    from llm_torch.core import gguf_writer
+    from llm_torch.core.checkpoint import gguf_writer
 
     folder, _ = llama
     only_json = tmp_path / "json-only"
@@ -413,7 +416,7 @@ def test_gguf_vocabulary_from_tokenizer_json(llama, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (only_json / name).write_bytes((folder / name).read_bytes())
     tok = Tokenizer.from_folder(only_json)
-    checkpoint_config = cv.HFCheckpoint(folder).config
+    checkpoint_config = HFCheckpoint(folder).config
     vocab = gguf_writer.vocab_from_tokenizer(tok, checkpoint_config)
     assert vocab["tokenizer.ggml.model"] == "llama" and vocab["tokenizer.ggml.add_bos_token"]
     assert vocab["tokenizer.ggml.token_type"][1] == 3 and vocab["tokenizer.ggml.token_type"][10] == 6  # <s>, <0x07>
@@ -426,11 +429,11 @@ def test_gguf_vocabulary_from_tokenizer_json(llama, tmp_path):
 @needs_smol
 def test_gguf_vocabulary_of_a_byte_level_tokenizer():
     """SmolLM2's byte-level vocabulary -> tokenizer.json -> GGUF metadata again: llama.cpp's own values."""
-    from llm_torch.core import gguf_writer
-    from llm_torch.core.gguf import gguf_metadata, open_gguf
+    from llm_torch.core.checkpoint import gguf_writer
+    from llm_torch.core.checkpoint.gguf_reader import gguf_metadata, open_gguf
 
     meta = gguf_metadata(open_gguf(smol_path()))
-    checkpoint = cv.GGUFCheckpoint(smol_path())
+    checkpoint = GGUFCheckpoint(smol_path())
     vocab = gguf_writer.vocab_from_tokenizer(checkpoint.tokenizer(), checkpoint.config)
     for key in ("model", "tokens", "merges", "token_type", "bos_token_id", "eos_token_id", "padding_token_id"):
         assert vocab[f"tokenizer.ggml.{key}"] == meta[f"tokenizer.ggml.{key}"], key
@@ -473,7 +476,7 @@ def smol_f16_gguf(tmp_path_factory):
 @needs_smol
 def test_smollm2_to_gguf_has_llama_cpp_converter_metadata(smol_f16_gguf):
     """Against the file llama.cpp's converter wrote: every hyper-parameter and tokenizer key, same values."""
-    from llm_torch.core.gguf import gguf_metadata, open_gguf
+    from llm_torch.core.checkpoint.gguf_reader import gguf_metadata, open_gguf
 
     original_reader, our_reader = open_gguf(smol_path()), open_gguf(smol_f16_gguf)
     original, ours = gguf_metadata(original_reader), gguf_metadata(our_reader)
@@ -567,7 +570,7 @@ def test_disk_full_removes_partial_output(llama, tmp_path, monkeypatch, to):
     before = digest(folder)
     full = OSError(errno.ENOSPC, "No space left on device")
     if to == "hf":
-        _fail_after(monkeypatch, cv, "write_tensor_bytes", full)
+        _fail_after(monkeypatch, st_io, "write_tensor_bytes", full)
     else:
         _fail_after(monkeypatch, GGUFWriter, "write_tensor_data", full)
     out = tmp_path / ("out.gguf" if to == "gguf" else "out")
@@ -581,7 +584,7 @@ def test_ctrl_c_mid_write_leaves_nothing(llama, tmp_path, monkeypatch):
     old = tmp_path / "out"
     convert(ConvertSpec(str(folder), old, dtype="float16"))
     previous = digest(old)
-    _fail_after(monkeypatch, cv, "write_tensor_bytes", KeyboardInterrupt(), calls=3)
+    _fail_after(monkeypatch, st_io, "write_tensor_bytes", KeyboardInterrupt(), calls=3)
     with pytest.raises(KeyboardInterrupt):
         convert(ConvertSpec(str(folder), old, force=True))
     assert digest(old) == previous  # an interrupted --force run keeps the old output as it was
@@ -592,8 +595,8 @@ def test_ctrl_c_mid_write_leaves_nothing(llama, tmp_path, monkeypatch):
 
 def test_verify_failure_is_an_error_and_leaves_nothing(llama, tmp_path, monkeypatch):
     folder, _ = llama
-    real = cv.write_tensor_bytes
-    monkeypatch.setattr(cv, "write_tensor_bytes", lambda f, t: real(f, t * 1.01 if t.dim() == 2 else t))
+    real = st_io.write_tensor_bytes
+    monkeypatch.setattr(st_io, "write_tensor_bytes", lambda f, t: real(f, t * 1.01 if t.dim() == 2 else t))
     with pytest.raises(CheckpointError, match="verification failed"):
         convert(ConvertSpec(str(folder), tmp_path / "out", verify=True))
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

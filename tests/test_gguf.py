@@ -19,14 +19,9 @@ from gguf import GGMLQuantizationType as Q
 
 from llm_torch.core.config import ModelConfig
 from llm_torch.core.errors import CheckpointError, UnsupportedError
-from llm_torch.core.gguf import (
-    _dequantize,
-    gguf_config_dict,
-    gguf_metadata,
-    gguf_rope_freqs,
-    iter_gguf_tensors,
-    open_gguf,
-)
+from llm_torch.core.checkpoint.gguf import gguf_config_dict, gguf_rope_freqs, iter_gguf_tensors
+from llm_torch.core.checkpoint.gguf_reader import dequantize as _dequantize
+from llm_torch.core.checkpoint.gguf_reader import gguf_metadata, open_gguf
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB, LAYERS = 64, 4, 2, 16, 128, 128, 2
 

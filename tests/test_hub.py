@@ -22,9 +22,9 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import are_progress_bars_disabled
 
-from llm_torch.core import hub
+from llm_torch.core.checkpoint import hub
 from llm_torch.core.errors import HubError, ModelNotFoundError
-from llm_torch.core.hub import ModelRef, parse_model_ref, resolve_hub_gguf, resolve_hub_model, resolve_model_ref
+from llm_torch.core.checkpoint.hub import ModelRef, parse_model_ref, resolve_hub_gguf, resolve_hub_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER = "fedcba9876543210fedcba9876543210fedcba98"
@@ -281,7 +281,7 @@ def test_resolve_hub_gguf_from_cache_and_errors(tmp_path, monkeypatch):
     snap = cache_repo(tmp_path, "org/q", {"m.Q4_0.gguf": b"GGUF"})
     assert resolve_hub_gguf("org/q", "m.Q4_0.gguf", offline=True, cache_dir=tmp_path) == snap / "m.Q4_0.gguf"
     ref = parse_model_ref("org/q/m.Q4_0.gguf")
-    assert resolve_model_ref(ref, offline=True, cache_dir=tmp_path) == snap / "m.Q4_0.gguf"
+    assert (ref.kind, ref.repo_id, ref.filename) == ("hub", "org/q", "m.Q4_0.gguf")
     with pytest.raises(HubError, match="^'org/q/m.Q8_0.gguf' is not in the local cache and offline mode is on"):
         resolve_hub_gguf("org/q", "m.Q8_0.gguf", offline=True, cache_dir=tmp_path)
     # hf_hub_download retries connection errors with back-off (~23 s): skip the sleeps.

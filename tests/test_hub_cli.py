@@ -75,7 +75,7 @@ def test_commands_that_need_no_weights_never_ask_for_them(cache_without_weights,
     r = run_llm("generate", "-m", "acme/tiny-config-only", "hello", env=env)
     assert r.returncode == 1 and "has no *.safetensors weights" in r.stderr.decode()
     # What is asked of the Hub: no weight pattern at all.
-    from llm_torch.core import hub
+    from llm_torch.core.checkpoint import hub
 
     asked = {}
     monkeypatch.setattr(hub, "snapshot_download", lambda repo, **kw: asked.update(kw) or str(cache_without_weights))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llm_torch.core import kernels
-from llm_torch.quant import torchao_backend as tb
+from llm_torch.quant import int_layers as tb
 
 native = kernels.matvec()
 pytestmark = pytest.mark.skipif(native is None, reason=f"native kernels unavailable here: {kernels.status().detail}")

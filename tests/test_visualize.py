@@ -175,11 +175,13 @@ def test_layer_option(llm):
 
 def test_no_weights_are_read(models, monkeypatch, llm):
     import llm_torch.core.loading as loading
+    from llm_torch.core.checkpoint import safetensors as st_io
 
     def boom(*a, **k):
         raise AssertionError("weights were read")
 
-    monkeypatch.setattr(loading, "iter_safetensors", boom)
+    monkeypatch.setattr(st_io, "read_tensors", boom)
+    monkeypatch.setattr(st_io, "read_index", boom)
     monkeypatch.setattr(loading, "build_model", boom)
     assert not list((models / "tiny-gemma2").glob("*.safetensors"))
     out = llm("visualize-mask", "tiny-gemma2", "Hello")

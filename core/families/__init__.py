@@ -1,6 +1,18 @@
-"""Per-family data: defaults (the reference config class's), behaviour flags, supported heads.
+"""Everything a model family knows, declared once: config defaults and renames (the reference config
+class's), behaviour flags, heads, and how llama.cpp stores it in GGUF (names both ways, metadata).
 
-A family is data, not code paths: layers read the flags on ModelConfig, never the family name.
+A family is data, not code paths: layers read the flags on ModelConfig, never the family name; the
+loader, the GGUF reader and writer (core/checkpoint/) and the tokenizer read the family's fields.
+
+Adding a family (say `mistral`):
+1. core/families/mistral.py with `FAMILY = Family(model_type="mistral", ...)`: the defaults of transformers'
+   MistralConfig, the flags its layers need (add a flag to core/config.py + core/layers.py only for
+   behaviour no family has yet), `heads` (architectures name -> head kind), `normalize` for renamed or
+   derived fields, and `gguf` (llama.cpp's block tensor names for it, plus read/write hooks for its
+   metadata) if llama.cpp has the architecture.
+2. Register it in `_registry` below.
+3. Tests: a tiny random config against transformers in tests/test_parity.py (logits, greedy tokens,
+   incremental == full) and a GGUF round trip in tests/test_convert.py.
 """
 
 from __future__ import annotations
@@ -11,6 +23,42 @@ from typing import Any, Callable
 from ..errors import UnsupportedError
 
 
+def _no_hook(*args: Any) -> None:
+    return None
+
+
+# Per-block GGUF leaf -> HF module path, after gguf-py's tensor map (constants.py / tensor_mapping.py),
+# for the modules every family here shares.
+GGUF_COMMON_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """How llama.cpp's converter (convert_hf_to_gguf.py) stores a family."""
+
+    block_names: dict[str, str]  # per-block GGUF leaf -> HF module path
+    interleaved_qk: bool = False  # q/k rows interleaved per head for ggml's rotary kernel (undone on read)
+    rope_scaling: bool = False  # rope.scaling.* keys and the rope_freqs tensor carry rope_scaling
+    head_dim_from_rope: bool = False  # without attention.key_length, head_dim is rope.dimension_count
+    # read_config(get, tensor_names, config): the family's own HF fields from the metadata
+    # (get(key, default) reads "<arch>.<key>", floats as their shortest decimal).
+    read_config: Callable[[Callable[..., Any], set[str], dict[str, Any]], None] = _no_hook
+    # write_config(writer, cfg): the family's own metadata (a gguf.GGUFWriter), or UnsupportedError.
+    write_config: Callable[[Any, Any], None] = _no_hook
+    # Whitespace-only sentencepiece pieces spelled with real spaces in llama.cpp's vocabulary (Gemma).
+    spaces_in_pieces: bool = False
+
+
 @dataclass(frozen=True)
 class Family:
     model_type: str
@@ -19,6 +67,8 @@ class Family:
     # architectures name -> head kind ("causal_lm", "sequence_classification", ...)
     heads: dict[str, str]
     normalize: Callable[[dict[str, Any]], dict[str, Any]] = field(default=lambda c: c)
+    causal_lm: str = ""  # the architectures name of the causal LM class (GGUF files hold only that head)
+    gguf: GGUFLayout | None = None  # None: llama.cpp has no such architecture
 
 
 def _registry() -> dict[str, Family]:
@@ -38,3 +88,8 @@ def family_for(model_type: str) -> Family:
 
 def supported_model_types() -> list[str]:
     return sorted(_registry())
+
+
+def gguf_families() -> dict[str, Family]:
+    """GGUF general.architecture -> family (llama.cpp names these as transformers' model_type)."""
+    return {name: f for name, f in _registry().items() if f.gguf is not None}

@@ -27,7 +27,7 @@ def codec_for(spec_or_scheme, group_size: int = 128, double_quant: bool = False)
         from .bnb_backend import BnbCodec
 
         return BnbCodec(scheme, double_quant=double_quant)
-    from .torchao_backend import TorchaoCodec
+    from .int_layers import TorchaoCodec
 
     return TorchaoCodec(scheme, group_size=group_size)
 
@@ -125,7 +125,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False) 
             start += rows
             result.quantized.append(part_name)
         new = codec.build(parts, None if bias is None else bias.clone(), t.name)
-        _replace(model, t.name, new.to(w.device))
+        replace_module(model, t.name, new.to(w.device))
     if "lm_head" in result.quantized and tied_head:
         _untie(model)
     return result
@@ -139,7 +139,7 @@ def _tied_head(model: nn.Module) -> bool:
 def _quantize_embeddings(model: nn.Module, result: QuantResult, collect: bool) -> None:
     """int8 rows (one scale per token) for every embedding table, whatever the scheme: a lookup reads
     one row, so 4 bits would save memory, not time. A tied head then multiplies by the int8 table."""
-    from .torchao_backend import Int8Embedding, quantize_int8
+    from .int_layers import Int8Embedding, quantize_int8
 
     tied = _tied_head(model)
     for name, module in list(model.named_modules()):
@@ -147,7 +147,7 @@ def _quantize_embeddings(model: nn.Module, result: QuantResult, collect: bool) -
             continue
         tensors = quantize_int8(module.weight.detach())
         emb = Int8Embedding(tensors["weight"], tensors["weight_scale"]).to(module.weight.device)
-        _replace(model, name, emb)
+        replace_module(model, name, emb)
         result.quantized.append(name)
         if collect:
             result.tensors.update({f"{name}.{k}": v for k, v in tensors.items()})
@@ -165,7 +165,7 @@ def _untie(model: nn.Module) -> None:
         config.raw["tie_word_embeddings"] = False
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, module)

@@ -22,9 +22,9 @@ from typing import Any, Iterator
 
 import torch
 
-from .config import ModelConfig
-from .convert import Checkpoint, TensorInfo, _generation_config, _write_json
-from .errors import CheckpointError, ConfigError, UnsupportedError
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError, TokenizerError, UnsupportedError
+from .base import Checkpoint, TensorInfo, generation_config_for, selected, spm_tokenizer, write_json
 
 _SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth")
 # Meta leaf -> (HF module path, dim the shards are concatenated along; None = replicated)
@@ -98,7 +98,7 @@ class MetaCheckpoint(Checkpoint):
     kind = "meta"
 
     def __init__(self, path: Path):
-        from . import sentencepiece as sp
+        from .. import sentencepiece as sp
 
         self.warnings = []
         self.path = path
@@ -178,7 +178,11 @@ class MetaCheckpoint(Checkpoint):
         raise UnsupportedError(f"tensor '{key}' of the Meta checkpoint is unknown",
                                hint="only Llama 1/2 style consolidated checkpoints are supported")
 
-    def read(self, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    def read(self, dtype: torch.dtype | None, select=None) -> Iterator[tuple[str, torch.Tensor]]:
+        # Shards merged and q/k rows un-interleaved one tensor at a time, then cut to `select`.
+        return selected(self._merged(dtype), select)
+
+    def _merged(self, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
         cfg = self.config
         for info in self.tensors:
             key = self._sources[info.name]
@@ -194,24 +198,20 @@ class MetaCheckpoint(Checkpoint):
             yield info.name, (w if dtype is None else w.to(dtype)).contiguous()
 
     def tokenizer(self):
-        from .convert import _spm_tokenizer
-
         if self._spm is None:
-            from .errors import TokenizerError
-
             raise TokenizerError(f"{self.path} has no tokenizer.model", hint="copy Meta's tokenizer.model next to params.json")
-        return _spm_tokenizer(self.path / "tokenizer.model", None)
+        return spm_tokenizer(self.path / "tokenizer.model", None)
 
     def write_tokenizer_files(self, folder: Path) -> None:
-        from . import sentencepiece as sp
+        from .. import sentencepiece as sp
 
         if self._spm is None:
             self.warnings.append(f"{self.path} has no tokenizer.model: the output has weights and config but no tokenizer")
-            _write_json(folder / "generation_config.json", _generation_config(self.config))
+            write_json(folder / "generation_config.json", generation_config_for(self.config))
             return
         (folder / "tokenizer.json").write_text(sp.to_backend(self._spm).to_str(), encoding="utf-8")
-        _write_json(folder / "tokenizer_config.json", sp.tokenizer_config(self._spm, None, self.config.max_position_embeddings))
-        _write_json(folder / "generation_config.json", _generation_config(self.config))
+        write_json(folder / "tokenizer_config.json", sp.tokenizer_config(self._spm, None, self.config.max_position_embeddings))
+        write_json(folder / "generation_config.json", generation_config_for(self.config))
 
     def gguf_vocab(self) -> dict[str, Any]:
         from . import gguf_writer

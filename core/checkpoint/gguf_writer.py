@@ -1,8 +1,9 @@
 """Write a checkpoint as a llama.cpp GGUF file (gguf-py's GGUFWriter), one tensor at a time.
 
-The inverse of core/gguf.py: HF names -> GGUF names (gguf-py's tensor map), Llama's q/k rows back
-to the interleaved rotary layout llama.cpp's kernel expects, Gemma 2's norm scales stored as 1 + w,
-and the metadata keys convert_hf_to_gguf.py writes (hyper-parameters, tokenizer, chat template).
+The inverse of core/checkpoint/gguf.py: HF names -> GGUF names (gguf-py's tensor map), q/k rows back
+to the interleaved rotary layout llama.cpp's kernel expects (Llama), (1 + w) norm scales (Gemma 2), and
+the metadata keys convert_hf_to_gguf.py writes (hyper-parameters, tokenizer, chat template); each
+family's GGUFLayout (core/families/) says which.
 """
 
 from __future__ import annotations
@@ -14,59 +15,43 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFWriter, LlamaFileType, RopeScalingType, TokenType
+from gguf import GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quantize
 
-from . import gguf as gguf_read
-from .config import ModelConfig
-from .errors import UnsupportedError
-from .meta_llama import halves_to_interleaved
+from ..config import ModelConfig
+from ..errors import UnsupportedError
+from ..families import Family, family_for
+from .gguf import ROPE_FREQS, gguf_tensor_name
+from .gguf_rope import llama3_rope_factors
+from .meta import halves_to_interleaved
 
 _OUTTYPES = {"f32": (Q.F32, LlamaFileType.ALL_F32), "f16": (Q.F16, LlamaFileType.MOSTLY_F16),
              "bf16": (Q.BF16, LlamaFileType.MOSTLY_BF16), "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0)}
-_ARCH_NAMES = {"LlamaForCausalLM": "llama", "Gemma2ForCausalLM": "gemma2"}
 _SPACE = "\u2581"
-
-
-def gguf_tensor_name(arch: str, hf_name: str) -> str:
-    """HF state-dict name -> GGUF tensor name (core/gguf.py's table, inverted)."""
-    parts = hf_name.split(".")
-    if parts[:2] == ["model", "layers"]:
-        module, kind = ".".join(parts[3:-1]), parts[-1]
-        for leaf, hf_module in gguf_read.block_tensor_names(arch).items():
-            if hf_module == module:
-                return f"blk.{parts[2]}.{leaf}.{kind}"
-    else:
-        module, kind = ".".join(parts[:-1]), parts[-1]
-        for leaf, hf_module in gguf_read.top_tensor_names().items():
-            if hf_module == module:
-                return f"{leaf}.{kind}"
-    raise UnsupportedError(f"tensor '{hf_name}' has no GGUF name for architecture '{arch}'",
-                           hint="only the causal LM weights of llama / gemma2 can be written as GGUF")
 
 
 def write_gguf(checkpoint, path: Path, outtype: str, progress=None) -> tuple[int, int]:
     """Write `checkpoint` (core.convert.Checkpoint) to `path`; returns (tensor count, tensor bytes)."""
     cfg = checkpoint.config
-    arch = _architecture(cfg)
+    family = _family(cfg)
     qtype, file_type = _OUTTYPES[outtype]
     plan = []  # (hf name, gguf name, torch shape, ggml type)
     for t in checkpoint.tensors:
         if t.name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # llama.cpp reads a missing output.weight as tied to token_embd
         kind = _tensor_type(qtype, t.shape)
-        plan.append((t.name, gguf_tensor_name(arch, t.name), t.shape, kind))
-    rope_freqs = _rope_freqs(cfg) if arch == "llama" else None
+        plan.append((t.name, gguf_tensor_name(family, t.name), t.shape, kind))
+    rope_freqs = _rope_freqs(cfg) if family.gguf.rope_scaling else None
 
-    w = GGUFWriter(str(path), arch)
+    w = GGUFWriter(str(path), family.model_type)
     try:
-        _add_hparams(w, cfg, arch, checkpoint)
+        _add_hparams(w, cfg, family, checkpoint)
         w.add_file_type(int(file_type))
         if qtype == Q.Q8_0:
             w.add_quantization_version(2)
         _add_vocab(w, checkpoint.gguf_vocab())
         if rope_freqs is not None:
-            w.add_tensor_info("rope_freqs.weight", rope_freqs.shape, np.float32, rope_freqs.nbytes)
+            w.add_tensor_info(ROPE_FREQS, rope_freqs.shape, np.float32, rope_freqs.nbytes)
         total = 0
         for _, name, shape, kind in plan:
             nbytes = _nbytes(kind, shape)
@@ -90,7 +75,7 @@ def write_gguf(checkpoint, path: Path, outtype: str, progress=None) -> tuple[int
             if hf_name not in by_name:
                 continue
             name, shape, kind = by_name[hf_name]
-            w.write_tensor_data(_encode(_to_gguf_layout(tensor, hf_name, cfg, arch), kind))
+            w.write_tensor_data(_encode(_to_gguf_layout(tensor, hf_name, cfg, family), kind))
             done += _nbytes(kind, shape)
             del tensor
             if progress is not None:
@@ -100,12 +85,12 @@ def write_gguf(checkpoint, path: Path, outtype: str, progress=None) -> tuple[int
     return len(plan), total
 
 
-def _architecture(cfg: ModelConfig) -> str:
-    arch = cfg.model_type
-    if arch not in _ARCH_NAMES.values() or any(a not in _ARCH_NAMES for a in cfg.architectures):
-        raise UnsupportedError(f"only causal language models (llama, gemma2) can be written as GGUF, "
-                               f"not {', '.join(cfg.architectures) or arch}")
-    return arch
+def _family(cfg: ModelConfig) -> Family:
+    family = family_for(cfg.model_type)
+    if family.gguf is None or any(a != family.causal_lm for a in cfg.architectures):
+        raise UnsupportedError(f"only causal language models of a family llama.cpp knows can be written as GGUF, "
+                               f"not {', '.join(cfg.architectures) or cfg.model_type}")
+    return family
 
 
 def _tensor_type(qtype: Q, shape: tuple[int, ...]) -> Q:
@@ -129,13 +114,13 @@ def _nbytes(kind: Q, shape) -> int:
     return {Q.F32: 4 * n, Q.F16: 2 * n, Q.BF16: 2 * n, Q.Q8_0: n // 32 * 34}[kind]
 
 
-def _to_gguf_layout(w: torch.Tensor, hf_name: str, cfg: ModelConfig, arch: str) -> torch.Tensor:
-    if arch == "llama" and ".self_attn.q_proj." in hf_name:
+def _to_gguf_layout(w: torch.Tensor, hf_name: str, cfg: ModelConfig, family: Family) -> torch.Tensor:
+    if family.gguf.interleaved_qk and ".self_attn.q_proj." in hf_name:
         return halves_to_interleaved(w, cfg.num_attention_heads)
-    if arch == "llama" and ".self_attn.k_proj." in hf_name:
+    if family.gguf.interleaved_qk and ".self_attn.k_proj." in hf_name:
         return halves_to_interleaved(w, cfg.num_key_value_heads)
-    if arch == "gemma2" and hf_name.endswith("norm.weight"):
-        return w.float() + 1.0  # ggml's RMSNorm multiplies by the stored scale; Gemma's is (1 + w)
+    if cfg.norm_unit_offset and hf_name.endswith("norm.weight"):
+        return w.float() + 1.0  # ggml's RMSNorm multiplies by the stored scale; this family's is (1 + w)
     return w
 
 
@@ -153,7 +138,7 @@ def _rope_freqs(cfg: ModelConfig) -> np.ndarray | None:
     rope = cfg.rope_parameters
     if rope.get("rope_type") != "llama3":
         return None
-    factors = gguf_read.llama3_rope_factors(rope["rope_theta"], cfg.head_dim, rope["factor"], rope["low_freq_factor"],
+    factors = llama3_rope_factors(rope["rope_theta"], cfg.head_dim, rope["factor"], rope["low_freq_factor"],
                                             rope["high_freq_factor"], rope["original_max_position_embeddings"])
     return np.asarray(factors, dtype=np.float32)
 
@@ -163,7 +148,7 @@ _GENERAL_KEPT = ("name", "basename", "finetune", "size_label", "license", "organ
                  "author", "version", "description", "url", "repo_url", "tags")
 
 
-def _add_hparams(w: GGUFWriter, cfg: ModelConfig, arch: str, checkpoint) -> None:
+def _add_hparams(w: GGUFWriter, cfg: ModelConfig, family: Family, checkpoint) -> None:
     meta = getattr(checkpoint, "meta", None) or {}
     general = {f"general.{k}": meta[f"general.{k}"] for k in _GENERAL_KEPT if f"general.{k}" in meta}
     general.setdefault("general.name", Path(str(checkpoint.path)).name.removesuffix(".gguf"))
@@ -176,42 +161,8 @@ def _add_hparams(w: GGUFWriter, cfg: ModelConfig, arch: str, checkpoint) -> None
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    rope = cfg.rope_parameters
-    w.add_rope_freq_base(float(rope["rope_theta"]))
-    if arch == "llama":
-        w.add_rope_dimension_count(cfg.head_dim)
-        if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
-            w.add_key_length(cfg.head_dim)
-            w.add_value_length(cfg.head_dim)
-        kind = rope.get("rope_type", "default")
-        if kind == "linear":
-            w.add_rope_scaling_type(RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(float(rope["factor"]))
-        elif kind == "yarn":
-            w.add_rope_scaling_type(RopeScalingType.YARN)
-            w.add_rope_scaling_factor(float(rope["factor"]))
-            w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
-            for hf_key, add in (("attention_factor", w.add_rope_scaling_yarn_attn_factor),
-                                ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
-                                ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
-                if rope.get(hf_key) is not None:
-                    add(float(rope[hf_key]))
-        elif kind not in ("default", "llama3"):
-            raise UnsupportedError(f"rope type '{kind}' has no GGUF equivalent", hint="llama.cpp has linear, yarn, llama3")
-    else:
-        # What core/gguf.py (and llama.cpp) will assume must be what this model does.
-        expected_scalar = cfg.hidden_size // cfg.num_attention_heads if cfg.num_hidden_layers == 46 else cfg.head_dim
-        default_layers = tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg.num_hidden_layers))
-        if cfg.query_pre_attn_scalar != expected_scalar or cfg.layer_types != default_layers:
-            raise UnsupportedError("this Gemma 2 config (query_pre_attn_scalar / layer_types) cannot be expressed in GGUF",
-                                   hint="llama.cpp fixes both from the layer count")
-        if cfg.attn_logit_softcapping is None or cfg.final_logit_softcapping is None:
-            raise UnsupportedError("Gemma 2 without soft-capping cannot be expressed in GGUF")
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
-        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
-        w.add_sliding_window(int(cfg.sliding_window))
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    family.gguf.write_config(w, cfg)
 
 
 # --------------------------------------------------------------------------------------------- vocabulary
@@ -261,7 +212,8 @@ def _padded(tokens: list[str], types: list[int], scores: list[float] | None, siz
 def vocab_from_sentencepiece(m, cfg: ModelConfig, chat_template: str | None, *, add_bos: bool) -> dict[str, Any]:
     """GGUF tokenizer metadata from a sentencepiece model, as convert_hf_to_gguf.py's _set_vocab_sentencepiece."""
     tokens, scores, types = list(m.pieces), list(m.scores), list(m.types)
-    if cfg.model_type == "gemma2":
+    layout = family_for(cfg.model_type).gguf
+    if layout is not None and layout.spaces_in_pieces:
         # llama.cpp's Gemma vocabularies spell whitespace-only pieces with real spaces.
         tokens = [" " * len(t) if len(t) > 1 and set(t) == {_SPACE} else t for t in tokens]
     _padded(tokens, types, scores, cfg.vocab_size)

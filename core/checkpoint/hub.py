@@ -129,15 +129,6 @@ def resolve_hub_gguf(repo_id: str, filename: str, revision: str | None = None, *
                                     cache_dir=_cache_dir(cache_dir), endpoint=os.environ.get("HF_ENDPOINT") or None))
 
 
-def resolve_model_ref(ref: ModelRef, **kwargs) -> Path:
-    """Local path for any ModelRef: the folder / .gguf itself, or the Hub download (kwargs as resolve_hub_*)."""
-    if ref.kind != "hub":
-        return ref.path
-    if ref.filename:
-        return resolve_hub_gguf(ref.repo_id, ref.filename, ref.revision, **kwargs)
-    return resolve_hub_model(ref.repo_id, ref.revision, **kwargs)
-
-
 # Env vars are read per call, not at huggingface_hub's import time, so a late setenv still counts.
 def _offline() -> bool:
     env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""

@@ -1,0 +1,311 @@
+"""GGUF files in Hugging Face terms: config, tensor names and layouts, tokenizer; the GGUFCheckpoint.
+
+    checkpoint = GGUFCheckpoint(path)      # metadata only (memory-mapped)
+    checkpoint.config, checkpoint.tokenizer()
+    for hf_name, tensor in checkpoint.read(torch.float16): ...
+
+Tensors come out one at a time in HF layout: llama.cpp's converter (convert_hf_to_gguf.py) renamed
+them, interleaved Llama's q/k rows for its rotary kernel and stored (1 + w) norm scales for families
+whose RMSNorm adds one; all three are undone here, as each family's GGUFLayout (core/families/) says.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from gguf import GGUFReader
+
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError, UnsupportedError
+from ..families import GGUF_TOP_NAMES, Family, gguf_families
+from .base import Checkpoint, TensorInfo, generation_config_for, selected, write_json
+from .gguf_reader import dequantize, gguf_metadata, open_gguf, release_fields, release_pages
+from .gguf_rope import f32_decimal, rope_scaling_from_gguf
+
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_TOP_RE = re.compile(r"(\w+)\.(weight|bias)")
+# llama.cpp writes this for Llama 3.x rope scaling; it is config, not a parameter (see gguf_rope_freqs).
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def gguf_family(arch: str | None) -> Family:
+    """The family of a GGUF general.architecture, or UnsupportedError."""
+    families = gguf_families()
+    if arch not in families:
+        raise UnsupportedError(f"GGUF architecture '{arch}' is not supported", hint=f"supported: {', '.join(families)}")
+    return families[arch]
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def gguf_config_dict(
+    meta: Mapping[str, Any], tensor_names: Collection[str], rope_freqs: Sequence[float] | None = None
+) -> dict[str, Any]:
+    """An HF config.json-style dict (HF field names) for a GGUF file's metadata.
+
+    `tensor_names`: the file's tensor names (ties and biases are read off them). `rope_freqs`: the
+    values of its `rope_freqs.weight` tensor if it has one (Llama 3.x; see gguf_rope_freqs), from which
+    the "llama3" rope scaling is recovered. Float32 metadata is given back as its shortest decimal
+    (1e-05, not 9.999999747378752e-06), which is what the original config.json said.
+    """
+    arch = meta.get("general.architecture")
+    if arch is None:
+        raise ConfigError("GGUF metadata has no 'general.architecture'")
+    family = gguf_family(arch)
+    layout = family.gguf
+    names = set(tensor_names)
+
+    def get(key: str, default: Any = None) -> Any:
+        return f32_decimal(meta.get(f"{arch}.{key}", default))
+
+    def need(key: str) -> Any:
+        full = f"{arch}.{key}"
+        if full not in meta:
+            raise ConfigError(
+                f"GGUF metadata lacks '{full}'", hint="the file was not written by a known llama.cpp converter"
+            )
+        return meta[full]
+
+    hidden = int(need("embedding_length"))
+    heads = int(_per_layer_uniform(need("attention.head_count"), f"{arch}.attention.head_count"))
+    kv_heads = int(_per_layer_uniform(get("attention.head_count_kv", heads), f"{arch}.attention.head_count_kv"))
+    layers = int(need("block_count"))
+    # key_length when written (llama.cpp's rule), else Llama's rope.dimension_count, which llama.cpp
+    # requires to equal the head size (transformers reads head_dim from it), else n_embd / n_head.
+    rot = get("rope.dimension_count")
+    head_dim = get("attention.key_length")
+    if head_dim is None and layout.head_dim_from_rope:
+        head_dim = rot
+    head_dim = int(head_dim or hidden // heads)
+    value_dim = int(get("attention.value_length") or head_dim)
+    if value_dim != head_dim:
+        raise UnsupportedError(f"GGUF attention.value_length {value_dim} differs from key_length {head_dim}")
+
+    vocab = get("vocab_size")
+    if vocab is None:
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if tokens is None:
+            raise ConfigError(f"GGUF metadata has neither '{arch}.vocab_size' nor 'tokenizer.ggml.tokens'")
+        vocab = len(tokens)
+
+    config: dict[str, Any] = {
+        "model_type": arch,
+        "architectures": [family.causal_lm],
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(_per_layer_uniform(need("feed_forward_length"), f"{arch}.feed_forward_length")),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": int(need("context_length")),
+        "rms_norm_eps": f32_decimal(need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": f32_decimal(get("rope.freq_base", 10000.0)),
+        # llama.cpp's converter writes output.weight only when it is not the embedding matrix.
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _eos_ids(meta),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+    }
+    if rot is not None and int(rot) != head_dim:
+        config["partial_rotary_factor"] = int(rot) / head_dim  # ModelConfig rejects it with a clear message
+    rope_scaling = rope_scaling_from_gguf(get, config, rope_freqs, ROPE_FREQS in names)
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
+
+    layout.read_config(get, names, config)
+    return config
+
+
+def gguf_rope_freqs(reader: GGUFReader) -> list[float] | None:
+    """The values of the file's `rope_freqs.weight` (per-frequency divisors; Llama 3.x), or None."""
+    for t in reader.tensors:
+        if t.name == ROPE_FREQS:
+            return dequantize(t).float().reshape(-1).tolist()
+    return None
+
+
+def _per_layer_uniform(value: Any, key: str) -> Any:
+    # Some converters write one value per layer; our layers take one value for all.
+    if isinstance(value, list):
+        if not value or any(v != value[0] for v in value):
+            raise UnsupportedError(f"GGUF '{key}' varies per layer ({value}), which is not supported")
+        return value[0]
+    return value
+
+
+def _eos_ids(meta: Mapping[str, Any]) -> int | list[int] | None:
+    # llama.cpp ends generation on eos, eot and eom alike (llama_vocab::is_eog); chat models need all.
+    ids: list[int] = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
+    if not ids:
+        return None
+    return ids[0] if len(ids) == 1 else ids
+
+
+# --------------------------------------------------------------------------------------------- tensors
+
+
+def iter_gguf_tensors(
+    reader: GGUFReader, config: Mapping[str, Any], dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF state-dict name, tensor in HF layout and `dtype`), one tensor at a time, in file order.
+
+    `config` is gguf_config_dict's result. Tensors the model has no parameter for (rope_freqs) are skipped;
+    a tensor name this loader does not know raises CheckpointError.
+    """
+    family = gguf_family(config.get("model_type"))
+    unit_offset = bool(family.flags.get("norm_unit_offset"))
+    n_head = int(config["num_attention_heads"])
+    n_kv_head = int(config.get("num_key_value_heads") or n_head)
+    n_layers = int(config["num_hidden_layers"])
+    for t in reader.tensors:
+        hf_name, leaf = hf_tensor_name(family, t.name, n_layers)
+        if hf_name is None:
+            continue
+        offset_norm = unit_offset and leaf.endswith("norm") and t.name.endswith(".weight")
+        w = dequantize(t, torch.float32 if offset_norm else dtype)
+        if family.gguf.interleaved_qk and leaf in ("attn_q", "attn_k"):
+            w = _unpermute_qk(w, n_head if leaf == "attn_q" else n_kv_head, t.name)
+        if offset_norm:
+            # convert_hf_to_gguf.py stored the RMSNorm scale as (1 + w) for ggml; HF keeps w.
+            # Subtract in fp32 before the cast, as transformers does.
+            w = w - 1.0
+        release_pages(reader, t)
+        yield hf_name, w.to(dtype)
+
+
+def hf_tensor_name(family: Family, name: str, n_layers: int) -> tuple[str | None, str]:
+    """GGUF tensor name -> (HF state-dict name, GGUF leaf); (None, leaf) for tensors with no parameter
+    (rope_freqs). Raises CheckpointError for a name unknown to the family or a layer past `n_layers`."""
+    layout = family.gguf
+    if name == ROPE_FREQS and layout.rope_scaling:
+        return None, "rope_freqs"
+    m = _BLOCK_RE.fullmatch(name)
+    if m:
+        layer, leaf, kind = int(m.group(1)), m.group(2), m.group(3)
+        module = layout.block_names.get(leaf)
+        if module is not None:
+            if layer >= n_layers:
+                raise CheckpointError(f"GGUF tensor '{name}' is for layer {layer}, but the model has {n_layers} layers")
+            return f"model.layers.{layer}.{module}.{kind}", leaf
+    else:
+        m = _TOP_RE.fullmatch(name)
+        if m and m.group(1) in GGUF_TOP_NAMES:
+            return f"{GGUF_TOP_NAMES[m.group(1)]}.{m.group(2)}", m.group(1)
+    raise CheckpointError(
+        f"GGUF tensor '{name}' is unknown for architecture '{family.model_type}'",
+        hint="the file may be for a different model type",
+    )
+
+
+def gguf_tensor_name(family: Family, hf_name: str) -> str:
+    """HF state-dict name -> GGUF tensor name (hf_tensor_name's inverse)."""
+    parts = hf_name.split(".")
+    if parts[:2] == ["model", "layers"]:
+        module, kind = ".".join(parts[3:-1]), parts[-1]
+        for leaf, hf_module in family.gguf.block_names.items():
+            if hf_module == module:
+                return f"blk.{parts[2]}.{leaf}.{kind}"
+    else:
+        module, kind = ".".join(parts[:-1]), parts[-1]
+        for leaf, hf_module in GGUF_TOP_NAMES.items():
+            if hf_module == module:
+                return f"{leaf}.{kind}"
+    raise UnsupportedError(f"tensor '{hf_name}' has no GGUF name for architecture '{family.model_type}'",
+                           hint="only the causal LM weights can be written as GGUF")
+
+
+def _unpermute_qk(w: torch.Tensor, n_head: int, name: str) -> torch.Tensor:
+    """Undo convert_hf_to_gguf.py's LlamaModel.permute (rows per head: HF halves -> interleaved pairs)."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise CheckpointError(f"GGUF tensor '{name}' has {rows} rows, not a multiple of 2 x {n_head} heads")
+    # GGUF row (head, i, half) holds HF row (head, half, i); swap back. Works for weights and biases.
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+# --------------------------------------------------------------------------------------------- checkpoint
+
+
+class GGUFCheckpoint(Checkpoint):
+    kind = "gguf"
+
+    def __init__(self, path: Path):
+        self.warnings = []
+        self.path = path
+        self._reader = open_gguf(path)
+        self.meta = gguf_metadata(self._reader)
+        release_fields(self._reader)  # meta has every value now; the fields' per-string views cost ~36 MB
+        names = [t.name for t in self._reader.tensors]
+        raw = gguf_config_dict(self.meta, names, gguf_rope_freqs(self._reader))
+        self.config = ModelConfig.from_dict(raw)
+        self.config_dict = {k: v for k, v in raw.items() if k not in ("rope_parameters",)}
+
+    @cached_property
+    def tensors(self) -> list[TensorInfo]:
+        from gguf import GGMLQuantizationType as Q
+
+        n_layers = self.config.num_hidden_layers
+        family = gguf_family(self.config.model_type)
+        # Unquantized files keep their dtype; dequantized ones become float16, which holds Q8/Q4 block
+        # values (fp16 scale x small int) more exactly than bfloat16 (the loader's --dtype auto on CPU).
+        own = {Q.F32: torch.float32, Q.BF16: torch.bfloat16}
+        kinds, out = [], []
+        for t in self._reader.tensors:
+            hf_name, _ = hf_tensor_name(family, t.name, n_layers)
+            if hf_name is None:
+                continue
+            shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+            if len(shape) > 1:
+                kinds.append(own.get(t.tensor_type, torch.float16))
+            out.append(TensorInfo(hf_name, shape, torch.float32))
+        self.default_dtype = kinds[0] if kinds and all(k == kinds[0] for k in kinds) else torch.float16
+        return out
+
+    def read(self, dtype, select=None):
+        if dtype is None:
+            _ = self.tensors  # sets default_dtype
+            dtype = self.default_dtype
+        # Quantized blocks cannot be cut before they are decoded: read whole, then select.
+        return selected(iter_gguf_tensors(self._reader, self.config.raw, dtype), select)
+
+    def tokenizer(self):
+        from ..tokenizer import Tokenizer
+
+        if not self.meta:
+            raise CheckpointError(f"the tokenizer metadata of {self.path} was already released")
+        return Tokenizer.from_gguf_metadata(self.meta)
+
+    def release_metadata(self) -> None:
+        # The vocabulary as Python lists (~tens of MB): freed before the weights arrive, not added to the peak.
+        self.meta = {}
+
+    def write_tokenizer_files(self, folder):
+        tok = self.tokenizer()
+        (folder / "tokenizer.json").write_text(tok.backend.to_str(), encoding="utf-8")
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": tok.add_bos_token,
+                                  "add_eos_token": bool(self.meta.get("tokenizer.ggml.add_eos_token", False)),
+                                  "clean_up_tokenization_spaces": False,
+                                  "model_max_length": self.config.max_position_embeddings}
+        for key, gguf_key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                              ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+            i = self.meta.get(f"tokenizer.ggml.{gguf_key}")
+            if i is not None and tok.id_to_token(int(i)) is not None:
+                config[key] = tok.id_to_token(int(i))
+        if tok.chat_template:
+            config["chat_template"] = tok.chat_template
+        write_json(folder / "tokenizer_config.json", config)
+        write_json(folder / "generation_config.json", generation_config_for(self.config, tok))
+
+    def gguf_vocab(self):
+        return {k: v for k, v in self.meta.items() if k.startswith("tokenizer.")}

