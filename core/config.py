@@ -13,7 +13,9 @@ from typing import Any
 
 from .errors import ConfigError, UnsupportedError
 
-SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu", "gelu_new", "relu")
+# hidden_act (HF name) -> the function it names; layers.py and native_step.py map these functions to code.
+# gelu_new and gelu_pytorch_tanh are both the tanh approximation of GELU.
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # Keys each rope type needs beyond rope_theta (the reference raises on a missing one too).
@@ -57,6 +59,10 @@ class ModelConfig:
     pad_token_id: int | None = None
     torch_dtype: str | None = None  # the checkpoint's own dtype name ("bfloat16", ...)
     id2label: dict[int, str] = field(default_factory=dict, hash=False)
+    problem_type: str | None = None  # sequence classification: single/multi_label_classification, regression
+    token_classification_bias: bool = True  # the token-classification head's Linear has a bias
+    quantization_config: dict[str, Any] | None = field(default=None, hash=False)  # our quantized folders (quant/)
+    # The config.json as read, for writing it back out (quantize, convert); layers read the fields above.
     raw: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
 
     @property
@@ -98,8 +104,8 @@ class ModelConfig:
         if heads % kv_heads:
             raise ConfigError(f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
         act = c.get("hidden_act") or "silu"
-        if act not in SUPPORTED_ACTIVATIONS:
-            raise UnsupportedError(f"activation '{act}' is not supported", hint=f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
+        if act not in ACTIVATIONS:
+            raise UnsupportedError(f"activation '{act}' is not supported", hint=f"supported: {', '.join(ACTIVATIONS)}")
         for key in ("use_bidirectional_attention",):
             if c.get(key):
                 raise UnsupportedError(f"config option {key}={c[key]!r} is not supported")
@@ -151,6 +157,9 @@ class ModelConfig:
             pad_token_id=_opt_int(c.get("pad_token_id")),
             torch_dtype=str(dtype) if dtype else None,
             id2label=id2label,
+            problem_type=c.get("problem_type"),
+            token_classification_bias=bool(c.get("token_classification_bias", True)),
+            quantization_config=c.get("quantization_config"),
             raw=dict(c),
         )
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from .config import ACTIVATIONS, ModelConfig
 
 
 def compute_dtype(weight_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -210,10 +210,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
+# config.ACTIVATIONS' functions.
 _ACTIVATIONS = {
     "silu": F.silu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu": F.gelu,
     "relu": F.relu,
 }
@@ -238,7 +238,7 @@ class MLP(nn.Module):
             self.gate_proj = Linear(c, i, bias=bias)
             self.up_proj = Linear(c, i, bias=bias)
         self.down_proj = Linear(i, c, bias=bias)
-        self.act = _ACTIVATIONS[config.hidden_act]
+        self.act = _ACTIVATIONS[ACTIVATIONS[config.hidden_act]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:

@@ -290,7 +290,7 @@ def load_resolved(
         # swaps in its layers and takes their tensors from the stream; the rest loads as usual.
         from llm_torch.quant.load import QuantizedLoader
 
-        quantized = QuantizedLoader(model, quant_config, {t.name for t in checkpoint.tensors}, target, dev)
+        quantized = QuantizedLoader(model, quant_config, lambda: {t.name for t in checkpoint.tensors}, target, dev)
         tensors = quantized.filter(tensors)
     assign_weights(model, tensors, target, dev, fast_layout=True)
     if quantized is not None:

@@ -230,7 +230,7 @@ class TokenClassification(_EncoderHead):
 
     def __init__(self, config: ModelConfig, fused: bool = False):
         super().__init__(config, fused)
-        bias = bool(config.raw.get("token_classification_bias", True))
+        bias = config.token_classification_bias
         self.score = Linear(config.hidden_size, config.num_labels, bias=bias)
 
     def forward(self, input_ids: torch.Tensor, **decoder_kw) -> torch.Tensor:

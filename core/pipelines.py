@@ -238,7 +238,7 @@ class Pipeline:
         return self.tokenizer.encode_with_offsets(text, add_special_tokens=True)
 
     def _scores(self, logits: torch.Tensor) -> torch.Tensor:
-        problem = self.model.config.raw.get("problem_type")
+        problem = self.model.config.problem_type
         if problem == "multi_label_classification" or logits.shape[-1] == 1:
             return torch.sigmoid(logits.float())
         return torch.softmax(logits.float(), dim=-1)

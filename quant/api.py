@@ -16,7 +16,7 @@ from .spec import QuantSpec
 
 def quantize_loaded(loaded, spec: QuantSpec, *, collect: bool = False) -> QuantResult:
     """Quantize a LoadedModel's model in place (`--quantize` at load time)."""
-    if loaded.config.raw.get("quantization_config") is not None:
+    if loaded.config.quantization_config is not None:
         raise InputError(f"{loaded.name} is already quantized", hint="drop --quantize, or start from the float model")
     device = next(loaded.model.parameters()).device
     if device.type not in ("cpu", "cuda"):

@@ -6,7 +6,7 @@ checkpoint's own keys (a pre-quantized Hub checkpoint may skip any layer), never
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -65,11 +65,14 @@ class QuantizedLoader:
     """Replace quantized Linears of a meta model by placeholders, take their tensors out of the stream,
     build the quantized modules at the end. core/loading.py: loader.filter(stream) ... loader.finish()."""
 
-    def __init__(self, model: nn.Module, qconfig: dict[str, Any], keys: set[str], dtype: torch.dtype, device: torch.device):
-        # keys: every tensor name of the checkpoint (its safetensors headers; nothing is read yet)
+    def __init__(self, model: nn.Module, qconfig: dict[str, Any], tensor_names: Callable[[], set[str]],
+                 dtype: torch.dtype, device: torch.device):
+        # tensor_names(): every tensor name of the checkpoint (from the file headers), asked for once the
+        # quantization_config is known to be one we read
         scheme, kwargs = scheme_from_config(qconfig)
         self.codec = codec_for(scheme, **kwargs)
         self.model, self.device, self.dtype = model, device, dtype
+        keys = tensor_names()
         marker = self.codec.marker
         self.targets = []
         for t in linear_targets(model):

@@ -96,7 +96,7 @@ def report_card(float_ref: str, quant_dir: Path, *, dtype: str = "float32", rss:
     quant_dir = Path(quant_dir)
     base = load_model(float_ref, dtype=dtype)
     quant = load_model(str(quant_dir))
-    if quant.config.raw.get("quantization_config") is None:
+    if quant.config.quantization_config is None:
         raise InputError(f"{quant_dir} is not a quantized model folder", hint="give the folder written by llm quantize")
     from llm_torch.core.generate import context_length
 

@@ -69,7 +69,7 @@ class Checkpoint:
     @property
     def quantization_config(self) -> dict[str, Any] | None:
         """Set for our pre-quantized folders (quant/ reads them)."""
-        return self.config.raw.get("quantization_config")
+        return self.config.quantization_config
 
     def release_metadata(self) -> None:
         """Drop what only the tokenizer needed, before the weights are read (peak memory)."""
@@ -78,11 +78,10 @@ class Checkpoint:
         """tokenizer.json, tokenizer_config.json (with the chat template) and generation_config.json."""
         raise NotImplementedError
 
-    def gguf_vocab(self) -> dict[str, Any]:
-        """The tokenizer.* GGUF metadata (key -> plain value) llama.cpp needs."""
-        from . import gguf_writer
-
-        return gguf_writer.vocab_from_tokenizer(self.tokenizer(), self.config)
+    def sentencepiece_model(self):
+        """The source's sentencepiece model (core.sentencepiece.SPModel), which llama.cpp's converter
+        prefers for its vocabulary (it has the scores); None when there is none."""
+        return None
 
     def close(self) -> None:
         pass
@@ -93,6 +92,18 @@ def selected(tensors: Iterator[tuple[str, torch.Tensor]], select: Select | None)
     for name, tensor in tensors:
         index = None if select is None else select(name, tuple(tensor.shape))
         yield name, (tensor if index is None else tensor[index].contiguous())
+
+
+def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of each head from (pair, 2) order to (2, pair) order: Meta/GGUF rotary layout -> HF's."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of interleaved_to_halves: HF rotate-half rows -> Meta/GGUF interleaved pairs."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def write_json(path: Path, obj: Any) -> None:

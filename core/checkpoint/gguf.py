@@ -23,7 +23,7 @@ from gguf import GGUFReader
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, UnsupportedError
 from ..families import GGUF_TOP_NAMES, Family, gguf_families
-from .base import Checkpoint, TensorInfo, generation_config_for, selected, write_json
+from .base import Checkpoint, TensorInfo, generation_config_for, interleaved_to_halves, selected, write_json
 from .gguf_reader import dequantize, gguf_metadata, open_gguf, release_fields, release_pages
 from .gguf_rope import f32_decimal, rope_scaling_from_gguf
 
@@ -231,7 +231,7 @@ def _unpermute_qk(w: torch.Tensor, n_head: int, name: str) -> torch.Tensor:
     if rows % (2 * n_head):
         raise CheckpointError(f"GGUF tensor '{name}' has {rows} rows, not a multiple of 2 x {n_head} heads")
     # GGUF row (head, i, half) holds HF row (head, half, i); swap back. Works for weights and biases.
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+    return interleaved_to_halves(w, n_head).contiguous()
 
 
 # --------------------------------------------------------------------------------------------- checkpoint
@@ -250,6 +250,7 @@ class GGUFCheckpoint(Checkpoint):
         raw = gguf_config_dict(self.meta, names, gguf_rope_freqs(self._reader))
         self.config = ModelConfig.from_dict(raw)
         self.config_dict = {k: v for k, v in raw.items() if k not in ("rope_parameters",)}
+        self._gguf_config = raw
 
     @cached_property
     def tensors(self) -> list[TensorInfo]:
@@ -277,7 +278,7 @@ class GGUFCheckpoint(Checkpoint):
             _ = self.tensors  # sets default_dtype
             dtype = self.default_dtype
         # Quantized blocks cannot be cut before they are decoded: read whole, then select.
-        return selected(iter_gguf_tensors(self._reader, self.config.raw, dtype), select)
+        return selected(iter_gguf_tensors(self._reader, self._gguf_config, dtype), select)
 
     def tokenizer(self):
         from ..tokenizer import Tokenizer
@@ -306,6 +307,3 @@ class GGUFCheckpoint(Checkpoint):
             config["chat_template"] = tok.chat_template
         write_json(folder / "tokenizer_config.json", config)
         write_json(folder / "generation_config.json", generation_config_for(self.config, tok))
-
-    def gguf_vocab(self):
-        return {k: v for k, v in self.meta.items() if k.startswith("tokenizer.")}

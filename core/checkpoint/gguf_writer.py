@@ -23,7 +23,7 @@ from ..errors import UnsupportedError
 from ..families import Family, family_for
 from .gguf import ROPE_FREQS, gguf_tensor_name
 from .gguf_rope import llama3_rope_factors
-from .meta import halves_to_interleaved
+from .base import halves_to_interleaved
 
 _OUTTYPES = {"f32": (Q.F32, LlamaFileType.ALL_F32), "f16": (Q.F16, LlamaFileType.MOSTLY_F16),
              "bf16": (Q.BF16, LlamaFileType.MOSTLY_BF16), "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0)}
@@ -49,7 +49,7 @@ def write_gguf(checkpoint, path: Path, outtype: str, progress=None) -> tuple[int
         w.add_file_type(int(file_type))
         if qtype == Q.Q8_0:
             w.add_quantization_version(2)
-        _add_vocab(w, checkpoint.gguf_vocab())
+        _add_vocab(w, gguf_vocab(checkpoint))
         if rope_freqs is not None:
             w.add_tensor_info(ROPE_FREQS, rope_freqs.shape, np.float32, rope_freqs.nbytes)
         total = 0
@@ -207,6 +207,19 @@ def _padded(tokens: list[str], types: list[int], scores: list[float] | None, siz
         types.append(int(TokenType.UNUSED))
         if scores is not None:
             scores.append(-1000.0)
+
+
+def gguf_vocab(checkpoint) -> dict[str, Any]:
+    """The tokenizer.* GGUF metadata (key -> plain value) llama.cpp needs, for any checkpoint."""
+    meta = getattr(checkpoint, "meta", None)
+    if checkpoint.kind == "gguf" and meta:
+        return {k: v for k, v in meta.items() if k.startswith("tokenizer.")}  # carried over as it is
+    tok = checkpoint.tokenizer()
+    spm = checkpoint.sentencepiece_model()
+    if spm is not None:
+        # llama.cpp's own converter prefers the sentencepiece model (it has the scores).
+        return vocab_from_sentencepiece(spm, checkpoint.config, tok.chat_template, add_bos=tok.add_bos_token)
+    return vocab_from_tokenizer(tok, checkpoint.config)
 
 
 def vocab_from_sentencepiece(m, cfg: ModelConfig, chat_template: str | None, *, add_bos: bool) -> dict[str, Any]:

@@ -39,7 +39,8 @@ class HFCheckpoint(Checkpoint):
         return [info for _, info, _, _ in self._entries]
 
     def read(self, dtype, select=None):
-        return read_tensors(self._entries, dtype, select)
+        # A generator: the headers are parsed when the first tensor is asked for, not at the call.
+        yield from read_tensors(self._entries, dtype, select)
 
     def tokenizer(self):
         from ..tokenizer import Tokenizer
@@ -74,15 +75,10 @@ class HFCheckpoint(Checkpoint):
         if not (folder / "tokenizer.json").is_file():
             self.warnings.append(f"{self.path} has no tokenizer.json or tokenizer.model: the output has no tokenizer")
 
-    def gguf_vocab(self):
-        from . import gguf_writer
-
+    def sentencepiece_model(self):
         spm_file = self.path / "tokenizer.model"
-        if spm_file.is_file():
-            # llama.cpp's own converter prefers the sentencepiece model (it has the scores).
-            from .. import sentencepiece as sp
+        if not spm_file.is_file():
+            return None
+        from .. import sentencepiece as sp
 
-            tok = self.tokenizer()
-            return gguf_writer.vocab_from_sentencepiece(sp.read_model(spm_file), self.config, tok.chat_template,
-                                                        add_bos=tok.add_bos_token)
-        return gguf_writer.vocab_from_tokenizer(self.tokenizer(), self.config)
+        return sp.read_model(spm_file)

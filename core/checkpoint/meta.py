@@ -24,7 +24,8 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, TokenizerError, UnsupportedError
-from .base import Checkpoint, TensorInfo, generation_config_for, selected, spm_tokenizer, write_json
+from .base import (Checkpoint, TensorInfo, generation_config_for, interleaved_to_halves, selected, spm_tokenizer,
+                   write_json)
 
 _SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth")
 # Meta leaf -> (HF module path, dim the shards are concatenated along; None = replicated)
@@ -80,18 +81,6 @@ def config_from_params(params: dict[str, Any], vocab_size: int) -> dict[str, Any
         "attention_bias": False,
         "mlp_bias": False,
     }
-
-
-def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of each head from (pair, 2) order to (2, pair) order: Meta/GGUF rotary layout -> HF's."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The inverse of interleaved_to_halves: HF rotate-half rows -> Meta/GGUF interleaved pairs."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 class MetaCheckpoint(Checkpoint):
@@ -213,12 +202,8 @@ class MetaCheckpoint(Checkpoint):
         write_json(folder / "tokenizer_config.json", sp.tokenizer_config(self._spm, None, self.config.max_position_embeddings))
         write_json(folder / "generation_config.json", generation_config_for(self.config))
 
-    def gguf_vocab(self) -> dict[str, Any]:
-        from . import gguf_writer
-
-        if self._spm is None:
-            self.tokenizer()
-        return gguf_writer.vocab_from_sentencepiece(self._spm, self.config, None, add_bos=True)
+    def sentencepiece_model(self):
+        return self._spm
 
     def close(self) -> None:
         self._shards = []

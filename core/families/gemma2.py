@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from . import GGUF_COMMON_BLOCK, Family, GGUFLayout
+from .base import GGUF_COMMON_BLOCK, Family, GGUFLayout
 
 # llama.cpp's defaults when a Gemma 2 file omits these keys (llama-hparams.h / HF Gemma2Config agree):
 # HF field -> (GGUF key under "gemma2.", default).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from . import GGUF_COMMON_BLOCK, Family, GGUFLayout
+from .base import GGUF_COMMON_BLOCK, Family, GGUFLayout
 
 
 def _gguf_read(get: Callable[..., Any], names: set[str], config: dict[str, Any]) -> None:
