@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
+from .aliases import user_alias
 from .config import ModelConfig, load_config
 from .errors import CheckpointError, ConfigError, InputError, ModelNotFoundError, UnsupportedError
 from .families import family_for
@@ -70,6 +71,8 @@ def resolve_model(ref: str | None, *, offline: bool | None = None, progress: boo
 
     weights=False: a Hub repo's config and tokenizer files only (a GGUF file holds both with its weights)."""
     ref = (ref or DEFAULT_MODEL).strip()
+    if (target := user_alias(ref)) is not None:  # a user alias (core/aliases.py) stays the model's name
+        return replace(resolve_model(target, offline=offline, progress=progress, weights=weights), name=ref)
     if ref.lower() in EMBEDDED_MODELS and not Path(ref).exists():
         return ResolvedModel(ref.lower(), "gguf", embedded_model_path(ref.lower()))
     from . import hub  # huggingface_hub costs ~0.3 s of imports: only when a reference needs parsing
