@@ -16,6 +16,7 @@ from . import chat as chat_cmd
 from . import completions as completions_cmd
 from . import convert as convert_cmd
 from . import generate as generate_cmd
+from . import models as models_cmd
 from . import perplexity as perplexity_cmd
 from . import quantize as quantize_cmd
 from . import run as run_cmd
@@ -61,6 +62,8 @@ app.command("tokenize")(tokenize_cmd.tokenize)
 app.command("convert")(convert_cmd.convert)
 app.command("perplexity")(perplexity_cmd.perplexity)
 app.command("template")(template_cmd.template)
+app.command("models")(models_cmd.models)
+app.add_typer(models_cmd.aliases_app, name="aliases")
 app.command("completions", hidden=True)(completions_cmd.completions)
 
 

@@ -37,7 +37,8 @@ def completions(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish."
 
 
 def complete_model(incomplete: str) -> list[str]:
-    """Models in the local HF cache plus the embedded alias; never raises, never touches the network."""
+    """Models in the local HF cache plus the embedded alias and the user's aliases; never raises, never
+    touches the network."""
     names = []
     try:
         from llm_torch.core.loading import EMBEDDED_MODELS
@@ -50,6 +51,12 @@ def complete_model(incomplete: str) -> list[str]:
 
         names.extend(sorted(r.repo_id for r in scan_cache_dir().repos if r.repo_type == "model"))
     except Exception:
+        pass
+    try:
+        from llm_torch.core.aliases import load_aliases
+
+        names.extend(sorted(load_aliases()))
+    except Exception:  # a corrupt aliases file must not break completion: the command will say what is wrong
         pass
     names.extend(_local_paths(incomplete))
     return [n for n in dict.fromkeys(names) if n.startswith(incomplete)]

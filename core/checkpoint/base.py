@@ -7,11 +7,12 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..config import ModelConfig
+
+if TYPE_CHECKING:  # torch only in annotations: resolving a reference (checkpoint.resolve) stays torch-free
+    import torch
 
 # select(name, shape) -> an index (tuple of slices) or None: read only that part of a tensor (a
 # tensor-parallel rank's slice) or the whole of it.

@@ -135,13 +135,18 @@ def _offline() -> bool:
     return constants.HF_HUB_OFFLINE or env.upper() in _TRUE
 
 
-def _cache_dir(cache_dir: Path | None) -> str | None:
+def cache_root(cache_dir: Path | None = None) -> Path:
+    """The Hub cache folder: `cache_dir`, else HF_HUB_CACHE, else $HF_HOME/hub, else huggingface_hub's default."""
     if cache_dir is not None:
-        return str(cache_dir)
+        return Path(cache_dir)
     if os.environ.get("HF_HUB_CACHE"):
-        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+        return Path(os.path.expanduser(os.environ["HF_HUB_CACHE"]))
     home = os.environ.get("HF_HOME")
-    return os.path.join(os.path.expanduser(home), "hub") if home else None
+    return Path(os.path.expanduser(home)) / "hub" if home else Path(constants.HF_HUB_CACHE)
+
+
+def _cache_dir(cache_dir: Path | None) -> str:
+    return str(cache_root(cache_dir))
 
 
 @contextmanager

@@ -4,9 +4,10 @@ into the Hugging Face cache), or Meta's original layout."""
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..aliases import user_alias
 from ..errors import ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2"
@@ -43,6 +44,8 @@ def resolve_model(ref: str | None, *, offline: bool | None = None, progress: boo
 
     weights=False: a Hub repo's config and tokenizer files only (a GGUF file holds both with its weights)."""
     ref = (ref or DEFAULT_MODEL).strip()
+    if (target := user_alias(ref)) is not None:  # a user alias (core/aliases.py) stays the model's name
+        return replace(resolve_model(target, offline=offline, progress=progress, weights=weights), name=ref)
     if ref.lower() in EMBEDDED_MODELS and not Path(ref).exists():
         return ResolvedModel(ref.lower(), "gguf", embedded_model_path(ref.lower()))
     from . import hub  # huggingface_hub costs ~0.3 s of imports: only when a reference needs parsing
