@@ -210,9 +210,9 @@ def supported_context(config: ModelConfig) -> int:
     return trained
 
 
-def resolve_context(config: ModelConfig, requested: int | None) -> int:
+def resolve_context(config: ModelConfig, requested: int | None, what: str = "a context") -> int:
     """The context to use: `requested` (None: supported_context), or InputError when the rope setup does
-    not support that many positions (never a silent clamp)."""
+    not support that many positions (never a silent clamp); `what` names it in the message."""
     limit = supported_context(config)
     if requested is None:
         return limit
@@ -225,7 +225,7 @@ def resolve_context(config: ModelConfig, requested: int | None) -> int:
         else:
             why = f"rope_scaling {p['rope_type']} with factor {p.get('factor')}"
             more = ""
-        raise InputError(f"a context of {requested} tokens is longer than the model supports ({limit}: {why})",
+        raise InputError(f"{what} of {requested} tokens is longer than the model supports ({limit}: {why})",
                          hint=f"use --context {limit} or less{more}")
     return requested
 

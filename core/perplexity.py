@@ -74,7 +74,7 @@ def score(model, tokenizer, documents: Iterable[Document], *, context: int | Non
           add_bos: bool = True) -> Iterator[Score]:
     """One Score per document, in order (lazily: a reader that stops early stops the work)."""
     # A window past what the rope setup supports (config.supported_context) is an InputError.
-    context = resolve_context(model.config, context)
+    context = resolve_context(model.config, context, "the window")
     stride = stride or context // 2
     for doc in documents:
         ids = tokenizer.encode(doc.text, add_special_tokens=add_bos)

@@ -219,7 +219,7 @@ def test_fit_checks_and_perplexity_use_the_same_rule(pair, monkeypatch):
     assert plan(config, torch.float32, [DeviceBudget("cpu", 2**40)]).context == 32
     with pytest.raises(InputError, match="context of 40 tokens"):
         plan(config, torch.float32, [DeviceBudget("cpu", 2**40)], context=40)
-    with pytest.raises(InputError, match="context of 33 tokens"):
+    with pytest.raises(InputError, match="the window of 33 tokens is longer than the model supports"):
         next(perplexity.score(ours, None, [], context=33))
 
 
