@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, UnsupportedError
+from .errors import ConfigError, InputError, UnsupportedError
 
 # hidden_act (HF name) -> the function it names; layers.py and native_step.py map these functions to code.
 # gelu_new and gelu_pytorch_tanh are both the tanh approximation of GELU.
@@ -196,6 +196,47 @@ def _rope_parameters(c: dict[str, Any]) -> dict[str, Any]:
     if rope_type == "yarn":
         params.setdefault("original_max_position_embeddings", int(c["max_position_embeddings"]))
     return params
+
+
+def supported_context(config: ModelConfig) -> int:
+    """The longest context (prompt + generated tokens) the model's rope setup supports, as vLLM derives
+    max_model_len from config.json:
+    - no scaling: max_position_embeddings, the trained length (plain rope past it is out of distribution);
+    - linear, dynamic (NTK): factor x max_position_embeddings (transformers documents factor as "handles
+      sequences of factor x the original length"; dynamic NTK's frequencies adapt to any length, but the
+      factor is how far the checkpoint claims to go);
+    - yarn: factor x original_max_position_embeddings (which defaults to max_position_embeddings);
+    - llama3: max_position_embeddings (Llama 3.1 states the extended 131072 there, the original 8192 in
+      rope_scaling).
+    Never below max_position_embeddings."""
+    p = config.rope_parameters
+    trained = config.max_position_embeddings
+    rope_type = p["rope_type"]
+    if rope_type in ("linear", "dynamic"):
+        return max(trained, int(float(p["factor"]) * trained))
+    if rope_type == "yarn":
+        return max(trained, int(float(p["factor"]) * int(p["original_max_position_embeddings"])))
+    return trained
+
+
+def resolve_context(config: ModelConfig, requested: int | None, what: str = "a context") -> int:
+    """The context to use: `requested` (None: supported_context), or InputError when the rope setup does
+    not support that many positions (never a silent clamp); `what` names it in the message."""
+    limit = supported_context(config)
+    if requested is None:
+        return limit
+    if requested > limit:
+        p = config.rope_parameters
+        if p["rope_type"] == "default":
+            why = f"max_position_embeddings {config.max_position_embeddings}, no rope_scaling"
+            more = ('; going further needs rope_scaling in config.json, e.g. {"rope_type": "dynamic", "factor": '
+                    f'{-(-requested // config.max_position_embeddings)}.0}} (dynamic NTK)')
+        else:
+            why = f"rope_scaling {p['rope_type']} with factor {p.get('factor')}"
+            more = ""
+        raise InputError(f"{what} of {requested} tokens is longer than the model supports ({limit}: {why})",
+                         hint=f"use --context {limit} or less{more}")
+    return requested
 
 
 def _opt_float(v: Any) -> float | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import ModelConfig, resolve_context
 from .errors import ResourceError
 from .layers import compute_dtype
 
@@ -76,7 +76,7 @@ def device_budgets() -> list[DeviceBudget]:
 def plan(config: ModelConfig, dtype: torch.dtype, budgets: list[DeviceBudget], context: int | None = None,
          slots: int = 1) -> DevicePlan:
     """Where each part goes (module doc); ResourceError when the model does not fit on all of them."""
-    context = min(context or config.max_position_embeddings, config.max_position_embeddings)
+    context = resolve_context(config, context)
     C, V = config.hidden_size, config.vocab_size
     wbytes = torch.finfo(dtype).bits // 8
     q, kv_rows = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
@@ -109,7 +109,7 @@ def plan(config: ModelConfig, dtype: torch.dtype, budgets: list[DeviceBudget], c
                 f"the model does not fit: {what} finds no room; it needs ~{need / GIB:.1f} GiB (weights + KV for "
                 f"{context} tokens) and the devices have {have / GIB:.1f} GiB free "
                 f"({', '.join(f'{b.name} {b.free_bytes / GIB:.1f}' for b in budgets)})",
-                hint="use a quantized model, --dtype bfloat16, or a shorter --max-context")
+                hint="use a quantized model, --dtype bfloat16, or a shorter --context")
         name = budgets[d].name
         used[d] += cost_of(name)
         return name

@@ -144,13 +144,14 @@ def _broadcast_plan(plan: torch.Tensor | None, device: torch.device) -> torch.Te
 
 def encode(cache_id: int, cache, segments: Sequence[Segment], copies: list) -> torch.Tensor:
     """[FORWARD, cache id, slots, max_len, ring margin (-1: none), capacity, #segments, #copies,
-    lengths..., copies (src, dst, length, src length)..., segments (slot, logits, n, tokens...)...]"""
+    lengths..., copies (src, dst, length, src length)..., segments (slot, logits, rope_len (-1: None), n,
+    tokens...)...]"""
     out = [FORWARD, cache_id, cache.n_slots, cache.max_len, -1 if cache.ring_margin is None else cache.ring_margin,
            cache.capacity, len(segments), len(copies), *cache.lengths]
     for c in copies:
         out += list(c)
     for s in segments:
-        out += [s.slot, int(s.logits), len(s.tokens), *s.tokens]
+        out += [s.slot, int(s.logits), -1 if s.rope_len is None else s.rope_len, len(s.tokens), *s.tokens]
     return torch.tensor(out, dtype=torch.int64)
 
 
@@ -201,7 +202,7 @@ def follow(runner: Runner, ctx: Context) -> None:
             cache.lengths[:] = lengths
             segments = []
             for _ in range(n_seg):
-                slot, logits, n = plan[at : at + 3]
-                segments.append(Segment(slot, plan[at + 3 : at + 3 + n], bool(logits)))
-                at += 3 + n
+                slot, logits, rope_len, n = plan[at : at + 4]
+                segments.append(Segment(slot, plan[at + 4 : at + 4 + n], bool(logits), None if rope_len < 0 else rope_len))
+                at += 4 + n
             runner.forward(cache, segments)

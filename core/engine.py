@@ -30,6 +30,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from .config import resolve_context
 from .errors import InputError, ResourceError
 from .generate import (
     GenerationEvent,
@@ -37,11 +38,11 @@ from .generate import (
     GenerationSpec,
     StopStringFilter,
     Timings,
-    context_length,
     eos_ids_for,
     fit_prompt,
 )
 from .kv_cache import KVCache
+from .layers import rope_reuse_limit
 from .runner import Runner, Segment, make_runner
 from .sampling import Sampler
 
@@ -166,12 +167,14 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config
         self.runner = runner if runner is not None else make_runner(model)
-        self.context = min(config.max_context or context_length(model), context_length(model))
+        # An explicit max_context past what the rope setup supports is an InputError, not a clamp.
+        self.context = resolve_context(model.config, config.max_context)
         self.cache: KVCache | None = None
         n = config.max_batch
         self.slots: list[Request | None] = [None] * n
         self.slot_tokens: list[list[int]] = [[] for _ in range(n)]  # what a free slot's KV holds
         self._slot_used = [0] * n  # last use, for least-recently-used replacement
+        self._slot_prompt = [0] * n  # prompt length of the request whose KV a slot holds (dynamic NTK reuse)
         self.waiting: deque[Request] = deque()
         self._ids = itertools.count()
         self._clock = itertools.count(1)
@@ -284,7 +287,7 @@ class Engine:
                     continue
                 chunk = tokens[fed : fed + budget]
                 budget -= len(chunk)
-                segments.append(Segment(r.slot, chunk, logits=fed + len(chunk) == len(tokens)))
+                segments.append(Segment(r.slot, chunk, logits=fed + len(chunk) == len(tokens), rope_len=len(r.prompt)))
             owners.append(r)
         return segments, owners
 
@@ -336,7 +339,8 @@ class Engine:
             limit = len(req.prompt) - 1  # the last prompt token must run: its logits give the first token
             held = {s: self.slot_tokens[s] if self.slots[s] is None else self.slots[s].tokens[: self.cache.lengths[s]]
                     for s in range(self.config.max_batch)}
-            n = {s: self.cache.reusable(s, min(common_prefix(held[s], req.prompt), limit)) for s in held}
+            n = {s: self.cache.reusable(s, min(common_prefix(held[s], req.prompt), limit, self._rope_limit(s, req)))
+                 for s in held}
             in_place = max(free, key=lambda s: (n[s], -self._slot_used[s]))
             best = max(held, key=lambda s: n[s])
             if n[in_place] > 0 and n[in_place] >= n[best]:
@@ -349,8 +353,14 @@ class Engine:
             self.cache.truncate_slot(slot, reuse)
         self.slots[slot], req.slot = req, slot
         self.slot_tokens[slot] = []
+        self._slot_prompt[slot] = len(req.prompt)
         self._slot_used[slot] = next(self._clock)
         req.timings.cached_tokens = reuse
+
+    def _rope_limit(self, slot: int, req: Request) -> int:
+        """Positions of `slot` whose keys were rotated as req's prompt needs (dynamic NTK: layers.rope_reuse_limit)."""
+        limit = rope_reuse_limit(self.model.config, self._slot_prompt[slot], len(req.prompt))
+        return len(req.prompt) if limit is None else limit
 
     def _release(self, req: Request) -> None:
         s = req.slot

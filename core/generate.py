@@ -95,7 +95,10 @@ class GenerationResult:
 
 
 def context_length(model) -> int:
-    return model.config.max_position_embeddings
+    """The longest context the model supports (config.supported_context: rope scaling included)."""
+    from .config import supported_context
+
+    return supported_context(model.config)
 
 
 def eos_ids_for(model, tokenizer, spec: GenerationSpec) -> frozenset[int]:

@@ -97,18 +97,23 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(config: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [D/2] and the attention factor cos/sin are scaled by, per rope type."""
+    """Inverse frequencies [D/2] and the attention factor cos/sin are scaled by, per rope type.
+
+    seq_len: the sequence length dynamic NTK scales for (others ignore it); up to max_position_embeddings
+    the frequencies are the unscaled ones."""
     p = config.rope_parameters
     dim = config.head_dim
     base = float(p["rope_theta"])
     rope_type = p["rope_type"]
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
-    if rope_type == "dynamic":
-        # NTK-aware: grow the base once the sequence outruns the trained context.
-        max_pos = config.max_position_embeddings
-        seq_len = max(seq_len or 0, max_pos)
-        factor = float(p["factor"])
-        base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    max_pos = config.max_position_embeddings
+    if rope_type == "dynamic" and seq_len is not None and seq_len > max_pos:
+        # NTK-aware: grow the base once the sequence outruns the trained context. The same expression on the
+        # same types as transformers' _compute_dynamic_ntk_parameters at run time (seq_len an int64 tensor,
+        # so the base is computed in fp32), which its frequencies match bitwise.
+        factor = p["factor"]
+        n = torch.tensor(seq_len, dtype=torch.int64)
+        base = p["rope_theta"] * ((factor * n / max_pos) - (factor - 1)) ** (dim / (dim - 2))
     inv_freq = 1.0 / (base**exponents)
     if rope_type == "linear":
         return inv_freq / float(p["factor"]), 1.0
@@ -117,6 +122,19 @@ def rope_inv_freq(config: ModelConfig, seq_len: int | None = None) -> tuple[torc
     if rope_type == "yarn":
         return _yarn_inv_freq(config, base, dim)
     return inv_freq, 1.0
+
+
+def rope_reuse_limit(config: ModelConfig, cached_prompt: int, prompt: int) -> int | None:
+    """How many cached keys of a sequence whose prompt had `cached_prompt` tokens can serve a new prompt of
+    `prompt` tokens (None: any). Only dynamic NTK limits it: a prompt longer than max_position_embeddings
+    has all its keys rotated with frequencies for its own length, so they serve only a prompt of that
+    length, and only up to it (keys generated after it were rotated for other lengths)."""
+    if config.rope_parameters["rope_type"] != "dynamic":
+        return None
+    trained = config.max_position_embeddings
+    if cached_prompt <= trained and prompt <= trained:
+        return None  # both unscaled over the positions a prompt of `prompt` tokens can reuse
+    return cached_prompt if cached_prompt == prompt else 0
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
@@ -181,18 +199,26 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_factor = rope_inv_freq(self.config)
         self.inv_freq = inv_freq.to(device)
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype,
+                lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, T] -> cos, signed sin [B, T, 1, D] in `dtype` (computed in fp32 like the reference).
 
-        The sin half that multiplies the negated half of rotate_half(x) carries the sign instead
-        (apply_rope), and the head axis is added once here rather than in every layer.
+        lengths: per row, the sequence length dynamic NTK scales for (None: the row's last position + 1, as
+        transformers' dynamic_rope_update takes max(position_ids) + 1). The sin half that multiplies the
+        negated half of rotate_half(x) carries the sign instead (apply_rope), and the head axis is added
+        once here rather than in every layer.
         """
         inv_freq = self.inv_freq[None, None]  # [1, 1, D/2]
         if self.dynamic:
-            # NTK frequencies follow each sequence's own length (rows of a batch are separate sequences).
-            longest = (position_ids.max(dim=1).values + 1).tolist()
-            if max(longest) > self.config.max_position_embeddings:
-                inv_freq = torch.stack([rope_inv_freq(self.config, n)[0] for n in longest])[:, None].to(inv_freq.device)
+            # Per row, never per batch (transformers takes the batch's longest): a sequence's tokens must
+            # not depend on its batch companions.
+            if lengths is None:
+                lengths = (position_ids.max(dim=1).values + 1).tolist()
+            max_pos = self.config.max_position_embeddings
+            if max(lengths) > max_pos:
+                rows = [rope_inv_freq(self.config, n)[0].to(inv_freq.device) if n > max_pos else self.inv_freq
+                        for n in lengths]
+                inv_freq = torch.stack(rows)[:, None]  # [B, 1, D/2]
         freqs = position_ids[..., None].float() * inv_freq  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, resolve_context
 from .errors import ResourceError
 from .kv_cache import KVCache
 from .layers import compute_dtype
@@ -36,25 +36,31 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
+# The engine's sliding-window rings hold window + its prefill chunk (EngineConfig.prefill_chunk's default).
+ENGINE_RING_MARGIN = 256
+
+
 def estimate(config: ModelConfig, dtype: torch.dtype, device: torch.device, context: int, slots: int = 1,
              ranks: int = 1) -> tuple[int, int]:
-    """(weight bytes, KV cache bytes) one rank needs for `slots` sequences of `context` tokens."""
+    """(weight bytes, KV cache bytes) one rank needs for `slots` sequences of `context` tokens, as the
+    engine's cache holds them (sliding layers keep window + ENGINE_RING_MARGIN positions)."""
     weights = param_count(config) * torch.finfo(dtype).bits // 8 // ranks
-    kv = KVCache.bytes_for(config, slots, context, None, torch.finfo(compute_dtype(dtype, device)).bits // 8) // ranks
+    kv = KVCache.bytes_for(config, slots, context, ENGINE_RING_MARGIN,
+                           torch.finfo(compute_dtype(dtype, device)).bits // 8) // ranks
     return weights, kv
 
 
 def check_fits(config: ModelConfig, dtype: torch.dtype, device: torch.device, *, context: int | None = None,
                ranks: int = 1) -> None:
     """ResourceError when the weights plus one full-context sequence's KV cache exceed the free memory."""
+    context = resolve_context(config, context)  # InputError past what the rope setup supports
     free = available_bytes(device)
     if free is None:
         return
-    context = min(context or config.max_position_embeddings, config.max_position_embeddings)
     weights, kv = estimate(config, dtype, device, context, ranks=ranks)
     if weights + kv > free:
         gib = 2**30
         raise ResourceError(
             f"the model needs ~{weights / gib:.1f} GiB of {str(dtype).removeprefix('torch.')} weights + "
             f"{kv / gib:.1f} GiB of KV cache for {context} tokens on {device}, which has {free / gib:.1f} GiB free",
-            hint="use a quantized model (llm quantize), --dtype bfloat16, a shorter --max-context, or --tp")
+            hint="use a quantized model (llm quantize), --dtype bfloat16, a shorter --context, or --tp")

@@ -45,6 +45,7 @@ class DecoderModel(nn.Module):
         slots: Sequence[int] | None = None,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        rope_lengths: list[int] | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] -> hidden states [B, T, C].
 
@@ -52,6 +53,8 @@ class DecoderModel(nn.Module):
         positions lengths[slot] .. + T - 1, which then advance.
         attention_mask: [B, T] with 1/True for real tokens (left padding, as in HF), without a cache.
         position_ids: [B, T]; default: each row's positions.
+        rope_lengths: per row, the sequence length dynamic NTK rope scales for (RotaryEmbedding.forward's
+        lengths; default: the row's last position + 1).
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -59,7 +62,7 @@ class DecoderModel(nn.Module):
         if cache is None:
             if position_ids is None:
                 position_ids = torch.arange(T, device=device).expand(B, T)
-            cos, sin = self.rotary_emb(position_ids, x.dtype)
+            cos, sin = self.rotary_emb(position_ids, x.dtype, rope_lengths)
             masks = self._masks_without_cache(T, attention_mask, device)
             for layer in self.layers:
                 x = layer(x, cos, sin, masks[layer.layer_type], None)
@@ -71,7 +74,7 @@ class DecoderModel(nn.Module):
         cache.ensure(max(starts) + T)
         if position_ids is None:
             position_ids = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
-        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        cos, sin = self.rotary_emb(position_ids, x.dtype, rope_lengths)
         ends = [s + T for s in starts]
         masks = self._cache_masks(cache, slots, ends, position_ids)
         for i, layer in enumerate(self.layers):
@@ -152,9 +155,11 @@ class CausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        rope_lengths: list[int] | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] ([B, 1, V] with last_only: prefill skips T-1 head matmuls)."""
-        h = self.model(input_ids, cache=cache, slots=slots, position_ids=position_ids, attention_mask=attention_mask)
+        h = self.model(input_ids, cache=cache, slots=slots, position_ids=position_ids, attention_mask=attention_mask,
+                       rope_lengths=rope_lengths)
         if last_only:
             h = h[:, -1:]
         return self.logits(h)

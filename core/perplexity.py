@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .config import resolve_context
 from .errors import InputError
 
 
@@ -72,11 +73,8 @@ def window_nll(model, ids: list[int], context: int, stride: int) -> tuple[float,
 def score(model, tokenizer, documents: Iterable[Document], *, context: int | None = None, stride: int | None = None,
           add_bos: bool = True) -> Iterator[Score]:
     """One Score per document, in order (lazily: a reader that stops early stops the work)."""
-    limit = model.config.max_position_embeddings
-    context = context or limit
-    if context > limit:
-        raise InputError(f"the window of {context} tokens is longer than the model's context ({limit})",
-                         hint=f"use --context {limit} or less")
+    # A window past what the rope setup supports (config.supported_context) is an InputError.
+    context = resolve_context(model.config, context, "the window")
     stride = stride or context // 2
     for doc in documents:
         ids = tokenizer.encode(doc.text, add_special_tokens=add_bos)

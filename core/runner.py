@@ -31,11 +31,15 @@ NATIVE = "all layers in one native call"
 @dataclass(frozen=True)
 class Segment:
     """tokens continue the sequence in cache slot `slot` at its current length; `logits`: whether the
-    last token's logits are wanted (the last prompt chunk, every decode token)."""
+    last token's logits are wanted (the last prompt chunk, every decode token); `rope_len`: the sequence
+    length dynamic NTK rope scales these tokens' frequencies for (None: the position after the last token).
+    The engine gives every chunk of a prompt the prompt's length: transformers rotates a whole prompt with
+    one set, so the chunking does not change the keys."""
 
     slot: int
     tokens: Sequence[int]
     logits: bool = True
+    rope_len: int | None = None
 
 
 class Runner:
@@ -77,7 +81,8 @@ class TorchRunner(Runner):
         for i, s in enumerate(segments):
             if len(s.tokens) > 1:
                 ids = torch.tensor([list(s.tokens)], device=self.device)
-                out[i] = self.model(ids, cache=cache, slots=[s.slot], last_only=True)[0, -1]
+                lengths = None if s.rope_len is None else [s.rope_len]
+                out[i] = self.model(ids, cache=cache, slots=[s.slot], last_only=True, rope_lengths=lengths)[0, -1]
         wanted = [out[i] for i, s in enumerate(segments) if s.logits]
         if not wanted:
             return torch.empty(0, self.config.vocab_size)
@@ -113,8 +118,9 @@ class NativeRunner(Runner):
         return logits
 
     def _rope(self, segments, positions) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, signed sin [N, D] of every row. Dynamic NTK rope depends on each forward's length, so it is
-        computed per segment as the PyTorch path does; the others depend on the position alone."""
+        """cos, signed sin [N, D] of every row: step.c rotates with these tables, so they are the PyTorch path's
+        own (RotaryEmbedding). Dynamic NTK rope depends on each sequence's length (Segment.rope_len), so it
+        is computed per segment as the PyTorch path does; the others depend on the position alone."""
         rotary = self.decoder.rotary_emb
         if not rotary.dynamic:
             cos, sin = rotary(torch.tensor([positions]), torch.float32)
@@ -122,7 +128,8 @@ class NativeRunner(Runner):
         parts, at = [], 0
         for s in segments:
             n = len(s.tokens)
-            c, si = rotary(torch.tensor([positions[at : at + n]]), torch.float32)
+            lengths = None if s.rope_len is None else [s.rope_len]
+            c, si = rotary(torch.tensor([positions[at : at + n]]), torch.float32, lengths)
             parts.append((c[0, :, 0], si[0, :, 0]))
             at += n
         return torch.cat([c for c, _ in parts]), torch.cat([si for _, si in parts])
