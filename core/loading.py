@@ -245,7 +245,7 @@ def assign_weights(
             "this checkpoint is a bare decoder (transformers' LlamaModel / Gemma2Model: no head), which serves "
             "feature extraction only; text-generation needs a *ForCausalLM checkpoint (with lm_head), the other "
             "tasks a *ForSequenceClassification / *ForTokenClassification / *ForQuestionAnswering one",
-            hint="use the model's ForCausalLM checkpoint (feature extraction is not in llm yet)")
+            hint="llm embed MODEL serves feature extraction; for the other tasks use the model's head checkpoint")
     if missing or unexpected:
         parts = []
         if missing:
@@ -259,6 +259,21 @@ def assign_weights(
         if hasattr(module, "reset_buffers"):
             module.reset_buffers(place(f"{name}.buffers"))
     model.train(False)  # inference mode for every submodule (dropout off)
+
+
+# Where transformers' heads keep the decoder, and the head weights that the bare decoder does not use.
+_BASE_PREFIXES = ("model.", "transformer.")
+_HEAD_WEIGHTS = ("lm_head.", "score.", "qa_outputs.")
+
+
+def base_model_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Any checkpoint's decoder weights under the bare decoder's names, its head's dropped: what
+    transformers' AutoModel (LlamaModel / Gemma2Model) loads from a *ForCausalLM or other head checkpoint."""
+    for name, tensor in tensors:
+        if name.startswith(_HEAD_WEIGHTS):
+            continue
+        prefix = next((p for p in _BASE_PREFIXES if name.startswith(p)), "")
+        yield name[len(prefix):], tensor
 
 
 def _name_list(names: list[str], limit: int = 6) -> str:
@@ -441,6 +456,8 @@ def load_resolved(
         files = safetensors_files(resolved.path)
         tensors = iter_safetensors(files, None if shard is None else shard.select)
         generation_config = read_generation_config(resolved.path)
+    if head == "feature_extraction":
+        tensors = base_model_tensors(tensors)
     if shard is not None and resolved.kind in ("gguf", "meta"):
         tensors = shard.slices(tensors)  # read whole, one tensor at a time, then cut
     quantized = None

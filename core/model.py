@@ -167,6 +167,10 @@ class CausalLM(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    @property
+    def decoder(self) -> DecoderModel:
+        return self.model
+
     def new_cache(self, batch_size: int, max_len: int, **kw) -> KVCache:
         """A cache of `batch_size` slots of `max_len` positions in the activation dtype (kv_cache.KVCache kw)."""
         p = self.lm_head.weight
@@ -259,4 +263,6 @@ HEADS = {
     "sequence_classification": SequenceClassification,
     "token_classification": TokenClassification,
     "question_answering": QuestionAnswering,
+    # No head: the final hidden state (transformers' LlamaModel / Gemma2Model), for `llm embed`.
+    "feature_extraction": DecoderModel,
 }
