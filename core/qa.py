@@ -29,12 +29,21 @@ def windows(tokenizer, question: str, context: str, max_seq_len: int, doc_stride
     backend = tokenizer.backend
     previous = backend.truncation
     first, second = (question, context) if question_first else (context, question)
+    context_sequence = 1 if question_first else 0
     try:
+        backend.no_truncation()
+        whole = backend.encode(first, second, add_special_tokens=True)
+        if len(whole.ids) > max_seq_len:
+            # tokenizers panics (a BaseException, with a Rust backtrace) unless the stride is below the
+            # context tokens a window holds: say so in the user's terms instead.
+            room = max_seq_len - sum(s != context_sequence for s in whole.sequence_ids)
+            if doc_stride >= room:
+                raise InputError(
+                    f"{where}: windows of {max_seq_len} tokens hold {max(room, 0)} of the context after the question "
+                    f"and special tokens: --doc-stride {doc_stride} must be smaller",
+                    hint="raise --max-seq-len, lower --doc-stride, or shorten the question")
         backend.enable_truncation(max_seq_len, stride=doc_stride, strategy="only_second" if question_first else "only_first")
         encoding = backend.encode(first, second, add_special_tokens=True)
-    except Exception as e:  # tokenizers raises plain Exceptions (the question leaves no room for the context...)
-        raise InputError(f"{where}: cannot split the context into windows of {max_seq_len} tokens: {e}",
-                         hint="raise --max-seq-len, lower --doc-stride, or shorten the question") from None
     finally:
         if previous is None:
             backend.no_truncation()

@@ -129,8 +129,7 @@ class Tokenizer:
             add_bos_token=config.get("add_bos_token"),
             add_eos_token=config.get("add_eos_token"),
             chat_templates=_folder_templates(folder, config),
-            padding_side=config.get("padding_side")
-            or ("left" if config.get("tokenizer_class") in _LEFT_PADDING_CLASSES else "right"),
+            padding_side=config.get("padding_side") or _class_padding_side(folder, config),
         )
 
     @classmethod
@@ -462,6 +461,16 @@ def derive_merges(vocab: dict[str, int], ranks: dict[str, float] | None) -> list
     else:
         found.sort(key=lambda m: (m[0], len(m[1]), len(m[2])))
     return [(left, right) for _, left, right in found]
+
+
+def _class_padding_side(folder: Path, config: dict) -> str:
+    """The padding side of the class transformers picks: tokenizer_class, else the one of config.json's
+    model_type (LlamaTokenizerFast for "llama", GemmaTokenizerFast for the Gemmas)."""
+    name = config.get("tokenizer_class")
+    if name is None:
+        model_type = _read_json(folder / "config.json").get("model_type")
+        return "left" if model_type == "llama" or model_type in _GEMMA_ARCHS else "right"
+    return "left" if name in _LEFT_PADDING_CLASSES else "right"
 
 
 def _add_tokens(backend: _Backend, names: Iterable[str], special: bool) -> None:
