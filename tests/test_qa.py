@@ -104,7 +104,9 @@ def qa(request, tmp_path_factory):
     ref = head_reference(LLAMA_BASE, "LlamaForQuestionAnswering", "AutoModelForQuestionAnswering", vocab_size=TOK.vocab_size)
     ref.save_pretrained(folder)
     side = "right" if request.param == "question-first" else "left"
-    write_tokenizer_files(folder, TOK, tokenizer_class="PreTrainedTokenizerFast", padding_side=side)
+    # The 4.57 pipeline needs a pad token with left padding (it counts pad ids to shift the spans).
+    pad = {} if side == "right" else {"pad_token": TOK.eos_token}
+    write_tokenizer_files(folder, TOK, tokenizer_class="PreTrainedTokenizerFast", padding_side=side, **pad)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     assert tokenizer.padding_side == side
     loaded = load_resolved(ResolvedModel("t", "folder", folder), dtype="float32")
