@@ -171,4 +171,4 @@ def test_smollm2_matches_transformers_gguf_load():
         want = ref(input_ids=ids).last_hidden_state[0]
     diff = (got - want).abs().max().item()
     scale = want.abs().max().item()
-    assert got.shape == want.shape and diff < 1e-3 * max(1.0, scale), (diff, scale)
+    assert got.shape == want.shape and diff < 1e-4 * max(1.0, scale), (diff, scale)  # measured: 0.0
