@@ -167,10 +167,6 @@ class CausalLM(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    @property
-    def decoder(self) -> DecoderModel:
-        return self.model
-
     def new_cache(self, batch_size: int, max_len: int, **kw) -> KVCache:
         """A cache of `batch_size` slots of `max_len` positions in the activation dtype (kv_cache.KVCache kw)."""
         p = self.lm_head.weight
