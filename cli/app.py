@@ -15,6 +15,7 @@ from . import bench as bench_cmd
 from . import chat as chat_cmd
 from . import completions as completions_cmd
 from . import convert as convert_cmd
+from . import embed as embed_cmd
 from . import generate as generate_cmd
 from . import models as models_cmd
 from . import perplexity as perplexity_cmd
@@ -64,6 +65,7 @@ app.command("perplexity")(perplexity_cmd.perplexity)
 app.command("template")(template_cmd.template)
 app.command("models")(models_cmd.models)
 app.add_typer(models_cmd.aliases_app, name="aliases")
+app.command("embed")(embed_cmd.embed)
 app.command("completions", hidden=True)(completions_cmd.completions)
 
 

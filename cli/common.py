@@ -104,12 +104,13 @@ def print_plan(model_ref: str | None, dtype: str, device: str, device_map: str |
 
 
 def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = False, quiet: bool = False,
-         quantize: str | None = None, tp: int | None = None, device_map: str | None = None):
+         quantize: str | None = None, tp: int | None = None, device_map: str | None = None, head: str | None = None):
     """Load a model, saying on stderr what was loaded and how long it took.
 
     quantize: a scheme name (--quantize int8 ...): the float model is quantized in memory after loading.
     tp: split it over this many processes (tensor parallel); this process is rank 0.
     device_map: "auto": its layers over the GPUs, then the CPU (core/device_map.py).
+    head: build this head instead of the checkpoint's (model.HEADS; "feature_extraction": the bare decoder).
     """
     from llm_torch.core.errors import InputError
     from llm_torch.core.loading import load_model
@@ -139,7 +140,7 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
 
         loaded = load_resolved(resolve_model(model_ref), dtype=dtype, device_map=device_map)
     else:
-        loaded = load_model(model_ref, dtype=dtype, device=device, progress=not quiet and sys.stderr.isatty())
+        loaded = load_model(model_ref, dtype=dtype, device=device, progress=not quiet and sys.stderr.isatty(), head=head)
     if spec is not None:
         from llm_torch.quant.api import quantize_loaded
 

@@ -43,6 +43,10 @@ def run(
     truncate: Annotated[Truncation, typer.Option("--truncate", help="Input longer than the context: warn (cut it) or error.")] = Truncation.warn,
     aggregation: Annotated[str, typer.Option("--aggregation", help="token-classification: none | simple.")] = "none",
     question: Annotated[Optional[str], typer.Option("--question", "-q", help="question-answering: the question (context from input).")] = None,
+    doc_stride: Annotated[Optional[int], typer.Option("--doc-stride", min=0, help="question-answering: tokens shared by consecutive context windows (the pipeline's doc_stride). Default: min(max-seq-len / 2, 128).")] = None,
+    max_seq_len: Annotated[Optional[int], typer.Option("--max-seq-len", min=2, help="question-answering: tokens per window, question included. Default: min(context, 384).")] = None,
+    max_answer_len: Annotated[int, typer.Option("--max-answer-len", min=1, help="question-answering: longest answer in tokens.")] = 15,
+    handle_impossible_answer: Annotated[bool, typer.Option("--handle-impossible-answer", help="question-answering: the empty answer may win.")] = False,
     max_new_tokens: o.MaxNewTokensOpt = 256,
     temperature: o.TemperatureOpt = None,
     top_k: o.TopKOpt = None,
@@ -114,9 +118,14 @@ def run(
     opts = p.PipelineOptions(
         batch_size=batch_size,
         truncate=truncate.value,
-        # --top-k: labels per input for text-classification, the sampling cut-off for generation.
+        # --top-k: labels per input for text-classification, answers for question-answering, the sampling
+        # cut-off for generation.
         top_k=top_k or 1,
         aggregation=aggregation,
+        max_answer_len=max_answer_len,
+        max_seq_len=max_seq_len,
+        doc_stride=doc_stride,
+        handle_impossible_answer=handle_impossible_answer,
         generation=spec,
         encode_prompt=lambda text: encode_prompt(loaded.tokenizer, text, chat=chat, system=system),
         return_full_text=return_full_text,

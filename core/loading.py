@@ -7,7 +7,7 @@ device and each checkpoint tensor is assigned in place as it is read (one tensor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -197,7 +197,7 @@ def assign_weights(
             "this checkpoint is a bare decoder (transformers' LlamaModel / Gemma2Model: no head), which serves "
             "feature extraction only; text-generation needs a *ForCausalLM checkpoint (with lm_head), the other "
             "tasks a *ForSequenceClassification / *ForTokenClassification / *ForQuestionAnswering one",
-            hint="use the model's ForCausalLM checkpoint (feature extraction is not in llm yet)")
+            hint="llm embed MODEL serves feature extraction; for the other tasks use the model's head checkpoint")
     if missing or unexpected:
         parts = []
         if missing:
@@ -211,6 +211,21 @@ def assign_weights(
         if hasattr(module, "reset_buffers"):
             module.reset_buffers(place(f"{name}.buffers"))
     model.train(False)  # inference mode for every submodule (dropout off)
+
+
+# Where transformers' heads keep the decoder, and the head weights that the bare decoder does not use.
+_BASE_PREFIXES = ("model.", "transformer.")
+_HEAD_WEIGHTS = ("lm_head.", "score.", "qa_outputs.")
+
+
+def base_model_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Any checkpoint's decoder weights under the bare decoder's names, its head's dropped: what
+    transformers' AutoModel (LlamaModel / Gemma2Model) loads from a *ForCausalLM or other head checkpoint."""
+    for name, tensor in tensors:
+        if name.startswith(_HEAD_WEIGHTS):
+            continue
+        prefix = next((p for p in _BASE_PREFIXES if name.startswith(p)), "")
+        yield name[len(prefix):], tensor
 
 
 def _name_list(names: list[str], limit: int = 6) -> str:
@@ -284,6 +299,8 @@ def load_resolved(
         shard.prepare(model)
     # 16-bit and fp32 sources come as stored (assign_weights casts); GGUF blocks are decoded to `target`.
     tensors = checkpoint.read(target if resolved.kind != "folder" else None, None if shard is None else shard.select)
+    if head == "feature_extraction":
+        tensors = base_model_tensors(tensors)
     quantized = None
     if quant_config is not None:
         # Pre-quantized weights: the quant package (the only one importing torchao / bitsandbytes)

@@ -264,4 +264,6 @@ HEADS = {
     "sequence_classification": SequenceClassification,
     "token_classification": TokenClassification,
     "question_answering": QuestionAnswering,
+    # No head: the final hidden state (transformers' LlamaModel / Gemma2Model), for `llm embed`.
+    "feature_extraction": DecoderModel,
 }

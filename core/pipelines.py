@@ -28,6 +28,7 @@ TASK_OF_HEAD = {
     "sequence_classification": "text-classification",
     "token_classification": "token-classification",
     "question_answering": "question-answering",
+    "feature_extraction": "feature-extraction",  # served by `llm embed` (embed.py), not by `llm run`
 }
 
 Warn = Callable[[str], None]
@@ -44,6 +45,7 @@ class Item:
     text: str
     question: str | None = None
     where: str = ""  # "line 3", for messages
+    id: Any = None  # a .jsonl/.csv record's "id" field, echoed by feature extraction instead of the text
 
 
 def model_task(model) -> str:
@@ -62,6 +64,9 @@ def check_task(task: str, model, model_name: str = "the model") -> None:
     has = model_task(model)
     if has != task:
         arch = ", ".join(model.config.architectures) or "no architectures field"
+        if has == "feature-extraction":
+            raise InputError(f"{model_name} is a bare decoder ({arch}): it serves feature extraction only",
+                             hint="use llm embed")
         raise InputError(
             f"{model_name} has no head for '{task}': its config declares {arch}, which serves '{has}'",
             hint=f"use --task {has}, or a model saved for {task}",
@@ -86,6 +91,10 @@ def _from_record(record: Any, column: str | None, question: str | None, where: s
         return Item(record, question, where)
     if not isinstance(record, dict):
         raise InputError(f"{where}: expected a JSON object or string, got {type(record).__name__}")
+    return _item_of(record, column, question, where)
+
+
+def _item_of(record: dict, column: str | None, question: str | None, where: str) -> Item:
     q = record.get("question", question)
     # QA records name their text "context"; everything else "text" unless --column says otherwise.
     key = column or ("context" if "context" in record else "text")
@@ -94,7 +103,7 @@ def _from_record(record: Any, column: str | None, question: str | None, where: s
     value = record[key]
     if not isinstance(value, str):
         raise InputError(f"{where}: field '{key}' is not a string")
-    return Item(value, None if q is None else str(q), where)
+    return Item(value, None if q is None else str(q), where, record.get("id"))
 
 
 def jsonl_items(lines: Iterable[str], *, column: str | None, question: str | None, name: str, warn: Warn = _no_warn) -> Iterator[Item]:
@@ -162,7 +171,13 @@ class PipelineOptions:
     top_k: int = 1  # text-classification: labels per input
     aggregation: str = "none"  # token-classification: none | simple
     ignore_labels: tuple[str, ...] = ("O",)
-    max_answer_tokens: int = 30  # question-answering: longest span considered
+    # question-answering, as the pipeline's parameters of the same names (qa.py)
+    max_answer_len: int = 15  # longest answer in tokens
+    max_seq_len: int | None = None  # tokens per window (question + context part); None: min(context, 384)
+    doc_stride: int | None = None  # tokens shared by consecutive windows; None: min(max_seq_len // 2, 128)
+    handle_impossible_answer: bool = False  # the empty answer competes, with the score of position 0
+    pooling: str = "mean"  # feature-extraction: mean | last | none (embed.py)
+    normalize: bool = False  # feature-extraction: L2-normalize each vector
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     encode_prompt: Callable[[str], list[int]] | None = None  # text-generation (chat template or raw)
     return_full_text: bool = True  # text-generation: generated_text starts with the input (the pipeline's default)
@@ -182,6 +197,10 @@ class Pipeline:
             raise InputError(f"unknown aggregation '{self.options.aggregation}'", hint="none or simple")
         if self.options.truncate not in ("warn", "error"):
             raise InputError(f"unknown truncation mode '{self.options.truncate}'", hint="warn or error")
+        if task == "feature-extraction":
+            from .embed import check_pooling
+
+            check_pooling(self.options.pooling)
         self.warn = warn
         self.device = next(model.parameters()).device
         self.labels = model.config.id2label
@@ -192,6 +211,7 @@ class Pipeline:
             "text-classification": self._classify,
             "token-classification": self._tokens,
             "question-answering": self._answer,
+            "feature-extraction": self._features,
         }[self.task]
         size = self.options.batch_size
         if self.task == "text-generation":
@@ -201,12 +221,19 @@ class Pipeline:
         if self.task == "text-classification" and self.model.config.pad_token_id is None:
             # Without a pad id the last real token of a padded row cannot be found (HF refuses too).
             size = 1
+        if self.task == "feature-extraction":
+            done = 0
+            for batch in batched(items, size):
+                yield from self._features(batch, done)
+                done += len(batch)
+            return
         for batch in batched(items, size):
             yield from step(batch)
 
     # -- shared
 
-    def _fit(self, ids: list[int], item: Item) -> list[int]:
+    def fit(self, ids: list[int], item: Item) -> list[int]:
+        """`ids` cut to the model's context (with a warning), or an InputError with --truncate error."""
         limit = context_length(self.model)
         if len(ids) <= limit:
             return ids
@@ -218,7 +245,7 @@ class Pipeline:
         self.warn(f"{item.where or 'input'}: truncated from {len(ids)} to {limit} tokens (the context)")
         return ids[:limit]
 
-    def _forward(self, rows: Sequence[list[int]]):
+    def forward_rows(self, rows: Sequence[list[int]]):
         """Left-padded batch -> the head's output; rows are right-aligned so position -1 is real."""
         pad = self.model.config.pad_token_id
         pad = 0 if pad is None else pad
@@ -272,8 +299,8 @@ class Pipeline:
             yield {"input": item.text, "generated_text": text, "finish_reason": res.finish_reason}
 
     def _classify(self, batch: list[Item]) -> Iterator[dict[str, Any]]:
-        rows = [self._fit(self.tokenizer.encode(it.text, add_special_tokens=True), it) for it in batch]
-        probs = self._scores(self._forward(rows)).cpu()
+        rows = [self.fit(self.tokenizer.encode(it.text, add_special_tokens=True), it) for it in batch]
+        probs = self._scores(self.forward_rows(rows)).cpu()
         k = min(max(self.options.top_k, 1), probs.shape[-1])
         for item, p in zip(batch, probs, strict=True):
             values, idx = p.topk(k)
@@ -285,8 +312,8 @@ class Pipeline:
 
     def _tokens(self, batch: list[Item]) -> Iterator[dict[str, Any]]:
         encoded = [self._encode(it.text) for it in batch]
-        rows = [self._fit(ids, it) for (ids, _, _), it in zip(encoded, batch, strict=True)]
-        probs = self._scores(self._forward(rows)).cpu()
+        rows = [self.fit(ids, it) for (ids, _, _), it in zip(encoded, batch, strict=True)]
+        probs = self._scores(self.forward_rows(rows)).cpu()
         for b, (item, (_, offsets, special), row) in enumerate(zip(batch, encoded, rows, strict=True)):
             n = len(row)
             p = probs[b, probs.shape[1] - n :]  # left padding: the row's tokens are the last n
@@ -302,44 +329,14 @@ class Pipeline:
             yield {"input": item.text, "entities": entities}
 
     def _answer(self, batch: list[Item]) -> Iterator[dict[str, Any]]:
-        rows, spans = [], []
-        for item in batch:
-            if not item.question:
-                raise InputError(
-                    f"{item.where or 'input'}: no question",
-                    hint="pass --question, or give JSON input with 'question' and 'context' fields",
-                )
-            q_ids = self.tokenizer.encode(item.question + "\n", add_special_tokens=True)
-            ctx_ids, ctx_offsets, _ = self.tokenizer.encode_with_offsets(item.text, add_special_tokens=False)
-            ids = q_ids + ctx_ids
-            fitted = self._fit(ids, item)  # truncation keeps the question and the start of the context
-            ctx = len(fitted) - len(q_ids)
-            if ctx <= 0:
-                raise InputError(f"{item.where or 'input'}: the question leaves no room for the context")
-            rows.append(fitted)
-            spans.append((len(q_ids), ctx_offsets[:ctx]))
-        start_logits, end_logits = self._forward(rows)
-        for b, (item, row, (first, offsets)) in enumerate(zip(batch, rows, spans, strict=True)):
-            T = start_logits.shape[1]
-            lo = T - len(row) + first  # the context's first position in the padded row
-            s = torch.softmax(start_logits[b, lo:].float(), -1).cpu()
-            e = torch.softmax(end_logits[b, lo:].float(), -1).cpu()
-            # p(start) * p(end) over spans with start <= end, at most max_answer_tokens long.
-            joint = torch.triu(s[:, None] * e[None, :]).tril(self.options.max_answer_tokens - 1)
-            flat = int(joint.argmax())
-            i, j = divmod(flat, joint.shape[1])
-            start, end = offsets[i][0], offsets[j][1]
-            text = item.text
-            while start < end and text[start].isspace():  # byte-level tokens carry their leading space
-                start += 1
-            yield {
-                "question": item.question,
-                "context": text,
-                "answer": text[start:end],
-                "score": float(joint[i, j]),
-                "start": start,
-                "end": end,
-            }
+        from .qa import answers
+
+        return answers(self, batch)
+
+    def _features(self, batch: list[Item], first_index: int) -> Iterator[dict[str, Any]]:
+        from .embed import features
+
+        return features(self, batch, first_index)
 
 
 def _aggregate(text: str, tokens: list[dict[str, Any]], how: str) -> list[dict[str, Any]]:

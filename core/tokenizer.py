@@ -44,6 +44,10 @@ _GGUF_SPLITS = dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe"), _
 # and would merge "2024" into multi-digit tokens the model never saw in training.
 _GGUF_DIGIT_SPLITS = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
 _REPLACEMENT = "\ufffd"
+# Tokenizer classes transformers pads on the left (their class default padding_side), which also puts
+# the context before the question in its question-answering pipeline (qa.py).
+_LEFT_PADDING_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast",
+                         "GemmaTokenizer", "GemmaTokenizerFast")
 
 
 class Tokenizer:
@@ -61,6 +65,7 @@ class Tokenizer:
         add_bos_token: bool | None = None,
         add_eos_token: bool | None = None,
         chat_templates: Mapping[str, str] | None = None,
+        padding_side: str = "right",
     ):
         """Wrap `backend`. `add_bos_token`/`add_eos_token` given (either) replace its post-processor, as
         transformers does when a config states them; both None keep the backend's own post-processor."""
@@ -70,6 +75,7 @@ class Tokenizer:
         self._eos = tuple(dict.fromkeys(eos_token_ids))  # ordered union, first one is "the" EOS
         self._pad, self._unk = pad_token_id, unk_token_id
         self._templates = dict(chat_templates or {})
+        self.padding_side = padding_side
         if add_bos_token is not None or add_eos_token is not None:
             backend.post_processor = _template_processor(backend, self._bos, self.eos_token_id,
                                                          bool(add_bos_token), bool(add_eos_token))
@@ -123,6 +129,7 @@ class Tokenizer:
             add_bos_token=config.get("add_bos_token"),
             add_eos_token=config.get("add_eos_token"),
             chat_templates=_folder_templates(folder, config),
+            padding_side=config.get("padding_side") or _class_padding_side(folder, config),
         )
 
     @classmethod
@@ -187,6 +194,8 @@ class Tokenizer:
             add_bos_token=bool(add_bos),
             add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
             chat_templates=templates,
+            # transformers builds a LlamaTokenizerFast / GemmaTokenizerFast for a GGUF of these families
+            padding_side="left" if arch in ("llama", *_GEMMA_ARCHS) else "right",
         )
 
     @property
@@ -452,6 +461,16 @@ def derive_merges(vocab: dict[str, int], ranks: dict[str, float] | None) -> list
     else:
         found.sort(key=lambda m: (m[0], len(m[1]), len(m[2])))
     return [(left, right) for _, left, right in found]
+
+
+def _class_padding_side(folder: Path, config: dict) -> str:
+    """The padding side of the class transformers picks: tokenizer_class, else the one of config.json's
+    model_type (LlamaTokenizerFast for "llama", GemmaTokenizerFast for the Gemmas)."""
+    name = config.get("tokenizer_class")
+    if name is None:
+        model_type = _read_json(folder / "config.json").get("model_type")
+        return "left" if model_type == "llama" or model_type in _GEMMA_ARCHS else "right"
+    return "left" if name in _LEFT_PADDING_CLASSES else "right"
 
 
 def _add_tokens(backend: _Backend, names: Iterable[str], special: bool) -> None:

@@ -1,0 +1,95 @@
+"""`llm embed`: feature extraction, one vector per input (the decoder's last_hidden_state, pooled; core/embed.py)."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import options as o
+from . import render
+from .completions import complete_model
+from .run import Truncation
+
+
+class EmbedFormat(str, Enum):
+    jsonl = "jsonl"
+    json = "json"
+
+
+def embed(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Local folder, .gguf file, Hub id or alias (smollm2).",
+                                         autocompletion=complete_model)],
+    texts: Annotated[Optional[list[str]], typer.Argument(
+        metavar="[TEXT|-]...", help="Texts to embed, one input each; '-' (or none, when piped): each stdin line.")] = None,
+    input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Read inputs from a .txt, .jsonl or .csv file.")] = None,
+    column: Annotated[Optional[str], typer.Option("--column", help="Field of .jsonl/.csv rows holding the text (default: text).")] = None,
+    pooling: Annotated[str, typer.Option("--pooling", help="mean (over the input's tokens) | last (last token) | none (every token).")] = "mean",
+    normalize: Annotated[bool, typer.Option("--normalize", help="Scale each vector to unit L2 norm.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Inputs per forward pass.")] = 1,
+    truncate: Annotated[Truncation, typer.Option("--truncate", help="Input longer than the context: warn (cut it) or error.")] = Truncation.warn,
+    format: Annotated[EmbedFormat, typer.Option("--format", "-f", help="jsonl (one object per input, streamed) | json (one array).")] = EmbedFormat.jsonl,
+    dtype: o.DtypeOpt = "auto",
+    device: o.DeviceOpt = "auto",
+) -> None:
+    """Embed texts: the model's last hidden state, pooled per input (transformers' feature-extraction pipeline)."""
+    import json
+
+    from llm_torch.core import pipelines as p
+    from llm_torch.core.embed import check_pooling
+    from llm_torch.core.errors import InputError
+
+    from .common import load
+
+    check_pooling(pooling)  # before anything is read or loaded
+    if input is not None and not input.is_file():
+        raise InputError(f"no input file at {input}")
+    items = iter(_items(p, texts or [], input, column))
+    first = next(items, None)  # an empty input fails before the model loads
+    if first is None:
+        raise InputError("no input given", hint="pass texts as arguments, pipe lines in, or use --input FILE")
+    loaded = load(model, dtype, device, quiet=True, head="feature_extraction")
+    opts = p.PipelineOptions(batch_size=batch_size, truncate=truncate.value, pooling=pooling, normalize=normalize)
+    results = p.Pipeline(loaded.model, loaded.tokenizer, "feature-extraction", opts, warn=render.warn).run(_chain([first], items))
+    if format is EmbedFormat.jsonl:
+        for r in results:
+            render.write(json.dumps(r, ensure_ascii=False) + "\n")
+    else:
+        render.write(json.dumps(list(results), ensure_ascii=False) + "\n")
+
+
+def _items(p, texts: list[str], input: Path | None, column: str | None):
+    from llm_torch.core.errors import InputError
+
+    n = 0
+    for text in texts:
+        if text == "-":
+            yield from p.text_lines(_stdin_lines(), warn=render.warn)
+            continue
+        n += 1
+        if not text.strip():
+            raise InputError(f"argument {n} is empty", hint="each TEXT argument is one input to embed")
+        yield p.Item(text, where=f"argument {n}")
+    if input is not None:
+        yield from p.file_items(input, column=column, question=None, warn=render.warn)
+    elif not texts and not sys.stdin.isatty():
+        yield from p.text_lines(_stdin_lines(), warn=render.warn)
+
+
+def _chain(head, rest):
+    yield from head
+    yield from rest
+
+
+def _stdin_lines():
+    """stdin decoded line by line, so the first vectors come out before the input ends."""
+    from llm_torch.core.errors import InputError
+
+    for n, raw in enumerate(sys.stdin.buffer, 1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"stdin line {n} is not valid UTF-8 (byte offset {e.start})", hint="convert the input to UTF-8") from None
