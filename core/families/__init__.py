@@ -19,6 +19,10 @@ class Family:
     # architectures name -> head kind ("causal_lm", "sequence_classification", ...)
     heads: dict[str, str]
     normalize: Callable[[dict[str, Any]], dict[str, Any]] = field(default=lambda c: c)
+    # Tokenizer: the transformers class a sentencepiece ("llama") GGUF vocabulary of this family is built
+    # as, and the GGUF general.architecture names that pick it (core/tokenizer/gguf_vocab.py).
+    tokenizer_class: str = "LlamaTokenizer"
+    tokenizer_gguf_architectures: tuple[str, ...] = ()
 
 
 def _registry() -> dict[str, Family]:

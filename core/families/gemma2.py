@@ -48,4 +48,7 @@ FAMILY = Family(
         "Gemma2ForTokenClassification": "token_classification",
     },
     normalize=_normalize,
+    # transformers builds every Gemma generation's sentencepiece GGUF vocabulary as GemmaTokenizer.
+    tokenizer_class="GemmaTokenizer",
+    tokenizer_gguf_architectures=("gemma", "gemma2", "gemma3"),
 )

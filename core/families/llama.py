@@ -27,4 +27,6 @@ FAMILY = Family(
         "LlamaForTokenClassification": "token_classification",
         "LlamaForQuestionAnswering": "question_answering",
     },
+    tokenizer_class="LlamaTokenizer",
+    tokenizer_gguf_architectures=("llama",),
 )
