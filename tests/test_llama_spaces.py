@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from llm_torch.cli.app import app
 from llm_torch.core.errors import TokenizerError
 from llm_torch.core.tokenizer import StreamingDetokenizer, Tokenizer
+from tests.cli_util import run_llm
 from tests.llama_spm import llama_spm_gguf
 from tests.test_tokenizer import gemma_vocab, gguf_metadata, llama_vocab, smol  # noqa: F401 (fixtures)
 
@@ -127,7 +128,10 @@ def test_real_llama_cli(real_llama):
     assert ids() == ids("--no-legacy") == [1, 1, 29961, 25580, 29962, 6324]
     assert ids("--legacy") == [1, 1, 518, 25580, 29962, 6324]
     assert ids("--no-add-prefix-space") == ids("--legacy", "--no-add-prefix-space") == [1, 1, 29961, 25580, 29962, 6324]
-    assert ids("--no-add-prefix-space", "--no-special")[:1] == [29966]  # "<" of a literal "<s>": no "▁<" (529)
+    assert ids("--no-special") == [1, 29961, 25580, 29962, 6324]  # the text's own "<s>" stays special, no BOS added
+    bare = json.loads(llm("tokenize", str(folder), "Hi", "-f", "json", "--no-add-prefix-space").stdout)["tokens"]
+    assert bare == ["<s>", "Hi"]
+    assert json.loads(llm("tokenize", str(folder), "Hi", "-f", "json").stdout)["tokens"] == ["<s>", "\u2581Hi"]
     out = llm("tokenize", str(folder), "--decode", "1,15043,2,1,3186", "--no-special")
     assert out.stdout == "Hello world\n"
     assert llm("tokenize", str(folder), "--decode", "1,15043,2").stdout == "<s> Hello</s>\n"
@@ -188,5 +192,6 @@ def test_options_need_a_llama_tokenizer(smol, gemma_vocab, tmp_path):  # noqa: F
     assert_same(ours, transformers.AutoTokenizer.from_pretrained(str(tmp_path)), ["Hello world", " 2024 <|im_end|>"])
     with pytest.raises(TokenizerError, match="LlamaTokenizer"):
         Tokenizer.from_folder(tmp_path, legacy=False)
-    out = CliRunner().invoke(app, ["tokenize", str(tmp_path), "hi", "--legacy"])
-    assert out.exit_code != 0 and "LlamaTokenizer" in out.output
+    r = run_llm("tokenize", str(tmp_path), "hi", "--legacy")
+    err = r.stderr.decode().strip()
+    assert r.returncode != 0 and "LlamaTokenizer" in err and len(err.splitlines()) == 1, err
