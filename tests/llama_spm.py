@@ -53,9 +53,12 @@ def llama_spm_gguf() -> tuple[Path | None, str]:
         archives = list(Path(tmp).glob("*.tar.gz"))
         if not archives:
             return None, f"pip download {SDIST} gave no sdist"
-        with tarfile.open(archives[0]) as tar:
-            member = next((m for m in tar.getmembers() if m.name.endswith("/" + MEMBER)), None)
-            data = tar.extractfile(member).read() if member is not None else None
+        try:
+            with tarfile.open(archives[0]) as tar:
+                member = next((m for m in tar.getmembers() if m.name.endswith("/" + MEMBER) and m.isfile()), None)
+                data = tar.extractfile(member).read() if member is not None else None
+        except (OSError, tarfile.TarError) as exc:
+            return None, f"cannot read the {SDIST} sdist: {exc}"
     if data is None or hashlib.sha256(data).hexdigest() != SHA256:
         return None, f"{SDIST} has no {MEMBER} with the expected contents"
     cached.parent.mkdir(parents=True, exist_ok=True)
