@@ -16,12 +16,24 @@ def tokenize(
         str, typer.Argument(metavar="MODEL", help="Local folder, .gguf file, Hub id or alias (only tokenizer files are read).", autocompletion=complete_model)
     ],
     text: Annotated[Optional[str], typer.Argument(metavar="TEXT", help="Text to tokenize; piped stdin is appended after it.")] = None,
-    no_special: Annotated[bool, typer.Option("--no-special", help="Leave out BOS and other added special tokens.")] = False,
+    no_special: Annotated[
+        bool, typer.Option("--no-special", help="Leave out BOS and other special tokens (with --decode: from the decoded text).")
+    ] = False,
     chat: Annotated[bool, typer.Option("--chat", help="Tokenize the rendered chat prompt (one user message).")] = False,
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="System message (with --chat).")] = None,
     decode: Annotated[Optional[str], typer.Option("--decode", "-d", help="Decode comma-separated ids instead, e.g. 1,2,3.")] = None,
     format: Annotated[o.OutputFormat, typer.Option("--format", "-f", help="text (a table) or json.")] = o.OutputFormat.text,
     chat_template: o.ChatTemplateOpt = None,
+    legacy: Annotated[
+        Optional[bool],
+        typer.Option("--legacy/--no-legacy", help="LlamaTokenizer's legacy: a prefix space after every special token "
+                     "too (default: the checkpoint's tokenizer_config.json, else no)."),
+    ] = None,
+    add_prefix_space: Annotated[
+        Optional[bool],
+        typer.Option("--add-prefix-space/--no-add-prefix-space", help="LlamaTokenizer's add_prefix_space: a "
+                     "'▁' before the text (default: the checkpoint's tokenizer_config.json, else yes)."),
+    ] = None,
 ) -> None:
     """Show the tokens and ids of a text (a table on a terminal, tab-separated when piped), or decode ids."""
     import sys
@@ -38,12 +50,13 @@ def tokenize(
     ids = _parse_ids(decode) if decode is not None else None
     text = None if ids is not None else read_prompt(text)
     tokenizer = load_tokenizer(resolve_model(model, progress=sys.stderr.isatty(), weights=False))
+    tokenizer.override_spaces(legacy=legacy, add_prefix_space=add_prefix_space)
     use_chat_template(tokenizer, chat_template)
     if ids is None:
         ids = encode_prompt(tokenizer, text, chat=True, system=system) if chat else tokenizer.encode(text, add_special_tokens=not no_special)
     tokens = tokenizer.convert_ids_to_tokens(ids)
     if decode is not None:
-        decoded = tokenizer.decode(ids)
+        decoded = tokenizer.decode(ids, skip_special_tokens=no_special)
         if format is o.OutputFormat.json:
             render.write_json({"ids": ids, "tokens": tokens, "text": decoded})
         else:

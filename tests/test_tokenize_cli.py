@@ -62,6 +62,16 @@ def test_decode(tok_folder, smol_tokenizer):  # noqa: F811
     assert data == {"ids": ids, "tokens": smol_tokenizer.convert_ids_to_tokens(ids), "text": TEXT}
 
 
+def test_decode_no_special_drops_special_tokens(tok_folder, smol_tokenizer):  # noqa: F811
+    ids = smol_tokenizer.encode("<|im_start|>user\nHi<|im_end|>", add_special_tokens=False)
+    assert "<|im_start|>" in llm("tokenize", str(tok_folder), "--decode", ",".join(map(str, ids))).stdout
+    out = llm("tokenize", str(tok_folder), "--decode", ",".join(map(str, ids)), "--no-special")
+    assert out.exit_code == 0, out.output
+    assert out.stdout == "user\nHi\n"
+    data = json.loads(llm("tokenize", str(tok_folder), "--decode", ",".join(map(str, ids)), "--no-special", "-f", "json").stdout)
+    assert data["text"] == "user\nHi" and data["ids"] == ids  # the ids and tokens stay as given
+
+
 def test_plain_text_when_piped(tok_folder):
     r = run_llm("tokenize", str(tok_folder), TEXT)
     assert r.returncode == 0, r.stderr

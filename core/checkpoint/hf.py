@@ -27,8 +27,16 @@ class HFCheckpoint(Checkpoint):
             raise ModelNotFoundError(f"no model folder at {path}")
         self.warnings = []
         self.path = path
-        self.config = load_config(path)
-        self.config_dict = json.loads((path / "config.json").read_text(encoding="utf-8"))
+
+    # Read when asked for: a folder with only tokenizer files still gives its tokenizer (llm tokenize).
+    @cached_property
+    def config(self):
+        return load_config(self.path)
+
+    @cached_property
+    def config_dict(self) -> dict[str, Any]:
+        _ = self.config  # its errors (no config.json, bad JSON) first
+        return json.loads((self.path / "config.json").read_text(encoding="utf-8"))
 
     @cached_property
     def _entries(self) -> list[tuple[Path, TensorInfo, int, int]]:

@@ -52,3 +52,7 @@ class Family:
     normalize: Callable[[dict[str, Any]], dict[str, Any]] = field(default=lambda c: c)
     causal_lm: str = ""  # the architectures name of the causal LM class (GGUF files hold only that head)
     gguf: GGUFLayout | None = None  # None: llama.cpp has no such architecture
+    # Tokenizer: the transformers class a sentencepiece ("llama") GGUF vocabulary of this family is built
+    # as, and the GGUF general.architecture names that pick it (core/tokenizer/gguf_vocab.py).
+    tokenizer_class: str = "LlamaTokenizer"
+    tokenizer_gguf_architectures: tuple[str, ...] = ()

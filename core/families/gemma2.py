@@ -105,4 +105,7 @@ FAMILY = Family(
         write_config=_gguf_write,
         spaces_in_pieces=True,
     ),
+    # transformers builds every Gemma generation's sentencepiece GGUF vocabulary as GemmaTokenizer.
+    tokenizer_class="GemmaTokenizer",
+    tokenizer_gguf_architectures=("gemma", "gemma2", "gemma3"),
 )

@@ -75,4 +75,6 @@ FAMILY = Family(
         read_config=_gguf_read,
         write_config=_gguf_write,
     ),
+    tokenizer_class="LlamaTokenizer",
+    tokenizer_gguf_architectures=("llama",),
 )
