@@ -61,7 +61,7 @@ app.command("tokenize")(tokenize_cmd.tokenize)
 app.command("convert")(convert_cmd.convert)
 app.command("perplexity")(perplexity_cmd.perplexity)
 app.command("template")(template_cmd.template)
-app.command("completions", hidden=True)(completions_cmd.completions)
+app.command("completions")(completions_cmd.completions)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import typer
 
 from . import options as o
 from . import render
+from .option_groups import Model, Output, Sampling, group, with_groups
 
 PROMPT = ">>> "
 MORE = "... "
@@ -40,12 +41,12 @@ Ctrl-C while the model answers stops the answer; the part already written stays 
 A message that starts with '/' but is not a command: start it with '//' (sent as '/...')."""
 
 
+@with_groups
 def chat(
     ctx: typer.Context,
     model_arg: Annotated[
         Optional[str], typer.Argument(metavar="[MODEL]", help="The model (same forms as -m); default: smollm2.", autocompletion=o.complete_model)
     ] = None,
-    model: o.ModelOpt = None,
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")] = None,
     system_file: Annotated[
         Optional[Path], typer.Option("--system-file", help="Read the system prompt from a file.", dir_okay=False)
@@ -54,27 +55,15 @@ def chat(
         Optional[Path], typer.Option("--resume", help="Continue a conversation saved with /save.", dir_okay=False)
     ] = None,
     max_new_tokens: o.MaxNewTokensOpt = 512,
-    temperature: o.TemperatureOpt = None,
-    top_k: o.TopKOpt = None,
-    top_p: o.TopPOpt = None,
-    min_p: o.MinPOpt = None,
-    repetition_penalty: o.RepetitionPenaltyOpt = None,
-    seed: o.SeedOpt = None,
-    dtype: o.DtypeOpt = "auto",
-    device: o.DeviceOpt = "auto",
-    compile: o.CompileOpt = False,
-    quantize: o.QuantizeOpt = None,
-    stats: o.StatsOpt = False,
     base_url: Annotated[
         Optional[str], typer.Option("--base-url", help="Chat with an OpenAI-compatible server instead (llm serve, llama-server, ollama): e.g. http://127.0.0.1:8000/v1.")
     ] = None,
     api_key: Annotated[
         Optional[str], typer.Option("--api-key", envvar="LLM_API_KEY", help="API key for --base-url (env LLM_API_KEY).")
     ] = None,
-    chat_template: o.ChatTemplateOpt = None,
-    tp: o.TpOpt = None,
-    device_map: o.DeviceMapOpt = None,
-    dry_run: o.DryRunOpt = False,
+    sampling: Sampling = group(Sampling, exclude=("stop",)),
+    model: Model = None,
+    output: Output = group(Output, exclude=("format",)),
 ) -> None:
     """Chat with a model: interactive on a terminal (/help lists the commands), one message per input line otherwise.
 
@@ -82,46 +71,38 @@ def chat(
     ended by a newline; the command exits at the end of the input."""
     from llm_torch.core.errors import InputError
 
-    from .common import handled_before_input
-
-    if handled_before_input(tp, model_arg or model, dtype, device, device_map, dry_run):
+    model = model.with_argument(model_arg)
+    if model.handled_before_input():
         return
-    if model_arg and model and model_arg != model:
-        raise InputError(f"two models given: '{model_arg}' and -m '{model}'", hint="give the model once")
     if system is not None and system_file is not None:
         raise InputError("--system and --system-file both given", hint="use one of them")
     if system_file is not None:
         system = _read_text(system_file)
     interactive = sys.stdin.isatty()
-    from llm_torch.core.chat import ChatSession, ChatSettings
-    from llm_torch.core.sampling import sampling_spec
+    from llm_torch.core.chat_settings import ChatSettings
 
-    from .common import load, sampling_line, use_chat_template
+    from .common import sampling_line
 
     if base_url is not None:
         from llm_torch.core.remote_chat import RemoteChatSession
 
-        local_only = [f"--{k.replace('_', '-')}" for k in ("dtype", "device", "compile", "quantize") if _from_command_line(ctx, k)]
+        local_only = [f"--{k.replace('_', '-')}" for k in LOCAL_ONLY_FLAGS if _from_command_line(ctx, k)]
         if local_only:
             raise InputError(f"{', '.join(local_only)} cannot apply to a model on a server", hint="drop them with --base-url")
-        sampling = sampling_spec(None, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                 repetition_penalty=repetition_penalty, seed=seed)
-        session = RemoteChatSession(base_url, api_key=api_key, model=model_arg or model, system=system,
-                                    settings=ChatSettings(max_new_tokens=max_new_tokens or 1, sampling=sampling))
+        settings = ChatSettings(max_new_tokens=max_new_tokens or 1, sampling=sampling.spec(None))
+        session = RemoteChatSession(base_url, api_key=api_key, model=model.model, system=system, settings=settings)
         where = session.base
     else:
-        loaded = load(model_arg or model, dtype, device, compile=compile, quiet=not (interactive or stats),
-                      quantize=quantize, tp=tp, device_map=device_map)
-        sampling = sampling_spec(loaded.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-        use_chat_template(loaded.tokenizer, chat_template)
-        session = ChatSession(loaded.model, loaded.tokenizer, model_name=loaded.name,
-                              settings=ChatSettings(max_new_tokens=max_new_tokens or 1, sampling=sampling),
-                              system=system)
+        from llm_torch.core.chat import ChatSession
+
+        loaded = model.load(quiet=not (interactive or output.stats))
+        settings = ChatSettings(max_new_tokens=max_new_tokens or 1, sampling=sampling.spec(loaded.generation_config))
+        session = ChatSession(loaded.model, loaded.tokenizer, model_name=loaded.name, settings=settings, system=system,
+                              context=model.context)
         where = f"{loaded.dtype_name}, {_device(loaded.model)}"
-        if stats:
-            render.info(sampling_line(sampling, loaded.generation_config))
-    repl = Repl(session, where, interactive=interactive, stats=stats)
+        if output.stats:
+            render.info(sampling_line(settings.sampling, loaded.generation_config))
+    repl = Repl(session, where, interactive=interactive, stats=output.stats)
     if resume is not None:
         repl.load(str(resume), quiet=not interactive)
         # What the command line says wins over the file.
@@ -135,6 +116,8 @@ def chat(
 
 
 SETTING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+# What a model on a server cannot take from the command line (it is loaded and run there).
+LOCAL_ONLY_FLAGS = ("dtype", "device", "compile", "quantize", "threads", "context")
 
 
 def _from_command_line(ctx: typer.Context, name: str) -> bool:

@@ -109,7 +109,7 @@ def plan(config: ModelConfig, dtype: torch.dtype, budgets: list[DeviceBudget], c
                 f"the model does not fit: {what} finds no room; it needs ~{need / GIB:.1f} GiB (weights + KV for "
                 f"{context} tokens) and the devices have {have / GIB:.1f} GiB free "
                 f"({', '.join(f'{b.name} {b.free_bytes / GIB:.1f}' for b in budgets)})",
-                hint="use a quantized model, --dtype bfloat16, or a shorter --max-context")
+                hint="use a quantized model, --dtype bfloat16, or a shorter --context")
         name = budgets[d].name
         used[d] += cost_of(name)
         return name

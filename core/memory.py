@@ -57,4 +57,4 @@ def check_fits(config: ModelConfig, dtype: torch.dtype, device: torch.device, *,
         raise ResourceError(
             f"the model needs ~{weights / gib:.1f} GiB of {str(dtype).removeprefix('torch.')} weights + "
             f"{kv / gib:.1f} GiB of KV cache for {context} tokens on {device}, which has {free / gib:.1f} GiB free",
-            hint="use a quantized model (llm quantize), --dtype bfloat16, a shorter --max-context, or --tp")
+            hint="use a quantized model (llm quantize), --dtype bfloat16, a shorter --context, or --tp")
