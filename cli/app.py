@@ -37,7 +37,9 @@ def _version(value: bool) -> None:
     if value:
         from importlib.metadata import version
 
-        typer.echo(f"llm-torch {version('llm-torch')}")
+        from . import render
+
+        render.write(f"llm-torch {version('llm-torch')}\n")
         raise typer.Exit()
 
 

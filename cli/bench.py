@@ -7,7 +7,6 @@ object with --format json. Progress goes to stderr, only on a terminal.
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 from typing import Annotated
 
 import typer
@@ -59,8 +58,7 @@ def bench(
 
         qspec = make_spec(model.quantize, cuda=resolve_device(model.device).type == "cuda")
         prepare = lambda loaded: quantize_loaded(loaded, qspec)  # noqa: E731 - timed with the load
-    status = render.err_console().status("loading") if sys.stderr.isatty() else nullcontext()
-    with status as live:
+    with render.status("loading") as live:
         progress = (lambda msg: live.update(msg)) if live is not None else None
         result = run_bench(model.model, spec, dtype=model.dtype, device=model.device, threads=model.threads,
                            progress=progress, prepare=prepare)
@@ -167,7 +165,6 @@ def plain_report(result) -> str:
 def _print_rich(result) -> None:
     from rich.table import Table
 
-    console = render.out_console()
     # The per-model columns of the plain table repeat on every row: on a terminal they go in the title.
     title = " · ".join(f"{k} {v}" if k in ("size", "params", "threads") else v for k, v in _header(result))
     table = Table(title=title, title_justify="left", header_style="bold")
@@ -176,6 +173,6 @@ def _print_rich(result) -> None:
         table.add_column(k, justify="right", no_wrap=True)
     for name, s in _tests(result):
         table.add_row(name, f"{s.median:.2f}", f"{s.min:.2f}", f"{s.max:.2f}")
-    console.print(table)
+    render.show(table)
     for note in _notes(result):
-        console.print(note, style="dim", markup=False)
+        render.note(note)

@@ -209,14 +209,12 @@ class Repl:
             if self.markdown:  # readline needs the colour codes marked as zero-width
                 prompt = f"\001\033[1;32m\002{prompt}\001\033[0m\002"
             return input(prompt)
-        sys.stderr.write(prompt)  # stdout is a file or pipe: keep prompts out of it
-        sys.stderr.flush()
+        render.prompt(prompt)  # stdout is a file or pipe: keep prompts out of it
         return input()
 
     def _end_prompt_line(self) -> None:
         if self.interactive:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+            render.prompt("\n")
 
     def _read_multi(self) -> str | None:
         lines = []

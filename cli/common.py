@@ -30,6 +30,16 @@ def read_prompt(argument: str | None, *, required: bool = True) -> str:
     return prompt
 
 
+def check_local_path(model_ref: str | None) -> None:
+    """A model named by a path that does not exist fails here, with core's message, before torch is imported
+    (core.hub parses references without torch; core.loading, which resolves them, imports it)."""
+    text = (model_ref or "").strip()
+    if text.startswith(("./", "../", "~", "/", ".\\")) or "\\" in text:
+        from llm_torch.core.hub import parse_model_ref
+
+        parse_model_ref(text)
+
+
 def tp_worker(tp: int | None, model_ref: str | None, dtype: str, device: str) -> bool:
     """On ranks > 0 of a tensor-parallel run (torchrun, or started by `--tp`): load this rank's shard and
     follow rank 0 until it stops; -> True when this process was such a rank (the command ends there,

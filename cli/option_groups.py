@@ -156,8 +156,9 @@ class Model(OptionGroup):
     def handled_before_input(self) -> bool:
         """True when this process's part is done before any input is read: a tensor-parallel rank > 0, or
         --dry-run (the memory plan was printed). Threads are set first: a rank computes too."""
-        from .common import handled_before_input
+        from .common import check_local_path, handled_before_input
 
+        check_local_path(self.model)
         self.use_threads()
         return handled_before_input(self.tp, self.model, self.dtype, self.device, self.device_map, self.dry_run,
                                     context=self.context)

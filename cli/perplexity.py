@@ -27,6 +27,10 @@ def perplexity(
 ) -> None:
     """Perplexity of texts: per document and in total (sliding window with stride, as transformers' recipe)."""
     from llm_torch.core.errors import InputError
+
+    from .common import check_local_path
+
+    check_local_path(model)  # before torch is imported
     from llm_torch.core.perplexity import Document, score, total
 
     documents = _documents(files or ["-"], lines)

@@ -31,9 +31,11 @@ def template(
     import sys
 
     from llm_torch.core.errors import InputError
-    from llm_torch.core.loading import load_model_config, load_tokenizer, resolve_model
 
-    from .common import chat_messages, use_chat_template
+    from .common import chat_messages, check_local_path, use_chat_template
+
+    check_local_path(model)  # before core.loading imports torch
+    from llm_torch.core.loading import load_model_config, load_tokenizer, resolve_model
 
     if messages is not None and (text or system):
         raise InputError("--messages holds the whole conversation", hint="drop TEXT and --system")
