@@ -161,7 +161,7 @@ class Ours(Engine):
         return time_decode(self.runner, ids, new_tokens).decode_tokens_per_second
 
     def bytes_per_token(self):
-        from llm_torch.core.bench import weight_bytes_per_token
+        from llm_torch.core.model_size import weight_bytes_per_token
 
         return weight_bytes_per_token(self.loaded.model)
 
@@ -244,7 +244,7 @@ class Transformers(Engine):
         return steps / (stamps.times[-1] - stamps.times[1])
 
     def bytes_per_token(self):
-        from llm_torch.core.bench import weight_bytes_per_token
+        from llm_torch.core.model_size import weight_bytes_per_token
 
         return weight_bytes_per_token(self.model)
 
@@ -469,7 +469,7 @@ def main() -> None:
             print(".", end="", flush=True)
         print()
 
-    from llm_torch.core.bench import measure_memory_bandwidth
+    from llm_torch.core.machine import measure_memory_bandwidth
 
     _import_torch()
     bandwidth = measure_memory_bandwidth()

@@ -24,7 +24,7 @@ import torch
 _CHILD = """
 import json, sys, time
 from pathlib import Path
-from llm_torch.core.bench import peak_rss_bytes
+from llm_torch.core.machine import peak_rss_bytes
 from llm_torch.core.convert import ConvertSpec, convert
 t0 = time.perf_counter()
 r = convert(ConvertSpec(sys.argv[1], Path(sys.argv[2]), **json.loads(sys.argv[3])))

@@ -39,7 +39,9 @@ def _version(value: bool) -> None:
     if value:
         from importlib.metadata import version
 
-        typer.echo(f"llm-torch {version('llm-torch')}")
+        from . import render
+
+        render.write(f"llm-torch {version('llm-torch')}\n")
         raise typer.Exit()
 
 
@@ -66,7 +68,7 @@ app.command("template")(template_cmd.template)
 app.command("models")(models_cmd.models)
 app.add_typer(models_cmd.aliases_app, name="aliases")
 app.command("embed")(embed_cmd.embed)
-app.command("completions", hidden=True)(completions_cmd.completions)
+app.command("completions")(completions_cmd.completions)
 
 
 def main() -> None:

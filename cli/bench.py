@@ -7,13 +7,12 @@ object with --format json. Progress goes to stderr, only on a terminal.
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from . import options as o
 from . import render
+from .option_groups import Model, Output, group, with_groups
 
 
 def _parse_counts(text: str, flag: str, example: str) -> tuple[int, ...]:
@@ -29,10 +28,8 @@ def _parse_counts(text: str, flag: str, example: str) -> tuple[int, ...]:
     return counts
 
 
+@with_groups
 def bench(
-    model: o.ModelOpt = None,
-    dtype: o.DtypeOpt = "auto",
-    device: o.DeviceOpt = "auto",
     prompt_lengths: Annotated[
         str, typer.Option("--prompt-lengths", "-p", help="Prefill tests: prompt lengths in tokens, comma-separated ('' for none).")
     ] = "128,512",
@@ -41,29 +38,31 @@ def bench(
     batch: Annotated[
         str, typer.Option("--batch", "-b", help="Batched decode tests: sequences decoding at once, comma-separated (e.g. 1,4,8,16).")
     ] = "",
-    threads: Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads. Default: torch's choice.")] = None,
-    quantize: o.QuantizeOpt = None,
-    format: Annotated[o.OutputFormat, typer.Option("--format", "-f", help="text (a table) or json (one object).")] = o.OutputFormat.text,
+    model: Model = group(Model, exclude=("device_map", "tp", "compile", "dry_run", "chat_template"),
+                         names={"threads": ("-t",)}),
+    output: Output = group(Output, exclude=("stats",), help={"format": "text (a table) or json (one object)."}),
 ) -> None:
     """Measure load time, prefill and decode speed, peak memory and the decode ceiling of a model."""
     lengths = _parse_counts(prompt_lengths, "--prompt-lengths", "128,512")  # before importing torch: a typo fails at once
     batches = _parse_counts(batch, "--batch", "1,4,8,16")
-    from llm_torch.core.bench import BenchSpec, run_bench
+    from llm_torch.core.bench import run_bench
+    from llm_torch.core.bench_results import BenchSpec
 
-    spec = BenchSpec(prompt_lengths=lengths, new_tokens=new_tokens, repetitions=repetitions, batches=batches)
+    spec = BenchSpec(prompt_lengths=lengths, new_tokens=new_tokens, repetitions=repetitions, batches=batches,
+                     context=model.context)
     prepare = None
-    if quantize:
+    if model.quantize:
         from llm_torch.core.loading import resolve_device
         from llm_torch.quant.api import quantize_loaded
         from llm_torch.quant.spec import make_spec
 
-        qspec = make_spec(quantize, cuda=resolve_device(device).type == "cuda")
+        qspec = make_spec(model.quantize, cuda=resolve_device(model.device).type == "cuda")
         prepare = lambda loaded: quantize_loaded(loaded, qspec)  # noqa: E731 - timed with the load
-    status = render.err_console().status("loading") if sys.stderr.isatty() else nullcontext()
-    with status as live:
+    with render.status("loading") as live:
         progress = (lambda msg: live.update(msg)) if live is not None else None
-        result = run_bench(model, spec, dtype=dtype, device=device, threads=threads, progress=progress, prepare=prepare)
-    if format is o.OutputFormat.json:
+        result = run_bench(model.model, spec, dtype=model.dtype, device=model.device, threads=model.threads,
+                           progress=progress, prepare=prepare)
+    if output.json:
         render.write_json(result.to_dict())
     elif sys.stdout.isatty():
         _print_rich(result)
@@ -166,7 +165,6 @@ def plain_report(result) -> str:
 def _print_rich(result) -> None:
     from rich.table import Table
 
-    console = render.out_console()
     # The per-model columns of the plain table repeat on every row: on a terminal they go in the title.
     title = " · ".join(f"{k} {v}" if k in ("size", "params", "threads") else v for k, v in _header(result))
     table = Table(title=title, title_justify="left", header_style="bold")
@@ -175,6 +173,6 @@ def _print_rich(result) -> None:
         table.add_column(k, justify="right", no_wrap=True)
     for name, s in _tests(result):
         table.add_row(name, f"{s.median:.2f}", f"{s.min:.2f}", f"{s.max:.2f}")
-    console.print(table)
+    render.show(table)
     for note in _notes(result):
-        console.print(note, style="dim", markup=False)
+        render.note(note)

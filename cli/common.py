@@ -30,6 +30,16 @@ def read_prompt(argument: str | None, *, required: bool = True) -> str:
     return prompt
 
 
+def check_local_path(model_ref: str | None) -> None:
+    """A model named by a path that does not exist fails here, with core's message, before torch is imported
+    (core.hub parses references without torch; core.loading, which resolves them, imports it)."""
+    text = (model_ref or "").strip()
+    if text.startswith(("./", "../", "~", "/", ".\\")) or "\\" in text:
+        from llm_torch.core.hub import parse_model_ref
+
+        parse_model_ref(text)
+
+
 def tp_worker(tp: int | None, model_ref: str | None, dtype: str, device: str) -> bool:
     """On ranks > 0 of a tensor-parallel run (torchrun, or started by `--tp`): load this rank's shard and
     follow rank 0 until it stops; -> True when this process was such a rank (the command ends there,
@@ -54,13 +64,13 @@ def tp_worker(tp: int | None, model_ref: str | None, dtype: str, device: str) ->
 
 
 def handled_before_input(tp: int | None, model_ref: str | None, dtype: str, device: str, device_map: str | None,
-                         dry_run: bool) -> bool:
+                         dry_run: bool, *, context: int | None = None) -> bool:
     """True when this process's part of the command is done before any input is read: a tensor-parallel
     rank > 0 (it followed rank 0 to the end), or --dry-run (it printed the memory plan)."""
     if tp_worker(tp, model_ref, dtype, device):
         return True
     if dry_run:
-        print_plan(model_ref, dtype, device, device_map)
+        print_plan(model_ref, dtype, device, device_map, context)
         return True
     return False
 
@@ -80,8 +90,9 @@ def _tensor_parallel(tp: int | None, device: str, model_ref: str | None):
     return init(tp, resolve_device(device))
 
 
-def print_plan(model_ref: str | None, dtype: str, device: str, device_map: str | None) -> None:
-    """--dry-run: where the weights and one context of KV cache would go, from the config alone (stdout)."""
+def print_plan(model_ref: str | None, dtype: str, device: str, device_map: str | None, context: int | None = None) -> None:
+    """--dry-run: where the weights and one context (--context, else the model's) of KV cache would go, from the
+    config alone (stdout)."""
     from llm_torch.core.checkpoint import open_checkpoint
     from llm_torch.core.loading import plan_device_map, resolve_device, resolve_dtype, resolve_model
     from llm_torch.core.memory import available_bytes, estimate
@@ -90,12 +101,12 @@ def print_plan(model_ref: str | None, dtype: str, device: str, device_map: str |
     source = open_checkpoint(resolved)
     config = source.config
     if device_map is not None:
-        placement, target = plan_device_map(resolved, dtype, device_map, checkpoint=source)
+        placement, target = plan_device_map(resolved, dtype, device_map, checkpoint=source, context=context)
         lines = placement.lines()
     else:
         dev = resolve_device(device)
         target = resolve_dtype(dtype, config, kind=resolved.kind, device=dev)
-        context = config.max_position_embeddings
+        context = min(context or config.max_position_embeddings, config.max_position_embeddings)
         weights, kv = estimate(config, target, dev, context)
         free = available_bytes(dev)
         lines = [f"{dev}: {weights / 2**30:.2f} GiB weights + {kv / 2**30:.2f} GiB KV for {context} tokens"
@@ -104,13 +115,15 @@ def print_plan(model_ref: str | None, dtype: str, device: str, device_map: str |
 
 
 def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = False, quiet: bool = False,
-         quantize: str | None = None, tp: int | None = None, device_map: str | None = None, head: str | None = None):
+         quantize: str | None = None, tp: int | None = None, device_map: str | None = None, head: str | None = None,
+         context: int | None = None):
     """Load a model, saying on stderr what was loaded and how long it took.
 
     quantize: a scheme name (--quantize int8 ...): the float model is quantized in memory after loading.
     tp: split it over this many processes (tensor parallel); this process is rank 0.
     device_map: "auto": its layers over the GPUs, then the CPU (core/device_map.py).
     head: build this head instead of the checkpoint's (model.HEADS; "feature_extraction": the bare decoder).
+    context: KV positions per sequence the memory checks count (--context; None: the model's).
     """
     from llm_torch.core.errors import InputError
     from llm_torch.core.loading import load_model
@@ -134,13 +147,14 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
         raise InputError(f"--device-map cannot be combined with {'--quantize' if quantize else '--compile'}")
     ctx = _tensor_parallel(tp, device, model_ref)
     if ctx is not None:
-        loaded = _load_rank0(ctx, model_ref, dtype)
+        loaded = _load_rank0(ctx, model_ref, dtype, context)
     elif device_map is not None:
         from llm_torch.core.loading import load_resolved, resolve_model
 
-        loaded = load_resolved(resolve_model(model_ref), dtype=dtype, device_map=device_map)
+        loaded = load_resolved(resolve_model(model_ref), dtype=dtype, device_map=device_map, context=context)
     else:
-        loaded = load_model(model_ref, dtype=dtype, device=device, progress=not quiet and sys.stderr.isatty(), head=head)
+        loaded = load_model(model_ref, dtype=dtype, device=device, progress=not quiet and sys.stderr.isatty(), head=head,
+                            context=context)
     if spec is not None:
         from llm_torch.quant.api import quantize_loaded
 
@@ -171,12 +185,15 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
         elif weights.device.type == "cpu":
             from llm_torch.core.kernels import status
 
-            how += f"; decode on {status().detail} ({describe(loaded.model)})"
+            import torch
+
+            threads = torch.get_num_threads()
+            how += f"; decode on {status().detail} ({describe(loaded.model)}), {threads} thread{'s' * (threads != 1)}"
         render.info(f"loaded {loaded.name}: {how}{chosen} on {weights.device} in {time.perf_counter() - t0:.2f} s")
     return loaded
 
 
-def _load_rank0(ctx, model_ref, dtype):
+def _load_rank0(ctx, model_ref, dtype, context=None):
     import torch.distributed as dist
 
     from llm_torch.core import distributed
@@ -185,7 +202,8 @@ def _load_rank0(ctx, model_ref, dtype):
     from llm_torch.core.runner import TorchRunner, install
     from llm_torch.core.tensor_parallel import Shard
 
-    loaded = load_model(model_ref, dtype=dtype, device=str(ctx.device), progress=False, shard=Shard(0, ctx.world))
+    loaded = load_model(model_ref, dtype=dtype, device=str(ctx.device), progress=False, shard=Shard(0, ctx.world),
+                        context=context)
     try:
         dist.barrier()
     except RuntimeError as e:  # a rank died while loading: its connection closed
@@ -232,7 +250,7 @@ _FOLD_TOLD: set[int] = set()
 def chat_messages(tokenizer, text: str, system: str | None) -> list[dict[str, str]]:
     """One user message, with the system prompt as a message of its own, or folded into the user's for
     templates without a system role (Gemma's), as transformers users do; a warning says so."""
-    from llm_torch.core.chat import system_role_supported, with_system
+    from llm_torch.core.system_prompt import system_role_supported, with_system
 
     supported = not system or system_role_supported(tokenizer)
     if not supported and id(tokenizer) not in _FOLD_TOLD:

@@ -87,4 +87,4 @@ def convert(
         render.info(f"verify: max |logits difference| {result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g})")
     if not quiet and show:
         render.info(f"wrote {result.tensors} tensors, {result.bytes_written / 2**20:.1f} MiB in {result.seconds:.1f} s")
-    render.write(f"{result.output}\n")
+    render.write(f"{render.absolute(result.output)}\n")

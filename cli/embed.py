@@ -34,6 +34,8 @@ def embed(
     format: Annotated[EmbedFormat, typer.Option("--format", "-f", help="jsonl (one object per input, streamed) | json (one array).")] = EmbedFormat.jsonl,
     dtype: o.DtypeOpt = "auto",
     device: o.DeviceOpt = "auto",
+    threads: o.ThreadsOpt = None,
+    context: o.ContextOpt = None,
 ) -> None:
     """Embed texts: the model's last hidden state, pooled per input (transformers' feature-extraction pipeline)."""
     import json
@@ -51,8 +53,13 @@ def embed(
     first = next(items, None)  # an empty input fails before the model loads
     if first is None:
         raise InputError("no input given", hint="pass texts as arguments, pipe lines in, or use --input FILE")
-    loaded = load(model, dtype, device, quiet=True, head="feature_extraction")
-    opts = p.PipelineOptions(batch_size=batch_size, truncate=truncate.value, pooling=pooling, normalize=normalize)
+    if threads is not None:
+        from llm_torch.core.openmp import set_threads
+
+        set_threads(threads)
+    loaded = load(model, dtype, device, quiet=True, head="feature_extraction", context=context)
+    opts = p.PipelineOptions(batch_size=batch_size, truncate=truncate.value, pooling=pooling, normalize=normalize,
+                             context=context)
     results = p.Pipeline(loaded.model, loaded.tokenizer, "feature-extraction", opts, warn=render.warn).run(_chain([first], items))
     if format is EmbedFormat.jsonl:
         for r in results:

@@ -60,3 +60,12 @@ QuantizeOpt = Annotated[
     Optional[str],
     typer.Option("--quantize", help="Quantize on load: int8 | int4 | int8-dynamic | nf4 | fp4 | llm-int8 (see llm quantize)."),
 ]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option("--threads", min=1, help="CPU threads for torch and the native kernels (OpenMP). Default: torch's choice."),
+]
+ContextOpt = Annotated[
+    Optional[int],
+    typer.Option("--context", min=2, help="KV positions per sequence (prompt + answer; perplexity: the window). "
+                                          "Default: the model's context."),
+]

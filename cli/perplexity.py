@@ -3,49 +3,49 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from . import options as o
 from . import render
+from .option_groups import Model, Output, group, with_groups
 from .completions import complete_model
 
 
+@with_groups
 def perplexity(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="Local folder, .gguf file, Hub id or alias (smollm2).",
                                          autocompletion=complete_model)],
     files: Annotated[Optional[list[str]], typer.Argument(metavar="[FILE|-]...", help="Texts to score, one document each ('-' or none: stdin).")] = None,
     lines: Annotated[bool, typer.Option("--lines", help="Each non-empty line is a document of its own.")] = False,
-    context: Annotated[Optional[int], typer.Option("--context", min=2, help="Window in tokens. Default: the model's context.")] = None,
     stride: Annotated[Optional[int], typer.Option("--stride", min=1, help="Tokens the window advances by. Default: half the window.")] = None,
     no_bos: Annotated[bool, typer.Option("--no-bos", help="Do not start each document with BOS.")] = False,
-    dtype: o.DtypeOpt = "auto",
-    device: o.DeviceOpt = "auto",
-    format: o.FormatOpt = o.OutputFormat.text,
+    model_options: Model = group(Model, exclude=("model", "device_map", "tp", "compile", "dry_run", "chat_template", "quantize")),
+    output: Output = group(Output, exclude=("stats",)),
 ) -> None:
     """Perplexity of texts: per document and in total (sliding window with stride, as transformers' recipe)."""
     from llm_torch.core.errors import InputError
-    from llm_torch.core.perplexity import Document, score, total
 
-    from .common import load
+    from .common import check_local_path
+
+    check_local_path(model)  # before torch is imported
+    from llm_torch.core.perplexity import Document, score, total
 
     documents = _documents(files or ["-"], lines)
     if not documents:
         raise InputError("no text to score", hint="give a FILE, or pipe text in: cat notes.txt | llm perplexity smollm2")
-    loaded = load(model, dtype, device, quiet=True)
-    if loaded.tokenizer is None:
-        raise InputError(f"{loaded.name} has no tokenizer")
-    window = context or loaded.config.max_position_embeddings
+    loaded = replace(model_options, model=model).load(quiet=True, tokenizer_needed=True)
+    window = model_options.context or loaded.config.max_position_embeddings
     scores = []
     for s in score(loaded.model, loaded.tokenizer, [Document(n, t) for n, t in documents], context=window,
                    stride=stride, add_bos=not no_bos):
         scores.append(s)
-        if format is o.OutputFormat.text:
+        if not output.json:
             render.write(f"{s.name}\t{s.tokens} tokens\tperplexity {s.perplexity:.4f}\n")
     summary = total(scores)
-    if format is o.OutputFormat.json:
+    if output.json:
         render.write_json({"model": loaded.name, "context": window, "stride": stride or window // 2,
                            "documents": [s.to_dict() for s in scores], "total": summary})
     elif len(scores) > 1:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -62,14 +61,8 @@ def quantize(
         return
     from llm_torch.quant.api import quantize_to_folder
 
-    status = render.err_console().status(f"quantizing ({spec.label})") if sys.stderr.isatty() else None
-    if status is not None:
-        status.start()
-    try:
+    with render.status(f"quantizing ({spec.label})"):
         outcome = quantize_to_folder(model_arg, spec, output, dtype=dtype, force=force)
-    finally:
-        if status is not None:
-            status.stop()
     for note in outcome.result.notes:
         render.warn(note)
     kept = outcome.result.kept
@@ -78,7 +71,7 @@ def quantize(
         + (f" ({', '.join(kept)})" if kept and len(kept) <= 4 else "")
         + f"; {outcome.bytes_on_disk / 2**20:.1f} MiB in {outcome.seconds:.1f} s"
     )
-    render.write(f"{outcome.out}\n")  # the folder to pass to -m: the one result on stdout
+    render.write(f"{render.absolute(outcome.out)}\n")  # the folder to pass to -m: the one result on stdout
     if eval:
         _print_report(model_arg, outcome.out)
 

@@ -64,6 +64,40 @@ def write(text: str) -> None:
             raise OutputClosed() from None
 
 
+def show(renderable, **kwargs) -> None:
+    """A Rich renderable (table, styled text) on stdout, through the one stdout console."""
+    try:
+        out_console().print(renderable, **kwargs)
+    except BrokenPipeError:
+        raise OutputClosed() from None
+
+
+def note(text: str) -> None:
+    """A dim line of a result on stdout (bench's notes under its table on a terminal)."""
+    show(text, style="dim", markup=False)
+
+
+def prompt(text: str) -> None:
+    """Interactive prompt text on stderr, no newline (stdout is a file or pipe: it keeps only answers)."""
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
+def status(message: str):
+    """A spinner with `message` on stderr while a step runs (a terminal only; a no-op context otherwise).
+    The context's value has .update(text), or is None off a terminal."""
+    if not sys.stderr.isatty():
+        from contextlib import nullcontext
+
+        return nullcontext()
+    return err_console().status(message)
+
+
+def absolute(path) -> str:
+    """A path as the commands print it: absolute (symlinks kept), whatever form the user typed."""
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
 def write_json(obj) -> None:
     import json
 
@@ -71,7 +105,7 @@ def write_json(obj) -> None:
 
 
 def peak_rss_mib() -> float:
-    from llm_torch.core.bench import peak_rss_bytes  # one definition (VmHWM, not ru_maxrss)
+    from llm_torch.core.machine import peak_rss_bytes  # one definition (VmHWM, not ru_maxrss)
 
     return peak_rss_bytes() / 2**20
 

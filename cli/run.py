@@ -13,6 +13,7 @@ import typer
 
 from . import options as o
 from . import render
+from .option_groups import Model, Sampling, group, with_groups
 
 
 class RunFormat(str, Enum):
@@ -26,12 +27,12 @@ class Truncation(str, Enum):
     error = "error"
 
 
+@with_groups
 def run(
     prompt: Annotated[Optional[str], typer.Argument(help="Input text; piped stdin is combined with it (argument first).")] = None,
     task: Annotated[
         str, typer.Option("--task", help="text-generation | text-classification | token-classification | question-answering.")
     ] = "text-generation",
-    model: o.ModelOpt = None,
     lines: Annotated[bool, typer.Option("--lines", help="Each stdin line is one input (blank lines skipped).")] = False,
     input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Read inputs from a .txt, .jsonl or .csv file.")] = None,
     column: Annotated[Optional[str], typer.Option("--column", help="Field of .jsonl/.csv rows holding the text (default: text).")] = None,
@@ -48,38 +49,23 @@ def run(
     max_answer_len: Annotated[int, typer.Option("--max-answer-len", min=1, help="question-answering: longest answer in tokens.")] = 15,
     handle_impossible_answer: Annotated[bool, typer.Option("--handle-impossible-answer", help="question-answering: the empty answer may win.")] = False,
     max_new_tokens: o.MaxNewTokensOpt = 256,
-    temperature: o.TemperatureOpt = None,
-    top_k: o.TopKOpt = None,
-    top_p: o.TopPOpt = None,
-    min_p: o.MinPOpt = None,
-    repetition_penalty: o.RepetitionPenaltyOpt = None,
-    seed: o.SeedOpt = None,
-    stop: o.StopOpt = None,
     chat: Annotated[bool, typer.Option("--chat", help="text-generation: wrap each input in the chat template.")] = False,
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="System message (with --chat).")] = None,
-    dtype: o.DtypeOpt = "auto",
-    device: o.DeviceOpt = "auto",
-    quantize: o.QuantizeOpt = None,
-    chat_template: o.ChatTemplateOpt = None,
     return_full_text: Annotated[
         bool, typer.Option("--return-full-text/--no-return-full-text",
                            help="text-generation: generated_text starts with the input (the pipeline's return_full_text).")
     ] = True,
-    tp: o.TpOpt = None,
-    device_map: o.DeviceMapOpt = None,
-    dry_run: o.DryRunOpt = False,
+    sampling: Sampling = None,
+    model: Model = group(Model, exclude=("compile",)),
 ) -> None:
     """Run a task pipeline over inputs from the argument, stdin (--lines: one per line) or --input FILE."""
-    from .common import handled_before_input
-
-    if handled_before_input(tp, model, dtype, device, device_map, dry_run):
+    if model.handled_before_input():
         return
     from llm_torch.core import pipelines as p
     from llm_torch.core.errors import InputError
     from llm_torch.core.generate import GenerationSpec
-    from llm_torch.core.sampling import sampling_spec
 
-    from .common import encode_prompt, load, use_chat_template
+    from .common import encode_prompt
 
     if task not in p.TASKS:
         raise InputError(f"unknown task '{task}'", hint=f"tasks: {', '.join(p.TASKS)}")
@@ -98,29 +84,17 @@ def run(
     # Inputs are read before the model loads when they are one block, lazily (streamed) otherwise.
     items = _items(p, prompt, lines, input, column, question)
 
-    loaded = load(model, dtype, device, quiet=True, quantize=quantize, tp=tp, device_map=device_map)
+    loaded = model.load(quiet=True)
     p.check_task(task, loaded.model, loaded.name)
-    use_chat_template(loaded.tokenizer, chat_template)
     spec = GenerationSpec()
     if task == "text-generation":
-        sampling = sampling_spec(
-            loaded.generation_config,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-        )
-        spec = GenerationSpec(
-            max_new_tokens=max_new_tokens, sampling=sampling, stop=tuple(stop or ()), truncate=truncate is Truncation.warn
-        )
+        spec = sampling.generation(loaded.generation_config, max_new_tokens, truncate=truncate is Truncation.warn)
     opts = p.PipelineOptions(
         batch_size=batch_size,
         truncate=truncate.value,
         # --top-k: labels per input for text-classification, answers for question-answering, the sampling
         # cut-off for generation.
-        top_k=top_k or 1,
+        top_k=sampling.top_k or 1,
         aggregation=aggregation,
         max_answer_len=max_answer_len,
         max_seq_len=max_seq_len,
@@ -129,6 +103,7 @@ def run(
         generation=spec,
         encode_prompt=lambda text: encode_prompt(loaded.tokenizer, text, chat=chat, system=system),
         return_full_text=return_full_text,
+        context=model.context,
     )
     pipeline = p.Pipeline(loaded.model, loaded.tokenizer, task, opts, warn=render.warn)
     count = failed = 0

@@ -8,14 +8,15 @@ import typer
 
 from . import options as o
 from . import render
+from .option_groups import Model, group, with_groups
 
 
+@with_groups
 def serve(
     model_arg: Annotated[
         Optional[str], typer.Argument(metavar="[MODEL]", help="The model (same forms as -m); default: smollm2.",
                                       autocompletion=o.complete_model)
     ] = None,
-    model: o.ModelOpt = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on. 0.0.0.0 exposes the server to your network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0: any free port, printed at start).")] = 8000,
     api_key: Annotated[
@@ -26,9 +27,6 @@ def serve(
     ] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Sequences generated at once (KV cache slots).")] = 8,
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests waiting for a slot before 429s.")] = 64,
-    max_context: Annotated[
-        Optional[int], typer.Option("--max-context", min=2, help="Tokens per sequence (prompt + answer). Default: the model's context.")
-    ] = None,
     prefill_chunk: Annotated[
         int, typer.Option("--prefill-chunk", min=1, help="Prompt tokens per engine step (longer prompts are split).")
     ] = 256,
@@ -36,14 +34,8 @@ def serve(
     prefix_reuse: Annotated[
         bool, typer.Option("--prefix-reuse/--no-prefix-reuse", help="Reuse the KV of prompt prefixes already cached.")
     ] = True,
-    dtype: o.DtypeOpt = "auto",
-    device: o.DeviceOpt = "auto",
-    quantize: o.QuantizeOpt = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level: warning, info (one line per request), debug.")] = "warning",
-    chat_template: o.ChatTemplateOpt = None,
-    tp: o.TpOpt = None,
-    device_map: o.DeviceMapOpt = None,
-    dry_run: o.DryRunOpt = False,
+    model: Model = group(Model, exclude=("compile",), names={"context": ("--max-context",)}),
 ) -> None:
     """Serve a model to many clients at once over an OpenAI-compatible HTTP API.
 
@@ -52,26 +44,22 @@ def serve(
 
     from llm_torch.core.errors import InputError
 
-    from .common import handled_before_input
-
-    if handled_before_input(tp, model_arg or model, dtype, device, device_map, dry_run):
+    model = model.with_argument(model_arg)
+    if model.handled_before_input():
         return
-    if model_arg and model and model_arg != model:
-        raise InputError(f"two models given: '{model_arg}' and -m '{model}'", hint="give the model once")
     try:  # before loading: a port in use fails at once, not after the weights are read
         sock = socket.create_server((host, port))
     except OSError as e:
         raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}",
                          hint="pick another --port (0 picks a free one)") from None
     try:
-        _serve(sock, model_arg or model, api_key, tuple(cors_origin or ()), max_batch, max_queue, max_context,
-               prefill_chunk, prefix_reuse, max_body, dtype, device, quantize, log_level, tp, device_map, chat_template)
+        _serve(sock, model, api_key, tuple(cors_origin or ()), max_batch, max_queue, prefill_chunk, prefix_reuse,
+               max_body, log_level)
     finally:
         sock.close()
 
 
-def _serve(sock, model_ref, api_key, cors, max_batch, max_queue, max_context, prefill_chunk, prefix_reuse, max_body,
-           dtype, device, quantize, log_level, tp, device_map, chat_template) -> None:
+def _serve(sock, model, api_key, cors, max_batch, max_queue, prefill_chunk, prefix_reuse, max_body, log_level) -> None:
     import signal
     import sys
     import threading
@@ -80,16 +68,10 @@ def _serve(sock, model_ref, api_key, cors, max_batch, max_queue, max_context, pr
 
     from llm_torch.core.engine import Engine, EngineConfig
     from llm_torch.core.engine_thread import EngineThread
-    from llm_torch.core.errors import InputError
     from llm_torch.core.server import ServeSettings, create_app
 
-    from .common import load, use_chat_template
-
-    loaded = load(model_ref, dtype, device, quiet=False, quantize=quantize, tp=tp, device_map=device_map)
-    if loaded.tokenizer is None:
-        raise InputError(f"{loaded.name} has no tokenizer", hint="serve a model folder with tokenizer files")
-    use_chat_template(loaded.tokenizer, chat_template)
-    config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_context=max_context, prefill_chunk=prefill_chunk,
+    loaded = model.load(quiet=False, tokenizer_needed=True)
+    config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_context=model.context, prefill_chunk=prefill_chunk,
                           prefix_reuse=prefix_reuse)
     engine = EngineThread(Engine(loaded.model, loaded.tokenizer, config))
     settings = ServeSettings(loaded.name, api_key=api_key or None, cors_origins=cors, max_body_bytes=max_body * 2**20,

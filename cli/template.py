@@ -31,10 +31,12 @@ def template(
     import sys
 
     from llm_torch.core.errors import InputError
+
+    from .common import chat_messages, check_local_path, use_chat_template
+
+    check_local_path(model)  # before core.loading imports torch
     from llm_torch.core.checkpoint import open_checkpoint
     from llm_torch.core.loading import load_tokenizer, resolve_model
-
-    from .common import chat_messages, use_chat_template
 
     if messages is not None and (text or system):
         raise InputError("--messages holds the whole conversation", hint="drop TEXT and --system")

@@ -39,9 +39,11 @@ def tokenize(
     import sys
 
     from llm_torch.core.errors import InputError
-    from llm_torch.core.loading import load_tokenizer, resolve_model
 
-    from .common import encode_prompt, read_prompt, use_chat_template
+    from .common import check_local_path, encode_prompt, read_prompt, use_chat_template
+
+    check_local_path(model)  # before core.loading imports torch
+    from llm_torch.core.loading import load_tokenizer, resolve_model
 
     if system and not chat:
         raise InputError("--system needs --chat")
@@ -93,4 +95,4 @@ def _table(ids: list[int], tokens: list[str], tokenizer) -> None:
     table.add_column("text")
     for n, (i, tok) in enumerate(zip(ids, tokens)):
         table.add_row(str(n), str(i), repr(tok), repr(tokenizer.decode([i])))
-    render.out_console().print(table, markup=False)
+    render.show(table, markup=False)

@@ -34,11 +34,14 @@ def visualize_mask(
     import shutil
     import sys
 
+    from .common import check_local_path, read_prompt
+
+    check_local_path(model)  # before core.loading imports torch
     from llm_torch.core.checkpoint import open_checkpoint
     from llm_torch.core.loading import load_tokenizer, resolve_model
-    from llm_torch.core.mask_view import build_mask_view, fit_layout, line_width, lines_to_text, render_lines
+    from llm_torch.core.mask_view import build_mask_view
 
-    from .common import read_prompt
+    from .mask_diagram import fit_layout, line_width, render_lines, show
 
     inputs = list(texts or []) or [read_prompt(None)]
     resolved = resolve_model(model, progress=sys.stderr.isatty(), weights=False)
@@ -60,30 +63,5 @@ def visualize_mask(
     else:  # side by side unless that is wider than the terminal
         stacked = len(view.masks) > 1 and line_width(render_lines(view, max_tokens=max_tokens)) > width
     lines = render_lines(view, max_tokens=max_tokens, ascii=ascii, stacked=stacked, width=width)
-    if render.color_enabled(sys.stdout):
-        _print_color(lines)
-    else:
-        render.write(lines_to_text(lines))
+    show(lines, color=render.color_enabled(sys.stdout))
 
-
-STYLE_MAP = {
-    "title": "bold",
-    "header": "bold cyan",
-    "allowed": "green",
-    "masked": "bright_black",
-    "diagonal": "bold yellow",
-    "pad": "dim red",
-    "elided": "dim",
-    "dim": "dim",
-}
-
-
-def _print_color(lines) -> None:
-    from rich.text import Text
-
-    console = render.out_console()
-    for line in lines:
-        text = Text()
-        for piece, style in line:
-            text.append(piece, style=STYLE_MAP.get(style) if style else None)
-        console.print(text, overflow="ignore", no_wrap=True, soft_wrap=True)

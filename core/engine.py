@@ -433,9 +433,11 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def stream_generate(model, tokenizer, prompt_ids: Sequence[int], spec: GenerationSpec, *,
-                    runner: Runner | None = None) -> Iterator[GenerationEvent]:
-    """Text events for one prompt; the last carries finish_reason and timings."""
-    engine = Engine(model, tokenizer, EngineConfig(max_batch=1, prefill_chunk=spec.prefill_chunk), runner=runner)
+                    runner: Runner | None = None, context: int | None = None) -> Iterator[GenerationEvent]:
+    """Text events for one prompt; the last carries finish_reason and timings. context: KV positions
+    (prompt + answer; None: the model's)."""
+    config = EngineConfig(max_batch=1, max_context=context, prefill_chunk=spec.prefill_chunk)
+    engine = Engine(model, tokenizer, config, runner=runner)
     yield from engine.stream(prompt_ids, spec)
 
 

@@ -248,10 +248,12 @@ def load_model(
     offline: bool | None = None,
     progress: bool = True,
     shard=None,
+    context: int | None = None,
 ) -> LoadedModel:
     """Resolve `ref`, build the model on the meta device and fill it from the checkpoint."""
     resolved = resolve_model(ref, offline=offline, progress=progress)
-    return load_resolved(resolved, dtype=dtype, device=device, head=head, with_tokenizer=with_tokenizer, shard=shard)
+    return load_resolved(resolved, dtype=dtype, device=device, head=head, with_tokenizer=with_tokenizer, shard=shard,
+                         context=context)
 
 
 def load_resolved(
@@ -265,6 +267,7 @@ def load_resolved(
     shard=None,
     device_map: str | None = None,
     budgets=None,
+    context: int | None = None,
 ) -> LoadedModel:
     """Build the model on the meta device and fill it from the checkpoint.
 
@@ -272,11 +275,12 @@ def load_resolved(
     shard: a tensor_parallel.Shard: build and read only this rank's part of the split layers.
     device_map: "auto": layers over the GPUs, then the CPU (core/device_map.py; `budgets` replaces this
     machine's devices, for planning tests).
+    context: the KV positions per sequence the memory checks count (None: the model's context).
     """
     checkpoint = open_checkpoint(resolved)
     config = checkpoint.config
     if device_map is not None:
-        return _load_mapped(checkpoint, resolved.name, dtype, head, with_tokenizer, fuse, device_map, budgets)
+        return _load_mapped(checkpoint, resolved.name, dtype, head, with_tokenizer, fuse, device_map, budgets, context)
     dev = resolve_device(device)
     if dev.type == "cpu":
         from .layers import use_native_kernels
@@ -287,7 +291,7 @@ def load_resolved(
     if quant_config is None:
         from .memory import check_fits
 
-        check_fits(config, target, dev, ranks=1 if shard is None else shard.world)  # before anything is read
+        check_fits(config, target, dev, context=context, ranks=1 if shard is None else shard.world)  # before anything is read
     # Tokenizer before weights: a GGUF's metadata (the vocabulary as Python lists) can then be freed
     # before the weights arrive instead of adding to the peak (and a broken tokenizer fails fast).
     tokenizer = checkpoint.tokenizer() if with_tokenizer else None
@@ -315,7 +319,8 @@ def load_resolved(
     return LoadedModel(model, config, tokenizer, resolved.name, target, checkpoint.generation_config())
 
 
-def plan_device_map(resolved: ResolvedModel, dtype, device_map: str, budgets=None, checkpoint: Checkpoint | None = None):
+def plan_device_map(resolved: ResolvedModel, dtype, device_map: str, budgets=None, checkpoint: Checkpoint | None = None,
+                    context: int | None = None):
     """The device plan (core/device_map.py) for a model, from its config alone: nothing is read."""
     from . import device_map as dm
 
@@ -327,14 +332,15 @@ def plan_device_map(resolved: ResolvedModel, dtype, device_map: str, budgets=Non
         raise UnsupportedError("--device-map with a quantized checkpoint is not supported", hint="use the float model")
     budgets = budgets or dm.device_budgets()
     target = resolve_dtype(dtype, config, kind=resolved.kind, device=torch.device(budgets[0].name))
-    return dm.plan(config, target, budgets), target
+    return dm.plan(config, target, budgets, context), target
 
 
-def _load_mapped(checkpoint: Checkpoint, name: str, dtype, head, with_tokenizer, fuse, device_map, budgets) -> LoadedModel:
+def _load_mapped(checkpoint: Checkpoint, name: str, dtype, head, with_tokenizer, fuse, device_map, budgets,
+                 context) -> LoadedModel:
     from . import device_map as dm
 
     resolved = ResolvedModel(name, checkpoint.kind, checkpoint.path)
-    placement, target = plan_device_map(resolved, dtype, device_map, budgets, checkpoint)
+    placement, target = plan_device_map(resolved, dtype, device_map, budgets, checkpoint, context)
     config = checkpoint.config
     tokenizer = checkpoint.tokenizer() if with_tokenizer else None
     checkpoint.release_metadata()

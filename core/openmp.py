@@ -18,3 +18,21 @@ def tune_openmp() -> None:
     """
     if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
         os.environ["GOMP_SPINCOUNT"] = "1000"
+
+
+def set_threads(threads: int | None) -> int:
+    """Use `threads` CPU threads (None: keep torch's choice); -> the count in effect.
+
+    torch's intra-op pool and our native kernels share it: the kernels pass torch.get_num_threads() to
+    their `omp parallel for num_threads(...)`. OMP_NUM_THREADS is set too, for OpenMP code started later
+    (e.g. a tensor-parallel rank launched from this process)."""
+    import torch
+
+    from .errors import InputError
+
+    if threads is not None:
+        if threads < 1:
+            raise InputError(f"threads must be >= 1, got {threads}")
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()

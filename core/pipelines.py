@@ -181,6 +181,7 @@ class PipelineOptions:
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     encode_prompt: Callable[[str], list[int]] | None = None  # text-generation (chat template or raw)
     return_full_text: bool = True  # text-generation: generated_text starts with the input (the pipeline's default)
+    context: int | None = None  # positions per input (prompt + answer); None: the model's context
 
 
 class Pipeline:
@@ -233,8 +234,8 @@ class Pipeline:
     # -- shared
 
     def fit(self, ids: list[int], item: Item) -> list[int]:
-        """`ids` cut to the model's context (with a warning), or an InputError with --truncate error."""
-        limit = context_length(self.model)
+        """`ids` cut to the context (--context, else the model's; with a warning), or an InputError with --truncate error."""
+        limit = min(self.options.context or context_length(self.model), context_length(self.model))
         if len(ids) <= limit:
             return ids
         if self.options.truncate == "error":
@@ -278,7 +279,7 @@ class Pipeline:
     def _generate(self, items: Iterable[Item], size: int) -> Iterator[dict[str, Any]]:
         encode = self.options.encode_prompt or (lambda t: self.tokenizer.encode(t, add_special_tokens=True))
         spec = self.options.generation
-        engine = Engine(self.model, self.tokenizer, EngineConfig(max_batch=size))
+        engine = Engine(self.model, self.tokenizer, EngineConfig(max_batch=size, max_context=self.options.context))
         taken: list[Item] = []
 
         def requests():

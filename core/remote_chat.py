@@ -1,5 +1,5 @@
 """A conversation answered by any OpenAI-compatible server (`llm chat --base-url`): ours, llama.cpp's
-llama-server, ollama, vLLM. The same conversation object as a local chat (core/chat.py), so the REPL, its
+llama-server, ollama, vLLM. The same conversation object as a local chat (core/conversation.py), so the REPL, its
 commands, save/load and Ctrl-C behave the same; the server applies the chat template and owns the context.
 """
 
@@ -11,7 +11,8 @@ from typing import Any, Iterator
 
 import httpx
 
-from .chat import ChatNotice, ChatSettings, Conversation
+from .chat_settings import ChatSettings
+from .conversation import ChatNotice, Conversation
 from .errors import InputError, ServerError
 from .generate import GenerationEvent, Timings
 

@@ -24,12 +24,12 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
 
 from . import openai_api as api
-from .chat import system_role_supported, with_system
 from .engine import QueueFullError
 from .engine_thread import EngineThread
 from .errors import InputError, LLMError, TokenizerError, UnsupportedError
 from .generate import GenerationEvent, GenerationSpec
 from .server_metrics import Metrics
+from .system_prompt import system_role_supported, with_system
 
 OPEN_PATHS = ("/health",)  # answered without the API key (load balancers, liveness probes)
 DISCONNECT_POLL_SECONDS = 0.5

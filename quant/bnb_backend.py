@@ -21,11 +21,20 @@ BLOCKSIZE = 64  # transformers' default for 4-bit
 
 
 def _bnb():
+    import logging
+    import os
     import warnings
 
+    # Its import logs warnings about optional kernels (on AVX512-BF16 CPUs: "Failed to load CPU
+    # gemm_4bit_forward ... pip install kernels") that say nothing about our results: off stderr unless LLM_DEBUG.
+    quiet = not os.environ.get("LLM_DEBUG")
+    log = logging.getLogger("bitsandbytes")
+    level = log.level
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            if quiet:
+                warnings.simplefilter("ignore")
+                log.setLevel(logging.ERROR)
             import bitsandbytes
             import bitsandbytes.functional as F
     except ImportError as e:
@@ -33,6 +42,8 @@ def _bnb():
 
         raise UnsupportedError(f"the bitsandbytes schemes need the bitsandbytes package ({e})",
                                hint="pip install bitsandbytes, or use --int8 / --int4 (torchao schemes)") from None
+    finally:
+        log.setLevel(level)
     return bitsandbytes, F
 
 

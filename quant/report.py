@@ -53,7 +53,7 @@ def peak_rss_of_load(ref: str, dtype: str) -> int | None:
     code = (
         "import sys, torch\n"
         "from llm_torch.core.loading import load_model\n"
-        "from llm_torch.core.bench import peak_rss_bytes\n"
+        "from llm_torch.core.machine import peak_rss_bytes\n"
         "m = load_model(sys.argv[1], dtype=sys.argv[2], with_tokenizer=False).model\n"
         "with torch.inference_mode(): m(torch.tensor([[1]]))\n"
         "print(peak_rss_bytes())\n"
@@ -90,7 +90,7 @@ def _speeds(models: dict[str, torch.nn.Module], vocab: int, prefill_tokens: int)
 
 def report_card(float_ref: str, quant_dir: Path, *, dtype: str = "float32", rss: bool = True) -> list[Card]:
     """[float card, quantized card]. The float model is loaded with `dtype` (the baseline of the targets)."""
-    from llm_torch.core.bench import weights_bytes
+    from llm_torch.core.model_size import weights_bytes
     from llm_torch.core.loading import load_model, resolve_model
 
     quant_dir = Path(quant_dir)

@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-from llm_torch.core.bench import BenchSpec, Stat, random_prompt, weight_bytes_per_token, weights_bytes
+from llm_torch.core.bench import random_prompt
+from llm_torch.core.bench_results import BenchSpec, Stat
+from llm_torch.core.model_size import weight_bytes_per_token, weights_bytes
 from llm_torch.core.config import ModelConfig
 from llm_torch.core.errors import InputError
 from llm_torch.core.model import CausalLM

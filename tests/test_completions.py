@@ -26,7 +26,7 @@ def test_completions_command_prints_the_script():
     r = run_llm("completions", "zsh")
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode() == completion_script("zsh")
-    assert "completions" not in run_llm("--help").stdout.decode()  # hidden
+    assert "completions" in run_llm("--help").stdout.decode()  # listed (issue #18)
 
 
 def fake_hf_cache(root: Path, repo_id: str) -> Path:
