@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -32,10 +33,10 @@ def read_prompt(argument: str | None, *, required: bool = True) -> str:
 
 def check_local_path(model_ref: str | None) -> None:
     """A model named by a path that does not exist fails here, with core's message, before torch is imported
-    (core.hub parses references without torch; core.loading, which resolves them, imports it)."""
+    (core.checkpoint.hub parses references without torch; core.loading, which loads them, imports it)."""
     text = (model_ref or "").strip()
     if text.startswith(("./", "../", "~", "/", ".\\")) or "\\" in text:
-        from llm_torch.core.hub import parse_model_ref
+        from llm_torch.core.checkpoint.hub import parse_model_ref
 
         parse_model_ref(text)
 
@@ -44,6 +45,8 @@ def tp_worker(tp: int | None, model_ref: str | None, dtype: str, device: str) ->
     """On ranks > 0 of a tensor-parallel run (torchrun, or started by `--tp`): load this rank's shard and
     follow rank 0 until it stops; -> True when this process was such a rank (the command ends there,
     without reading input or printing)."""
+    if int(os.environ.get("WORLD_SIZE") or 1) <= 1:
+        return False  # not a launched process (core.distributed.launched_rank's test, without importing torch)
     from llm_torch.core.distributed import launched_rank
 
     if not launched_rank():

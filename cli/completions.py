@@ -39,13 +39,9 @@ def completions(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish."
 def complete_model(incomplete: str) -> list[str]:
     """Models in the local HF cache plus the embedded alias and the user's aliases; never raises, never
     touches the network."""
-    names = []
-    try:
-        from llm_torch.core.loading import EMBEDDED_MODELS
+    from llm_torch.core.checkpoint.resolve import EMBEDDED_MODELS  # torch-free, like the rest of completion
 
-        names.extend(EMBEDDED_MODELS)
-    except Exception:
-        names.append("smollm2")
+    names = list(EMBEDDED_MODELS)
     try:
         from huggingface_hub import scan_cache_dir
 

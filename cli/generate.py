@@ -25,7 +25,6 @@ def generate(
     """Generate text from a prompt (argument and/or stdin); streams to stdout."""
     if model.handled_before_input():
         return
-    from llm_torch.core.engine import stream_generate
     from llm_torch.core.errors import InputError
 
     from .common import encode_prompt, read_prompt, sampling_line
@@ -33,7 +32,9 @@ def generate(
     text = read_prompt(prompt)
     if system and not chat:
         raise InputError("--system needs --chat", hint="add --chat to use the model's chat template")
-    loaded = model.load(quiet=not output.stats)
+    loaded = model.load(quiet=not output.stats)  # a missing model path fails here, before torch is imported
+    from llm_torch.core.engine import stream_generate
+
     spec = sampling.generation(loaded.generation_config, max_new_tokens, truncate=truncate)
     if output.stats:
         render.info(sampling_line(spec.sampling, loaded.generation_config))

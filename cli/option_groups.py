@@ -156,9 +156,8 @@ class Model(OptionGroup):
     def handled_before_input(self) -> bool:
         """True when this process's part is done before any input is read: a tensor-parallel rank > 0, or
         --dry-run (the memory plan was printed). Threads are set first: a rank computes too."""
-        from .common import check_local_path, handled_before_input
+        from .common import handled_before_input
 
-        check_local_path(self.model)
         self.use_threads()
         return handled_before_input(self.tp, self.model, self.dtype, self.device, self.device_map, self.dry_run,
                                     context=self.context)
@@ -171,8 +170,9 @@ class Model(OptionGroup):
 
     def load(self, *, quiet: bool, tokenizer_needed: bool = False):
         """The loaded model (cli/common.py load), with --chat-template applied to its tokenizer."""
-        from .common import load, use_chat_template
+        from .common import check_local_path, load, use_chat_template
 
+        check_local_path(self.model)  # a missing path fails here, before core.loading imports torch
         self.use_threads()
         loaded = load(self.model, self.dtype, self.device, compile=self.compile, quiet=quiet, quantize=self.quantize,
                       tp=self.tp, device_map=self.device_map, context=self.context)

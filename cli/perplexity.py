@@ -36,7 +36,8 @@ def perplexity(
     documents = _documents(files or ["-"], lines)
     if not documents:
         raise InputError("no text to score", hint="give a FILE, or pipe text in: cat notes.txt | llm perplexity smollm2")
-    loaded = replace(model_options, model=model).load(quiet=True, tokenizer_needed=True)
+    # --context is the scoring window here, checked against the model by score() with its own wording
+    loaded = replace(model_options, model=model, context=None).load(quiet=True, tokenizer_needed=True)
     window = model_options.context or loaded.config.max_position_embeddings
     scores = []
     for s in score(loaded.model, loaded.tokenizer, [Document(n, t) for n, t in documents], context=window,

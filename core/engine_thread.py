@@ -21,7 +21,8 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Callable, Sequence
 
-from .engine import Engine, Request
+from .engine import Engine
+from .request import Request
 from .errors import LLMError
 from .generate import GenerationEvent, GenerationSpec
 

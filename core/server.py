@@ -163,7 +163,7 @@ class Server:
 class _Flight:
     """One request in the engine, as the HTTP side follows it."""
 
-    req: Any  # core.engine.Request
+    req: Any  # core.request.Request
     arrived: float
     last: float | None = None  # when its last token came (inter-token latency)
 

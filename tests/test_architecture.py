@@ -155,3 +155,14 @@ def test_every_core_and_quant_module_imports_alone():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ""
+
+
+def test_every_import_of_ours_names_a_module_that_exists():
+    # Lazy imports only fail when their code path runs: a moved module must not leave one behind.
+    missing = [
+        f"{module}:{line} imports {target}"
+        for module in MODULES
+        for target, _, line in _imports(module)
+        if target.startswith("llm_torch.") and target not in MODULES
+    ]
+    assert missing == []

@@ -21,7 +21,7 @@ from ..errors import UnsupportedError
 from .base import GGUF_COMMON_BLOCK, GGUF_TOP_NAMES, Family, GGUFLayout
 
 __all__ = ["Family", "GGUFLayout", "GGUF_COMMON_BLOCK", "GGUF_TOP_NAMES", "family_for", "supported_model_types",
-           "gguf_families"]
+           "gguf_families", "tokenizer_class_for"]
 
 
 def _registry() -> dict[str, Family]:
@@ -41,6 +41,16 @@ def family_for(model_type: str) -> Family:
 
 def supported_model_types() -> list[str]:
     return sorted(_registry())
+
+
+def tokenizer_class_for(name: str) -> str | None:
+    """The transformers tokenizer class for a model_type / GGUF architecture a family lists (its
+    tokenizer_gguf_architectures: "gemma" and "gemma3" too, whose vocabularies Gemma 2's class reads);
+    None when no family lists it."""
+    for family in _registry().values():
+        if name in family.tokenizer_gguf_architectures:
+            return family.tokenizer_class
+    return None
 
 
 def gguf_families() -> dict[str, Family]:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TokenizerError
+from ..families import tokenizer_class_for
 from .pipelines import byte_alphabet, byte_level_backend, sentencepiece_backend
 from .special_tokens import CLASS_SPECIALS, add_tokens
 
@@ -18,14 +19,9 @@ _CONTROL, _USER_DEFINED = 3, 4
 
 
 def sentencepiece_class(architecture: str) -> str:
-    """The transformers class a sentencepiece GGUF vocabulary of `architecture` is built as (families' data)."""
-    from ..families import family_for, supported_model_types
-
-    for model_type in supported_model_types():
-        family = family_for(model_type)
-        if architecture in family.tokenizer_gguf_architectures:
-            return family.tokenizer_class
-    return "LlamaTokenizer"  # transformers' GGUF loader: every other sentencepiece architecture
+    """The transformers class a sentencepiece GGUF vocabulary of `architecture` is built as (families' data);
+    transformers' GGUF loader builds every other sentencepiece architecture as LlamaTokenizer."""
+    return tokenizer_class_for(architecture) or "LlamaTokenizer"
 
 
 def from_gguf_metadata(make: type[Tokenizer], meta: Mapping[str, Any], *, legacy: bool | None = None,
@@ -100,11 +96,6 @@ def from_gguf_metadata(make: type[Tokenizer], meta: Mapping[str, Any], *, legacy
         chat_templates=templates,
         llama_spaces=spaces,
         # transformers builds a LlamaTokenizerFast / GemmaTokenizerFast (left padding) for these families' GGUFs
-        padding_side="left" if _family_architecture(meta.get("general.architecture", "")) else "right",
+        padding_side="left" if tokenizer_class_for(meta.get("general.architecture", "")) else "right",
     )
 
-
-def _family_architecture(architecture: str) -> bool:
-    from ..families import family_for, supported_model_types
-
-    return any(architecture in family_for(t).tokenizer_gguf_architectures for t in supported_model_types())

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
 
 from ..errors import TokenizerError
+from ..families import tokenizer_class_for
 from .chat_template import named_templates
 from .special_tokens import add_tokens
 
@@ -71,7 +72,6 @@ def load_folder(make: type[Tokenizer], path: str | Path, *, legacy: bool | None 
 # Tokenizer classes transformers pads on the left (their class default padding_side).
 _LEFT_PADDING_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast",
                          "GemmaTokenizer", "GemmaTokenizerFast")
-_GEMMA_TYPES = ("gemma", "gemma2", "gemma3")
 
 
 def _class_padding_side(folder: Path, config: dict) -> str:
@@ -79,8 +79,7 @@ def _class_padding_side(folder: Path, config: dict) -> str:
     model_type (LlamaTokenizerFast for "llama", GemmaTokenizerFast for the Gemmas)."""
     name = config.get("tokenizer_class")
     if name is None:
-        model_type = _read_json(folder / "config.json").get("model_type")
-        return "left" if model_type == "llama" or model_type in _GEMMA_TYPES else "right"
+        name = tokenizer_class_for(str(_read_json(folder / "config.json").get("model_type")))
     return "left" if name in _LEFT_PADDING_CLASSES else "right"
 
 
