@@ -31,6 +31,17 @@ def read_prompt(argument: str | None, *, required: bool = True) -> str:
     return prompt
 
 
+def stdin_lines():
+    """stdin decoded line by line, so the first results come out before the input ends (llm run, llm embed)."""
+    from llm_torch.core.errors import InputError
+
+    for n, raw in enumerate(sys.stdin.buffer, 1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"stdin line {n} is not valid UTF-8 (byte offset {e.start})", hint="convert the input to UTF-8") from None
+
+
 def check_local_path(model_ref: str | None) -> None:
     """A model named by a path that does not exist fails here, with core's message, before torch is imported
     (core.checkpoint.hub parses references without torch; core.loading, which loads them, imports it)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from enum import Enum
 from pathlib import Path
@@ -60,7 +61,7 @@ def embed(
     loaded = load(model, dtype, device, quiet=True, head="feature_extraction", context=context)
     opts = p.PipelineOptions(batch_size=batch_size, truncate=truncate.value, pooling=pooling, normalize=normalize,
                              context=context)
-    results = p.Pipeline(loaded.model, loaded.tokenizer, "feature-extraction", opts, warn=render.warn).run(_chain([first], items))
+    results = p.Pipeline(loaded.model, loaded.tokenizer, "feature-extraction", opts, warn=render.warn).run(itertools.chain([first], items))
     if format is EmbedFormat.jsonl:
         for r in results:
             render.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -71,10 +72,12 @@ def embed(
 def _items(p, texts: list[str], input: Path | None, column: str | None):
     from llm_torch.core.errors import InputError
 
+    from .common import stdin_lines
+
     n = 0
     for text in texts:
         if text == "-":
-            yield from p.text_lines(_stdin_lines(), warn=render.warn)
+            yield from p.text_lines(stdin_lines(), warn=render.warn)
             continue
         n += 1
         if not text.strip():
@@ -83,20 +86,6 @@ def _items(p, texts: list[str], input: Path | None, column: str | None):
     if input is not None:
         yield from p.file_items(input, column=column, question=None, warn=render.warn)
     elif not texts and not sys.stdin.isatty():
-        yield from p.text_lines(_stdin_lines(), warn=render.warn)
+        yield from p.text_lines(stdin_lines(), warn=render.warn)
 
 
-def _chain(head, rest):
-    yield from head
-    yield from rest
-
-
-def _stdin_lines():
-    """stdin decoded line by line, so the first vectors come out before the input ends."""
-    from llm_torch.core.errors import InputError
-
-    for n, raw in enumerate(sys.stdin.buffer, 1):
-        try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(f"stdin line {n} is not valid UTF-8 (byte offset {e.start})", hint="convert the input to UTF-8") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import tempfile
@@ -134,32 +135,18 @@ def _items(p, prompt, lines, input, column, question):
 
     if input is not None:
         head = [p.Item(prompt, question, "argument")] if prompt else []
-        return _chain(head, p.file_items(input, column=column, question=question, warn=render.warn))
+        return itertools.chain(head, p.file_items(input, column=column, question=question, warn=render.warn))
     if not lines:
         text = read_prompt(prompt, required=False)
         if not text.strip():
             raise InputError("no input given", hint='pass it as an argument or pipe it in: echo "Hello" | llm run --task ...')
         return [p.Item(text, question, "input")]
     head = [p.Item(prompt, question, "argument")] if prompt else []
-    stdin_lines = _stdin_lines() if not sys.stdin.isatty() else iter(())
-    body = (p.Item(it.text, question, it.where) for it in p.text_lines(stdin_lines, warn=render.warn))
-    return _chain(head, body)
+    from .common import stdin_lines
 
-
-def _chain(head, rest):
-    yield from head
-    yield from rest
-
-
-def _stdin_lines():
-    """stdin decoded line by line, so the first results come out before the input ends."""
-    from llm_torch.core.errors import InputError
-
-    for n, raw in enumerate(sys.stdin.buffer, 1):
-        try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(f"stdin line {n} is not valid UTF-8 (byte offset {e.start})", hint="convert the input to UTF-8") from None
+    lines = stdin_lines() if not sys.stdin.isatty() else iter(())
+    body = (p.Item(it.text, question, it.where) for it in p.text_lines(lines, warn=render.warn))
+    return itertools.chain(head, body)
 
 
 def _text_of(result: dict) -> str:
