@@ -52,7 +52,7 @@ def check_local_path(model_ref: str | None) -> None:
         parse_model_ref(text)
 
 
-def tp_worker(tp: int | None, model_ref: str | None, dtype: str, device: str) -> bool:
+def tp_worker(tp: int | None, model_ref: str | None, dtype: str, device: str, context: int | None = None) -> bool:
     """On ranks > 0 of a tensor-parallel run (torchrun, or started by `--tp`): load this rank's shard and
     follow rank 0 until it stops; -> True when this process was such a rank (the command ends there,
     without reading input or printing)."""
@@ -70,7 +70,9 @@ def tp_worker(tp: int | None, model_ref: str | None, dtype: str, device: str) ->
     from llm_torch.core.tensor_parallel import Shard
 
     ctx = distributed.init(tp, resolve_device(device))
-    loaded = load_model(model_ref, dtype=dtype, device=str(ctx.device), progress=False, shard=Shard(ctx.rank, ctx.world))
+    # --context sizes every rank's memory check as it does rank 0's
+    loaded = load_model(model_ref, dtype=dtype, device=str(ctx.device), progress=False, shard=Shard(ctx.rank, ctx.world),
+                        context=context)
     dist.barrier()  # loaded everywhere (rank 0 waits here too)
     distributed.follow(TorchRunner(loaded.model, "tensor parallel"), ctx)
     dist.destroy_process_group()
@@ -81,7 +83,7 @@ def handled_before_input(tp: int | None, model_ref: str | None, dtype: str, devi
                          dry_run: bool, *, context: int | None = None) -> bool:
     """True when this process's part of the command is done before any input is read: a tensor-parallel
     rank > 0 (it followed rank 0 to the end), or --dry-run (it printed the memory plan)."""
-    if tp_worker(tp, model_ref, dtype, device):
+    if tp_worker(tp, model_ref, dtype, device, context):
         return True
     if dry_run:
         print_plan(model_ref, dtype, device, device_map, context)
@@ -109,6 +111,7 @@ def print_plan(model_ref: str | None, dtype: str, device: str, device_map: str |
     config alone (stdout)."""
     from llm_torch.core.checkpoint import open_checkpoint
     from llm_torch.core.loading import plan_device_map, resolve_device, resolve_dtype, resolve_model
+    from llm_torch.core.config import resolve_context
     from llm_torch.core.memory import available_bytes, estimate
 
     resolved = resolve_model(model_ref, weights=False)
@@ -120,7 +123,7 @@ def print_plan(model_ref: str | None, dtype: str, device: str, device_map: str |
     else:
         dev = resolve_device(device)
         target = resolve_dtype(dtype, config, kind=resolved.kind, device=dev)
-        context = min(context or config.max_position_embeddings, config.max_position_embeddings)
+        context = resolve_context(config, context)  # the engine's rule: a context past the rope's limit is an error
         weights, kv = estimate(config, target, dev, context)
         free = available_bytes(dev)
         lines = [f"{dev}: {weights / 2**30:.2f} GiB weights + {kv / 2**30:.2f} GiB KV for {context} tokens"

@@ -297,6 +297,9 @@ def load_resolved(
     tokenizer = checkpoint.tokenizer() if with_tokenizer else None
     checkpoint.release_metadata()
     model = build_model(config if shard is None else shard.local_config(config), head, fused=fuse)
+    if head == "feature_extraction" and quant_config is not None:
+        raise UnsupportedError("feature extraction (llm embed) of a quantized checkpoint is not supported",
+                               hint="embed with the float model it was quantized from")
     if shard is not None:
         if quant_config is not None:
             raise UnsupportedError("--tp with a quantized checkpoint is not supported", hint="split the float model")

@@ -75,7 +75,10 @@ class TorchRunner(Runner):
         single = [i for i, s in enumerate(segments) if len(s.tokens) == 1]
         if single:
             ids = torch.tensor([[segments[i].tokens[0]] for i in single], device=self.device)
-            logits = self.model(ids, cache=cache, slots=[segments[i].slot for i in single])[:, -1]
+            # A one-token prefill remainder still rotates for its prompt's length (dynamic NTK), as NativeRunner does.
+            lengths = [segments[i].rope_len if segments[i].rope_len is not None else cache.lengths[segments[i].slot] + 1
+                       for i in single]
+            logits = self.model(ids, cache=cache, slots=[segments[i].slot for i in single], rope_lengths=lengths)[:, -1]
             for j, i in enumerate(single):
                 out[i] = logits[j]
         for i, s in enumerate(segments):

@@ -70,12 +70,6 @@ class Shard:
         index[dim] = slice(self.rank * size, (self.rank + 1) * size)
         return tuple(index)
 
-    def slices(self, tensors):
-        """This rank's parts of a stream of whole checkpoint tensors (sources read whole: GGUF, Meta)."""
-        for name, tensor in tensors:
-            index = self.select(name, tensor.shape)
-            yield name, (tensor if index is None else tensor[index].contiguous())
-
     def prepare(self, model: nn.Module) -> None:
         """Swap o_proj and down_proj (still on the meta device) for row-parallel layers."""
         for m in model.modules():

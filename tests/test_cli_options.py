@@ -124,3 +124,10 @@ def test_context_sizes_the_memory_plan():
         r = run_llm(*args)
         assert r.returncode == 0, r.stderr
         assert "KV for 100 tokens" in r.stdout.decode(), args
+
+
+@needs_model
+def test_a_context_past_the_models_limit_is_refused_by_the_memory_plan():
+    # SmolLM2: max_position_embeddings 8192, no rope_scaling; --dry-run applies the engine's rule, no clamp.
+    r = run_llm("generate", "--dry-run", "--context", "100000")
+    assert r.returncode == 1 and b"longer than the model supports" in r.stderr

@@ -695,3 +695,18 @@ def test_llama_cpp_computes_our_gemma2_logits(tmp_path, spm_model):
     # ggml's GELU reads a float16 lookup table: ~1e-3 differences on logits soft-capped at 3.
     torch.testing.assert_close(theirs, expected, atol=5e-3, rtol=5e-3)
     assert torch.equal(theirs.argmax(-1), expected.argmax(-1))
+
+
+@needs_smol
+def test_a_quantized_gguf_source_converts_to_float16_by_default():
+    # The dtype write_hf_folder reads before the tensor list: known as soon as the file is open.
+    checkpoint = GGUFCheckpoint(smol_path())
+    assert checkpoint.default_dtype == torch.float16
+
+
+def test_a_safetensors_header_entry_that_is_not_an_object_is_a_clear_error(tmp_path):
+    header = json.dumps({"a": [1, 2]}).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(CheckpointError, match="malformed header entry"):
+        st_io.read_index(path)

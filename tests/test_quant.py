@@ -353,3 +353,9 @@ def test_smollm2_report_card(tmp_path):
     assert quant.weights_bytes < 0.35 * base.weights_bytes
     assert quant.peak_rss_bytes < base.peak_rss_bytes
     assert quant.mean_kl < 0.01 and abs(quant.perplexity / base.perplexity - 1) < 0.02
+
+
+def test_embedding_a_quantized_folder_says_it_is_not_supported(float_dir, tmp_path):
+    out = quantize_to_folder(str(float_dir), make_spec("int8"), tmp_path / "q", dtype="float32").out
+    with pytest.raises(UnsupportedError, match="feature extraction .* quantized checkpoint"):
+        load_model(str(out), head="feature_extraction", with_tokenizer=False)

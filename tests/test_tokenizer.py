@@ -55,7 +55,7 @@ CHATS = [
 
 
 def gguf_metadata(path) -> dict:
-    """GGUF keys -> plain Python values (the shape core/gguf.py's gguf_metadata returns)."""
+    """GGUF keys -> plain Python values (the shape core/checkpoint/gguf_reader.py's gguf_metadata returns)."""
     reader = gguf.GGUFReader(str(path))
     return {key: field.contents() for key, field in reader.fields.items()}
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..config import ModelConfig
+from ..errors import TokenizerError
 
 if TYPE_CHECKING:  # torch only in annotations: resolving a reference (checkpoint.resolve) stays torch-free
     import torch
@@ -129,6 +130,9 @@ def spm_tokenizer(model_file: Path, folder: Path | None):
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "tokenizer.json").write_text(sp.to_backend(m).to_str(), encoding="utf-8")
         own = folder / "tokenizer_config.json" if folder else None
-        config = json.loads(own.read_text(encoding="utf-8")) if own and own.is_file() else sp.tokenizer_config(m)
+        try:
+            config = json.loads(own.read_text(encoding="utf-8")) if own and own.is_file() else sp.tokenizer_config(m)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{own} is not valid JSON: {e}", hint="re-download the tokenizer files") from None
         write_json(Path(tmp) / "tokenizer_config.json", config)
         return Tokenizer.from_folder(tmp)

@@ -270,12 +270,16 @@ class GGUFCheckpoint(Checkpoint):
             if len(shape) > 1:
                 kinds.append(own.get(t.tensor_type, torch.float16))
             out.append(TensorInfo(hf_name, shape, torch.float32))
-        self.default_dtype = kinds[0] if kinds and all(k == kinds[0] for k in kinds) else torch.float16
+        self._default_dtype = kinds[0] if kinds and all(k == kinds[0] for k in kinds) else torch.float16
         return out
+
+    @property
+    def default_dtype(self) -> torch.dtype:
+        _ = self.tensors  # computes it from the tensor types
+        return self._default_dtype
 
     def read(self, dtype, select=None):
         if dtype is None:
-            _ = self.tensors  # sets default_dtype
             dtype = self.default_dtype
         # Quantized blocks cannot be cut before they are decoded: read whole, then select.
         return selected(iter_gguf_tensors(self._reader, self._gguf_config, dtype), select)

@@ -78,7 +78,10 @@ def read_index(path: Path) -> list[tuple[TensorInfo, int, int]]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        dtype = _DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"tensor '{name}' in {path.name} has a malformed header entry",
+                                  hint="the file is corrupt; download it again")
+        dtype = _DTYPES.get(entry.get("dtype"))
         if dtype is None:
             raise UnsupportedError(f"tensor '{name}' in {path.name} has dtype {entry.get('dtype')}, which is not supported")
         try:
@@ -86,6 +89,9 @@ def read_index(path: Path) -> list[tuple[TensorInfo, int, int]]:
             info = TensorInfo(name, tuple(int(d) for d in entry["shape"]), dtype)
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"tensor '{name}' in {path.name} has a malformed header entry: {e}") from None
+        if any(d < 0 for d in info.shape):
+            raise CheckpointError(f"tensor '{name}' in {path.name} has a negative dimension {info.shape}",
+                                  hint="the file is corrupt; download it again")
         if end - begin != info.numel * dtype.itemsize or begin < 0 or 8 + n + end > size:
             raise CheckpointError(f"tensor '{name}' in {path.name} lies outside the file or has the wrong size",
                                   hint="the file is truncated or corrupt; download it again")
