@@ -7,6 +7,7 @@ answers (Markdown on a terminal, plain text otherwise). This module is the comma
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -50,7 +51,11 @@ def chat(
     from llm_torch.core.errors import InputError
 
     model = model.with_argument(model_arg)
-    if model.handled_before_input():
+    if base_url is not None:  # before any local work (--dry-run, --tp) could start on a model it does not run
+        local_only = [f"--{k.replace('_', '-')}" for k in LOCAL_ONLY_FLAGS if _from_command_line(ctx, k)]
+        if local_only:
+            raise InputError(f"{', '.join(local_only)} cannot apply to a model on a server", hint="drop them with --base-url")
+    elif model.handled_before_input():
         return
     if system is not None and system_file is not None:
         raise InputError("--system and --system-file both given", hint="use one of them")
@@ -64,9 +69,6 @@ def chat(
     if base_url is not None:
         from llm_torch.core.remote_chat import RemoteChatSession
 
-        local_only = [f"--{k.replace('_', '-')}" for k in LOCAL_ONLY_FLAGS if _from_command_line(ctx, k)]
-        if local_only:
-            raise InputError(f"{', '.join(local_only)} cannot apply to a model on a server", hint="drop them with --base-url")
         settings = ChatSettings(max_new_tokens=max_new_tokens or 1, sampling=sampling.spec(None))
         session = RemoteChatSession(base_url, api_key=api_key, model=model.model, system=system, settings=settings)
         where = session.base
@@ -93,9 +95,10 @@ def chat(
         raise typer.Exit(code)
 
 
-SETTING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+# The settings a saved conversation carries, which the command line overrides on --resume.
+SETTING_FLAGS = ("max_new_tokens", *(f.name for f in dataclasses.fields(Sampling) if f.name != "stop"))
 # What a model on a server cannot take from the command line (it is loaded and run there).
-LOCAL_ONLY_FLAGS = ("dtype", "device", "compile", "quantize", "threads", "context")
+LOCAL_ONLY_FLAGS = tuple(f.name for f in dataclasses.fields(Model) if f.name != "model")
 
 
 def _from_command_line(ctx: typer.Context, name: str) -> bool:

@@ -236,7 +236,7 @@ def _saved_quantization(raw: dict) -> str:
     qc = raw.get("quantization_config") or {}
     if not qc:
         return ""
-    from llm_torch.quant.load import describe_config
+    from llm_torch.quant.spec import describe_config
 
     return f", {describe_config(qc)} quantized"
 

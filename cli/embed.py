@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import itertools
 import sys
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from . import options as o
 from . import render
 from .completions import complete_model
+from .option_groups import ONE_PROCESS_MODEL, Model, group, with_groups
 from .run import Truncation
 
 
@@ -21,6 +22,7 @@ class EmbedFormat(str, Enum):
     json = "json"
 
 
+@with_groups
 def embed(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="Local folder, .gguf file, Hub id or alias (smollm2).",
                                          autocompletion=complete_model)],
@@ -33,10 +35,7 @@ def embed(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Inputs per forward pass.")] = 1,
     truncate: Annotated[Truncation, typer.Option("--truncate", help="Input longer than the context: warn (cut it) or error.")] = Truncation.warn,
     format: Annotated[EmbedFormat, typer.Option("--format", "-f", help="jsonl (one object per input, streamed) | json (one array).")] = EmbedFormat.jsonl,
-    dtype: o.DtypeOpt = "auto",
-    device: o.DeviceOpt = "auto",
-    threads: o.ThreadsOpt = None,
-    context: o.ContextOpt = None,
+    model_options: Model = group(Model, exclude=ONE_PROCESS_MODEL),
 ) -> None:
     """Embed texts: the model's last hidden state, pooled per input (transformers' feature-extraction pipeline)."""
     import json
@@ -45,8 +44,6 @@ def embed(
     from llm_torch.core.embed import check_pooling
     from llm_torch.core.errors import InputError
 
-    from .common import load
-
     check_pooling(pooling)  # before anything is read or loaded
     if input is not None and not input.is_file():
         raise InputError(f"no input file at {input}")
@@ -54,13 +51,9 @@ def embed(
     first = next(items, None)  # an empty input fails before the model loads
     if first is None:
         raise InputError("no input given", hint="pass texts as arguments, pipe lines in, or use --input FILE")
-    if threads is not None:
-        from llm_torch.core.openmp import set_threads
-
-        set_threads(threads)
-    loaded = load(model, dtype, device, quiet=True, head="feature_extraction", context=context)
+    loaded = replace(model_options, model=model).load(quiet=True, head="feature_extraction")
     opts = p.PipelineOptions(batch_size=batch_size, truncate=truncate.value, pooling=pooling, normalize=normalize,
-                             context=context)
+                             context=model_options.context)
     results = p.Pipeline(loaded.model, loaded.tokenizer, "feature-extraction", opts, warn=render.warn).run(itertools.chain([first], items))
     if format is EmbedFormat.jsonl:
         for r in results:

@@ -124,11 +124,11 @@ def _remove(ref: str, yes: bool, as_json: bool) -> None:
 def human_size(n: int | None) -> str:
     if n is None:
         return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover (the loop returns)
+    return f"{n:.1f} GiB"
 
 
 # ------------------------------------------------------------------------------------------ llm aliases

@@ -89,6 +89,10 @@ def with_groups(func):
 
 # ------------------------------------------------------------------------------------------------ groups
 
+# The Model options of commands that load one float model in one process and take it as an argument
+# (perplexity, embed): no -m, split, compile, dry-run, chat template or quantization.
+ONE_PROCESS_MODEL = ("model", "device_map", "tp", "compile", "dry_run", "chat_template", "quantize")
+
 
 @dataclass
 class Sampling(OptionGroup):
@@ -168,14 +172,15 @@ class Model(OptionGroup):
 
             set_threads(self.threads)
 
-    def load(self, *, quiet: bool, tokenizer_needed: bool = False):
-        """The loaded model (cli/common.py load), with --chat-template applied to its tokenizer."""
+    def load(self, *, quiet: bool, tokenizer_needed: bool = False, head: str | None = None):
+        """The loaded model (cli/common.py load), with --chat-template applied to its tokenizer; `head`: build
+        that head instead of the checkpoint's (llm embed: "feature_extraction")."""
         from .common import check_local_path, load, use_chat_template
 
         check_local_path(self.model)  # a missing path fails here, before core.loading imports torch
         self.use_threads()
         loaded = load(self.model, self.dtype, self.device, compile=self.compile, quiet=quiet, quantize=self.quantize,
-                      tp=self.tp, device_map=self.device_map, context=self.context)
+                      tp=self.tp, device_map=self.device_map, context=self.context, head=head)
         if loaded.tokenizer is None and tokenizer_needed:
             from llm_torch.core.errors import InputError
 

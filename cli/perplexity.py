@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import render
-from .option_groups import Model, Output, group, with_groups
+from .option_groups import ONE_PROCESS_MODEL, Model, Output, group, with_groups
 from .completions import complete_model
 
 
@@ -22,7 +22,7 @@ def perplexity(
     lines: Annotated[bool, typer.Option("--lines", help="Each non-empty line is a document of its own.")] = False,
     stride: Annotated[Optional[int], typer.Option("--stride", min=1, help="Tokens the window advances by. Default: half the window.")] = None,
     no_bos: Annotated[bool, typer.Option("--no-bos", help="Do not start each document with BOS.")] = False,
-    model_options: Model = group(Model, exclude=("model", "device_map", "tp", "compile", "dry_run", "chat_template", "quantize")),
+    model_options: Model = group(Model, exclude=ONE_PROCESS_MODEL),
     output: Output = group(Output, exclude=("stats",)),
 ) -> None:
     """Perplexity of texts: per document and in total (sliding window with stride, as transformers' recipe)."""
@@ -38,7 +38,9 @@ def perplexity(
         raise InputError("no text to score", hint="give a FILE, or pipe text in: cat notes.txt | llm perplexity smollm2")
     # --context is the scoring window here, checked against the model by score() with its own wording
     loaded = replace(model_options, model=model, context=None).load(quiet=True, tokenizer_needed=True)
-    window = model_options.context or loaded.config.max_position_embeddings
+    from llm_torch.core.config import resolve_context
+
+    window = resolve_context(loaded.config, model_options.context, "the window")  # the one score() uses too
     scores = []
     for s in score(loaded.model, loaded.tokenizer, [Document(n, t) for n, t in documents], context=window,
                    stride=stride, add_bos=not no_bos):

@@ -66,6 +66,11 @@ class ModelConfig:
     raw: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
 
     @property
+    def activation(self) -> str:
+        """The function hidden_act names (ACTIVATIONS): what layers.py and native_step.py compute."""
+        return ACTIVATIONS[self.hidden_act]
+
+    @property
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
@@ -164,16 +169,20 @@ class ModelConfig:
         )
 
 
-def load_config(folder: str | Path) -> ModelConfig:
-    """Read `<folder>/config.json` into a ModelConfig."""
+def read_config_json(folder: str | Path) -> dict[str, Any]:
+    """`<folder>/config.json` as it is written (ModelConfig.from_dict applies the family's defaults)."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ConfigError(f"no config.json in {folder}", hint="a model folder needs config.json next to its weights")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    return ModelConfig.from_dict(raw)
+
+
+def load_config(folder: str | Path) -> ModelConfig:
+    """Read `<folder>/config.json` into a ModelConfig."""
+    return ModelConfig.from_dict(read_config_json(folder))
 
 
 def _rope_parameters(c: dict[str, Any]) -> dict[str, Any]:

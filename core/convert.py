@@ -23,7 +23,7 @@ import torch
 
 from .checkpoint import Checkpoint, ResolvedModel, TensorInfo, open_checkpoint, resolve_model
 from .checkpoint.base import write_json
-from .checkpoint.meta import is_meta_layout
+from .checkpoint.resolve import is_meta_layout
 from .checkpoint.safetensors import write_safetensors
 from .errors import CheckpointError, InputError, LLMError, ModelNotFoundError, ResourceError
 from .loading import DTYPE_ALIASES, DTYPES

@@ -169,12 +169,12 @@ class Engine:
         running = self.running
         if not running:
             return []
-        need = min(self.cache.max_len, max(len(r.tokens) for r in running))
+        need = min(self.cache.max_len, max(r.length for r in running))
         try:
             self.cache.ensure(need)
             return []
         except ResourceError as e:
-            over = [r for r in running if len(r.tokens) + 1 > self.cache.capacity]
+            over = [r for r in running if r.length + 1 > self.cache.capacity]
             for r in over:
                 self.cancel(r, "error", e.message)
             return over
@@ -184,20 +184,19 @@ class Engine:
         segments, owners = [], []
         budget = self.config.prefill_chunk
         for r in sorted(self.running, key=lambda r: (r.state != DECODE, r.admitted)):  # then first come, first served
-            fed = self.cache.lengths[r.slot]
-            tokens = r.tokens
-            if fed >= len(tokens):
+            fed, length = self.cache.lengths[r.slot], r.length
+            if fed >= length:
                 # An interrupted step fed the last token without sampling from it: feed it again.
-                fed = len(tokens) - 1
+                fed = length - 1
                 self.cache.truncate_slot(r.slot, fed)
             if r.state == DECODE:
-                segments.append(Segment(r.slot, tokens[fed:]))
+                segments.append(Segment(r.slot, r.tail(fed)))
             else:
                 if budget <= 0:
                     continue
-                chunk = tokens[fed : fed + budget]
+                chunk = r.tail(fed, fed + budget)
                 budget -= len(chunk)
-                segments.append(Segment(r.slot, chunk, logits=fed + len(chunk) == len(tokens), rope_len=len(r.prompt)))
+                segments.append(Segment(r.slot, chunk, logits=fed + len(chunk) == length, rope_len=len(r.prompt)))
             owners.append(r)
         return segments, owners
 

@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from . import aliases as user_aliases
+from llm_torch.quant.spec import describe_config
+
+from .checkpoint.hub import cache_root
+from .checkpoint.resolve import is_meta_layout
 from .errors import HubError, InputError, LLMError, ModelNotFoundError
 
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf")
@@ -35,19 +39,12 @@ class ModelEntry:
         return asdict(self)
 
 
-def hub_cache_dir() -> Path:
-    """The Hugging Face cache folder the loader uses (core/checkpoint/hub.py reads the env per call)."""
-    from .checkpoint.hub import cache_root
-
-    return cache_root()
-
-
 def scan_hub_cache(cache_dir: Path | None = None):
     """huggingface_hub's HFCacheInfo of the cache, or None when there is no cache folder yet."""
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
-    cache_dir = cache_dir or hub_cache_dir()
+    cache_dir = cache_root(cache_dir)
     try:
         return scan_cache_dir(cache_dir)
     except CacheNotFound:
@@ -134,24 +131,14 @@ def describe_path(path: Path) -> tuple[str, str | None, int, str | None]:
     if any(n.endswith(".safetensors") for n in names):
         quant = config.get("quantization_config")
         if isinstance(quant, dict):
-            return "quantized", model_type, size, describe_quantization(quant)
+            return "quantized", model_type, size, describe_config(quant)
         return "safetensors", model_type, size, None
     ggufs = sorted(n for n in names if n.lower().endswith(".gguf"))
     if ggufs and not config:
         return "gguf", gguf_architecture(path / ggufs[0]), size, None
-    if (path / "params.json").is_file() and any(n.startswith("consolidated.") and n.endswith(".pth") for n in names):
+    if is_meta_layout(path):
         return "meta", "llama", size, None
     return ("config only" if config else "unknown"), model_type, size, None
-
-
-def describe_quantization(qconfig: dict[str, Any]) -> str:
-    """'torchao Int8WeightOnlyConfig', 'bitsandbytes nf4' (the scheme quant/ reads from the same fields)."""
-    kind = ((qconfig.get("quant_type") or {}).get("default") or {}).get("_type")
-    if kind is None and qconfig.get("load_in_4bit"):
-        kind = qconfig.get("bnb_4bit_quant_type", "4-bit")
-    elif kind is None and qconfig.get("load_in_8bit"):
-        kind = "LLM.int8"
-    return " ".join(str(x) for x in (qconfig.get("quant_method", "?"), kind) if x)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -224,7 +211,7 @@ def plan_removal(ref: str, cache_dir: Path | None = None) -> Removal:
     info = scan_hub_cache(cache_dir)
     repo = next((r for r in (info.repos if info else ()) if r.repo_type == "model" and r.repo_id == repo_id), None)
     if repo is None:
-        raise InputError(f"'{repo_id}' is not in the Hugging Face cache ({cache_dir or hub_cache_dir()})",
+        raise InputError(f"'{repo_id}' is not in the Hugging Face cache ({cache_root(cache_dir)})",
                          hint="see `llm models`")
     revs = list(repo.revisions)
     if revision:
@@ -255,7 +242,7 @@ def show_model(ref: str, *, offline: bool | None = None, progress: bool = False)
     }
     quant = c.quantization_config
     if isinstance(quant, dict):
-        summary["quantization"] = describe_quantization(quant)
+        summary["quantization"] = describe_config(quant)
     if c.id2label:
         summary["labels"] = [c.id2label[i] for i in sorted(c.id2label)]
     if resolved.kind == "gguf":

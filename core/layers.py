@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ACTIVATIONS, ModelConfig
+from .config import ModelConfig
 
 
 def compute_dtype(weight_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -264,7 +264,7 @@ class MLP(nn.Module):
             self.gate_proj = Linear(c, i, bias=bias)
             self.up_proj = Linear(c, i, bias=bias)
         self.down_proj = Linear(i, c, bias=bias)
-        self.act = _ACTIVATIONS[ACTIVATIONS[config.hidden_act]]
+        self.act = _ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, ResolvedModel, embedded_model_path, open_checkpoint, resolve_model
+from .checkpoint.safetensors import name_list
 from .config import ModelConfig
 from .errors import CheckpointError, InputError, UnsupportedError
 from .families import family_for
@@ -201,9 +202,9 @@ def assign_weights(
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} tensor(s): {_name_list(missing)}")
+            parts.append(f"missing {len(missing)} tensor(s): {name_list(missing)}")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensor(s): {_name_list(unexpected)}")
+            parts.append(f"unexpected {len(unexpected)} tensor(s): {name_list(unexpected)}")
         raise CheckpointError("checkpoint does not match the config: " + "; ".join(parts))
     if ties:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -226,11 +227,6 @@ def base_model_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[
             continue
         prefix = next((p for p in _BASE_PREFIXES if name.startswith(p)), "")
         yield name[len(prefix):], tensor
-
-
-def _name_list(names: list[str], limit: int = 6) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def load_tokenizer(resolved: ResolvedModel, checkpoint: Checkpoint | None = None):

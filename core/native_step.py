@@ -18,7 +18,6 @@ import threading
 import torch
 
 from . import kernels
-from .config import ACTIVATIONS
 from .kv_cache import KVCache
 from .layers import DecoderLayer, Linear, RMSNorm
 
@@ -50,7 +49,7 @@ class NativeStep:
     def __init__(self, mv: kernels.MatVec, lm) -> None:
         decoder = lm.model
         cfg = decoder.config
-        if ACTIVATIONS.get(cfg.hidden_act) not in _ACTS:
+        if cfg.activation not in _ACTS:
             raise Unsupported(f"activation {cfg.hidden_act!r}")
         if cfg.head_dim > 1024 or cfg.num_attention_heads % cfg.num_key_value_heads:
             raise Unsupported(f"{cfg.num_attention_heads} heads over {cfg.num_key_value_heads} key/value heads of {cfg.head_dim}")
@@ -67,7 +66,7 @@ class NativeStep:
         self.model = kernels.CModel(
             n_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, inter=cfg.intermediate_size,
             heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-            vocab=cfg.vocab_size, sandwich=int(bool(cfg.sandwich_norms)), act=_ACTS[ACTIVATIONS[cfg.hidden_act]],
+            vocab=cfg.vocab_size, sandwich=int(bool(cfg.sandwich_norms)), act=_ACTS[cfg.activation],
             eps=float(cfg.rms_norm_eps), scale=float(attn.scale), softcap=float(attn.softcap or 0.0),
             layers=ctypes.cast(layers, ctypes.POINTER(kernels.CLayer)),
             final_norm=self._norm_factor(decoder.norm),

@@ -207,27 +207,22 @@ class Pipeline:
         self.labels = model.config.id2label
 
     def run(self, items: Iterable[Item]) -> Iterator[dict[str, Any]]:
-        step = {
-            "text-generation": self._generate,
-            "text-classification": self._classify,
-            "token-classification": self._tokens,
-            "question-answering": self._answer,
-            "feature-extraction": self._features,
-        }[self.task]
         size = self.options.batch_size
         if self.task == "text-generation":
             # Continuous batching: up to `size` prompts in flight, a new one joining as soon as one finishes.
             yield from self._generate(items, size)
             return
-        if self.task == "text-classification" and self.model.config.pad_token_id is None:
-            # Without a pad id the last real token of a padded row cannot be found (HF refuses too).
-            size = 1
         if self.task == "feature-extraction":
             done = 0
             for batch in batched(items, size):
                 yield from self._features(batch, done)
                 done += len(batch)
             return
+        step = {"text-classification": self._classify, "token-classification": self._tokens,
+                "question-answering": self._answer}[self.task]
+        if self.task == "text-classification" and self.model.config.pad_token_id is None:
+            # Without a pad id the last real token of a padded row cannot be found (HF refuses too).
+            size = 1
         for batch in batched(items, size):
             yield from step(batch)
 

@@ -53,6 +53,17 @@ class Request:
         """Prompt + generated: what the KV slot holds (its length says how much of it)."""
         return self.prompt + self.generated
 
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.generated)
+
+    def tail(self, start: int, stop: int | None = None) -> list[int]:
+        """tokens[start:stop] without building the whole list (the scheduler asks for it every step)."""
+        n = len(self.prompt)
+        if start >= n:
+            return self.generated[start - n : None if stop is None else stop - n]
+        return (self.prompt + self.generated)[start:stop] if stop is None or stop > n else self.prompt[start:stop]
+
     def drain(self) -> list[GenerationEvent]:
         out, self._events = self._events, []
         return out

@@ -12,10 +12,8 @@ from torch import nn
 
 from llm_torch.core.errors import UnsupportedError
 
-from .swap import QuantResult, plan
 from .spec import QuantSpec
-
-CUDA_SCHEMES = ("int8", "int4", "int8-dynamic", "float8", "nf4", "fp4", "llm-int8")
+from .swap import QuantResult, plan, replace_module
 
 
 def quantize_on_cuda(model: nn.Module, spec: QuantSpec) -> QuantResult:
@@ -26,9 +24,7 @@ def quantize_on_cuda(model: nn.Module, spec: QuantSpec) -> QuantResult:
         _torchao(model, spec, names)
     else:
         for name in names:
-            parent, _, leaf = name.rpartition(".")
-            holder = model.get_submodule(parent) if parent else model
-            setattr(holder, leaf, _bnb_layer(getattr(holder, leaf), spec))
+            replace_module(model, name, _bnb_layer(model.get_submodule(name), spec))
     result.quantized = [n for t in todo for n, _ in t.parts]
     return result
 

@@ -47,16 +47,6 @@ def scheme_from_config(qconfig: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     raise UnsupportedError(f"quantization method '{method}' is not supported", hint="bitsandbytes and torchao (saved by llm quantize) are")
 
 
-def describe_config(qconfig: dict[str, Any]) -> str:
-    """What a `quantization_config` says, for people: 'torchao Int8WeightOnlyConfig', 'bitsandbytes nf4'."""
-    kind = ((qconfig.get("quant_type") or {}).get("default") or {}).get("_type")  # torchao's config class
-    if kind is None and qconfig.get("load_in_4bit"):
-        kind = qconfig.get("bnb_4bit_quant_type", "4-bit")
-    elif kind is None and qconfig.get("load_in_8bit"):
-        kind = "LLM.int8"
-    return " ".join(filter(None, (qconfig.get("quant_method", "?"), kind)))
-
-
 class _Pending(nn.Module):
     """Stands in for a quantized layer until its tensors have been read."""
 

@@ -254,29 +254,25 @@ class GGUFCheckpoint(Checkpoint):
 
     @cached_property
     def tensors(self) -> list[TensorInfo]:
-        from gguf import GGMLQuantizationType as Q
-
         n_layers = self.config.num_hidden_layers
         family = gguf_family(self.config.model_type)
-        # Unquantized files keep their dtype; dequantized ones become float16, which holds Q8/Q4 block
-        # values (fp16 scale x small int) more exactly than bfloat16 (the loader's --dtype auto on CPU).
-        own = {Q.F32: torch.float32, Q.BF16: torch.bfloat16}
-        kinds, out = [], []
+        out = []
         for t in self._reader.tensors:
             hf_name, _ = hf_tensor_name(family, t.name, n_layers)
-            if hf_name is None:
-                continue
-            shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-            if len(shape) > 1:
-                kinds.append(own.get(t.tensor_type, torch.float16))
-            out.append(TensorInfo(hf_name, shape, torch.float32))
-        self._default_dtype = kinds[0] if kinds and all(k == kinds[0] for k in kinds) else torch.float16
+            if hf_name is not None:
+                out.append(TensorInfo(hf_name, tuple(int(n) for n in reversed(t.shape.tolist())), torch.float32))
         return out
 
-    @property
+    @cached_property
     def default_dtype(self) -> torch.dtype:
-        _ = self.tensors  # computes it from the tensor types
-        return self._default_dtype
+        """Unquantized files keep their dtype; dequantized ones become float16, which holds Q8/Q4 block
+        values (fp16 scale x small int) more exactly than bfloat16 (the loader's --dtype auto on CPU)."""
+        from gguf import GGMLQuantizationType as Q
+
+        own = {Q.F32: torch.float32, Q.BF16: torch.bfloat16}
+        kinds = {own.get(t.tensor_type, torch.float16) for t in self._reader.tensors
+                 if len(t.shape) > 1}  # matrices: norms and biases are stored in F32 whatever the file type
+        return kinds.pop() if len(kinds) == 1 else torch.float16
 
     def read(self, dtype, select=None):
         if dtype is None:

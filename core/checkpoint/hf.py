@@ -9,7 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from ..config import load_config
+from ..config import ModelConfig, read_config_json
 from ..errors import ConfigError, ModelNotFoundError
 from .base import Checkpoint, TensorInfo, generation_config_for, spm_tokenizer, write_json
 from .safetensors import read_index, read_tensors, safetensors_files
@@ -30,13 +30,12 @@ class HFCheckpoint(Checkpoint):
 
     # Read when asked for: a folder with only tokenizer files still gives its tokenizer (llm tokenize).
     @cached_property
-    def config(self):
-        return load_config(self.path)
+    def config_dict(self) -> dict[str, Any]:
+        return read_config_json(self.path)
 
     @cached_property
-    def config_dict(self) -> dict[str, Any]:
-        _ = self.config  # its errors (no config.json, bad JSON) first
-        return json.loads((self.path / "config.json").read_text(encoding="utf-8"))
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.config_dict)
 
     @cached_property
     def _entries(self) -> list[tuple[Path, TensorInfo, int, int]]:

@@ -26,8 +26,8 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, TokenizerError, UnsupportedError
 from .base import (Checkpoint, TensorInfo, generation_config_for, interleaved_to_halves, selected, spm_tokenizer,
                    write_json)
+from .resolve import SHARD_RE
 
-_SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth")
 # Meta leaf -> (HF module path, dim the shards are concatenated along; None = replicated)
 _LAYER = {
     "attention.wq.weight": ("self_attn.q_proj.weight", 0),
@@ -43,10 +43,6 @@ _LAYER = {
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}
 _SKIPPED = ("rope.freqs",)  # a buffer, recomputed from rope_theta
-
-
-def is_meta_layout(folder: Path) -> bool:
-    return (folder / "params.json").is_file() and any(_SHARD_RE.fullmatch(p.name) for p in folder.iterdir())
 
 
 def config_from_params(params: dict[str, Any], vocab_size: int) -> dict[str, Any]:
@@ -91,9 +87,9 @@ class MetaCheckpoint(Checkpoint):
 
         self.warnings = []
         self.path = path
-        files = sorted((p for p in path.iterdir() if _SHARD_RE.fullmatch(p.name)),
-                       key=lambda p: int(_SHARD_RE.fullmatch(p.name).group(1)))
-        numbers = [int(_SHARD_RE.fullmatch(p.name).group(1)) for p in files]
+        files = sorted((p for p in path.iterdir() if SHARD_RE.fullmatch(p.name)),
+                       key=lambda p: int(SHARD_RE.fullmatch(p.name).group(1)))
+        numbers = [int(SHARD_RE.fullmatch(p.name).group(1)) for p in files]
         if numbers != list(range(len(files))):
             raise CheckpointError(f"{path} has shards {numbers}, expected consolidated.00 to {len(files) - 1:02d}",
                                   hint="a shard is missing; download it again")

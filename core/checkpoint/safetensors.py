@@ -24,7 +24,7 @@ _DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 _MAX_HEADER = 100 * 2**20  # the format's own limit
 
 
-def _name_list(names: list[str], limit: int = 6) -> str:
+def name_list(names: list[str], limit: int = 6) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
@@ -40,7 +40,7 @@ def safetensors_files(folder: Path) -> list[Path]:
         files = [folder / f for f in dict.fromkeys(weight_map.values())]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
-            raise CheckpointError(f"shard(s) listed in {index.name} are missing: {_name_list(absent)}")
+            raise CheckpointError(f"shard(s) listed in {index.name} are missing: {name_list(absent)}")
         return files
     single = folder / "model.safetensors"
     if single.is_file():
@@ -51,7 +51,7 @@ def safetensors_files(folder: Path) -> list[Path]:
     pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pth")]
     if pickles:
         raise CheckpointError(
-            f"{folder} holds only pickle weights ({_name_list(pickles)}), which are not loaded for safety",
+            f"{folder} holds only pickle weights ({name_list(pickles)}), which are not loaded for safety",
             hint="convert them to safetensors first",
         )
     raise CheckpointError(f"no model.safetensors in {folder}", hint="a model folder needs safetensors weights")
