@@ -275,19 +275,23 @@ def load_resolved(
     """
     checkpoint = open_checkpoint(resolved)
     config = checkpoint.config
-    if device_map is not None:
-        return _load_mapped(checkpoint, resolved.name, dtype, head, with_tokenizer, fuse, device_map, budgets, context)
-    dev = resolve_device(device)
-    if dev.type == "cpu":
-        from .layers import use_native_kernels
-
-        use_native_kernels()  # before the weights are placed: it decides their layout (layers.k_major_weights)
-    target = resolve_dtype(dtype, config, kind=resolved.kind, device=dev)
     quant_config = checkpoint.quantization_config
-    if quant_config is None:
-        from .memory import check_fits
+    placement = None
+    if device_map is not None:
+        # Planned from the config alone (it refuses quantized checkpoints); each parameter goes where it says.
+        placement, target = plan_device_map(resolved, dtype, device_map, budgets, checkpoint, context)
+        dev = placement.device_of
+    else:
+        dev = resolve_device(device)
+        if dev.type == "cpu":
+            from .layers import use_native_kernels
 
-        check_fits(config, target, dev, context=context, ranks=1 if shard is None else shard.world)  # before anything is read
+            use_native_kernels()  # before the weights are placed: it decides their layout (layers.k_major_weights)
+        target = resolve_dtype(dtype, config, kind=resolved.kind, device=dev)
+        if quant_config is None:
+            from .memory import check_fits
+
+            check_fits(config, target, dev, context=context, ranks=1 if shard is None else shard.world)  # before anything is read
     # Tokenizer before weights: a GGUF's metadata (the vocabulary as Python lists) can then be freed
     # before the weights arrive instead of adding to the peak (and a broken tokenizer fails fast).
     tokenizer = checkpoint.tokenizer() if with_tokenizer else None
@@ -315,7 +319,11 @@ def load_resolved(
     assign_weights(model, tensors, target, dev, fast_layout=True)
     if quantized is not None:
         quantized.finish()
-    return LoadedModel(model, config, tokenizer, resolved.name, target, checkpoint.generation_config())
+    if placement is not None:
+        from . import device_map as dm
+
+        dm.install(model, placement)
+    return LoadedModel(model, config, tokenizer, resolved.name, target, checkpoint.generation_config(), placement)
 
 
 def plan_device_map(resolved: ResolvedModel, dtype, device_map: str, budgets=None, checkpoint: Checkpoint | None = None,
@@ -333,18 +341,3 @@ def plan_device_map(resolved: ResolvedModel, dtype, device_map: str, budgets=Non
     target = resolve_dtype(dtype, config, kind=resolved.kind, device=torch.device(budgets[0].name))
     return dm.plan(config, target, budgets, context), target
 
-
-def _load_mapped(checkpoint: Checkpoint, name: str, dtype, head, with_tokenizer, fuse, device_map, budgets,
-                 context) -> LoadedModel:
-    from . import device_map as dm
-
-    resolved = ResolvedModel(name, checkpoint.kind, checkpoint.path)
-    placement, target = plan_device_map(resolved, dtype, device_map, budgets, checkpoint, context)
-    config = checkpoint.config
-    tokenizer = checkpoint.tokenizer() if with_tokenizer else None
-    checkpoint.release_metadata()
-    model = build_model(config, head, fused=fuse)
-    tensors = checkpoint.read(target if checkpoint.kind != "folder" else None)
-    assign_weights(model, tensors, target, placement.device_of, fast_layout=True)
-    dm.install(model, placement)
-    return LoadedModel(model, config, tokenizer, name, target, checkpoint.generation_config(), placement)
