@@ -26,7 +26,9 @@ FILENAME = "ggml-vocab-llama-spm.gguf"
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llm-torch-tests"
+    # tests/conftest.py points XDG_CACHE_HOME at a per-run folder; this download is kept per machine.
+    given = os.environ.get("LLM_TEST_DOWNLOADS")
+    return Path(given) if given else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llm-torch-tests"
 
 
 def _good(path: Path) -> bool:
