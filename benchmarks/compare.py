@@ -60,7 +60,7 @@ class Unavailable(Exception):
 
 
 def gguf_path() -> Path:
-    from llm_torch.core.loading import embedded_model_path
+    from llm_torch.core.placement.loading import embedded_model_path
 
     return embedded_model_path("smollm2")
 
@@ -131,15 +131,15 @@ class Ours(Engine):
     def imports(self) -> dict[str, float]:
         torch_s = _import_torch()
         t0 = time.perf_counter()
-        import llm_torch.core.bench  # noqa: F401  (the engine's whole import chain)
-        import llm_torch.core.loading  # noqa: F401
+        import llm_torch.core.tools.bench  # noqa: F401  (the engine's whole import chain)
+        import llm_torch.core.placement.loading  # noqa: F401
 
         return {"torch": torch_s, "llm_torch": time.perf_counter() - t0}
 
     def load(self, path):
-        from llm_torch.core.loading import load_model
+        from llm_torch.core.placement.loading import load_model
 
-        from llm_torch.core.runner import make_runner
+        from llm_torch.core.engine.runner import make_runner
 
         self.loaded = load_model(str(path), dtype=self.dtype, progress=False)
         self.runner = make_runner(self.loaded.model)
@@ -151,22 +151,22 @@ class Ours(Engine):
         return self.loaded.config.vocab_size
 
     def prefill(self, ids):
-        from llm_torch.core.bench import time_prefill
+        from llm_torch.core.tools.bench import time_prefill
 
         return time_prefill(self.runner, ids).prefill_seconds
 
     def decode(self, ids, new_tokens):
-        from llm_torch.core.bench import time_decode
+        from llm_torch.core.tools.bench import time_decode
 
         return time_decode(self.runner, ids, new_tokens).decode_tokens_per_second
 
     def bytes_per_token(self):
-        from llm_torch.core.model_size import weight_bytes_per_token
+        from llm_torch.core.tools.model_size import weight_bytes_per_token
 
         return weight_bytes_per_token(self.loaded.model)
 
     def batch_decode(self, prompts, new_tokens):
-        from llm_torch.core.bench import time_batched_decode
+        from llm_torch.core.tools.bench import time_batched_decode
 
         return len(prompts) * new_tokens / time_batched_decode(self.runner, prompts, new_tokens)
 
@@ -244,7 +244,7 @@ class Transformers(Engine):
         return steps / (stamps.times[-1] - stamps.times[1])
 
     def bytes_per_token(self):
-        from llm_torch.core.model_size import weight_bytes_per_token
+        from llm_torch.core.tools.model_size import weight_bytes_per_token
 
         return weight_bytes_per_token(self.model)
 
@@ -415,8 +415,8 @@ def main() -> None:
 
     imports = {"torch": _import_torch()}  # first, so its time is not hidden inside another import
     t0 = time.perf_counter()
-    import llm_torch.core.bench  # noqa: F401
-    import llm_torch.core.loading  # noqa: F401
+    import llm_torch.core.tools.bench  # noqa: F401
+    import llm_torch.core.placement.loading  # noqa: F401
 
     imports["llm_torch"] = time.perf_counter() - t0
     path = gguf_path()
@@ -469,7 +469,7 @@ def main() -> None:
             print(".", end="", flush=True)
         print()
 
-    from llm_torch.core.machine import measure_memory_bandwidth
+    from llm_torch.core.tools.machine import measure_memory_bandwidth
 
     _import_torch()
     bandwidth = measure_memory_bandwidth()

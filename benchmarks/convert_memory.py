@@ -24,8 +24,8 @@ import torch
 _CHILD = """
 import json, sys, time
 from pathlib import Path
-from llm_torch.core.machine import peak_rss_bytes
-from llm_torch.core.convert import ConvertSpec, convert
+from llm_torch.core.tools.machine import peak_rss_bytes
+from llm_torch.core.tools.convert import ConvertSpec, convert
 t0 = time.perf_counter()
 r = convert(ConvertSpec(sys.argv[1], Path(sys.argv[2]), **json.loads(sys.argv[3])))
 print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss": peak_rss_bytes(), "bytes": r.bytes_written}))

@@ -45,14 +45,14 @@ def bench(
     """Measure load time, prefill and decode speed, peak memory and the decode ceiling of a model."""
     lengths = _parse_counts(prompt_lengths, "--prompt-lengths", "128,512")  # before importing torch: a typo fails at once
     batches = _parse_counts(batch, "--batch", "1,4,8,16")
-    from llm_torch.core.bench import run_bench
-    from llm_torch.core.bench_results import BenchSpec
+    from llm_torch.core.tools.bench import run_bench
+    from llm_torch.core.tools.bench_results import BenchSpec
 
     spec = BenchSpec(prompt_lengths=lengths, new_tokens=new_tokens, repetitions=repetitions, batches=batches,
                      context=model.context)
     prepare = None
     if model.quantize:
-        from llm_torch.core.loading import resolve_device
+        from llm_torch.core.placement.loading import resolve_device
         from llm_torch.quant.api import quantize_loaded
         from llm_torch.quant.spec import make_spec
 

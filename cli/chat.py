@@ -1,7 +1,7 @@
 """`llm chat`: talk to a model. Interactive on a terminal; one turn per input line when stdin is not one.
 
-The conversation itself (template, KV cache reuse, overflow, save/load) lives in core/chat.py and
-core/conversation.py; cli/chat_repl.py reads input and runs the in-chat commands, cli/chat_view.py renders
+The conversation itself (template, KV cache reuse, overflow, save/load) lives in core/tasks/chat.py and
+core/tasks/conversation.py; cli/chat_repl.py reads input and runs the in-chat commands, cli/chat_view.py renders
 answers (Markdown on a terminal, plain text otherwise). This module is the command and its options.
 """
 
@@ -62,18 +62,18 @@ def chat(
     if system_file is not None:
         system = _read_text(system_file)
     interactive = sys.stdin.isatty()
-    from llm_torch.core.chat_settings import ChatSettings
+    from llm_torch.core.tasks.chat_settings import ChatSettings
 
     from .common import sampling_line
 
     if base_url is not None:
-        from llm_torch.core.remote_chat import RemoteChatSession
+        from llm_torch.core.tasks.remote_chat import RemoteChatSession
 
         settings = ChatSettings(max_new_tokens=max_new_tokens or 1, sampling=sampling.spec(None))
         session = RemoteChatSession(base_url, api_key=api_key, model=model.model, system=system, settings=settings)
         where = session.base
     else:
-        from llm_torch.core.chat import ChatSession
+        from llm_torch.core.tasks.chat import ChatSession
 
         loaded = model.load(quiet=not (interactive or output.stats))
         settings = ChatSettings(max_new_tokens=max_new_tokens or 1, sampling=sampling.spec(loaded.generation_config))

@@ -263,7 +263,7 @@ class Repl:
 
     def _turn(self, start) -> bool:
         """Run one answer. Ctrl-C stops it and keeps what was written (raises _Interrupted in scripts)."""
-        from llm_torch.core.chat import ChatNotice
+        from llm_torch.core.tasks.chat import ChatNotice
 
         turn = None
         view = self._view()

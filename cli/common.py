@@ -44,7 +44,7 @@ def stdin_lines():
 
 def check_local_path(model_ref: str | None) -> None:
     """A model named by a path that does not exist fails here, with core's message, before torch is imported
-    (core.checkpoint.hub parses references without torch; core.loading, which loads them, imports it)."""
+    (core.checkpoint.hub parses references without torch; core.placement.loading, which loads them, imports it)."""
     text = (model_ref or "").strip()
     if text.startswith(("./", "../", "~", "/", ".\\")) or "\\" in text:
         from llm_torch.core.checkpoint.hub import parse_model_ref
@@ -57,17 +57,17 @@ def tp_worker(tp: int | None, model_ref: str | None, dtype: str, device: str, co
     follow rank 0 until it stops; -> True when this process was such a rank (the command ends there,
     without reading input or printing)."""
     if int(os.environ.get("WORLD_SIZE") or 1) <= 1:
-        return False  # not a launched process (core.distributed.launched_rank's test, without importing torch)
-    from llm_torch.core.distributed import launched_rank
+        return False  # not a launched process (core.placement.distributed.launched_rank's test, without importing torch)
+    from llm_torch.core.placement.distributed import launched_rank
 
     if not launched_rank():
         return False
     import torch.distributed as dist
 
-    from llm_torch.core import distributed
-    from llm_torch.core.loading import load_model, resolve_device
-    from llm_torch.core.runner import TorchRunner
-    from llm_torch.core.tensor_parallel import Shard
+    from llm_torch.core.placement import distributed
+    from llm_torch.core.placement.loading import load_model, resolve_device
+    from llm_torch.core.engine.runner import TorchRunner
+    from llm_torch.core.placement.tensor_parallel import Shard
 
     ctx = distributed.init(tp, resolve_device(device))
     # --context sizes every rank's memory check as it does rank 0's
@@ -93,10 +93,10 @@ def handled_before_input(tp: int | None, model_ref: str | None, dtype: str, devi
 
 def _tensor_parallel(tp: int | None, device: str, model_ref: str | None):
     """Rank 0's process group (starting ranks 1..tp-1 itself without a launcher), or None alone."""
-    from llm_torch.core.distributed import init, launched_rank
+    from llm_torch.core.placement.distributed import init, launched_rank
     from llm_torch.core.checkpoint import open_checkpoint
-    from llm_torch.core.loading import resolve_device, resolve_model
-    from llm_torch.core.tensor_parallel import check_splits
+    from llm_torch.core.placement.loading import resolve_device, resolve_model
+    from llm_torch.core.placement.tensor_parallel import check_splits
 
     launched = launched_rank() is not None
     if (not tp or tp <= 1) and not launched:
@@ -110,9 +110,9 @@ def print_plan(model_ref: str | None, dtype: str, device: str, device_map: str |
     """--dry-run: where the weights and one context (--context, else the model's) of KV cache would go, from the
     config alone (stdout)."""
     from llm_torch.core.checkpoint import open_checkpoint
-    from llm_torch.core.loading import plan_device_map, resolve_device, resolve_dtype, resolve_model
-    from llm_torch.core.config import resolve_context
-    from llm_torch.core.memory import available_bytes, estimate
+    from llm_torch.core.placement.loading import plan_device_map, resolve_device, resolve_dtype, resolve_model
+    from llm_torch.core.model.config import resolve_context
+    from llm_torch.core.placement.memory import available_bytes, estimate
 
     resolved = resolve_model(model_ref, weights=False)
     source = open_checkpoint(resolved)
@@ -138,17 +138,17 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
 
     quantize: a scheme name (--quantize int8 ...): the float model is quantized in memory after loading.
     tp: split it over this many processes (tensor parallel); this process is rank 0.
-    device_map: "auto": its layers over the GPUs, then the CPU (core/device_map.py).
+    device_map: "auto": its layers over the GPUs, then the CPU (core/placement/device_map.py).
     head: build this head instead of the checkpoint's (model.HEADS; "feature_extraction": the bare decoder).
     context: KV positions per sequence the memory checks count (--context; None: the model's).
     """
     from llm_torch.core.errors import InputError
-    from llm_torch.core.loading import load_model
+    from llm_torch.core.placement.loading import load_model
 
     spec = None
     if quantize:
         from llm_torch.core.errors import UnsupportedError
-        from llm_torch.core.loading import resolve_device
+        from llm_torch.core.placement.loading import resolve_device
         from llm_torch.quant.spec import make_spec
 
         where = resolve_device(device)
@@ -166,7 +166,7 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
     if ctx is not None:
         loaded = _load_rank0(ctx, model_ref, dtype, context)
     elif device_map is not None:
-        from llm_torch.core.loading import load_resolved, resolve_model
+        from llm_torch.core.placement.loading import load_resolved, resolve_model
 
         loaded = load_resolved(resolve_model(model_ref), dtype=dtype, device_map=device_map, context=context)
     else:
@@ -180,22 +180,22 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
             for note in notes:
                 render.warn(note)
     if compile:
-        from llm_torch.core.runner import native_problem
-        from llm_torch.core.speed import compile_model
+        from llm_torch.core.engine.runner import native_problem
+        from llm_torch.core.engine.speed import compile_model
 
         if native_problem(loaded.model) is None:
             render.warn("--compile replaces the native decode step with a compiled graph of the PyTorch layers: "
                         "slower on this CPU (see README), and the first token waits 20-90 s for the compile")
         compile_model(loaded.model)
     if not quiet or sys.stderr.isatty():
-        from llm_torch.core.layers import compute_dtype
+        from llm_torch.core.model.layers import compute_dtype
 
         weights = next(loaded.model.parameters())
         compute = str(compute_dtype(weights.dtype, weights.device)).removeprefix("torch.")
         how = loaded.dtype_name if compute == loaded.dtype_name else f"{loaded.dtype_name} weights, {compute} compute"
         how += f", {spec.label} quantized" if spec is not None else _saved_quantization(loaded.config.raw)
         chosen = " (--dtype auto)" if dtype == "auto" else ""
-        from llm_torch.core.runner import describe
+        from llm_torch.core.engine.runner import describe
 
         if ctx is not None or loaded.device_plan is not None:
             how += f"; {describe(loaded.model)}"
@@ -213,11 +213,11 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
 def _load_rank0(ctx, model_ref, dtype, context=None):
     import torch.distributed as dist
 
-    from llm_torch.core import distributed
+    from llm_torch.core.placement import distributed
     from llm_torch.core.errors import ResourceError
-    from llm_torch.core.loading import load_model
-    from llm_torch.core.runner import TorchRunner, install
-    from llm_torch.core.tensor_parallel import Shard
+    from llm_torch.core.placement.loading import load_model
+    from llm_torch.core.engine.runner import TorchRunner, install
+    from llm_torch.core.placement.tensor_parallel import Shard
 
     loaded = load_model(model_ref, dtype=dtype, device=str(ctx.device), progress=False, shard=Shard(0, ctx.world),
                         context=context)
@@ -267,7 +267,7 @@ _FOLD_TOLD: set[int] = set()
 def chat_messages(tokenizer, text: str, system: str | None) -> list[dict[str, str]]:
     """One user message, with the system prompt as a message of its own, or folded into the user's for
     templates without a system role (Gemma's), as transformers users do; a warning says so."""
-    from llm_torch.core.system_prompt import system_role_supported, with_system
+    from llm_torch.core.tokenizer.system_prompt import system_role_supported, with_system
 
     supported = not system or system_role_supported(tokenizer)
     if not supported and id(tokenizer) not in _FOLD_TOLD:

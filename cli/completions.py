@@ -49,7 +49,7 @@ def complete_model(incomplete: str) -> list[str]:
     except Exception:
         pass
     try:
-        from llm_torch.core.aliases import load_aliases
+        from llm_torch.core.checkpoint.aliases import load_aliases
 
         names.extend(sorted(load_aliases()))
     except Exception:  # a corrupt aliases file must not break completion: the command will say what is wrong

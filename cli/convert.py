@@ -62,8 +62,8 @@ def convert(
     """Convert a model to a Hugging Face folder or a GGUF file; prints the output path."""
     import sys
 
-    from llm_torch.core.convert import ConvertSpec
-    from llm_torch.core.convert import convert as run
+    from llm_torch.core.tools.convert import ConvertSpec
+    from llm_torch.core.tools.convert import convert as run
 
     spec = ConvertSpec(source=source, output=output, to=to.value, dtype=dtype.value if dtype else None,
                        outtype=outtype.value, max_shard_size=parse_size(max_shard_size), force=force, verify=verify)

@@ -1,4 +1,4 @@
-"""`llm embed`: feature extraction, one vector per input (the decoder's last_hidden_state, pooled; core/embed.py)."""
+"""`llm embed`: feature extraction, one vector per input (the decoder's last_hidden_state, pooled; core/tasks/embed.py)."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def embed(
     """Embed texts: the model's last hidden state, pooled per input (transformers' feature-extraction pipeline)."""
     import json
 
-    from llm_torch.core import pipelines as p
-    from llm_torch.core.embed import check_pooling
+    from llm_torch.core.tasks import pipelines as p
+    from llm_torch.core.tasks.embed import check_pooling
     from llm_torch.core.errors import InputError
 
     check_pooling(pooling)  # before anything is read or loaded

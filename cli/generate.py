@@ -33,7 +33,7 @@ def generate(
     if system and not chat:
         raise InputError("--system needs --chat", hint="add --chat to use the model's chat template")
     loaded = model.load(quiet=not output.stats)  # a missing model path fails here, before torch is imported
-    from llm_torch.core.engine import stream_generate
+    from llm_torch.core.engine.engine import stream_generate
 
     spec = sampling.generation(loaded.generation_config, max_new_tokens, truncate=truncate)
     if output.stats:
@@ -52,7 +52,7 @@ def generate(
     if final.timings.truncated_tokens:
         render.warn(f"prompt left-truncated by {final.timings.truncated_tokens} tokens to fit the context")
     if output.json:
-        from llm_torch.core.generate import GenerationResult
+        from llm_torch.core.engine.events import GenerationResult
 
         render.write_json(GenerationResult("".join(pieces), token_ids, final.finish_reason, final.timings).to_dict())
     else:

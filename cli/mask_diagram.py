@@ -1,10 +1,10 @@
-"""The attention-mask diagram of `llm visualize-mask`: a MaskView (core/mask_view.py) drawn as lines of
+"""The attention-mask diagram of `llm visualize-mask`: a MaskView (core/tools/mask_view.py) drawn as lines of
 (text, style) segments, then as plain text (pipes, goldens) or through Rich with colours (a terminal).
 Styles are None or one of STYLES."""
 
 from __future__ import annotations
 
-from llm_torch.core.mask_view import PAD_LABEL, MaskView
+from llm_torch.core.tools.mask_view import PAD_LABEL, MaskView
 
 from . import render
 

@@ -38,7 +38,7 @@ def models(
 
 
 def _list(as_json: bool) -> None:
-    from llm_torch.core.inventory import list_models
+    from llm_torch.core.tools.inventory import list_models
 
     entries = list_models()
     if as_json:
@@ -61,7 +61,7 @@ def _list(as_json: bool) -> None:
 
 
 def _show(ref: str, as_json: bool) -> None:
-    from llm_torch.core.inventory import show_model
+    from llm_torch.core.tools.inventory import show_model
 
     info = show_model(ref, progress=sys.stderr.isatty())
     if as_json:
@@ -104,7 +104,7 @@ def _show(ref: str, as_json: bool) -> None:
 
 def _remove(ref: str, yes: bool, as_json: bool) -> None:
     from llm_torch.core.errors import InputError
-    from llm_torch.core.inventory import plan_removal
+    from llm_torch.core.tools.inventory import plan_removal
 
     plan = plan_removal(ref)
     what = f"{plan.repo_id} ({len(plan.revisions)} revision{'s' if len(plan.revisions) != 1 else ''}, {human_size(plan.freed_bytes)})"
@@ -153,7 +153,7 @@ def aliases_set(
                                          "smollm2 or another alias.", autocompletion=complete_model)],
 ) -> None:
     """Make NAME stand for MODEL in every command (replaces an existing NAME)."""
-    from llm_torch.core.aliases import set_alias
+    from llm_torch.core.checkpoint.aliases import set_alias
 
     stored = set_alias(name, model)
     render.info(f"{name} -> {stored}")
@@ -162,7 +162,7 @@ def aliases_set(
 @aliases_app.command("remove")
 def aliases_remove(name: Annotated[str, typer.Argument(help="The alias to remove.", autocompletion=complete_model)]) -> None:
     """Remove an alias (the model it names stays where it is)."""
-    from llm_torch.core.aliases import remove_alias
+    from llm_torch.core.checkpoint.aliases import remove_alias
 
     ref = remove_alias(name)
     render.info(f"removed {name} (was {ref})")
@@ -173,7 +173,7 @@ def aliases_list(
     format: Annotated[o.OutputFormat, typer.Option("--format", "-f", help="text (NAME: MODEL lines) or json (one object).")] = o.OutputFormat.text,
 ) -> None:
     """The aliases and the models they name."""
-    from llm_torch.core.aliases import load_aliases
+    from llm_torch.core.checkpoint.aliases import load_aliases
 
     aliases = load_aliases()
     if format is o.OutputFormat.json:
@@ -185,6 +185,6 @@ def aliases_list(
 @aliases_app.command("path")
 def aliases_path() -> None:
     """The aliases file's path."""
-    from llm_torch.core.aliases import aliases_path as path
+    from llm_torch.core.checkpoint.aliases import aliases_path as path
 
     render.write(f"{path()}\n")

@@ -109,13 +109,13 @@ class Sampling(OptionGroup):
 
     def spec(self, generation_config: dict | None):
         """The SamplingSpec: these flags over the model's generation_config (None: llm's defaults only)."""
-        from llm_torch.core.sampling import sampling_spec
+        from llm_torch.core.engine.sampling import sampling_spec
 
         return sampling_spec(generation_config, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                              min_p=self.min_p, repetition_penalty=self.repetition_penalty, seed=self.seed)
 
     def generation(self, generation_config: dict | None, max_new_tokens: int, *, truncate: bool = False):
-        from llm_torch.core.generate import GenerationSpec
+        from llm_torch.core.engine.events import GenerationSpec
 
         return GenerationSpec(max_new_tokens=max_new_tokens, sampling=self.spec(generation_config),
                               stop=tuple(self.stop or ()), truncate=truncate)
@@ -177,7 +177,7 @@ class Model(OptionGroup):
         that head instead of the checkpoint's (llm embed: "feature_extraction")."""
         from .common import check_local_path, load, use_chat_template
 
-        check_local_path(self.model)  # a missing path fails here, before core.loading imports torch
+        check_local_path(self.model)  # a missing path fails here, before core.placement.loading imports torch
         self.use_threads()
         loaded = load(self.model, self.dtype, self.device, compile=self.compile, quiet=quiet, quantize=self.quantize,
                       tp=self.tp, device_map=self.device_map, context=self.context, head=head)

@@ -1,4 +1,4 @@
-"""`llm perplexity`: how well a model predicts texts (transformers' sliding-window recipe, core/perplexity.py)."""
+"""`llm perplexity`: how well a model predicts texts (transformers' sliding-window recipe, core/tasks/perplexity.py)."""
 
 from __future__ import annotations
 
@@ -31,14 +31,14 @@ def perplexity(
     from .common import check_local_path
 
     check_local_path(model)  # before torch is imported
-    from llm_torch.core.perplexity import Document, score, total
+    from llm_torch.core.tasks.perplexity import Document, score, total
 
     documents = _documents(files or ["-"], lines)
     if not documents:
         raise InputError("no text to score", hint="give a FILE, or pipe text in: cat notes.txt | llm perplexity smollm2")
     # --context is the scoring window here, checked against the model by score() with its own wording
     loaded = replace(model_options, model=model, context=None).load(quiet=True, tokenizer_needed=True)
-    from llm_torch.core.config import resolve_context
+    from llm_torch.core.model.config import resolve_context
 
     window = resolve_context(loaded.config, model_options.context, "the window")  # the one score() uses too
     scores = []

@@ -105,7 +105,7 @@ def write_json(obj) -> None:
 
 
 def peak_rss_mib() -> float:
-    from llm_torch.core.machine import peak_rss_bytes  # one definition (VmHWM, not ru_maxrss)
+    from llm_torch.core.tools.machine import peak_rss_bytes  # one definition (VmHWM, not ru_maxrss)
 
     return peak_rss_bytes() / 2**20
 

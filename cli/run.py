@@ -62,9 +62,9 @@ def run(
     """Run a task pipeline over inputs from the argument, stdin (--lines: one per line) or --input FILE."""
     if model.handled_before_input():
         return
-    from llm_torch.core import pipelines as p
+    from llm_torch.core.tasks import pipelines as p
     from llm_torch.core.errors import InputError
-    from llm_torch.core.generate import GenerationSpec
+    from llm_torch.core.engine.events import GenerationSpec
 
     from .common import encode_prompt
 

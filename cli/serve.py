@@ -1,4 +1,4 @@
-"""`llm serve`: an OpenAI-compatible HTTP server (core/server.py) over the batched engine, run by uvicorn."""
+"""`llm serve`: an OpenAI-compatible HTTP server (core/serving/server.py) over the batched engine, run by uvicorn."""
 
 from __future__ import annotations
 
@@ -66,9 +66,9 @@ def _serve(sock, model, api_key, cors, max_batch, max_queue, prefill_chunk, pref
 
     import uvicorn
 
-    from llm_torch.core.engine import Engine, EngineConfig
-    from llm_torch.core.engine_thread import EngineThread
-    from llm_torch.core.server import ServeSettings, create_app
+    from llm_torch.core.engine.engine import Engine, EngineConfig
+    from llm_torch.core.serving.engine_thread import EngineThread
+    from llm_torch.core.serving.server import ServeSettings, create_app
 
     loaded = model.load(quiet=False, tokenizer_needed=True)
     config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_context=model.context, prefill_chunk=prefill_chunk,
@@ -90,7 +90,7 @@ def _serve(sock, model, api_key, cors, max_batch, max_queue, prefill_chunk, pref
                 f"{', API key required' if api_key else ''}); Ctrl-C to stop")
     if host not in ("127.0.0.1", "::1", "localhost") and not api_key:
         render.warn(f"listening on {host} without --api-key: anyone who can reach this port can use the model")
-    # The engine loop runs on this (the main) thread (core/engine_thread.py says why), uvicorn on another.
+    # The engine loop runs on this (the main) thread (core/serving/engine_thread.py says why), uvicorn on another.
     # Ctrl-C / SIGTERM: in-flight requests are cancelled (their streams end), then both loops stop; exit 0.
     def stop(*_):
         engine.cancel_all()

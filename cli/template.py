@@ -34,9 +34,9 @@ def template(
 
     from .common import chat_messages, check_local_path, use_chat_template
 
-    check_local_path(model)  # before core.loading imports torch
+    check_local_path(model)  # before core.placement.loading imports torch
     from llm_torch.core.checkpoint import open_checkpoint
-    from llm_torch.core.loading import load_tokenizer, resolve_model
+    from llm_torch.core.placement.loading import load_tokenizer, resolve_model
 
     if messages is not None and (text or system):
         raise InputError("--messages holds the whole conversation", hint="drop TEXT and --system")

@@ -42,8 +42,8 @@ def tokenize(
 
     from .common import check_local_path, encode_prompt, read_prompt, use_chat_template
 
-    check_local_path(model)  # before core.loading imports torch
-    from llm_torch.core.loading import load_tokenizer, resolve_model
+    check_local_path(model)  # before core.placement.loading imports torch
+    from llm_torch.core.placement.loading import load_tokenizer, resolve_model
 
     if system and not chat:
         raise InputError("--system needs --chat")

@@ -36,10 +36,10 @@ def visualize_mask(
 
     from .common import check_local_path, read_prompt
 
-    check_local_path(model)  # before core.loading imports torch
+    check_local_path(model)  # before core.placement.loading imports torch
     from llm_torch.core.checkpoint import open_checkpoint
-    from llm_torch.core.loading import load_tokenizer, resolve_model
-    from llm_torch.core.mask_view import build_mask_view
+    from llm_torch.core.placement.loading import load_tokenizer, resolve_model
+    from llm_torch.core.tools.mask_view import build_mask_view
 
     from .mask_diagram import fit_layout, line_width, render_lines, show
 

@@ -56,7 +56,7 @@ class QuantizeOutcome:
 def quantize_to_folder(ref: str | None, spec: QuantSpec, out: Path | None, *, dtype: str = "auto",
                        force: bool = False) -> QuantizeOutcome:
     """Load the float model, quantize it and write a folder any `llm` command opens."""
-    from llm_torch.core.loading import load_resolved, resolve_model
+    from llm_torch.core.placement.loading import load_resolved, resolve_model
 
     from .save import check_destination, save_quantized
 
@@ -108,7 +108,7 @@ class Estimate:
 def estimate(ref: str | None, spec: QuantSpec, *, dtype: str = "auto") -> Estimate:
     """Output size / weight memory from the config alone (meta device: nothing is read or allocated)."""
     from llm_torch.core.checkpoint import open_checkpoint, resolve_model
-    from llm_torch.core.loading import build_model, resolve_dtype
+    from llm_torch.core.placement.loading import build_model, resolve_dtype
 
     resolved = resolve_model(ref)
     config = open_checkpoint(resolved).config

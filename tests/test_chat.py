@@ -1,4 +1,4 @@
-"""`llm chat` and core.chat.ChatSession on a tiny random Llama with a tiny byte-level BPE tokenizer.
+"""`llm chat` and core.tasks.chat.ChatSession on a tiny random Llama with a tiny byte-level BPE tokenizer.
 
 The tiny model's output head is arranged so greedy decoding never picks a special token (so never EOS), a
 newline or a partial UTF-8 byte: answers are one printable line, and a long answer really is long.
@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_torch.core.chat import ChatNotice, ChatSession, ChatSettings
-from llm_torch.core.engine import common_prefix
-from llm_torch.core.runner import NativeRunner, TorchRunner
+from llm_torch.core.tasks.chat import ChatNotice, ChatSession, ChatSettings
+from llm_torch.core.engine.engine import common_prefix
+from llm_torch.core.engine.runner import NativeRunner, TorchRunner
 from llm_torch.core.errors import InputError
-from llm_torch.core.generate import GenerationEvent
-from llm_torch.core.loading import load_model
+from llm_torch.core.engine.events import GenerationEvent
+from llm_torch.core.placement.loading import load_model
 from llm_torch.core.tokenizer import Tokenizer
 
 from tiny import LLAMA_BASE, hf_model

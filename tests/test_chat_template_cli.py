@@ -8,7 +8,7 @@ import json
 import pytest
 
 from llm_torch.core.errors import ModelNotFoundError
-from llm_torch.core.loading import load_tokenizer, resolve_model
+from llm_torch.core.placement.loading import load_tokenizer, resolve_model
 from tests.cli_util import run_llm
 from tests.templates import GEMMA_TEMPLATE
 from tests.tiny import LLAMA_BASE, config_dict, save_with_tokenizer, write_tokenizer_files

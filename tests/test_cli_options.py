@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from llm_torch.core.errors import ModelNotFoundError
-from llm_torch.core.loading import embedded_model_path
+from llm_torch.core.placement.loading import embedded_model_path
 from tests.cli_util import run_llm
 
 try:

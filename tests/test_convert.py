@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_torch.core import sentencepiece as sp
-from llm_torch.core.convert import ConvertSpec, convert
+from llm_torch.core.tokenizer import sentencepiece as sp
+from llm_torch.core.tools.convert import ConvertSpec, convert
 from llm_torch.core.errors import CheckpointError, InputError, ResourceError, UnsupportedError
 from llm_torch.core.checkpoint import ResolvedModel
 from llm_torch.core.checkpoint import safetensors as st_io
 from llm_torch.core.checkpoint.gguf import GGUFCheckpoint
 from llm_torch.core.checkpoint.hf import HFCheckpoint
-from llm_torch.core.loading import load_resolved
+from llm_torch.core.placement.loading import load_resolved
 from llm_torch.core.tokenizer import Tokenizer
 from tests.cli_util import run_llm
 from tests.templates import LLAMA2_TEMPLATE
@@ -495,10 +495,10 @@ def test_smollm2_to_gguf_has_llama_cpp_converter_metadata(smol_f16_gguf):
 def test_llama_cpp_runs_our_gguf_like_we_run_the_source(tmp_path, outtype, request):
     import llama_cpp
 
-    from llm_torch.core.engine import stream_generate
-    from llm_torch.core.generate import GenerationSpec
-    from llm_torch.core.loading import load_model
-    from llm_torch.core.sampling import SamplingSpec
+    from llm_torch.core.engine.engine import stream_generate
+    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.placement.loading import load_model
+    from llm_torch.core.engine.sampling import SamplingSpec
 
     if outtype == "f16":
         out = request.getfixturevalue("smol_f16_gguf")

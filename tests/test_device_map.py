@@ -1,4 +1,4 @@
-"""--device-map auto (core/device_map.py): the planner on made-up device lists places layers as documented
+"""--device-map auto (core/placement/device_map.py): the planner on made-up device lists places layers as documented
 and refuses what fits nowhere, and a mapped model generates what the unmapped one does."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_torch.core.config import ModelConfig
-from llm_torch.core.device_map import DeviceBudget, plan
-from llm_torch.core.engine import Engine, EngineConfig
+from llm_torch.core.model.config import ModelConfig
+from llm_torch.core.placement.device_map import DeviceBudget, plan
+from llm_torch.core.engine.engine import Engine, EngineConfig
 from llm_torch.core.errors import ResourceError
-from llm_torch.core.generate import GenerationSpec
-from llm_torch.core.loading import ResolvedModel, load_resolved
+from llm_torch.core.engine.events import GenerationSpec
+from llm_torch.core.placement.loading import ResolvedModel, load_resolved
 from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, hf_model
 
 # Llama-2-7B's shape: 32 layers of 202 M parameters (404 MB in fp16) + a 131 M-parameter embedding and head.

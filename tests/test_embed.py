@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from llm_torch.core import pipelines as p
+from llm_torch.core.tasks import pipelines as p
 from llm_torch.core.errors import ModelNotFoundError
-from llm_torch.core.loading import ResolvedModel, load_resolved, load_tokenizer, resolve_model
+from llm_torch.core.placement.loading import ResolvedModel, load_resolved, load_tokenizer, resolve_model
 from tests.cli_util import run_llm
 from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, write_tokenizer_files
 
@@ -158,7 +158,7 @@ def test_smollm2_matches_transformers_gguf_load():
     """The default model: our GGUF load vs transformers' (both dequantize Q4_1 to fp32) for one sentence."""
     import transformers
 
-    from llm_torch.core.loading import embedded_model_path
+    from llm_torch.core.placement.loading import embedded_model_path
 
     gguf = embedded_model_path("smollm2")
     ref = transformers.AutoModel.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()

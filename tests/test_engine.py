@@ -1,4 +1,4 @@
-"""The engine's scheduler (core/engine.py): every sequence of a batch gets what it gets alone, whoever joins,
+"""The engine's scheduler (core/engine/engine.py): every sequence of a batch gets what it gets alone, whoever joins,
 leaves or is cancelled around it; prompts prefilled in chunks between others' decode steps; prefix reuse;
 bad rows fail alone. Run on the native step and on the PyTorch layers (the reference runner)."""
 
@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_torch.core.engine import Engine, EngineConfig
+from llm_torch.core.engine.engine import Engine, EngineConfig
 from llm_torch.core.errors import InputError
-from llm_torch.core.generate import GenerationSpec
-from llm_torch.core.kv_cache import KVCache
-from llm_torch.core.loading import ResolvedModel, load_resolved
-from llm_torch.core.runner import NativeRunner, TorchRunner, make_runner
-from llm_torch.core.sampling import SamplingSpec
+from llm_torch.core.engine.events import GenerationSpec
+from llm_torch.core.model.kv_cache import KVCache
+from llm_torch.core.placement.loading import ResolvedModel, load_resolved
+from llm_torch.core.engine.runner import NativeRunner, TorchRunner, make_runner
+from llm_torch.core.engine.sampling import SamplingSpec
 from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, hf_model
 
 FAMILIES = {
@@ -232,7 +232,7 @@ def test_bad_requests_fail_alone(models):
 
 
 def test_queue_limit_and_context_budget(models):
-    from llm_torch.core.engine import QueueFullError
+    from llm_torch.core.engine.engine import QueueFullError
 
     model = models["llama"]
     runner = runner_of(model, "native")

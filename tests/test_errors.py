@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llm_torch.core.errors import CheckpointError, ConfigError, InputError, ModelNotFoundError, UnsupportedError
-from llm_torch.core.loading import ResolvedModel, load_model, load_resolved
+from llm_torch.core.placement.loading import ResolvedModel, load_model, load_resolved
 from tests.cli_util import run_llm
 from tests.tiny import LLAMA_BASE, config_dict, hf_model
 
@@ -142,11 +142,11 @@ def test_a_model_that_cannot_fit_is_refused_before_loading(monkeypatch, tmp_path
     """The estimate from the config alone (no weight read) against the free memory, with the numbers."""
     import torch
 
-    from llm_torch.core import memory
-    from llm_torch.core.config import ModelConfig
+    from llm_torch.core.placement import memory
+    from llm_torch.core.model.config import ModelConfig
     from llm_torch.core.errors import ResourceError
-    from llm_torch.core.loading import ResolvedModel, load_resolved
-    from llm_torch.core.model import CausalLM
+    from llm_torch.core.placement.loading import ResolvedModel, load_resolved
+    from llm_torch.core.model.model import CausalLM
     from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, hf_model
 
     for cfg in (LLAMA_BASE, config_dict(LLAMA_BASE, dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
@@ -164,7 +164,7 @@ def test_devices_are_parsed_and_missing_ones_named(monkeypatch):
     import torch
 
     from llm_torch.core.errors import ResourceError
-    from llm_torch.core.loading import resolve_device
+    from llm_torch.core.placement.loading import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto").type in ("cpu", "mps") and resolve_device("cpu") == torch.device("cpu")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from llm_torch.core.errors import ModelNotFoundError
-from llm_torch.core.loading import embedded_model_path
+from llm_torch.core.placement.loading import embedded_model_path
 from tests.cli_util import run_llm, shell
 
 try:
@@ -60,9 +60,9 @@ def test_a_model_without_generation_config_samples_by_default_and_greedy_is_one_
             "(unset flags: llm's defaults (the model has no generation_config)") in err
     greedy = run_llm(*args, "--temperature", "0")
     assert "sampling: greedy" in greedy.stderr.decode()
-    from llm_torch.core.engine import generate
-    from llm_torch.core.generate import GenerationSpec
-    from llm_torch.core.loading import load_model
+    from llm_torch.core.engine.engine import generate
+    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.placement.loading import load_model
 
     smol = load_model("smollm2", progress=False)
     ref = generate(smol.model, smol.tokenizer, smol.tokenizer.encode("Once upon a time"), GenerationSpec(max_new_tokens=12))

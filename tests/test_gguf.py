@@ -17,7 +17,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from llm_torch.core.config import ModelConfig
+from llm_torch.core.model.config import ModelConfig
 from llm_torch.core.errors import CheckpointError, UnsupportedError
 from llm_torch.core.checkpoint.gguf import gguf_config_dict, gguf_rope_freqs, iter_gguf_tensors
 from llm_torch.core.checkpoint.gguf_reader import dequantize as _dequantize

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_torch.core.engine import Engine, EngineConfig
-from llm_torch.core.generate import GenerationSpec
-from llm_torch.core.loading import ResolvedModel, load_resolved
-from llm_torch.core.runner import TorchRunner, make_runner
+from llm_torch.core.engine.engine import Engine, EngineConfig
+from llm_torch.core.engine.events import GenerationSpec
+from llm_torch.core.placement.loading import ResolvedModel, load_resolved
+from llm_torch.core.engine.runner import TorchRunner, make_runner
 from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, hf_model
 
 pytestmark = [pytest.mark.gpu,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from llm_torch.core.errors import InputError
-from llm_torch.core.loading import ResolvedModel, load_resolved
-from llm_torch.core.model import QuestionAnswering, SequenceClassification, TokenClassification
+from llm_torch.core.placement.loading import ResolvedModel, load_resolved
+from llm_torch.core.model.model import QuestionAnswering, SequenceClassification, TokenClassification
 
 from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict
 

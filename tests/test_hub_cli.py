@@ -5,7 +5,7 @@ import hashlib
 import pytest
 
 from llm_torch.core.errors import ModelNotFoundError
-from llm_torch.core.loading import embedded_model_path, load_tokenizer, resolve_model
+from llm_torch.core.placement.loading import embedded_model_path, load_tokenizer, resolve_model
 from tests.cli_util import run_llm
 from tests.tiny import LLAMA_BASE, config_dict, save_with_tokenizer
 

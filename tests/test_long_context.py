@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_torch.core.config import ModelConfig, resolve_context, supported_context
-from llm_torch.core.engine import Engine, EngineConfig
+from llm_torch.core.model.config import ModelConfig, resolve_context, supported_context
+from llm_torch.core.engine.engine import Engine, EngineConfig
 from llm_torch.core.errors import InputError
-from llm_torch.core.generate import GenerationSpec
-from llm_torch.core.kv_cache import KVCache
-from llm_torch.core.layers import rope_inv_freq
-from llm_torch.core.loading import ResolvedModel, load_resolved
-from llm_torch.core.runner import NATIVE, NativeRunner, Segment, TorchRunner, make_runner
+from llm_torch.core.engine.events import GenerationSpec
+from llm_torch.core.model.kv_cache import KVCache
+from llm_torch.core.model.layers import rope_inv_freq
+from llm_torch.core.placement.loading import ResolvedModel, load_resolved
+from llm_torch.core.engine.runner import NATIVE, NativeRunner, Segment, TorchRunner, make_runner
 from tests.tiny import LLAMA_BASE, config_dict, hf_model
 
 TRAINED = 16  # max_position_embeddings of the tiny dynamic model: factor 2 supports 32
@@ -206,8 +206,9 @@ def test_engine_refuses_a_context_the_model_does_not_support(pair):
 
 
 def test_fit_checks_and_perplexity_use_the_same_rule(pair, monkeypatch):
-    from llm_torch.core import memory, perplexity
-    from llm_torch.core.device_map import DeviceBudget, plan
+    from llm_torch.core.placement import memory
+    from llm_torch.core.tasks import perplexity
+    from llm_torch.core.placement.device_map import DeviceBudget, plan
 
     _, ours = pair
     config = ours.config
@@ -233,7 +234,7 @@ def test_perplexity_window_past_max_position_embeddings_is_the_references(pair):
 
 
 def perplexity_window(model, ids):
-    from llm_torch.core.perplexity import window_nll
+    from llm_torch.core.tasks.perplexity import window_nll
 
     return window_nll(model, ids, 30, 30)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llm_torch.core.errors import TokenizerError
-from llm_torch.core.loading import load_model, resolve_model
+from llm_torch.core.placement.loading import load_model, resolve_model
 from tests.cli_util import run_llm
 from tests.test_convert import PROMPT_IDS, spm, tiny_folder, train_spm, write_meta_layout
 

@@ -1,5 +1,5 @@
 """`llm models` (list / --show / --rm) over a pre-populated fake Hub cache, and user aliases (`llm aliases`,
-core/aliases.py) resolved by every command that takes a model."""
+core/checkpoint/aliases.py) resolved by every command that takes a model."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from llm_torch.core import aliases
+from llm_torch.core.checkpoint import aliases
 from llm_torch.core.errors import ConfigError, InputError, ModelNotFoundError
-from llm_torch.core.inventory import describe_path, gguf_architecture
+from llm_torch.core.tools.inventory import describe_path, gguf_architecture
 from llm_torch.core.checkpoint import EMBEDDED_MODELS, embedded_model_path, resolve_model
 from tests.cli_util import run_llm
 from tests.test_hub_cli import fake_hub_cache
@@ -49,7 +49,7 @@ def one_error_line(r) -> str:
     return err
 
 
-# ---- core/aliases.py --------------------------------------------------------------------------------
+# ---- core/checkpoint/aliases.py --------------------------------------------------------------------------------
 
 
 def test_builtin_names_match_the_embedded_models():

@@ -1,4 +1,4 @@
-"""The native step (core/native_step.py + kernels/step.c + gemm.c) against the PyTorch layers it stands in
+"""The native step (core/engine/native_step.py + kernels/step.c + gemm.c) against the PyTorch layers it stands in
 for: same logits step after step and same cache contents for every family variant and weight layout;
 each row's logits bitwise the same alone, batched with others, or with its prompt cut into other chunks;
 and every model it does not cover runs the layers and says why."""
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from llm_torch.core import kernels
-from llm_torch.core.loading import ResolvedModel, load_resolved
-from llm_torch.core.runner import NATIVE, NativeRunner, Segment, TorchRunner, describe, make_runner
+from llm_torch.core.placement.loading import ResolvedModel, load_resolved
+from llm_torch.core.engine.runner import NATIVE, NativeRunner, Segment, TorchRunner, describe, make_runner
 from tests.tiny import GEMMA2_BASE, GEMMA2_VARIANTS, LLAMA_BASE, LLAMA_VARIANTS, config_dict, hf_model
 
 native = kernels.matvec()
@@ -211,7 +211,7 @@ def test_switched_off_by_environment(folders, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's import of torch.jit
 def test_compile_says_it_runs_the_layers(folders):
-    from llm_torch.core.speed import compile_model
+    from llm_torch.core.engine.speed import compile_model
 
     model = load(folders["llama-gqa"])
     compile_model(model)  # lazy: nothing is compiled until the first one-token call

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llm_torch.core.loading import ResolvedModel, load_resolved
+from llm_torch.core.placement.loading import ResolvedModel, load_resolved
 from tests.tiny import GEMMA2_BASE, GEMMA2_VARIANTS, LLAMA_BASE, LLAMA_VARIANTS, config_dict, hf_model
 
 CASES = [("llama-" + k, config_dict(LLAMA_BASE, v)) for k, v in LLAMA_VARIANTS.items()] + [

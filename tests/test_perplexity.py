@@ -1,4 +1,4 @@
-"""`llm perplexity` (core/perplexity.py) against transformers' documented sliding-window recipe."""
+"""`llm perplexity` (core/tasks/perplexity.py) against transformers' documented sliding-window recipe."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from llm_torch.core.errors import InputError, ModelNotFoundError
-from llm_torch.core.loading import ResolvedModel, load_resolved, load_tokenizer, resolve_model
-from llm_torch.core.perplexity import window_nll
+from llm_torch.core.placement.loading import ResolvedModel, load_resolved, load_tokenizer, resolve_model
+from llm_torch.core.tasks.perplexity import window_nll
 from tests.cli_util import run_llm
 from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, hf_model, save_with_tokenizer
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from llm_torch.core import pipelines as p
+from llm_torch.core.tasks import pipelines as p
 from llm_torch.core.errors import InputError, ModelNotFoundError
-from llm_torch.core.qa import windows
-from llm_torch.core.loading import ResolvedModel, load_resolved, load_tokenizer, resolve_model
+from llm_torch.core.tasks.qa import windows
+from llm_torch.core.placement.loading import ResolvedModel, load_resolved, load_tokenizer, resolve_model
 from tests.test_heads import head_reference
 from tests.tiny import LLAMA_BASE, write_tokenizer_files
 

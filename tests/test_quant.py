@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llm_torch.core.errors import CheckpointError, InputError, UnsupportedError
-from llm_torch.core.loading import load_model
+from llm_torch.core.placement.loading import load_model
 from llm_torch.quant.api import estimate, quantize_loaded, quantize_to_folder
 from llm_torch.quant.spec import make_spec
 from tests.cli_util import run_llm
@@ -229,7 +229,7 @@ def test_writes_are_atomic(float_dir, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_with_tokenizer(tmp_path_factory) -> Path:
     """A tiny random Llama with SmolLM2's tokenizer (so generate / chat / bench run end to end)."""
-    from llm_torch.core.loading import load_tokenizer, resolve_model
+    from llm_torch.core.placement.loading import load_tokenizer, resolve_model
     from tests.tiny import write_tokenizer_files
 
     tokenizer = load_tokenizer(resolve_model("smollm2"))
@@ -317,8 +317,8 @@ def test_quantize_embeddings_int8_table(tied, tmp_path):
     torch.testing.assert_close(got, _logits(in_memory), rtol=0, atol=0)
     assert (got - expected_float).abs().max() / expected_float.abs().max() < TOLERANCE["int4"]
     # The generation path sizes its KV cache from the (quantized) head.
-    from llm_torch.core.engine import generate
-    from llm_torch.core.generate import GenerationSpec
+    from llm_torch.core.engine.engine import generate
+    from llm_torch.core.engine.events import GenerationSpec
 
     assert len(generate(reloaded.model, None, [1, 5, 9], GenerationSpec(max_new_tokens=3, eos_token_ids=())).token_ids) == 3
 
@@ -328,7 +328,7 @@ def test_quantize_embeddings_int8_table(tied, tmp_path):
 
 def _smollm2_installed() -> bool:
     from llm_torch.core.errors import ModelNotFoundError
-    from llm_torch.core.loading import embedded_model_path
+    from llm_torch.core.placement.loading import embedded_model_path
 
     try:
         embedded_model_path("smollm2")
@@ -343,8 +343,8 @@ SMOL_PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def smol_float_tokens():
-    from llm_torch.core.engine import generate
-    from llm_torch.core.generate import GenerationSpec
+    from llm_torch.core.engine.engine import generate
+    from llm_torch.core.engine.events import GenerationSpec
 
     base = load_model("smollm2", dtype="float32")
     return generate(base.model, base.tokenizer, base.tokenizer.encode(SMOL_PROMPT), GenerationSpec(max_new_tokens=16)).token_ids
@@ -364,8 +364,8 @@ SMOL_GREEDY = {"int8": (dict(scheme="int8"), 16), "int4-g32": (dict(scheme="int4
 @needs_smollm2
 @pytest.mark.parametrize("name", list(SMOL_GREEDY))
 def test_smollm2_greedy_stays_coherent(name, smol_float_tokens):
-    from llm_torch.core.engine import generate
-    from llm_torch.core.generate import GenerationSpec
+    from llm_torch.core.engine.engine import generate
+    from llm_torch.core.engine.events import GenerationSpec
 
     kwargs, equal = SMOL_GREEDY[name]
     loaded = load_model("smollm2")

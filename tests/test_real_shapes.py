@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from llm_torch.core.config import ModelConfig
-from llm_torch.core.loading import build_model
+from llm_torch.core.model.config import ModelConfig
+from llm_torch.core.placement.loading import build_model
 
 LLAMA2 = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
 GEMMA2 = dict(

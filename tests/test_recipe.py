@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llm_torch.core.errors import ModelNotFoundError
-from llm_torch.core.loading import embedded_model_path, load_model
+from llm_torch.core.placement.loading import embedded_model_path, load_model
 from tests.cli_util import shell
 
 try:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from llm_torch.core.errors import ModelNotFoundError
-from llm_torch.core.loading import load_tokenizer, resolve_model
+from llm_torch.core.placement.loading import load_tokenizer, resolve_model
 from tests.cli_util import run_llm, shell
 from tests.test_heads import head_reference
 from tests.tiny import LLAMA_BASE, config_dict, save_with_tokenizer, write_tokenizer_files
@@ -171,8 +171,8 @@ def test_question_answering(models):
 @pytest.mark.parametrize("kind", ["cls", "tok", "qa"])
 def test_pipeline_batches_equal_one_by_one(models, kind):
     """In-process: left-padded batches give the same labels/spans and scores as batch size 1."""
-    from llm_torch.core import pipelines as p
-    from llm_torch.core.loading import ResolvedModel, load_resolved
+    from llm_torch.core.tasks import pipelines as p
+    from llm_torch.core.placement.loading import ResolvedModel, load_resolved
 
     loaded = load_resolved(ResolvedModel("t", "folder", models[kind]), dtype="float32")
     task = p.model_task(loaded.model)

@@ -6,16 +6,7 @@ import pytest
 import torch
 
 from llm_torch.core.errors import InputError
-from llm_torch.core.sampling import (
-    Sampler,
-    SamplingSpec,
-    apply_frequency_presence,
-    apply_repetition_penalty,
-    min_p_filter,
-    process_logits,
-    top_k_filter,
-    top_p_filter,
-)
+from llm_torch.core.engine.sampling import Sampler, SamplingSpec, apply_frequency_presence, apply_repetition_penalty, min_p_filter, process_logits, top_k_filter, top_p_filter
 
 NEG = float("-inf")
 

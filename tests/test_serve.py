@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from llm_torch.core.errors import ModelNotFoundError
-from llm_torch.core.loading import embedded_model_path
+from llm_torch.core.placement.loading import embedded_model_path
 
 try:
     embedded_model_path("smollm2")

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from llm_torch.core.errors import ModelNotFoundError
-from llm_torch.core.engine import generate
-from llm_torch.core.generate import GenerationSpec
-from llm_torch.core.loading import embedded_model_path, load_model
+from llm_torch.core.engine.engine import generate
+from llm_torch.core.engine.events import GenerationSpec
+from llm_torch.core.placement.loading import embedded_model_path, load_model
 
 try:
     GGUF = embedded_model_path("smollm2")
@@ -76,7 +76,7 @@ DIGITS_IDS = [788, 216, 34, 32, 34, 36, 28, 216, 33, 34, 35, 36, 37, 13855, 1708
 
 
 def test_gguf_pre_tokenizer_splits_digits_like_llama_cpp():
-    from llm_torch.core.loading import load_tokenizer, resolve_model
+    from llm_torch.core.placement.loading import load_tokenizer, resolve_model
 
     tok = load_tokenizer(resolve_model("smollm2"))
     assert tok.encode(DIGITS_TEXT, add_special_tokens=False) == DIGITS_IDS
@@ -85,7 +85,7 @@ def test_gguf_pre_tokenizer_splits_digits_like_llama_cpp():
 
 def test_digit_split_agrees_with_llama_cpp_when_installed():
     llama_cpp = pytest.importorskip("llama_cpp")
-    from llm_torch.core.loading import load_tokenizer, resolve_model
+    from llm_torch.core.placement.loading import load_tokenizer, resolve_model
 
     ref = llama_cpp.Llama(str(GGUF), vocab_only=True, verbose=False)
     text = "Call 555-0199 or 1 800 42 at 10:30, 2.5e-3, ١٢٣ and ２０２４."

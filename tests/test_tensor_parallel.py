@@ -1,4 +1,4 @@
-"""Tensor parallel (core/tensor_parallel.py, core/distributed.py) on two gloo ranks on this CPU: the same
+"""Tensor parallel (core/placement/tensor_parallel.py, core/placement/distributed.py) on two gloo ranks on this CPU: the same
 logits (within 1e-5) and greedy tokens as one process, through the engine, for tiny Llama (MHA, GQA) and
 Gemma 2; both launches of the CLI (torchrun and `--tp 2`); bad splits refused before anything starts."""
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from llm_torch.core.errors import InputError, ModelNotFoundError
-from llm_torch.core.loading import ResolvedModel, load_tokenizer, resolve_model
+from llm_torch.core.placement.loading import ResolvedModel, load_tokenizer, resolve_model
 from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, hf_model, save_with_tokenizer
 
 LLM = [sys.executable, "-c", "from llm_torch.cli.app import main; main()"]
@@ -36,12 +36,12 @@ def _rank(rank: int, world: int, port: int, folder: str, out: str) -> None:
     """One rank: its shard through the engine (rank 0) or following rank 0's plans (the others)."""
     import torch.distributed as dist
 
-    from llm_torch.core import distributed
-    from llm_torch.core.engine import Engine, EngineConfig
-    from llm_torch.core.generate import GenerationSpec
-    from llm_torch.core.loading import load_resolved
-    from llm_torch.core.runner import TorchRunner
-    from llm_torch.core.tensor_parallel import Shard
+    from llm_torch.core.placement import distributed
+    from llm_torch.core.engine.engine import Engine, EngineConfig
+    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.placement.loading import load_resolved
+    from llm_torch.core.engine.runner import TorchRunner
+    from llm_torch.core.placement.tensor_parallel import Shard
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -64,10 +64,10 @@ def _rank(rank: int, world: int, port: int, folder: str, out: str) -> None:
 
 
 def _alone(folder):
-    from llm_torch.core.engine import Engine, EngineConfig
-    from llm_torch.core.generate import GenerationSpec
-    from llm_torch.core.loading import load_resolved
-    from llm_torch.core.runner import TorchRunner
+    from llm_torch.core.engine.engine import Engine, EngineConfig
+    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.placement.loading import load_resolved
+    from llm_torch.core.engine.runner import TorchRunner
 
     model = load_resolved(ResolvedModel("tiny", "folder", folder), dtype="float32", with_tokenizer=False).model
     engine = Engine(model, None, EngineConfig(max_batch=2, keep_logits=True, prefill_chunk=4),
@@ -93,8 +93,8 @@ def test_two_ranks_give_one_process_logits_and_tokens(tmp_path, family):
 
 
 def test_heads_that_do_not_split_are_refused():
-    from llm_torch.core.config import ModelConfig
-    from llm_torch.core.tensor_parallel import Shard, check_splits
+    from llm_torch.core.model.config import ModelConfig
+    from llm_torch.core.placement.tensor_parallel import Shard, check_splits
 
     config = ModelConfig.from_dict(FAMILIES["llama-gqa"])  # 4 heads, 2 key/value heads
     with pytest.raises(InputError, match=r"--tp 4: 4 attention heads, 2 key/value heads .* do not all split"):

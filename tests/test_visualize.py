@@ -14,8 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 from llm_torch.cli.app import app
-from llm_torch.core.config import load_config
-from llm_torch.core.masks import layer_type_masks
+from llm_torch.core.model.config import load_config
+from llm_torch.core.model.masks import layer_type_masks
 from tests.cli_util import run_llm
 from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, write_tokenizer_files
 
@@ -34,7 +34,7 @@ def write_tokenizer_folder(folder: Path, cfg: dict | None, tokenizer, *, add_bos
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():
-    from llm_torch.core.loading import load_tokenizer, resolve_model
+    from llm_torch.core.placement.loading import load_tokenizer, resolve_model
 
     return load_tokenizer(resolve_model("smollm2"))
 
@@ -141,7 +141,7 @@ def test_json_equals_layer_type_masks(llm, models):
 
 def test_json_equals_the_models_forward_masks(llm, models):
     """The matrices are the ones DecoderModel._masks_without_cache hands to attention (real rows; padded rows are unused)."""
-    from llm_torch.core.loading import build_model
+    from llm_torch.core.placement.loading import build_model
 
     cfg = load_config(models / "tiny-gemma2")  # window 6 < 10 tokens: the forward builds window masks
     data = _json(llm, "tiny-gemma2", TEXT10, "short text", "--pad-to", "12")
@@ -174,7 +174,7 @@ def test_layer_option(llm):
 
 
 def test_no_weights_are_read(models, monkeypatch, llm):
-    import llm_torch.core.loading as loading
+    import llm_torch.core.placement.loading as loading
     from llm_torch.core.checkpoint import safetensors as st_io
 
     def boom(*a, **k):

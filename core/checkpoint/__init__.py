@@ -1,6 +1,6 @@
 """Where a checkpoint comes from, as one object: a source (HF folder, Hub repo, GGUF file, Meta's
 original layout, our quantized folder) resolves to a ResolvedModel, which opens as a Checkpoint that
-yields config, tokenizer, generation defaults and tensors by name, lazily. The loader (core/loading.py),
+yields config, tokenizer, generation defaults and tensors by name, lazily. The loader (core/placement/loading.py),
 `llm convert`, `llm quantize`, `llm tokenize`, `llm visualize-mask` and `llm template` all read through it.
 
     resolved = resolve_model("smollm2")            # alias / path / org/name[@rev] -> files on disk

@@ -9,8 +9,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from ..config import ModelConfig
-from ..errors import TokenizerError
+from llm_torch.core.model.config import ModelConfig
+from llm_torch.core.errors import TokenizerError
 
 if TYPE_CHECKING:  # torch only in annotations: resolving a reference (checkpoint.resolve) stays torch-free
     import torch
@@ -81,7 +81,7 @@ class Checkpoint:
         raise NotImplementedError
 
     def sentencepiece_model(self):
-        """The source's sentencepiece model (core.sentencepiece.SPModel), which llama.cpp's converter
+        """The source's sentencepiece model (core.tokenizer.sentencepiece.SPModel), which llama.cpp's converter
         prefers for its vocabulary (it has the scores); None when there is none."""
         return None
 
@@ -123,8 +123,8 @@ def generation_config_for(config: ModelConfig, tokenizer=None) -> dict[str, Any]
 
 def spm_tokenizer(model_file: Path, folder: Path | None):
     """A core Tokenizer from a sentencepiece model (plus tokenizer_config.json when the folder has one)."""
-    from .. import sentencepiece as sp
-    from ..tokenizer import Tokenizer
+    from llm_torch.core.tokenizer import sentencepiece as sp
+    from llm_torch.core.tokenizer import Tokenizer
 
     m = sp.read_model(model_file)
     with tempfile.TemporaryDirectory() as tmp:

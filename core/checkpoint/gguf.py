@@ -6,7 +6,7 @@
 
 Tensors come out one at a time in HF layout: llama.cpp's converter (convert_hf_to_gguf.py) renamed
 them, interleaved Llama's q/k rows for its rotary kernel and stored (1 + w) norm scales for families
-whose RMSNorm adds one; all three are undone here, as each family's GGUFLayout (core/families/) says.
+whose RMSNorm adds one; all three are undone here, as each family's GGUFLayout (core/model/families/) says.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from gguf import GGUFReader
 
-from ..config import ModelConfig
-from ..errors import CheckpointError, ConfigError, UnsupportedError
-from ..families import GGUF_TOP_NAMES, Family, gguf_families
+from llm_torch.core.model.config import ModelConfig
+from llm_torch.core.errors import CheckpointError, ConfigError, UnsupportedError
+from llm_torch.core.model.families import GGUF_TOP_NAMES, Family, gguf_families
 from .base import Checkpoint, TensorInfo, generation_config_for, interleaved_to_halves, selected, write_json
 from .gguf_reader import dequantize, gguf_metadata, open_gguf, release_fields, release_pages
 from .gguf_rope import f32_decimal, rope_scaling_from_gguf
@@ -281,7 +281,7 @@ class GGUFCheckpoint(Checkpoint):
         return selected(iter_gguf_tensors(self._reader, self._gguf_config, dtype), select)
 
     def tokenizer(self):
-        from ..tokenizer import Tokenizer
+        from llm_torch.core.tokenizer import Tokenizer
 
         if not self.meta:
             raise CheckpointError(f"the tokenizer metadata of {self.path} was already released")

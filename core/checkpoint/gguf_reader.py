@@ -13,7 +13,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize as _gguf_dequantize
 
-from ..errors import CheckpointError, UnsupportedError
+from llm_torch.core.errors import CheckpointError, UnsupportedError
 
 _U64 = struct.Struct("=Q")  # GGUF string lengths, in the file's (here: host) byte order
 

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, UnsupportedError
+from llm_torch.core.errors import CheckpointError, UnsupportedError
 
 # rope.scaling.* keys convert_hf_to_gguf.py writes for YaRN -> HF rope_scaling keys.
 YARN_KEYS = {"yarn_attn_factor": "attention_factor", "yarn_beta_fast": "beta_fast", "yarn_beta_slow": "beta_slow"}

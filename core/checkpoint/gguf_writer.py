@@ -3,7 +3,7 @@
 The inverse of core/checkpoint/gguf.py: HF names -> GGUF names (gguf-py's tensor map), q/k rows back
 to the interleaved rotary layout llama.cpp's kernel expects (Llama), (1 + w) norm scales (Gemma 2), and
 the metadata keys convert_hf_to_gguf.py writes (hyper-parameters, tokenizer, chat template); each
-family's GGUFLayout (core/families/) says which.
+family's GGUFLayout (core/model/families/) says which.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quantize
 
-from ..config import ModelConfig
-from ..errors import UnsupportedError
-from ..families import Family, family_for
+from llm_torch.core.model.config import ModelConfig
+from llm_torch.core.errors import UnsupportedError
+from llm_torch.core.model.families import Family, family_for
 from .gguf import ROPE_FREQS, gguf_tensor_name
 from .gguf_rope import llama3_rope_factors
 from .base import halves_to_interleaved
@@ -31,7 +31,7 @@ _SPACE = "\u2581"
 
 
 def write_gguf(checkpoint, path: Path, outtype: str, progress=None) -> tuple[int, int]:
-    """Write `checkpoint` (core.convert.Checkpoint) to `path`; returns (tensor count, tensor bytes)."""
+    """Write `checkpoint` (core.tools.convert.Checkpoint) to `path`; returns (tensor count, tensor bytes)."""
     cfg = checkpoint.config
     family = _family(cfg)
     qtype, file_type = _OUTTYPES[outtype]

@@ -9,8 +9,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from ..config import ModelConfig, read_config_json
-from ..errors import ConfigError, ModelNotFoundError
+from llm_torch.core.model.config import ModelConfig, read_config_json
+from llm_torch.core.errors import ConfigError, ModelNotFoundError
 from .base import Checkpoint, TensorInfo, generation_config_for, spm_tokenizer, write_json
 from .safetensors import read_index, read_tensors, safetensors_files
 
@@ -50,7 +50,7 @@ class HFCheckpoint(Checkpoint):
         yield from read_tensors(self._entries, dtype, select)
 
     def tokenizer(self):
-        from ..tokenizer import Tokenizer
+        from llm_torch.core.tokenizer import Tokenizer
 
         if (self.path / "tokenizer.json").is_file() or not (self.path / "tokenizer.model").is_file():
             return Tokenizer.from_folder(self.path)
@@ -71,7 +71,7 @@ class HFCheckpoint(Checkpoint):
                 shutil.copyfile(self.path / name, folder / name)
         if not (folder / "tokenizer.json").is_file() and (self.path / "tokenizer.model").is_file():
             # An older folder with only the sentencepiece model: add the tokenizer.json our loader needs.
-            from .. import sentencepiece as sp
+            from llm_torch.core.tokenizer import sentencepiece as sp
 
             m = sp.read_model(self.path / "tokenizer.model")
             (folder / "tokenizer.json").write_text(sp.to_backend(m).to_str(), encoding="utf-8")
@@ -86,6 +86,6 @@ class HFCheckpoint(Checkpoint):
         spm_file = self.path / "tokenizer.model"
         if not spm_file.is_file():
             return None
-        from .. import sentencepiece as sp
+        from llm_torch.core.tokenizer import sentencepiece as sp
 
         return sp.read_model(spm_file)

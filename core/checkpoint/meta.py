@@ -22,10 +22,9 @@ from typing import Any, Iterator
 
 import torch
 
-from ..config import ModelConfig
-from ..errors import CheckpointError, ConfigError, TokenizerError, UnsupportedError
-from .base import (Checkpoint, TensorInfo, generation_config_for, interleaved_to_halves, selected, spm_tokenizer,
-                   write_json)
+from llm_torch.core.model.config import ModelConfig
+from llm_torch.core.errors import CheckpointError, ConfigError, TokenizerError, UnsupportedError
+from .base import Checkpoint, TensorInfo, generation_config_for, interleaved_to_halves, selected, spm_tokenizer, write_json
 from .resolve import SHARD_RE
 
 # Meta leaf -> (HF module path, dim the shards are concatenated along; None = replicated)
@@ -83,7 +82,7 @@ class MetaCheckpoint(Checkpoint):
     kind = "meta"
 
     def __init__(self, path: Path):
-        from .. import sentencepiece as sp
+        from llm_torch.core.tokenizer import sentencepiece as sp
 
         self.warnings = []
         self.path = path
@@ -188,7 +187,7 @@ class MetaCheckpoint(Checkpoint):
         return spm_tokenizer(self.path / "tokenizer.model", None)
 
     def write_tokenizer_files(self, folder: Path) -> None:
-        from .. import sentencepiece as sp
+        from llm_torch.core.tokenizer import sentencepiece as sp
 
         if self._spm is None:
             self.warnings.append(f"{self.path} has no tokenizer.model: the output has weights and config but no tokenizer")

@@ -8,8 +8,8 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..aliases import user_alias
-from ..errors import ModelNotFoundError
+from .aliases import user_alias
+from llm_torch.core.errors import ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2"
 EMBEDDED_MODELS = {
@@ -53,7 +53,7 @@ def resolve_model(ref: str | None, *, offline: bool | None = None, progress: boo
 
     weights=False: a Hub repo's config and tokenizer files only (a GGUF file holds both with its weights)."""
     ref = (ref or DEFAULT_MODEL).strip()
-    if (target := user_alias(ref)) is not None:  # a user alias (core/aliases.py) stays the model's name
+    if (target := user_alias(ref)) is not None:  # a user alias (core/checkpoint/aliases.py) stays the model's name
         return replace(resolve_model(target, offline=offline, progress=progress, weights=weights), name=ref)
     if ref.lower() in EMBEDDED_MODELS and not Path(ref).exists():
         return ResolvedModel(ref.lower(), "gguf", embedded_model_path(ref.lower()))

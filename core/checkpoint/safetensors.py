@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..errors import CheckpointError, UnsupportedError
+from llm_torch.core.errors import CheckpointError, UnsupportedError
 from .base import Select, TensorInfo
 
 DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",

@@ -5,7 +5,7 @@ pipelines transformers builds), special_tokens, chat_template, streaming. transf
 every test compares against.
 """
 
-from .pipelines import derive_merges
+from .backends import derive_merges
 from .streaming import StreamingDetokenizer
 from .tokenizer import Tokenizer
 

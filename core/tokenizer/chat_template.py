@@ -12,7 +12,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ..errors import TokenizerError
+from llm_torch.core.errors import TokenizerError
 
 
 def _raise_exception(message: str):

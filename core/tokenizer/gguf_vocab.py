@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..errors import TokenizerError
-from ..families import tokenizer_class_for
-from .pipelines import byte_alphabet, byte_level_backend, sentencepiece_backend
+from llm_torch.core.errors import TokenizerError
+from llm_torch.core.model.families import tokenizer_class_for
+from .backends import byte_alphabet, byte_level_backend, sentencepiece_backend
 from .special_tokens import CLASS_SPECIALS, add_tokens
 
 if TYPE_CHECKING:

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
 
-from ..errors import TokenizerError
-from ..families import tokenizer_class_for
+from llm_torch.core.errors import TokenizerError
+from llm_torch.core.model.families import tokenizer_class_for
 from .chat_template import named_templates
 from .special_tokens import add_tokens
 

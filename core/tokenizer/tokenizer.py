@@ -9,9 +9,9 @@ from typing import Any
 
 from tokenizers import Tokenizer as Backend
 
-from ..errors import TokenizerError
+from llm_torch.core.errors import TokenizerError
 from . import chat_template
-from .pipelines import set_llama_spaces
+from .backends import set_llama_spaces
 from .special_tokens import bos_eos_processor, byte_fallback_ids, special_ids
 
 

@@ -1,0 +1,343 @@
+"""Load a model: config + tokenizer + weights from a checkpoint (core/checkpoint/) into our modules.
+
+Weights never pass through randomly initialised memory: the module tree is built on the meta
+device and each checkpoint tensor is assigned in place as it is read (one tensor in flight).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from llm_torch.core.checkpoint import Checkpoint, ResolvedModel, embedded_model_path, open_checkpoint, resolve_model
+from llm_torch.core.checkpoint.safetensors import name_list
+from llm_torch.core.model.config import ModelConfig
+from llm_torch.core.errors import CheckpointError, InputError, UnsupportedError
+from llm_torch.core.model.families import family_for
+
+# The loader's public names for what a model reference resolves to (core/checkpoint/ has the details).
+__all__ = ["ResolvedModel", "resolve_model", "embedded_model_path", "LoadedModel", "DTYPES", "DTYPE_ALIASES",
+           "resolve_dtype", "resolve_device", "available_devices", "build_model", "head_kind", "assign_weights",
+           "load_tokenizer", "load_model", "load_resolved", "plan_device_map"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: ModelConfig
+    tokenizer: Any  # core.tokenizer.Tokenizer
+    name: str
+    dtype: torch.dtype
+    generation_config: dict[str, Any] = field(default_factory=dict)
+    device_plan: Any = None  # core.placement.device_map.DevicePlan with --device-map
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def resolve_dtype(
+    requested: str | torch.dtype | None, config: ModelConfig, *, kind: str = "folder", device: torch.device | None = None
+) -> torch.dtype:
+    """The weights' storage dtype. `auto` picks the fastest correct one for the device:
+
+    on a GPU, bfloat16 where it computes in it (else float16), or the checkpoint's own 16-bit dtype; on
+    Apple's MPS float16. On CPU, 16-bit storage (activations stay fp32, see layers.compute_dtype) halves the bytes each
+    decode step reads, so checkpoints that are not fp32 already use it: bf16/fp16 checkpoints keep
+    their own dtype, GGUF files take fp16 (their block scales are fp16, so fp16 holds Q4/Q8 values
+    more exactly than bf16, and torch's fp16 matrix-vector kernel is the faster one here: 19 vs
+    17 GB/s). An fp32 checkpoint stays fp32. On an accelerator: the checkpoint's dtype (GGUF: bf16).
+    """
+    if isinstance(requested, torch.dtype):
+        return requested
+    name = (requested or "auto").lower()
+    name = DTYPE_ALIASES.get(name, name)
+    if name == "auto":
+        own = DTYPES.get((config.torch_dtype or "float32").replace("torch.", ""), torch.float32)
+        if device is not None and device.type == "cuda":
+            if own in (torch.float16, torch.bfloat16) and kind != "gguf":
+                return own
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device is not None and device.type == "mps":
+            return torch.float16
+        if kind == "gguf":
+            return torch.float16
+        return own
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype '{requested}'", hint="use auto, float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def available_devices() -> list[str]:
+    """What this machine and this PyTorch build can run on, in `auto`'s order of preference."""
+    out = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out + ["cpu"]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`auto` (cuda, then mps, then cpu), `cpu`, `cuda`, `cuda:N`, a bare index N (= cuda:N, as
+    transformers' pipelines take it), `mps`. A device that is not here is a ResourceError naming those that are."""
+    from llm_torch.core.errors import ResourceError
+
+    name = (device or "auto").strip().lower()
+    if name.isdigit():
+        name = f"cuda:{name}"
+    available = available_devices()
+    if name == "auto":
+        return torch.device(available[0].split(":")[0] if available[0].startswith("cuda") else available[0])
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device '{device}'", hint="use auto, cpu, cuda, cuda:N, N or mps") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"unknown device '{device}'", hint="use auto, cpu, cuda, cuda:N, N or mps")
+    here = dev.type == "cpu" or (dev.type == "mps" and "mps" in available) or (
+        dev.type == "cuda" and f"cuda:{dev.index or 0}" in available)
+    if not here:
+        raise ResourceError(f"device '{device}' is not available here; this machine has: {', '.join(available)}",
+                            hint="use --device auto (or one of those)")
+    return dev
+
+
+def build_model(config: ModelConfig, head: str | None = None, *, fused: bool = False) -> nn.Module:
+    """The module tree on the meta device (no memory, no random init); `head` from config.architectures.
+
+    fused: the inference layout (stacked q/k/v and gate/up); the default has transformers' module names.
+    """
+    from llm_torch.core.model.model import HEADS
+
+    head = head or head_kind(config)
+    if head not in HEADS:
+        raise UnsupportedError(f"the '{head}' head is not implemented", hint=f"available: {', '.join(HEADS)}")
+    with torch.device("meta"):
+        return HEADS[head](config, fused=fused)
+
+
+def head_kind(config: ModelConfig) -> str:
+    heads = family_for(config.model_type).heads
+    for arch in config.architectures:
+        if arch in heads:
+            return heads[arch]
+    if config.architectures:
+        raise UnsupportedError(
+            f"architecture '{config.architectures[0]}' is not supported", hint=f"supported: {', '.join(heads)}"
+        )
+    return "causal_lm"
+
+
+def assign_weights(
+    model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, device, *, fast_layout: bool = False
+) -> None:
+    """Assign checkpoint tensors to a meta-device model by name; strict: lists missing/unexpected keys.
+
+    A fused projection (layers.FusedLinear) is allocated once and each checkpoint part (q_proj, ...)
+    is copied into its rows, so the weights never exist twice in memory.
+    fast_layout: store matmul weights in the layout the device multiplies fastest (layers.k_major_weights);
+    shapes and names stay those of the checkpoint, only the strides differ.
+    """
+    from llm_torch.core.model.layers import Linear, empty_weight, k_major_weights
+
+    # device: one for every tensor, or a function of the parameter name (a device map's placement)
+    place = (lambda _name: torch.device(device)) if not callable(device) else (lambda name: torch.device(device(name)))
+    k_major = fast_layout and not callable(device) and k_major_weights(dtype, torch.device(device))
+    # Matmul weights: every Linear's, and the embedding when the LM head shares it.
+    matmul = {f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, Linear)}
+    targets: dict[str, tuple[str, int | None, int | None]] = {}  # checkpoint name -> (param, row range)
+    for pname in dict(model.named_parameters()):  # tied weights appear once, under their first name
+        module_name, _, attr = pname.rpartition(".")
+        parts = getattr(model.get_submodule(module_name), "parts", None)
+        if parts is None:
+            targets[pname] = (pname, None, None)
+            continue
+        parent, start = module_name.rpartition(".")[0], 0
+        for part, rows in parts:
+            targets[f"{parent}.{part}.{attr}"] = (pname, start, start + rows)
+            start += rows
+    # Only the LM head ties to the embedding; classification heads have no lm_head to tie.
+    ties = model.config.tie_word_embeddings and hasattr(model, "lm_head")
+    tied = {"lm_head.weight"} if ties else set()
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for name, tensor in tensors:
+        if name.endswith("rotary_emb.inv_freq") or name in tied:
+            continue  # old checkpoints saved rope buffers; tied heads reuse the embedding
+        if name not in targets:
+            unexpected.append(name)
+            continue
+        pname, start, stop = targets[name]
+        module_name, _, attr = pname.rpartition(".")
+        module = model.get_submodule(module_name)
+        param = module._parameters[attr]
+        shape = tuple(param.shape) if start is None else (stop - start, *param.shape[1:])
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(f"tensor '{name}' has shape {tuple(tensor.shape)}, the config expects {shape}")
+        k = k_major and (pname in matmul or (ties and pname == "model.embed_tokens.weight"))
+        dev = place(pname)
+        if start is None:
+            data = empty_weight(tuple(param.shape), dtype, dev, True).copy_(tensor) if k else tensor.to(device=dev, dtype=dtype)
+            module._parameters[attr] = nn.Parameter(data, requires_grad=False)
+        else:
+            if param.is_meta:
+                param = nn.Parameter(empty_weight(tuple(param.shape), dtype, dev, k), requires_grad=False)
+                module._parameters[attr] = param
+            param.data[start:stop].copy_(tensor)
+        seen.add(name)
+    missing = sorted(set(targets) - seen)
+    if unexpected and {f"model.{n}" for n in unexpected} <= set(missing):
+        # The decoder's weights under the bare model's names (LlamaModel, Gemma2Model): there is no head.
+        raise CheckpointError(
+            "this checkpoint is a bare decoder (transformers' LlamaModel / Gemma2Model: no head), which serves "
+            "feature extraction only; text-generation needs a *ForCausalLM checkpoint (with lm_head), the other "
+            "tasks a *ForSequenceClassification / *ForTokenClassification / *ForQuestionAnswering one",
+            hint="llm embed MODEL serves feature extraction; for the other tasks use the model's head checkpoint")
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {name_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s): {name_list(unexpected)}")
+        raise CheckpointError("checkpoint does not match the config: " + "; ".join(parts))
+    if ties:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for name, module in model.named_modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers(place(f"{name}.buffers"))
+    model.train(False)  # inference mode for every submodule (dropout off)
+
+
+# Where transformers' heads keep the decoder, and the head weights that the bare decoder does not use.
+_BASE_PREFIXES = ("model.", "transformer.")
+_HEAD_WEIGHTS = ("lm_head.", "score.", "qa_outputs.")
+
+
+def base_model_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Any checkpoint's decoder weights under the bare decoder's names, its head's dropped: what
+    transformers' AutoModel (LlamaModel / Gemma2Model) loads from a *ForCausalLM or other head checkpoint."""
+    for name, tensor in tensors:
+        if name.startswith(_HEAD_WEIGHTS):
+            continue
+        prefix = next((p for p in _BASE_PREFIXES if name.startswith(p)), "")
+        yield name[len(prefix):], tensor
+
+
+def load_tokenizer(resolved: ResolvedModel, checkpoint: Checkpoint | None = None):
+    """The tokenizer of a resolved reference (tokenizer.json + configs, GGUF metadata, or tokenizer.model)."""
+    return (checkpoint or open_checkpoint(resolved)).tokenizer()
+
+
+def load_model(
+    ref: str | None = None,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = "auto",
+    head: str | None = None,
+    with_tokenizer: bool = True,
+    offline: bool | None = None,
+    progress: bool = True,
+    shard=None,
+    context: int | None = None,
+) -> LoadedModel:
+    """Resolve `ref`, build the model on the meta device and fill it from the checkpoint."""
+    resolved = resolve_model(ref, offline=offline, progress=progress)
+    return load_resolved(resolved, dtype=dtype, device=device, head=head, with_tokenizer=with_tokenizer, shard=shard,
+                         context=context)
+
+
+def load_resolved(
+    resolved: ResolvedModel,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = "auto",
+    head: str | None = None,
+    with_tokenizer: bool = True,
+    fuse: bool = True,
+    shard=None,
+    device_map: str | None = None,
+    budgets=None,
+    context: int | None = None,
+) -> LoadedModel:
+    """Build the model on the meta device and fill it from the checkpoint.
+
+    fuse: stack q/k/v and gate/up weights for faster inference (module names then differ from HF).
+    shard: a tensor_parallel.Shard: build and read only this rank's part of the split layers.
+    device_map: "auto": layers over the GPUs, then the CPU (core/placement/device_map.py; `budgets` replaces this
+    machine's devices, for planning tests).
+    context: the KV positions per sequence the memory checks count (None: the model's context).
+    """
+    checkpoint = open_checkpoint(resolved)
+    config = checkpoint.config
+    quant_config = checkpoint.quantization_config
+    placement = None
+    if device_map is not None:
+        # Planned from the config alone (it refuses quantized checkpoints); each parameter goes where it says.
+        placement, target = plan_device_map(resolved, dtype, device_map, budgets, checkpoint, context)
+        dev = placement.device_of
+    else:
+        dev = resolve_device(device)
+        if dev.type == "cpu":
+            from llm_torch.core.model.layers import use_native_kernels
+
+            use_native_kernels()  # before the weights are placed: it decides their layout (layers.k_major_weights)
+        target = resolve_dtype(dtype, config, kind=resolved.kind, device=dev)
+        if quant_config is None:
+            from .memory import check_fits
+
+            check_fits(config, target, dev, context=context, ranks=1 if shard is None else shard.world)  # before anything is read
+    # Tokenizer before weights: a GGUF's metadata (the vocabulary as Python lists) can then be freed
+    # before the weights arrive instead of adding to the peak (and a broken tokenizer fails fast).
+    tokenizer = checkpoint.tokenizer() if with_tokenizer else None
+    checkpoint.release_metadata()
+    model = build_model(config if shard is None else shard.local_config(config), head, fused=fuse)
+    if head == "feature_extraction" and quant_config is not None:
+        raise UnsupportedError("feature extraction (llm embed) of a quantized checkpoint is not supported",
+                               hint="embed with the float model it was quantized from")
+    if shard is not None:
+        if quant_config is not None:
+            raise UnsupportedError("--tp with a quantized checkpoint is not supported", hint="split the float model")
+        shard.prepare(model)
+    # 16-bit and fp32 sources come as stored (assign_weights casts); GGUF blocks are decoded to `target`.
+    tensors = checkpoint.read(target if resolved.kind != "folder" else None, None if shard is None else shard.select)
+    if head == "feature_extraction":
+        tensors = base_model_tensors(tensors)
+    quantized = None
+    if quant_config is not None:
+        # Pre-quantized weights: the quant package (the only one importing torchao / bitsandbytes)
+        # swaps in its layers and takes their tensors from the stream; the rest loads as usual.
+        from llm_torch.quant.load import QuantizedLoader
+
+        quantized = QuantizedLoader(model, quant_config, lambda: {t.name for t in checkpoint.tensors}, target, dev)
+        tensors = quantized.filter(tensors)
+    assign_weights(model, tensors, target, dev, fast_layout=True)
+    if quantized is not None:
+        quantized.finish()
+    if placement is not None:
+        from . import device_map as dm
+
+        dm.install(model, placement)
+    return LoadedModel(model, config, tokenizer, resolved.name, target, checkpoint.generation_config(), placement)
+
+
+def plan_device_map(resolved: ResolvedModel, dtype, device_map: str, budgets=None, checkpoint: Checkpoint | None = None,
+                    context: int | None = None):
+    """The device plan (core/placement/device_map.py) for a model, from its config alone: nothing is read."""
+    from . import device_map as dm
+
+    if device_map != "auto":
+        raise InputError(f"unknown device map '{device_map}'", hint="use --device-map auto")
+    checkpoint = checkpoint or open_checkpoint(resolved)
+    config = checkpoint.config
+    if checkpoint.quantization_config is not None:
+        raise UnsupportedError("--device-map with a quantized checkpoint is not supported", hint="use the float model")
+    budgets = budgets or dm.device_budgets()
+    target = resolve_dtype(dtype, config, kind=resolved.kind, device=torch.device(budgets[0].name))
+    return dm.plan(config, target, budgets, context), target
+

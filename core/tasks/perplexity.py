@@ -1,0 +1,93 @@
+"""Perplexity of texts under a causal LM, by transformers' documented recipe ("Perplexity of fixed-length
+models"): the tokens go through windows of at most `context` tokens that advance by `stride`; each window
+scores only the tokens the previous window did not (the others are context), so with stride < context
+every token after the first is scored once, with at least `context - stride` tokens before it (side by
+side windows cannot score their first token). Perplexity = exp(mean negative log-likelihood) over the
+scored tokens; per document and over all of them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from llm_torch.core.model.config import resolve_context
+from llm_torch.core.errors import InputError
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Score:
+    name: str
+    tokens: int  # tokens of the document (BOS included)
+    scored: int  # tokens predicted (all but the first)
+    nll: float  # summed negative log-likelihood of the scored tokens (nats)
+    seconds: float
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.scored) if self.scored else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "tokens": self.tokens, "scored_tokens": self.scored,
+                "nll": round(self.nll, 6), "perplexity": round(self.perplexity, 6),
+                "tokens_per_second": round(self.tokens / self.seconds, 2) if self.seconds > 0 else None}
+
+
+@torch.inference_mode()
+def window_nll(model, ids: list[int], context: int, stride: int) -> tuple[float, int]:
+    """(summed NLL, tokens scored) of one token sequence, transformers' sliding-window recipe."""
+    if context < 2:
+        raise InputError(f"the window must hold at least 2 tokens, got {context}")
+    if not 0 < stride <= context:
+        raise InputError(f"the stride must be in [1, {context}] (the window), got {stride}")
+    device = next(model.parameters()).device
+    total, scored, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context, len(ids))
+        new = end - prev_end  # tokens this window scores (the earlier ones are context only)
+        window = torch.tensor([ids[begin:end]], device=device)
+        logits = model(window)[0].float()  # [T, V]
+        # Position t predicts token t + 1: score the targets among the last `new` tokens, never the first token.
+        first = max(window.shape[1] - new, 1)
+        targets = window[0, first:]
+        if targets.numel():
+            total += F.cross_entropy(logits[first - 1 : -1], targets, reduction="sum").item()
+            scored += targets.numel()
+        prev_end = end
+        if end == len(ids):
+            break
+    return total, scored
+
+
+def score(model, tokenizer, documents: Iterable[Document], *, context: int | None = None, stride: int | None = None,
+          add_bos: bool = True) -> Iterator[Score]:
+    """One Score per document, in order (lazily: a reader that stops early stops the work)."""
+    # A window past what the rope setup supports (config.supported_context) is an InputError.
+    context = resolve_context(model.config, context, "the window")
+    stride = stride or context // 2
+    for doc in documents:
+        ids = tokenizer.encode(doc.text, add_special_tokens=add_bos)
+        if len(ids) < 2:
+            raise InputError(f"{doc.name}: fewer than 2 tokens, nothing to score")
+        t0 = time.perf_counter()
+        nll, scored = window_nll(model, ids, context, stride)
+        yield Score(doc.name, len(ids), scored, nll, time.perf_counter() - t0)
+
+
+def total(scores: list[Score]) -> dict:
+    nll, scored, tokens = sum(s.nll for s in scores), sum(s.scored for s in scores), sum(s.tokens for s in scores)
+    seconds = sum(s.seconds for s in scores)
+    return {"documents": len(scores), "tokens": tokens, "scored_tokens": scored, "nll": round(nll, 6),
+            "perplexity": round(math.exp(nll / scored), 6) if scored else None,
+            "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None}
