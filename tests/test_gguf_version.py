@@ -104,3 +104,22 @@ def test_untied_gemma2_cannot_be_written_as_gguf(tmp_path):
     with pytest.raises(UnsupportedError, match="'lm_head.weight' has no GGUF name for architecture 'gemma2'"):
         write_gguf(Untied(), tmp_path / "out.gguf", "f32")
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_yarn_rope_scaling_is_written(tmp_path):
+    """The YaRN keys need gguf >= 0.18's writer methods (pyproject.toml's lower bound)."""
+    from llm_torch.core.checkpoint.gguf_reader import gguf_metadata
+    from llm_torch.core.model.families import family_for
+
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "beta_fast": 32.0,
+            "beta_slow": 1.0, "attention_factor": 0.5}
+    path = tmp_path / "yarn.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    family_for("llama").gguf.write_config(w, _config("llama", rope_scaling=rope))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    meta = gguf_metadata(open_gguf(path))
+    assert meta["llama.rope.scaling.type"] == "yarn" and meta["llama.rope.scaling.original_context_length"] == 32768
+    assert [meta[f"llama.rope.scaling.{k}"] for k in ("factor", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow")] \
+        == [4.0, 0.5, 32.0, 1.0]

@@ -1,5 +1,6 @@
 """Everything a model family knows, declared once: config defaults and renames (the reference config
-class's), behaviour flags, heads, and how llama.cpp stores it in GGUF (names both ways, metadata).
+class's), behaviour flags, heads, and what llama.cpp's GGUF does to it beyond gguf-py's tensor names
+(metadata, q/k layout).
 
 A family is data, not code paths: layers read the flags on ModelConfig, never the family name; the
 loader, the GGUF reader and writer (core/checkpoint/) and the tokenizer read the family's fields.
