@@ -204,7 +204,7 @@ def test_corrupt_quantized_checkpoint_is_a_clear_error(float_dir, tmp_path):
 
 
 def test_writes_are_atomic(float_dir, tmp_path, monkeypatch):
-    import safetensors.torch
+    from llm_torch.core.checkpoint import safetensors as st_io
 
     out = tmp_path / "q"
     quantize_to_folder(str(float_dir), make_spec("int8"), out, dtype="float32")
@@ -214,7 +214,7 @@ def test_writes_are_atomic(float_dir, tmp_path, monkeypatch):
     def fail(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    monkeypatch.setattr(st_io, "write_tensor_bytes", fail)
     with pytest.raises(Exception, match="No space left on device"):
         quantize_to_folder(str(float_dir), make_spec("int4", group_size=32), tmp_path / "other", dtype="float32")
     with pytest.raises(Exception, match="No space left on device"):
