@@ -180,11 +180,6 @@ def read_config_json(folder: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
 
-def load_config(folder: str | Path) -> ModelConfig:
-    """Read `<folder>/config.json` into a ModelConfig."""
-    return ModelConfig.from_dict(read_config_json(folder))
-
-
 def describe_quantization(qconfig: dict[str, Any]) -> str:
     """What a `quantization_config` says, for people: 'torchao Int8WeightOnlyConfig', 'bitsandbytes nf4'.
     Plain reading of the dict: no quantization library is needed to name what a checkpoint holds."""

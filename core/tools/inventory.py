@@ -18,9 +18,6 @@ from llm_torch.core.checkpoint.resolve import is_meta_layout
 from llm_torch.core.errors import HubError, InputError, LLMError, ModelNotFoundError
 from llm_torch.core.model.config import describe_quantization
 
-_WEIGHT_SUFFIXES = (".safetensors", ".gguf")
-
-
 @dataclass
 class ModelEntry:
     name: str  # what to type after -m
