@@ -171,6 +171,7 @@ def test_the_order_check_finds_a_lower_package_importing_a_higher_one():
                                   "from llm_torch.core.model import a\n",
         "llm_torch.core.tasks.d": "from . import c\n",  # the same package
         "llm_torch.core.errors": "from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from llm_torch.core.tasks import d\n",
+        "llm_torch.cli.app": "",
     }
     assert _order_violations(_graph(sources, annotations=False)) == [
         "llm_torch.core.engine.b imports llm_torch.core.tasks.c (llm_torch.core.engine < llm_torch.core.tasks)",
