@@ -236,9 +236,9 @@ def _saved_quantization(raw: dict) -> str:
     qc = raw.get("quantization_config") or {}
     if not qc:
         return ""
-    from llm_torch.quant.spec import describe_config
+    from llm_torch.core.model.config import describe_quantization
 
-    return f", {describe_config(qc)} quantized"
+    return f", {describe_quantization(qc)} quantized"
 
 
 def sampling_line(sampling, generation_config: dict) -> str:

@@ -40,21 +40,22 @@ def embed(
     """Embed texts: the model's last hidden state, pooled per input (transformers' feature-extraction pipeline)."""
     import json
 
-    from llm_torch.core.tasks import pipelines as p
+    from llm_torch.core.tasks.base import PipelineOptions
     from llm_torch.core.tasks.embed import check_pooling
+    from llm_torch.core.tasks.pipelines import Pipeline
     from llm_torch.core.errors import InputError
 
     check_pooling(pooling)  # before anything is read or loaded
     if input is not None and not input.is_file():
         raise InputError(f"no input file at {input}")
-    items = iter(_items(p, texts or [], input, column))
+    items = iter(_items(texts or [], input, column))
     first = next(items, None)  # an empty input fails before the model loads
     if first is None:
         raise InputError("no input given", hint="pass texts as arguments, pipe lines in, or use --input FILE")
     loaded = replace(model_options, model=model).load(quiet=True, head="feature_extraction")
-    opts = p.PipelineOptions(batch_size=batch_size, truncate=truncate.value, pooling=pooling, normalize=normalize,
-                             context=model_options.context)
-    results = p.Pipeline(loaded.model, loaded.tokenizer, "feature-extraction", opts, warn=render.warn).run(itertools.chain([first], items))
+    opts = PipelineOptions(batch_size=batch_size, truncate=truncate.value, pooling=pooling, normalize=normalize,
+                           context=model_options.context)
+    results = Pipeline(loaded.model, loaded.tokenizer, "feature-extraction", opts, warn=render.warn).run(itertools.chain([first], items))
     if format is EmbedFormat.jsonl:
         for r in results:
             render.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -62,23 +63,24 @@ def embed(
         render.write(json.dumps(list(results), ensure_ascii=False) + "\n")
 
 
-def _items(p, texts: list[str], input: Path | None, column: str | None):
+def _items(texts: list[str], input: Path | None, column: str | None):
     from llm_torch.core.errors import InputError
+    from llm_torch.core.tasks.inputs import Item, file_items, text_lines
 
     from .common import stdin_lines
 
     n = 0
     for text in texts:
         if text == "-":
-            yield from p.text_lines(stdin_lines(), warn=render.warn)
+            yield from text_lines(stdin_lines(), warn=render.warn)
             continue
         n += 1
         if not text.strip():
             raise InputError(f"argument {n} is empty", hint="each TEXT argument is one input to embed")
-        yield p.Item(text, where=f"argument {n}")
+        yield Item(text, where=f"argument {n}")
     if input is not None:
-        yield from p.file_items(input, column=column, question=None, warn=render.warn)
+        yield from file_items(input, column=column, question=None, warn=render.warn)
     elif not texts and not sys.stdin.isatty():
-        yield from p.text_lines(stdin_lines(), warn=render.warn)
+        yield from text_lines(stdin_lines(), warn=render.warn)
 
 

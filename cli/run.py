@@ -63,6 +63,7 @@ def run(
     if model.handled_before_input():
         return
     from llm_torch.core.tasks import pipelines as p
+    from llm_torch.core.tasks.base import PipelineOptions
     from llm_torch.core.errors import InputError
     from llm_torch.core.engine.events import GenerationSpec
 
@@ -83,14 +84,14 @@ def run(
         format = RunFormat.jsonl if multi and piped else RunFormat.text
 
     # Inputs are read before the model loads when they are one block, lazily (streamed) otherwise.
-    items = _items(p, prompt, lines, input, column, question)
+    items = _items(prompt, lines, input, column, question)
 
     loaded = model.load(quiet=True)
     p.check_task(task, loaded.model, loaded.name)
     spec = GenerationSpec()
     if task == "text-generation":
         spec = sampling.generation(loaded.generation_config, max_new_tokens, truncate=truncate is Truncation.warn)
-    opts = p.PipelineOptions(
+    opts = PipelineOptions(
         batch_size=batch_size,
         truncate=truncate.value,
         # --top-k: labels per input for text-classification, answers for question-answering, the sampling
@@ -128,24 +129,25 @@ def run(
         raise InputError(f"{failed} of {count} inputs failed", hint="see the warnings above")
 
 
-def _items(p, prompt, lines, input, column, question):
+def _items(prompt, lines, input, column, question):
     from llm_torch.core.errors import InputError
+    from llm_torch.core.tasks.inputs import Item, file_items, text_lines
 
     from .common import read_prompt
 
     if input is not None:
-        head = [p.Item(prompt, question, "argument")] if prompt else []
-        return itertools.chain(head, p.file_items(input, column=column, question=question, warn=render.warn))
+        head = [Item(prompt, question, "argument")] if prompt else []
+        return itertools.chain(head, file_items(input, column=column, question=question, warn=render.warn))
     if not lines:
         text = read_prompt(prompt, required=False)
         if not text.strip():
             raise InputError("no input given", hint='pass it as an argument or pipe it in: echo "Hello" | llm run --task ...')
-        return [p.Item(text, question, "input")]
-    head = [p.Item(prompt, question, "argument")] if prompt else []
+        return [Item(text, question, "input")]
+    head = [Item(prompt, question, "argument")] if prompt else []
     from .common import stdin_lines
 
     lines = stdin_lines() if not sys.stdin.isatty() else iter(())
-    body = (p.Item(it.text, question, it.where) for it in p.text_lines(lines, warn=render.warn))
+    body = (Item(it.text, question, it.where) for it in text_lines(lines, warn=render.warn))
     return itertools.chain(head, body)
 
 

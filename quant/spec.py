@@ -4,8 +4,7 @@ backend runs it. No torch import here: the CLI parses and validates flags before
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
 
 from llm_torch.core.errors import InputError, UnsupportedError
 
@@ -71,10 +70,6 @@ class QuantSpec:
         return "llm-int8" if self.scheme == "int8" and self.backend == "bitsandbytes" else self.scheme
 
 
-def scheme_names() -> list[str]:
-    return list(SCHEMES)
-
-
 def make_spec(
     scheme: str,
     *,
@@ -107,17 +102,3 @@ def make_spec(
         raise InputError("--double-quant applies to --nf4 and --fp4 only")
     keep = () if quantize_embeddings else DEFAULT_KEEP
     return QuantSpec(name, backend, group_size, double_quant, tuple(dict.fromkeys([*keep, *skip])), quantize_embeddings)
-
-
-def with_skip(spec: QuantSpec, patterns) -> QuantSpec:
-    return replace(spec, skip=tuple(dict.fromkeys([*spec.skip, *patterns])))
-
-
-def describe_config(qconfig: dict[str, Any]) -> str:
-    """What a `quantization_config` says, for people: 'torchao Int8WeightOnlyConfig', 'bitsandbytes nf4'."""
-    kind = ((qconfig.get("quant_type") or {}).get("default") or {}).get("_type")  # torchao's config class
-    if kind is None and qconfig.get("load_in_4bit"):
-        kind = qconfig.get("bnb_4bit_quant_type", "4-bit")
-    elif kind is None and qconfig.get("load_in_8bit"):
-        kind = "LLM.int8"
-    return " ".join(filter(None, (qconfig.get("quant_method", "?"), kind)))

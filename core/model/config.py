@@ -180,9 +180,15 @@ def read_config_json(folder: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
 
-def load_config(folder: str | Path) -> ModelConfig:
-    """Read `<folder>/config.json` into a ModelConfig."""
-    return ModelConfig.from_dict(read_config_json(folder))
+def describe_quantization(qconfig: dict[str, Any]) -> str:
+    """What a `quantization_config` says, for people: 'torchao Int8WeightOnlyConfig', 'bitsandbytes nf4'.
+    Plain reading of the dict: no quantization library is needed to name what a checkpoint holds."""
+    kind = ((qconfig.get("quant_type") or {}).get("default") or {}).get("_type")  # torchao's config class
+    if kind is None and qconfig.get("load_in_4bit"):
+        kind = qconfig.get("bnb_4bit_quant_type", "4-bit")
+    elif kind is None and qconfig.get("load_in_8bit"):
+        kind = "LLM.int8"
+    return " ".join(filter(None, (qconfig.get("quant_method", "?"), kind)))
 
 
 def _rope_parameters(c: dict[str, Any]) -> dict[str, Any]:

@@ -9,14 +9,13 @@ pool); --normalize scales each vector to unit L2 norm.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from llm_torch.core.errors import InputError
-
-if TYPE_CHECKING:
-    from .pipelines import Item, Pipeline
+from .base import PipelineBase
+from .inputs import Item
 
 POOLINGS = ("mean", "last", "none")
 
@@ -39,7 +38,7 @@ def pool(hidden: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
     return h
 
 
-def features(pipeline: Pipeline, batch: list[Item], first_index: int) -> Iterator[dict[str, Any]]:
+def features(pipeline: PipelineBase, batch: list[Item], first_index: int) -> Iterator[dict[str, Any]]:
     """One result per input: index (input order), id (when the record has one) or text, tokens, embedding."""
     opts = pipeline.options
     rows = [pipeline.fit(pipeline.tokenizer.encode(it.text, add_special_tokens=True), it) for it in batch]

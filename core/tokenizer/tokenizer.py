@@ -1,5 +1,6 @@
 """The Tokenizer: a `tokenizers.Tokenizer` plus the special-token ids, BOS policy, sentencepiece space
-options and chat templates of one model. Loaders: hf_folder.py (a Hugging Face folder) and gguf_vocab.py."""
+options and chat templates of one model. Its two sources, hf_folder.py (a Hugging Face folder) and
+gguf_vocab.py, read those into the constructor's arguments."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from tokenizers import Tokenizer as Backend
 from llm_torch.core.errors import TokenizerError
 from . import chat_template
 from .backends import SPACE, set_llama_spaces, skips_dummy_prefix
+from .gguf_vocab import read_gguf_vocab
+from .hf_folder import read_folder
 from .special_tokens import bos_eos_processor, byte_fallback_ids, special_ids
 
 
@@ -64,17 +67,15 @@ class Tokenizer:
         """Load `tokenizer.json` plus the optional tokenizer_config / special_tokens_map /
         generation_config / chat_template.{jinja,json} files of a Hugging Face folder. `legacy` /
         `add_prefix_space` given override the config's (LlamaTokenizer vocabularies only)."""
-        from .hf_folder import load_folder
-
-        return load_folder(cls, path, legacy=legacy, add_prefix_space=add_prefix_space)
+        backend, options = read_folder(path, legacy=legacy, add_prefix_space=add_prefix_space)
+        return cls(backend, **options)
 
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any], *, legacy: bool | None = None,
                            add_prefix_space: bool | None = None) -> Tokenizer:
         """Build the tokenizer a GGUF file describes; `meta` maps GGUF keys to plain Python values."""
-        from .gguf_vocab import from_gguf_metadata
-
-        return from_gguf_metadata(cls, meta, legacy=legacy, add_prefix_space=add_prefix_space)
+        backend, options = read_gguf_vocab(meta, legacy=legacy, add_prefix_space=add_prefix_space)
+        return cls(backend, **options)
 
     @property
     def backend(self) -> Backend:
