@@ -18,7 +18,7 @@ import torch
 
 from llm_torch.core.errors import InputError
 from llm_torch.core.engine.engine import Engine, EngineConfig
-from llm_torch.core.engine.events import GenerationSpec, context_length
+from llm_torch.core.engine.spec import GenerationSpec, context_length
 
 TASKS = ("text-generation", "text-classification", "token-classification", "question-answering")
 

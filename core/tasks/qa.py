@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from llm_torch.core.errors import InputError
-from llm_torch.core.engine.events import context_length
+from llm_torch.core.engine.spec import context_length
 
 if TYPE_CHECKING:
     from .pipelines import Item, Pipeline
