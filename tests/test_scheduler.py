@@ -105,11 +105,19 @@ def test_a_finished_request_leaves_its_kv_for_the_next_turn():
     plan = step(s)
     assert second.slot == slot and second.timings.cached_tokens == 12
     assert list(plan.segments[0].tokens) == second.prompt[12:]
-    # Nothing in common with any slot: the least recently used free slot.
-    other = request([50, 51, 52])
-    s.add(other)
+
+
+def test_a_new_prompt_takes_the_least_recently_used_slot():
+    s = scheduler(max_batch=2)
+    a, b, c = request([3, 4, 5], 1), request([6, 7, 8], 1), request([9, 10, 11], 1)
+    for r in (a, b):
+        s.add(r)
+        while not r.finished:
+            step(s)
+    s.add(c)
     step(s)
-    assert other.slot == 1 - slot and other.timings.cached_tokens == 0
+    assert (a.slot, b.slot, c.slot) == (0, 1, 0) and c.timings.cached_tokens == 0
+    assert s.kv.kept == [[9, 10, 11], [6, 7, 8]]  # b's KV is still there for its next turn
 
 
 def test_a_prefix_held_by_a_busy_slot_is_copied():

@@ -106,7 +106,8 @@ class Request:
             self.finish("length")
 
     def finish(self, reason: str, error: str | None = None) -> None:
-        """The last event: the detokenizer's and stop filter's held-back text, finish_reason and timings."""
+        """The last event: the detokenizer's and stop filter's held-back text, finish_reason and timings.
+        Clients end a request with Engine.cancel, which also frees its slot."""
         tail = ""
         if reason != "stop_string":
             if self._detok is not None:
