@@ -65,7 +65,7 @@ def run(
     from llm_torch.core.tasks import pipelines as p
     from llm_torch.core.tasks.base import PipelineOptions
     from llm_torch.core.errors import InputError
-    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.engine.spec import GenerationSpec
 
     from .common import encode_prompt
 

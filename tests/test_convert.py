@@ -496,7 +496,7 @@ def test_llama_cpp_runs_our_gguf_like_we_run_the_source(tmp_path, outtype, reque
     import llama_cpp
 
     from llm_torch.core.engine.engine import stream_generate
-    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.engine.spec import GenerationSpec
     from llm_torch.core.placement.loading import load_model
     from llm_torch.core.engine.sampling import SamplingSpec
 

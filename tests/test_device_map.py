@@ -10,7 +10,7 @@ from llm_torch.core.model.config import ModelConfig
 from llm_torch.core.placement.device_map import DeviceBudget, plan
 from llm_torch.core.engine.engine import Engine, EngineConfig
 from llm_torch.core.errors import ResourceError
-from llm_torch.core.engine.events import GenerationSpec
+from llm_torch.core.engine.spec import GenerationSpec
 from llm_torch.core.placement.loading import ResolvedModel, load_resolved
 from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, hf_model
 

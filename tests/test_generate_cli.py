@@ -61,7 +61,7 @@ def test_a_model_without_generation_config_samples_by_default_and_greedy_is_one_
     greedy = run_llm(*args, "--temperature", "0")
     assert "sampling: greedy" in greedy.stderr.decode()
     from llm_torch.core.engine.engine import generate
-    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.engine.spec import GenerationSpec
     from llm_torch.core.placement.loading import load_model
 
     smol = load_model("smollm2", progress=False)

@@ -318,7 +318,7 @@ def test_quantize_embeddings_int8_table(tied, tmp_path):
     assert (got - expected_float).abs().max() / expected_float.abs().max() < TOLERANCE["int4"]
     # The generation path sizes its KV cache from the (quantized) head.
     from llm_torch.core.engine.engine import generate
-    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.engine.spec import GenerationSpec
 
     assert len(generate(reloaded.model, None, [1, 5, 9], GenerationSpec(max_new_tokens=3, eos_token_ids=())).token_ids) == 3
 
@@ -344,7 +344,7 @@ SMOL_PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def smol_float_tokens():
     from llm_torch.core.engine.engine import generate
-    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.engine.spec import GenerationSpec
 
     base = load_model("smollm2", dtype="float32")
     return generate(base.model, base.tokenizer, base.tokenizer.encode(SMOL_PROMPT), GenerationSpec(max_new_tokens=16)).token_ids
@@ -365,7 +365,7 @@ SMOL_GREEDY = {"int8": (dict(scheme="int8"), 16), "int4-g32": (dict(scheme="int4
 @pytest.mark.parametrize("name", list(SMOL_GREEDY))
 def test_smollm2_greedy_stays_coherent(name, smol_float_tokens):
     from llm_torch.core.engine.engine import generate
-    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.engine.spec import GenerationSpec
 
     kwargs, equal = SMOL_GREEDY[name]
     loaded = load_model("smollm2")

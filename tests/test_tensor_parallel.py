@@ -38,7 +38,7 @@ def _rank(rank: int, world: int, port: int, folder: str, out: str) -> None:
 
     from llm_torch.core.placement import distributed
     from llm_torch.core.engine.engine import Engine, EngineConfig
-    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.engine.spec import GenerationSpec
     from llm_torch.core.placement.loading import load_resolved
     from llm_torch.core.engine.runner import TorchRunner
     from llm_torch.core.placement.tensor_parallel import Shard
@@ -65,7 +65,7 @@ def _rank(rank: int, world: int, port: int, folder: str, out: str) -> None:
 
 def _alone(folder):
     from llm_torch.core.engine.engine import Engine, EngineConfig
-    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.engine.spec import GenerationSpec
     from llm_torch.core.placement.loading import load_resolved
     from llm_torch.core.engine.runner import TorchRunner
 

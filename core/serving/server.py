@@ -29,7 +29,8 @@ from .api_key import ApiKey, checked_api_key
 from llm_torch.core.engine.engine import QueueFullError
 from .engine_thread import EngineThread
 from llm_torch.core.errors import InputError, LLMError, TokenizerError, UnsupportedError
-from llm_torch.core.engine.events import GenerationEvent, GenerationSpec
+from llm_torch.core.engine.events import GenerationEvent
+from llm_torch.core.engine.spec import GenerationSpec
 from .metrics import Metrics
 from llm_torch.core.tokenizer.system_prompt import system_role_supported, with_system
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llm_torch.core.errors import InputError
-from llm_torch.core.engine.events import GenerationSpec, context_length
+from llm_torch.core.engine.spec import GenerationSpec, context_length
 from .inputs import Item, Warn, no_warn
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from llm_torch.core.errors import InputError
-from llm_torch.core.engine.events import context_length
+from llm_torch.core.engine.spec import context_length
 from .base import PipelineBase
 from .inputs import Item
 

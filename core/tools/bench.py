@@ -24,7 +24,8 @@ import torch
 from .bench_results import BatchResult, BenchResult, BenchSpec, DecodeResult, PrefillResult, Stat
 from llm_torch.core.engine.engine import Engine, EngineConfig
 from llm_torch.core.errors import InputError
-from llm_torch.core.engine.events import GenerationSpec, Timings, context_length
+from llm_torch.core.engine.events import Timings
+from llm_torch.core.engine.spec import GenerationSpec, context_length
 from .machine import environment, measure_memory_bandwidth, peak_rss_bytes, process_age_seconds
 from .model_size import model_info
 from llm_torch.core.openmp import set_threads
