@@ -18,7 +18,8 @@ from llm_torch.core.errors import CheckpointError, InputError, UnsupportedError
 from llm_torch.core.model.config import ModelConfig, resolve_context
 from llm_torch.core.model.families import family_for
 
-from .device_map import DeviceBudget, DevicePlan
+from . import device_map as dm
+from .memory import check_fits, plan_line
 from .tensor_parallel import Shard
 from .weight_formats import WeightFormatLoader, weight_format_for
 
@@ -39,7 +40,7 @@ class LoadedModel:
     name: str
     dtype: torch.dtype
     generation_config: dict[str, Any] = field(default_factory=dict)
-    device_plan: DevicePlan | None = None  # with --device-map
+    device_plan: dm.DevicePlan | None = None  # with --device-map
 
     @property
     def dtype_name(self) -> str:
@@ -266,7 +267,7 @@ def load_resolved(
     fuse: bool = True,
     shard: Shard | None = None,
     device_map: str | None = None,
-    budgets: list[DeviceBudget] | None = None,
+    budgets: list[dm.DeviceBudget] | None = None,
     context: int | None = None,
 ) -> LoadedModel:
     """Build the model on the meta device and fill it from the checkpoint: open -> plan -> build -> assign
@@ -300,7 +301,7 @@ class LoadPlan:
     context: int  # KV positions per sequence the memory checks counted
     head: str  # a model.HEADS key
     device: torch.device | None  # the one device of every weight; None with a device map
-    placement: DevicePlan | None = None  # --device-map: each layer's device
+    placement: dm.DevicePlan | None = None  # --device-map: each layer's device
     shard: Shard | None = None  # --tp: this rank's part
     weight_format: WeightFormatLoader | None = None  # a quantized checkpoint's loader (weight_formats.py)
 
@@ -312,14 +313,12 @@ class LoadPlan:
         """Per device: the weights and KV cache it takes, and its free memory."""
         if self.placement is not None:
             return self.placement.lines()
-        from .memory import plan_line
-
         return [plan_line(self.config, self.dtype, self.device, self.context, self.head)]
 
 
 def plan_load(checkpoint: Checkpoint, *, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
               head: str | None = None, shard: Shard | None = None, device_map: str | None = None,
-              budgets: list[DeviceBudget] | None = None, context: int | None = None, check: bool = True) -> LoadPlan:
+              budgets: list[dm.DeviceBudget] | None = None, context: int | None = None, check: bool = True) -> LoadPlan:
     """The LoadPlan of an opened checkpoint (its config only: nothing is read). Refuses what cannot work
     before anything is loaded: combinations a quantized checkpoint does not support, an unknown device map
     or device, a context past the model's, and (check) weights + one context of KV cache that do not fit
@@ -338,8 +337,6 @@ def plan_load(checkpoint: Checkpoint, *, dtype: str | torch.dtype | None = "auto
     target = resolve_dtype(dtype, config, kind=checkpoint.kind, device=dev)
     local = config if shard is None else shard.local_config(config)
     if check and weight_format is None:  # a quantized model's size is its format's business
-        from .memory import check_fits
-
         check_fits(local, target, dev, context=context, head=head)
     return LoadPlan(local, checkpoint.kind, target, context, head, dev, None, shard, weight_format)
 
@@ -356,10 +353,8 @@ def refuse_for_quantized(head: str, shard: Shard | None, device_map: str | None)
 
 
 def plan_device_map(config: ModelConfig, kind: str, dtype: str | torch.dtype | None, device_map: str,
-                    budgets: list[DeviceBudget] | None, context: int) -> tuple[DevicePlan, torch.dtype]:
+                    budgets: list[dm.DeviceBudget] | None, context: int) -> tuple[dm.DevicePlan, torch.dtype]:
     """The device plan (core/placement/device_map.py) and the weights' dtype, from the config alone."""
-    from . import device_map as dm
-
     if device_map != "auto":
         raise InputError(f"unknown device map '{device_map}'", hint="use --device-map auto")
     budgets = budgets or dm.device_budgets()
@@ -413,6 +408,4 @@ def install_runner(model: nn.Module, plan: LoadPlan) -> None:
     a device map's hooks and per-layer KV placement. A tensor-parallel rank's runner needs the process group
     (cli/common.py installs it once every rank has loaded)."""
     if plan.placement is not None:
-        from . import device_map as dm
-
         dm.install(model, plan.placement)
