@@ -26,7 +26,8 @@ from .weight_formats import WeightFormatLoader, weight_format_for
 # The loader's public names for what a model reference resolves to (core/checkpoint/ has the details).
 __all__ = ["ResolvedModel", "resolve_model", "embedded_model_path", "LoadedModel", "DTYPES", "DTYPE_ALIASES",
            "resolve_dtype", "resolve_device", "available_devices", "build_model", "head_kind", "assign_weights",
-           "load_tokenizer", "load_model", "load_resolved", "LoadPlan", "plan_load"]
+           "load_tokenizer", "load_model", "load_resolved", "LoadPlan", "plan_load", "read_tokenizer",
+           "build_planned_model", "assign_checkpoint", "install_runner"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}

@@ -82,11 +82,12 @@ class ParamCounts:
 def param_counts(config: ModelConfig, head: str = "causal_lm") -> ParamCounts:
     """The parameters of the model `config` describes, counted on its module tree built on the meta
     device (no memory): biases, norms and tied weights exactly as loading builds them."""
-    from llm_torch.core.model.model import HEADS
+    from llm_torch.core.model.model import HEADS, DecoderModel
 
     with torch.device("meta"):
         model = HEADS[head](config)
-    decoder = getattr(model, "model", model)  # the bare decoder (feature extraction) is its own model
+    # under `model`, `transformer` (QA) or the model itself (feature extraction)
+    decoder = next(m for m in model.modules() if isinstance(m, DecoderModel))
     seen: set[int] = set()
     embed = param_count(decoder.embed_tokens, seen)
     layers = tuple(param_count(layer, seen) for layer in decoder.layers)
