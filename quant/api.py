@@ -109,12 +109,13 @@ def estimate(ref: str | None, spec: QuantSpec, *, dtype: str = "auto") -> Estima
     """Output size / weight memory from the config alone (meta device: nothing is read or allocated)."""
     from llm_torch.core.checkpoint import open_checkpoint, resolve_model
     from llm_torch.core.placement.loading import build_model, resolve_dtype
+    from llm_torch.core.placement.sizing import param_count, weight_bytes
 
     resolved = resolve_model(ref)
     config = open_checkpoint(resolved).config
     target = resolve_dtype(dtype, config, kind=resolved.kind)
     model = build_model(config, fused=True)
-    float_bytes = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * torch.finfo(target).bits // 8
+    float_bytes = weight_bytes(param_count(model), target)
     todo, kept, notes = plan(model, spec)
     codec = codec_for(spec)
     saved = extra = 0

@@ -1,4 +1,6 @@
-"""Open a quantized folder: core/placement/loading.py hands us the meta-device model and the checkpoint stream.
+"""Open a quantized folder: QuantizedLoader is the weight format (core/placement/weight_formats.py) of the
+bitsandbytes and torchao quant_methods, declared as entry points in pyproject.toml; core/placement/loading.py
+hands it the meta-device model and the checkpoint stream.
 
 `quantization_config` (the Hub's schema) names the scheme; which layers are quantized is read from the
 checkpoint's own keys (a pre-quantized Hub checkpoint may skip any layer), never re-quantized.
@@ -53,7 +55,8 @@ class _Pending(nn.Module):
 
 class QuantizedLoader:
     """Replace quantized Linears of a meta model by placeholders, take their tensors out of the stream,
-    build the quantized modules at the end. core/placement/loading.py: loader.filter(stream) ... loader.finish()."""
+    build the quantized modules at the end. core/placement/loading.assign_checkpoint: loader.filter(stream) ...
+    loader.finish()."""
 
     def __init__(self, model: nn.Module, qconfig: dict[str, Any], tensor_names: Callable[[], set[str]],
                  dtype: torch.dtype, device: torch.device):
