@@ -36,6 +36,7 @@ class LoadedModel:
     dtype: torch.dtype
     generation_config: dict[str, Any] = field(default_factory=dict)
     device_plan: Any = None  # core.placement.device_map.DevicePlan with --device-map
+    quantization: str | None = None  # the scheme its Linears run in (quant's label: int4-g64-g128, int8 ...)
 
     @property
     def dtype_name(self) -> str:
@@ -323,7 +324,8 @@ def load_resolved(
         from . import device_map as dm
 
         dm.install(model, placement)
-    return LoadedModel(model, config, tokenizer, resolved.name, target, checkpoint.generation_config(), placement)
+    return LoadedModel(model, config, tokenizer, resolved.name, target, checkpoint.generation_config(), placement,
+                       None if quantized is None else quantized.label)
 
 
 def plan_device_map(resolved: ResolvedModel, dtype, device_map: str, budgets=None, checkpoint: Checkpoint | None = None,
