@@ -7,6 +7,8 @@ without flags (the model's generation_config, else llm's defaults) or the flags 
     python benchmarks/first_answers.py --temperature 0.2 --top-p 0.9  # a candidate setting
     python benchmarks/first_answers.py -m ./other-model --seeds 1 2 3 4 5 --json answers.json
 
+benchmarks/first_answers.md has the runs that chose the built-in model's settings, judged.
+
 Not a test: the answers go to stdout for a person to read and judge (a small model's right answer has
 too many forms for a string check). The model is loaded once; each answer is one seeded request, the
 same tokens as `llm generate --chat QUESTION --seed S` with the same flags.

