@@ -63,7 +63,10 @@ def quantize_to_folder(ref: str | None, spec: QuantSpec, out: Path | None, *, dt
 
     t0 = time.perf_counter()
     resolved = resolve_model(ref)
-    out = Path(out) if out is not None else default_output(resolved.name, _meta_plan(resolved, spec)[1])
+    if out is None:  # named by the group sizes the layers will get, known from the config alone
+        _, todo, _, _ = _meta_plan(resolved, spec)
+        out = default_output(resolved.name, applied_label(spec, todo))
+    out = Path(out)
     check_destination(out, force)  # before minutes of work
     # A folder's tokenizer files are copied as they are; a GGUF's tokenizer is rebuilt from its metadata.
     loaded = load_resolved(resolved, dtype=dtype, device="cpu", with_tokenizer=resolved.kind == "gguf")
@@ -108,13 +111,12 @@ class Estimate:
 
 
 def _meta_plan(resolved, spec: QuantSpec):
-    """(meta-device model, the scheme's label as applied, swap.plan's targets / kept / notes): from the config alone."""
+    """(model on the meta device, then swap.plan's targets, kept targets and notes): nothing is read or allocated."""
     from llm_torch.core.checkpoint import open_checkpoint
     from llm_torch.core.placement.loading import build_model
 
     model = build_model(open_checkpoint(resolved).config, fused=True)
-    todo, kept, notes = plan(model, spec)
-    return model, applied_label(spec, todo), todo, kept, notes
+    return (model, *plan(model, spec))
 
 
 def estimate(ref: str | None, spec: QuantSpec, *, dtype: str = "auto") -> Estimate:
@@ -123,7 +125,7 @@ def estimate(ref: str | None, spec: QuantSpec, *, dtype: str = "auto") -> Estima
     from llm_torch.core.placement.loading import resolve_dtype
 
     resolved = resolve_model(ref)
-    model, label, todo, kept, notes = _meta_plan(resolved, spec)
+    model, todo, kept, notes = _meta_plan(resolved, spec)
     target = resolve_dtype(dtype, model.config, kind=resolved.kind)
     float_bytes = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * torch.finfo(target).bits // 8
     codec = codec_for(spec)
@@ -139,7 +141,7 @@ def estimate(ref: str | None, spec: QuantSpec, *, dtype: str = "auto") -> Estima
             extra += _quantized_bytes(codec, spec, n, k) + n * (k // (int4_group_size(k, spec.group_size) or k)) * 4
     # Layers counted as the checkpoint names them (a fused q|k|v layer is three).
     return Estimate(float_bytes, float_bytes - saved, float_bytes - saved + extra, sum(len(t.parts) for t in todo),
-                    sum(len(t.parts) for t in kept), notes, label)
+                    sum(len(t.parts) for t in kept), notes, applied_label(spec, todo))
 
 
 def _quantized_bytes(codec, spec: QuantSpec, n: int, k: int) -> int:
