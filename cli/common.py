@@ -180,7 +180,7 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
         weights = next(loaded.model.parameters())
         compute = str(compute_dtype(weights.dtype, weights.device)).removeprefix("torch.")
         how = loaded.dtype_name if compute == loaded.dtype_name else f"{loaded.dtype_name} weights, {compute} compute"
-        how += f", {spec.label} quantized" if spec is not None else _saved_quantization(loaded.config.raw)
+        how += f", {loaded.quantization} quantized" if spec is not None else _saved_quantization(loaded.config.raw)
         chosen = " (--dtype auto)" if dtype == "auto" else ""
         from llm_torch.core.engine.runner import describe
 

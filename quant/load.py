@@ -15,6 +15,7 @@ from torch import nn
 
 from llm_torch.core.errors import CheckpointError, UnsupportedError
 
+from .spec import scheme_label
 from .swap import replace_module, codec_for, linear_targets
 
 
@@ -64,6 +65,8 @@ class QuantizedLoader:
         # quantization_config is known to be one we read
         scheme, kwargs = scheme_from_config(qconfig)
         self.codec = codec_for(scheme, **kwargs)
+        self.scheme, self.double_quant = scheme, bool(kwargs.get("double_quant"))
+        self.group_sizes: set[int] = set()  # int4: read from the tensors' shapes as the layers are built
         self.model, self.device, self.dtype = model, device, dtype
         keys = tensor_names()
         marker = self.codec.marker
@@ -129,6 +132,8 @@ class QuantizedLoader:
                     f"quantized '{t.name}' is {module.out_features}x{module.in_features}, the config expects {rows}x{t.in_features}"
                 )
             replace_module(self.model, t.name, module.to(self.device))
+            if getattr(module, "group_size", None):
+                self.group_sizes.add(module.group_size)
         for name in self.embeddings:
             from .int_layers import Int8Embedding
 
@@ -141,3 +146,8 @@ class QuantizedLoader:
                 self.model.lm_head = emb.tied_head()
         if self.stash:
             raise CheckpointError(f"unexpected quantized tensor(s): {', '.join(sorted(self.stash)[:6])}")
+
+    @property
+    def label(self) -> str:
+        """The scheme as loaded (after finish): int4-g64-g128, int8, nf4-dq ..."""
+        return scheme_label(self.scheme, group_sizes=self.group_sizes, double_quant=self.double_quant)

@@ -54,20 +54,22 @@ class QuantSpec:
 
     @property
     def label(self) -> str:
-        """Short name used for output folders: int4-g128, nf4-dq, int8-bnb ..."""
-        name = self.scheme
-        if self.scheme == "int4":
-            name += f"-g{self.group_size}"
-        if self.double_quant:
-            name += "-dq"
-        if self.scheme == "int8" and self.backend == "bitsandbytes":
-            name = "llm-int8"
-        return name
+        """Short name of the request: int4-g128, nf4-dq, llm-int8 ... (swap.applied_label: as applied)."""
+        return scheme_label(self.runtime_scheme, group_sizes=(self.group_size,), double_quant=self.double_quant)
 
     @property
     def runtime_scheme(self) -> str:
         """bitsandbytes' int8 is LLM.int8(): the same stored format as --llm-int8."""
         return "llm-int8" if self.scheme == "int8" and self.backend == "bitsandbytes" else self.scheme
+
+
+def scheme_label(scheme: str, *, group_sizes=(), double_quant: bool = False) -> str:
+    """Short name of a runtime scheme for folders and reports: int4 lists every group size its layers use
+    (int4-g64-g128: SmolLM2's 576-wide inputs cannot take groups of 128), nf4-dq, llm-int8 ..."""
+    name = scheme
+    if scheme == "int4":
+        name += "".join(f"-g{g}" for g in sorted(set(group_sizes)))
+    return name + ("-dq" if double_quant else "")
 
 
 def make_spec(

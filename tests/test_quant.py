@@ -259,6 +259,28 @@ def test_cli_quantize_then_generate_chat_and_bench(tiny_with_tokenizer, tmp_path
     assert info["weights_bytes"] < (tiny_with_tokenizer / "model.safetensors").stat().st_size  # the 49152-row tables stay fp32
 
 
+def test_int4_is_named_and_reported_by_the_group_sizes_it_uses(tiny_with_tokenizer):
+    # K = 64 (attention, gate/up) cannot take the default groups of 128: those 12 layers use 64, down_proj 128.
+    r = run_llm("quantize", str(tiny_with_tokenizer), "--int4")
+    assert r.returncode == 0, r.stderr
+    out = Path("tiny-llama-int4-g64-g128").absolute()  # the default folder, in the working folder
+    assert r.stdout.decode() == f"{out}\n"
+    err = r.stderr.decode()
+    assert "12 layer(s) (gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj): input size 64 is not a multiple of 128: " \
+           "group size 64" in err
+    assert "int4-g64-g128: 14 layers quantized" in err
+    d = run_llm("quantize", str(tiny_with_tokenizer), "--int4", "--dry-run")
+    assert d.stdout.decode().startswith("int4-g64-g128: 14 layers to quantize"), d.stdout
+    status = run_llm("chat", str(out), "-n", "1", input="/status\n")
+    assert status.returncode == 0, status.stderr
+    assert f"model: {out} (int4-g64-g128 quantized, float32, cpu)" in status.stderr.decode()
+    for model in ([str(out)], [str(tiny_with_tokenizer), "--quantize", "int8"]):
+        b = run_llm("bench", "-m", *model, "-p", "8", "-n", "2", "-r", "1", "--format", "json")
+        assert b.returncode == 0, b.stderr
+        info = json.loads(b.stdout)["model"]
+        assert (info["quantization"], info["dtype"]) == ("int4-g64-g128" if model == [str(out)] else "int8", "float32")
+
+
 def test_cli_quantize_on_load_and_errors(tiny_with_tokenizer):
     g = run_llm("generate", "-m", str(tiny_with_tokenizer), "Hello", "-n", "4", "--quantize", "int8", "--format", "json")
     assert g.returncode == 0, g.stderr

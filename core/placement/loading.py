@@ -42,6 +42,7 @@ class LoadedModel:
     dtype: torch.dtype
     generation_config: dict[str, Any] = field(default_factory=dict)
     device_plan: dm.DevicePlan | None = None  # with --device-map
+    quantization: str | None = None  # the scheme its Linears run in (quant's label: int4-g64-g128, int8 ...)
 
     @property
     def dtype_name(self) -> str:
@@ -285,10 +286,10 @@ def load_resolved(
                      budgets=budgets, context=context)
     tokenizer = read_tokenizer(checkpoint, with_tokenizer)
     model = build_planned_model(plan, fused=fuse)
-    assign_checkpoint(model, checkpoint, plan)
+    quantization = assign_checkpoint(model, checkpoint, plan)
     install_runner(model, plan)
     return LoadedModel(model, checkpoint.config, tokenizer, resolved.name, plan.dtype, checkpoint.generation_config(),
-                       plan.placement)
+                       plan.placement, quantization)
 
 
 @dataclass(frozen=True)
@@ -380,10 +381,11 @@ def build_planned_model(plan: LoadPlan, *, fused: bool = True) -> nn.Module:
     return model
 
 
-def assign_checkpoint(model: nn.Module, checkpoint: Checkpoint, plan: LoadPlan) -> None:
+def assign_checkpoint(model: nn.Module, checkpoint: Checkpoint, plan: LoadPlan) -> str | None:
     """The one place a checkpoint's tensors become the model's weights, one tensor in flight: a
     tensor-parallel rank reads its slices only, a quantized checkpoint's weight format takes its tensors
-    out of the stream (and builds its layers at the end), the rest go through assign_weights."""
+    out of the stream (and builds its layers at the end), the rest go through assign_weights. Returns the
+    quantized scheme's label (None for float weights)."""
     if plan.device is not None and plan.device.type == "cpu":
         from llm_torch.core.model.layers import use_native_kernels
 
@@ -400,8 +402,10 @@ def assign_checkpoint(model: nn.Module, checkpoint: Checkpoint, plan: LoadPlan) 
         tensors = weight_format.filter(tensors)
     assign_weights(model, tensors, plan.dtype, plan.device if plan.placement is None else plan.device_of,
                    fast_layout=True)
-    if weight_format is not None:
-        weight_format.finish()
+    if weight_format is None:
+        return None
+    weight_format.finish()
+    return weight_format.label  # the scheme its layers run in (int4-g64-g128, ...)
 
 
 def install_runner(model: nn.Module, plan: LoadPlan) -> None:

@@ -43,4 +43,5 @@ def model_info(loaded) -> ModelInfo:
         params=params,
         weights_bytes=weights_bytes(model),
         bytes_per_token=weight_bytes_per_token(model),
+        quantization=loaded.quantization,
     )
