@@ -32,6 +32,7 @@ MAX_CHARS = 1 << 25
 _CHECK_EVERY = 1024
 _DIGITS = re.compile(r"\d+")
 _deadline = threading.local()
+_SIZED = (str, list, tuple)
 _HINT = "the chat template is hostile or broken; use the model's own template or --chat-template"
 
 
@@ -66,14 +67,19 @@ def _check_format(fmt: Any) -> None:
 def _bounded_filter(name: str, f: Any) -> Any:
     # Arguments after the filtered value (and the context / environment jinja passes first to some).
     skip = 1 + (_PassArg.from_obj(f) is not None)
+    is_format = name == "format"
 
     @functools.wraps(f)  # keeps jinja's pass_context / pass_environment marks
     def bounded(*args: Any, **kwargs: Any) -> Any:
-        _check_arguments(args[skip:])
-        _check_arguments(kwargs.values())
-        if name == "format":
+        if len(args) > skip or kwargs:
+            _check_arguments(args[skip:])
+            _check_arguments(kwargs.values())
+        if is_format:
             _check_format(args[skip - 1])
-        return _check_size(f(*args, **kwargs), "filter built a value of")
+        result = f(*args, **kwargs)
+        if type(result) in _SIZED and len(result) > MAX_CHARS:
+            raise _over_budget(f"filter '{name}' built a value of {len(result)}, past the budget of {MAX_CHARS}")
+        return result
     return bounded
 
 
@@ -116,6 +122,11 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         return wrapped
 
     def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
+        if op == "+":  # the common case (message + separator), kept short: chat templates run it per message
+            result = left + right
+            if type(result) in _SIZED and len(result) > MAX_CHARS:
+                raise _over_budget(f"built a value of {len(result)} characters/items, past the budget of {MAX_CHARS}")
+            return result
         if op == "*":
             seq, n = (left, right) if isinstance(right, int) else (right, left)
             if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_CHARS:
@@ -202,12 +213,13 @@ def render(source: str, messages: list, add_generation_prompt: bool, variables: 
 
 
 def _bounded_output(chunks: Iterator[str]) -> str:
-    out, size = [], 0
+    out: list[str] = []
+    append, size = out.append, 0
     for chunk in chunks:
         size += len(chunk)
         if size > MAX_CHARS:
             raise _over_budget(f"output passed the budget of {MAX_CHARS} characters")
-        out.append(chunk)
+        append(chunk)
     _check_clock()
     return "".join(out)
 
