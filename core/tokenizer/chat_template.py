@@ -19,7 +19,6 @@ import jinja2
 import jinja2.ext
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from jinja2.utils import _PassArg
 from jinja2.visitor import NodeTransformer
 
 from llm_torch.core.errors import TokenizerError
@@ -66,7 +65,7 @@ def _check_format(fmt: Any) -> None:
 
 def _bounded_filter(name: str, f: Any) -> Any:
     # Arguments after the filtered value (and the context / environment jinja passes first to some).
-    skip = 1 + (_PassArg.from_obj(f) is not None)
+    skip = 1 + (getattr(f, "jinja_pass_arg", None) is not None)
     is_format = name == "format"
 
     @functools.wraps(f)  # keeps jinja's pass_context / pass_environment marks
