@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from gguf import MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES, GGUFReader, TensorNameMap
 
+from llm_torch.core.model.bounds import bounded_int
 from llm_torch.core.model.config import ModelConfig
 from llm_torch.core.errors import CheckpointError, ConfigError, UnsupportedError
 from llm_torch.core.model.families import Family, gguf_families
@@ -80,18 +81,23 @@ def gguf_config_dict(
             )
         return meta[full]
 
-    hidden = int(need("embedding_length"))
-    heads = int(_per_layer_uniform(need("attention.head_count"), f"{arch}.attention.head_count"))
-    kv_heads = int(_per_layer_uniform(get("attention.head_count_kv", heads), f"{arch}.attention.head_count_kv"))
-    layers = int(need("block_count"))
+    def size(field: str, key: str, value: Any) -> int:
+        # Checked as read: the family hook loops over layers, gguf-py's name table is built per layer.
+        return bounded_int(field, _per_layer_uniform(value, f"{arch}.{key}"), "GGUF metadata", f"{arch}.{key}")
+
+    hidden = size("hidden_size", "embedding_length", need("embedding_length"))
+    heads = size("num_attention_heads", "attention.head_count", need("attention.head_count"))
+    kv_heads = size("num_key_value_heads", "attention.head_count_kv", get("attention.head_count_kv", heads))
+    layers = size("num_hidden_layers", "block_count", need("block_count"))
+    _check_layers_present(layers, names, f"{arch}.block_count")
     # key_length when written (llama.cpp's rule), else Llama's rope.dimension_count, which llama.cpp
     # requires to equal the head size (transformers reads head_dim from it), else n_embd / n_head.
     rot = get("rope.dimension_count")
     head_dim = get("attention.key_length")
     if head_dim is None and layout.head_dim_from_rope:
         head_dim = rot
-    head_dim = int(head_dim or hidden // heads)
-    value_dim = int(get("attention.value_length") or head_dim)
+    head_dim = size("head_dim", "attention.key_length", head_dim or hidden // heads)
+    value_dim = size("head_dim", "attention.value_length", get("attention.value_length") or head_dim)
     if value_dim != head_dim:
         raise UnsupportedError(f"GGUF attention.value_length {value_dim} differs from key_length {head_dim}")
 
@@ -101,18 +107,19 @@ def gguf_config_dict(
         if tokens is None:
             raise ConfigError(f"GGUF metadata has neither '{arch}.vocab_size' nor 'tokenizer.ggml.tokens'")
         vocab = len(tokens)
+    vocab = size("vocab_size", "vocab_size", vocab)
 
     config: dict[str, Any] = {
         "model_type": arch,
         "architectures": [family.causal_lm],
-        "vocab_size": int(vocab),
+        "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(_per_layer_uniform(need("feed_forward_length"), f"{arch}.feed_forward_length")),
+        "intermediate_size": size("intermediate_size", "feed_forward_length", need("feed_forward_length")),
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "max_position_embeddings": int(need("context_length")),
+        "max_position_embeddings": size("max_position_embeddings", "context_length", need("context_length")),
         "rms_norm_eps": f32_decimal(need("attention.layer_norm_rms_epsilon")),
         "rope_theta": f32_decimal(get("rope.freq_base", 10000.0)),
         # llama.cpp's converter writes output.weight only when it is not the embedding matrix.
@@ -137,6 +144,15 @@ def gguf_rope_freqs(reader: GGUFReader) -> list[float] | None:
         if t.name == ROPE_FREQS:
             return dequantize(t).float().reshape(-1).tolist()
     return None
+
+
+def _check_layers_present(layers: int, names: set[str], key: str) -> None:
+    """A declared layer count past the blk.N tensors the file holds (a file with none is metadata only;
+    a tensor past the count is hf_tensor_name's error, met when it is read)."""
+    present = {int(m.group(1)) for m in map(_LAYER_RE.match, names) if m}
+    if present and layers > max(present) + 1:
+        raise CheckpointError(f"GGUF metadata {key} = {layers}, but the file holds tensors for {max(present) + 1} layers",
+                              hint="the file is corrupt or its metadata was edited; download it again")
 
 
 def _per_layer_uniform(value: Any, key: str) -> Any:

@@ -10,6 +10,7 @@ from typing import Any
 from tokenizers import Tokenizer as Backend
 
 from llm_torch.core.errors import TokenizerError
+from llm_torch.core.model.bounds import LIMITS
 from llm_torch.core.model.families import tokenizer_class_for
 from .backends import byte_alphabet, byte_level_backend, sentencepiece_backend
 from .special_tokens import CLASS_SPECIALS, add_tokens
@@ -36,6 +37,11 @@ def read_gguf_vocab(meta: Mapping[str, Any], *, legacy: bool | None = None,
     tokens = list(meta.get("tokenizer.ggml.tokens") or [])
     if not tokens:
         raise TokenizerError("GGUF metadata has no tokenizer.ggml.tokens", hint="the file is not a complete model")
+    _, most = LIMITS["vocab_size"]
+    if len(tokens) > most:
+        # Before the backend's vocabulary and merge tables, which grow with it.
+        raise TokenizerError(f"GGUF tokenizer.ggml.tokens holds {len(tokens)} tokens, past the sane {most}",
+                             hint="the file's tokenizer metadata is corrupt")
     types = list(meta.get("tokenizer.ggml.token_type") or [0] * len(tokens))
     scores = meta.get("tokenizer.ggml.scores")
     if len(types) != len(tokens) or (scores is not None and len(scores) != len(tokens)):
