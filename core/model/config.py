@@ -101,6 +101,7 @@ class ModelConfig:
 
     @classmethod
     def _build(cls, c: dict[str, Any], flags: dict[str, Any]) -> ModelConfig:
+        _require_positive(c, _SIZE_FIELDS)
         heads = int(c["num_attention_heads"])
         hidden = int(c["hidden_size"])
         kv_heads = int(c.get("num_key_value_heads") or heads)
@@ -262,3 +263,17 @@ def _opt_int(v: Any) -> int | None:
     if isinstance(v, (list, tuple)):
         v = v[0] if v else None
     return None if v is None else int(v)
+
+
+# Sizes below these fail deep in torch (an assert, a division by zero) instead of naming the field;
+# head_dim and num_key_value_heads of 0 mean "derive it", as a missing value does.
+_SIZE_FIELDS = {"vocab_size": 1, "hidden_size": 1, "intermediate_size": 1, "num_hidden_layers": 1,
+                "num_attention_heads": 1, "num_key_value_heads": 0, "head_dim": 0}
+
+
+def _require_positive(c: dict[str, Any], minimums: dict[str, int]) -> None:
+    for key, least in minimums.items():
+        value = c.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= least:
+            raise ConfigError(f"config.json has {key}={value!r}; it must be an integer of at least {least}",
+                              hint="the config is corrupt: fix the value or download the model again")
