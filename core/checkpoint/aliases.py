@@ -138,6 +138,7 @@ def write_aliases(aliases: dict[str, str]) -> None:
         json.dump(dict(sorted(aliases.items())), f, indent=2, ensure_ascii=False)
         f.write("\n")
 
+
 def _chain(name: str, aliases: dict[str, str]) -> list[str]:
     """The alias names met following `name` (stops at a non-alias or a repeat)."""
     out = []
