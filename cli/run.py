@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import itertools
-import os
 import sys
-import tempfile
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -185,33 +183,20 @@ def _emit_to_file(results, format: RunFormat, path: Path, multi: bool) -> None:
     On an input error (bad JSON on line N) the jsonl/text results before it are still committed: they are valid.
     """
     from llm_torch.core.errors import LLMError
+    from llm_torch.core.files import atomic_write
 
-    path = path.expanduser()
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        from llm_torch.core.errors import InputError
+    stopped = None
+    with atomic_write(path) as f:
+        def write(text: str) -> None:
+            f.write(text)
+            f.flush()
 
-        raise InputError(f"cannot write to {folder}: {e.strerror or e}") from None
-    committed = False
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            def write(text: str) -> None:
-                f.write(text)
-                f.flush()
-
-            try:
-                _emit(results, format, write, multi)
-            except LLMError:
-                # jsonl/text lines written so far are complete results; a json document is not.
-                if format is not RunFormat.json:
-                    f.close()
-                    os.replace(tmp, path)
-                    committed = True
+        try:
+            _emit(results, format, write, multi)
+        except LLMError as e:
+            # jsonl/text lines written so far are complete results; a json document is not.
+            if format is RunFormat.json:
                 raise
-        os.replace(tmp, path)
-        committed = True
-    finally:
-        if not committed and os.path.exists(tmp):
-            os.unlink(tmp)
+            stopped = e
+    if stopped is not None:
+        raise stopped

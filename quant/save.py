@@ -1,20 +1,19 @@
 """Write a quantized model as a Hugging Face folder: config.json with `quantization_config`,
 model.safetensors, tokenizer files and chat templates. Atomic: built in a temporary folder next to the
-destination and renamed into place, so a failure leaves nothing behind.
+destination and renamed into place (core/files.py), so a failure leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llm_torch.core.errors import InputError, ResourceError
+from llm_torch.core.errors import InputError
+from llm_torch.core.files import staged_output, write_error
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
@@ -45,12 +44,11 @@ def save_quantized(
 
     out = Path(out)
     check_destination(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(e, out) from None
+    with staged_output(out, replace=force) as tmp:
         save_safetensors(tmp / "model.safetensors", tensors)
         config = dict(config_raw)
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
@@ -62,13 +60,6 @@ def save_quantized(
                     shutil.copy2(source_folder / name, tmp / name)
         elif tokenizer is not None:
             write_tokenizer(tmp, tokenizer, generation_config or {})
-        _move_into_place(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ResourceError(f"cannot write {out}: {e.strerror or e}", hint="check the free disk space and permissions") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -80,24 +71,10 @@ def _json_default(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    out.rename(old)
-    try:
-        tmp.rename(out)
-    except OSError:
-        old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_tokenizer(folder: Path, tokenizer, generation_config: dict[str, Any]) -> None:
     """tokenizer.json + tokenizer_config.json (specials, BOS policy, chat template) of a loaded Tokenizer."""
-    tokenizer.backend.save(str(folder / "tokenizer.json"))  # the wrapped `tokenizers.Tokenizer`
+    # Python's write, not tokenizers' save: a full disk then raises OSError, which becomes a typed error.
+    (folder / "tokenizer.json").write_text(tokenizer.backend.to_str(), encoding="utf-8")
     settings: dict[str, Any] = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
                                 "add_bos_token": tokenizer.add_bos_token, "add_eos_token": False}
     if tokenizer.pad_token_id is not None:

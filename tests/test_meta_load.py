@@ -66,3 +66,32 @@ def test_llm_generate_on_a_meta_folder(meta):
     a, b = json.loads(direct.stdout), json.loads(original.stdout)
     assert a["token_ids"] == b["token_ids"] and a["text"] == b["text"]
     assert a["usage"]["completion_tokens"] == len(a["token_ids"]) > 0
+
+
+class _Payload:
+    """A pickle whose loading would run a shell command (creating `marker`)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_that_would_run_code_is_refused_in_one_line_and_never_runs(meta, tmp_path):
+    import shutil
+
+    folder, _, _ = meta
+    evil = tmp_path / "evil"
+    shutil.copytree(folder, evil)
+    marker = tmp_path / "payload-ran"
+    torch.save({"tok_embeddings.weight": torch.zeros(2, 2), "x": _Payload(marker)}, evil / "consolidated.01.pth")
+    for args in (("convert", str(evil), "-o", str(tmp_path / "out")), ("generate", "-m", str(evil), "hi", "-n", "1")):
+        r = run_llm(*args)
+        err = r.stderr.decode()
+        assert r.returncode == 1 and err.count("\n") == 1 and err.startswith("error: "), err
+        assert "needs code execution" in err and "safetensors" in err and "weights_only" not in err, err
+        assert "Traceback" not in err
+    assert not marker.exists() and not (tmp_path / "out").exists()

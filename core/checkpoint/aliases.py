@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from llm_torch.core.errors import ConfigError, InputError
+from llm_torch.core.files import atomic_write, write_error
 
 FILE_NAME = "aliases.json"
 BUILTIN_NAMES = ("smollm2",)  # core.checkpoint.resolve.EMBEDDED_MODELS (it imports this module); a test keeps them equal
@@ -132,17 +132,11 @@ def write_aliases(aliases: dict[str, str]) -> None:
     path = aliases_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".aliases-", suffix=".json", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(dict(sorted(aliases.items())), f, indent=2, ensure_ascii=False)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
     except OSError as e:
-        raise ConfigError(f"cannot write the aliases file {path}: {e.strerror or e}") from None
+        raise write_error(e, path) from None
+    with atomic_write(path) as f:
+        json.dump(dict(sorted(aliases.items())), f, indent=2, ensure_ascii=False)
+        f.write("\n")
 
 
 def _chain(name: str, aliases: dict[str, str]) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import json
 import mmap
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -125,9 +126,19 @@ class MetaCheckpoint(Checkpoint):
     def _load(self, file: Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # pickle / zip errors of every kind: the file is not a loadable checkpoint
-            raise CheckpointError(f"cannot load {file.name} safely: {e}",
-                                  hint="the file is truncated, or holds more than tensors (refused for safety)") from None
+        except pickle.UnpicklingError as e:
+            # torch's own message ends advising weights_only=False, i.e. running the payload: never shown.
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            raise CheckpointError(
+                f"{file.name} is a pickle that needs code execution to load"
+                + (f" ({found.group(1)})" if found else "") + ", so it cannot be loaded safely: refused, nothing in it ran",
+                hint="get the model as safetensors instead (its Hugging Face '-hf' repository, e.g. "
+                     "meta-llama/Llama-2-7b-hf) and open that",
+            ) from None
+        except Exception as e:  # zip / storage errors of every kind: the file is not a loadable checkpoint
+            first = str(e).strip().split("\n")[0].split(". ")[0]
+            raise CheckpointError(f"cannot load {file.name}: {first}",
+                                  hint="the file is truncated or not a PyTorch checkpoint; download it again") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{file.name} is not a state dict of tensors")
         return state

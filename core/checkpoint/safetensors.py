@@ -98,8 +98,24 @@ def read_index(path: Path) -> list[tuple[TensorInfo, int, int]]:
             raise CheckpointError(f"tensor '{name}' in {path.name} lies outside the file or has the wrong size",
                                   hint="the file is truncated or corrupt; download it again")
         out.append((info, 8 + n + begin, end - begin))
-    out.sort(key=lambda e: e[1])
+    out.sort(key=lambda e: (e[1], e[2]))
+    _check_layout(path, out, 8 + n, size)
     return out
+
+
+def _check_layout(path: Path, entries: list[tuple[TensorInfo, int, int]], start: int, size: int) -> None:
+    """Tensors tile the data section exactly, as the safetensors library requires: each begins where the one
+    before ends (no overlap, no gap) and the last ends at the end of the file."""
+    at = start
+    for info, offset, nbytes in entries:
+        if offset != at:
+            what = "overlaps the tensor before it" if offset < at else "leaves a gap before it"
+            raise CheckpointError(f"tensor '{info.name}' in {path.name} {what} in the data section",
+                                  hint="the file is corrupt or crafted; download it again")
+        at = offset + nbytes
+    if at != size:
+        raise CheckpointError(f"{path.name} has {size - at} bytes after its last tensor",
+                              hint="the file is corrupt or crafted; download it again")
 
 
 def _leading_rows(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, int] | None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generator, Iterator
 
 from .chat_settings import SETTING_KEYS, ChatSettings
 from llm_torch.core.errors import InputError
+from llm_torch.core.files import atomic_write
 from llm_torch.core.engine.events import GenerationEvent, Timings
 
 FORMAT = "llm-torch-chat"
@@ -200,19 +200,8 @@ class Conversation:
         """Write the conversation and settings as JSON, atomically (a temp file renamed over the target)."""
         target = Path(path).expanduser()
         data = json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n"
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        except OSError as e:
-            raise InputError(f"cannot write {target}: {e.strerror or e}", hint="check the folder exists and is writable") from None
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except OSError as e:
-            Path(tmp).unlink(missing_ok=True)
-            raise InputError(f"cannot write {target}: {e.strerror or e}") from None
+        with atomic_write(target) as f:
+            f.write(data)
         return target
 
     def load(self, path: str | os.PathLike) -> dict[str, Any]:

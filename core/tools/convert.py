@@ -10,11 +10,7 @@ to it and renamed into place only when complete, so a failed or interrupted run 
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +22,8 @@ from llm_torch.core.checkpoint import Checkpoint, ResolvedModel, TensorInfo, ope
 from llm_torch.core.checkpoint.base import write_json
 from llm_torch.core.checkpoint.resolve import is_meta_layout
 from llm_torch.core.checkpoint.safetensors import write_safetensors
-from llm_torch.core.errors import CheckpointError, InputError, LLMError, ModelNotFoundError, ResourceError
+from llm_torch.core.errors import CheckpointError, InputError, LLMError, ModelNotFoundError
+from llm_torch.core.files import staged_output
 from llm_torch.core.placement.loading import DTYPE_ALIASES, DTYPES
 
 # progress(done_bytes, total_bytes, tensor_name): called after each tensor is written.
@@ -108,20 +105,13 @@ def convert(spec: ConvertSpec, progress: ProgressFn | None = None) -> ConvertRes
     checkpoint = open_source(spec.source, progress=progress is not None)
     try:
         _check_output(output, checkpoint.path, spec.force)
-        try:
-            staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-            _chmod_default(staging)
-        except OSError as e:
-            raise _os_error(e, output) from None
-        try:
+        with staged_output(output, replace=spec.force, is_file=spec.to == "gguf") as target:
             if spec.to == "hf":
-                target = staging
-                count, written = write_hf_folder(checkpoint, staging, dtype, spec.max_shard_size, progress)
-                resolved = ResolvedModel(str(output), "folder", staging)
+                count, written = write_hf_folder(checkpoint, target, dtype, spec.max_shard_size, progress)
+                resolved = ResolvedModel(str(output), "folder", target)
             else:
                 from llm_torch.core.checkpoint import gguf_writer
 
-                target = staging / output.name
                 count, written = gguf_writer.write_gguf(checkpoint, target, spec.outtype, progress)
                 resolved = ResolvedModel(str(output), "gguf", target)
             diff = tolerance = None
@@ -134,11 +124,6 @@ def convert(spec: ConvertSpec, progress: ProgressFn | None = None) -> ConvertRes
                         f"verification failed: logits differ from the source by {diff:.3g} (tolerance {tolerance:.3g})",
                         hint="the converted model is wrong; report this with the source model's name",
                     )
-            _publish(target, output)
-        except OSError as e:
-            raise _os_error(e, output) from None
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     finally:
         checkpoint.close()
     return ConvertResult(output, count, written, time.perf_counter() - t0, diff, tolerance, tuple(checkpoint.warnings))
@@ -171,36 +156,6 @@ def _check_output(output: Path, source: Path, force: bool) -> None:
             raise InputError(f"{output} already exists", hint="pass --force to replace it")
     if not output.parent.is_dir():
         raise InputError(f"the folder {output.parent} does not exist", hint="create it first")
-
-
-def _publish(staged: Path, output: Path) -> None:
-    """Move the finished output into place; an existing one (--force) is removed only after that worked."""
-    old = None
-    if output.exists() or output.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent)) / output.name
-        os.replace(output, old)
-    try:
-        os.replace(staged, output)
-    except BaseException:
-        if old is not None:
-            os.replace(old, output)
-        raise
-    if old is not None:
-        shutil.rmtree(old.parent, ignore_errors=True)
-
-
-def _chmod_default(folder: Path) -> None:
-    # mkdtemp makes the folder private (0700); the published output gets the usual umask permissions.
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(folder, 0o777 & ~mask)
-
-
-def _os_error(e: OSError, output: Path) -> LLMError:
-    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
-        return ResourceError(f"no space left on the device writing {output}; the partial output was removed",
-                             hint="free disk space or write to another folder with -o")
-    return InputError(f"cannot write {output}: {e.strerror or e}", hint="check the output folder's permissions")
 
 
 # --------------------------------------------------------------------------------------------- HF writer
