@@ -1,0 +1,181 @@
+"""What the single-client server path adds per token over `llm bench` decode, in one process.
+
+Each repetition runs, alternately:
+- bench: `llm bench`'s decode (core/tools/bench.py time_decode: an Engine without a tokenizer, on the main
+  thread) of N tokens after the chat prompt's ids;
+- serve: the same prompt through `llm serve`'s stack in this process (the engine loop on the main thread as
+  `llm serve` runs it, uvicorn on another thread, the same switch interval) and one streaming chat completion
+  read by a client in a child process (so the client's own work is not ours); greedy, max_tokens N + 1.
+
+ms/token: bench: decode_seconds / N (first token to last); serve: from the client receiving the first content
+chunk to receiving the finish chunk, / (completion tokens - 1). Medians over the repetitions, and the median of
+the per-repetition differences (each pair ran back to back, so a busy machine hits both alike). CPU ms/token
+per thread (engine / HTTP) from the threads' CPU clocks, which another process's load does not change.
+
+    python benchmarks/serve_overhead.py                 # smollm2, 64 tokens, 7 repetitions
+    python benchmarks/serve_overhead.py -n 128 -r 11 --profile serve.prof   # + cProfile of the HTTP thread
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+CLIENT = r"""
+import http.client, json, sys, time
+port = int(sys.argv[1])
+for line in sys.stdin:
+    body = json.loads(line)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    first = last = None
+    usage = None
+    while True:
+        raw = r.readline()
+        if not raw:
+            break
+        if not raw.startswith(b"data: "):
+            continue
+        data = raw[6:].strip()
+        if data == b"[DONE]":
+            break
+        now = time.perf_counter()
+        chunk = json.loads(data)
+        usage = chunk.get("usage") or usage
+        for c in chunk.get("choices") or []:
+            if c["delta"].get("content") and first is None:
+                first = now
+            if c.get("finish_reason"):
+                last = now
+    conn.close()
+    print(json.dumps({"first": first, "last": last, "tokens": usage["completion_tokens"]}), flush=True)
+"""
+
+
+def thread_cpu(ident: int) -> float:
+    return time.clock_gettime(time.pthread_getcpuclockid(ident))
+
+
+def bench_once(runner, prompt_ids, n: int) -> tuple[float, float]:
+    """ms/token of `llm bench` decode, and the main thread's CPU ms/token over the whole run."""
+    from llm_torch.core.tools.bench import time_decode
+
+    c0 = time.thread_time()
+    t = time_decode(runner, prompt_ids, n)
+    return 1e3 * t.decode_seconds / n, 1e3 * (time.thread_time() - c0) / (n + 1)
+
+
+def serve_once(loaded, runner, n: int, profile=None) -> dict:
+    """One streamed chat completion through a fresh server in this process; the engine loop on this thread."""
+    import uvicorn
+
+    from llm_torch.core.engine.engine import Engine, EngineConfig
+    from llm_torch.core.serving.engine_thread import EngineThread
+    from llm_torch.core.serving.server import ServeSettings, create_app
+
+    engine = EngineThread(Engine(loaded.model, loaded.tokenizer, EngineConfig(max_batch=8), runner=runner))
+    app = create_app(engine, loaded.tokenizer, ServeSettings(loaded.name, generation_config=loaded.generation_config))
+    sock = socket.create_server(("127.0.0.1", 0))
+    client = subprocess.Popen([sys.executable, "-c", CLIENT, str(sock.getsockname()[1])], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    out: dict = {}
+
+    def http():
+        if profile is not None:
+            profile.enable()
+        try:
+            server.run(sockets=[sock])
+        finally:
+            if profile is not None:
+                profile.disable()
+            engine.stop()
+
+    def drive():
+        try:
+            while not server.started:
+                time.sleep(0.01)
+            body = {"model": loaded.name, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": n + 1,
+                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            c0 = {"engine": thread_cpu(main), "http": thread_cpu(web.ident)}
+            client.stdin.write(json.dumps(body) + "\n")
+            client.stdin.flush()
+            got = json.loads(client.stdout.readline())
+            tokens = got["tokens"]
+            out["ms"] = 1e3 * (got["last"] - got["first"]) / (tokens - 1)
+            out["tokens"] = tokens
+            for k, ident in (("engine", main), ("http", web.ident)):
+                out[f"cpu_{k}"] = 1e3 * (thread_cpu(ident) - c0[k]) / tokens
+        finally:
+            server.should_exit = True
+
+    main = threading.get_ident()
+    web = threading.Thread(target=http, daemon=True)
+    web.start()
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    engine.run()
+    web.join()
+    driver.join()
+    sock.close()
+    client.stdin.close()
+    client.wait()
+    return out
+
+
+PROMPT = "Count from 1 to 300, separated by commas."
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("-n", "--new-tokens", type=int, default=64)
+    ap.add_argument("-r", "--repetitions", type=int, default=7)
+    ap.add_argument("-t", "--threads", type=int, help="compute threads (default: as `llm bench`); 1 on a busy machine, "
+                    "where OpenMP barriers make wall times swing")
+    ap.add_argument("--profile", metavar="FILE", help="cProfile the HTTP thread over all serve runs into FILE")
+    args = ap.parse_args()
+
+    import cProfile
+
+    from llm_torch.core.engine.runner import make_runner
+    from llm_torch.core.openmp import set_threads
+    from llm_torch.core.placement.loading import load_model
+
+    set_threads(args.threads)
+    loaded = load_model(args.model, progress=False)
+    runner = make_runner(loaded.model)
+    text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    prompt_ids = loaded.tokenizer.encode(text, add_special_tokens=False)
+    sys.setswitchinterval(0.0005)  # as `llm serve` sets it
+    profile = cProfile.Profile() if args.profile else None
+    rows = []
+    for rep in range(args.repetitions + 1):  # the first pair warms up and is not counted
+        s = serve_once(loaded, runner, args.new_tokens, profile if rep else None)
+        n = s["tokens"] - 1  # bench the same number of decode steps
+        b_ms, b_cpu = bench_once(runner, prompt_ids, n)
+        if not rep:
+            continue
+        r = {"bench": b_ms, "serve": s["ms"], "diff": s["ms"] - b_ms, "bench_cpu": b_cpu,
+             "serve_cpu_engine": s["cpu_engine"], "serve_cpu_http": s["cpu_http"]}
+        rows.append(r)
+        print(f"rep {rep}: bench {b_ms:.2f} serve {r['serve']:.2f} diff {r['diff']:+.2f} ms/token; CPU ms/token: "
+              f"engine thread {b_cpu:.2f} (bench) {r['serve_cpu_engine']:.2f} (serve), HTTP thread "
+              f"{r['serve_cpu_http']:.2f} ({s['tokens']} tokens)", file=sys.stderr)
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    print(f"median of {len(rows)}: bench decode {med['bench']:.2f} ms/token, serve {med['serve']:.2f} ms/token, "
+          f"added {med['diff']:+.2f} ms/token (median of paired differences); CPU ms/token: engine thread "
+          f"{med['bench_cpu']:.2f} (bench) vs {med['serve_cpu_engine']:.2f} (serve), HTTP thread {med['serve_cpu_http']:.2f}")
+    if profile is not None:
+        profile.dump_stats(args.profile)
+
+
+if __name__ == "__main__":
+    main()
