@@ -33,6 +33,7 @@ port = int(sys.argv[1])
 for line in sys.stdin:
     body = json.loads(line)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    sent = time.perf_counter()
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
     r = conn.getresponse()
     first = last = None
@@ -55,7 +56,7 @@ for line in sys.stdin:
             if c.get("finish_reason"):
                 last = now
     conn.close()
-    print(json.dumps({"first": first, "last": last, "tokens": usage["completion_tokens"]}), flush=True)
+    print(json.dumps({"sent": sent, "first": first, "last": last, "tokens": usage["completion_tokens"]}), flush=True)
 """
 
 
@@ -63,13 +64,15 @@ def thread_cpu(ident: int) -> float:
     return time.clock_gettime(time.pthread_getcpuclockid(ident))
 
 
-def bench_once(runner, prompt_ids, n: int) -> tuple[float, float]:
-    """ms/token of `llm bench` decode, and the main thread's CPU ms/token over the whole run."""
+def bench_once(runner, prompt_ids, n: int) -> dict:
+    """`llm bench` decode of n tokens after prompt_ids: ms/token of decode, of the whole run (prefill
+    included) and the process's CPU ms/token."""
     from llm_torch.core.tools.bench import time_decode
 
-    c0 = time.thread_time()
+    c0, t0 = time.process_time(), time.perf_counter()
     t = time_decode(runner, prompt_ids, n)
-    return 1e3 * t.decode_seconds / n, 1e3 * (time.thread_time() - c0) / (n + 1)
+    whole, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"ms": 1e3 * t.decode_seconds / n, "whole": 1e3 * whole / (n + 1), "cpu": 1e3 * cpu / (n + 1)}
 
 
 def serve_once(loaded, runner, n: int, profile=None) -> dict:
@@ -104,12 +107,14 @@ def serve_once(loaded, runner, n: int, profile=None) -> dict:
                 time.sleep(0.01)
             body = {"model": loaded.name, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": n + 1,
                     "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-            c0 = {"engine": thread_cpu(main), "http": thread_cpu(web.ident)}
+            c0 = {"engine": thread_cpu(main), "http": thread_cpu(web.ident), "process": time.process_time()}
             client.stdin.write(json.dumps(body) + "\n")
             client.stdin.flush()
             got = json.loads(client.stdout.readline())
             tokens = got["tokens"]
+            out["cpu"] = 1e3 * (time.process_time() - c0["process"]) / tokens
             out["ms"] = 1e3 * (got["last"] - got["first"]) / (tokens - 1)
+            out["whole"] = 1e3 * (got["last"] - got["sent"]) / tokens
             out["tokens"] = tokens
             for k, ident in (("engine", main), ("http", web.ident)):
                 out[f"cpu_{k}"] = 1e3 * (thread_cpu(ident) - c0[k]) / tokens
@@ -160,19 +165,21 @@ def main() -> None:
     for rep in range(args.repetitions + 1):  # the first pair warms up and is not counted
         s = serve_once(loaded, runner, args.new_tokens, profile if rep else None)
         n = s["tokens"] - 1  # bench the same number of decode steps
-        b_ms, b_cpu = bench_once(runner, prompt_ids, n)
+        b = bench_once(runner, prompt_ids, n)
         if not rep:
             continue
-        r = {"bench": b_ms, "serve": s["ms"], "diff": s["ms"] - b_ms, "bench_cpu": b_cpu,
-             "serve_cpu_engine": s["cpu_engine"], "serve_cpu_http": s["cpu_http"]}
+        r = {"bench": b["ms"], "serve": s["ms"], "added": s["ms"] - b["ms"],
+             "bench_whole": b["whole"], "serve_whole": s["whole"], "added_whole": s["whole"] - b["whole"],
+             "bench_cpu": b["cpu"], "serve_cpu": s["cpu"], "added_cpu": s["cpu"] - b["cpu"],
+             "engine_cpu": s["cpu_engine"], "http_cpu": s["cpu_http"]}
         rows.append(r)
-        print(f"rep {rep}: bench {b_ms:.2f} serve {r['serve']:.2f} diff {r['diff']:+.2f} ms/token; CPU ms/token: "
-              f"engine thread {b_cpu:.2f} (bench) {r['serve_cpu_engine']:.2f} (serve), HTTP thread "
-              f"{r['serve_cpu_http']:.2f} ({s['tokens']} tokens)", file=sys.stderr)
+        print(f"rep {rep} ({s['tokens']} tokens): " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), file=sys.stderr)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    print(f"median of {len(rows)}: bench decode {med['bench']:.2f} ms/token, serve {med['serve']:.2f} ms/token, "
-          f"added {med['diff']:+.2f} ms/token (median of paired differences); CPU ms/token: engine thread "
-          f"{med['bench_cpu']:.2f} (bench) vs {med['serve_cpu_engine']:.2f} (serve), HTTP thread {med['serve_cpu_http']:.2f}")
+    print(f"median of {len(rows)} (ms/token): decode: bench {med['bench']:.2f}, serve {med['serve']:.2f}, added "
+          f"{med['added']:+.2f}; whole request (prefill included): bench {med['bench_whole']:.2f}, serve "
+          f"{med['serve_whole']:.2f}, added {med['added_whole']:+.2f}; process CPU: bench {med['bench_cpu']:.2f}, serve "
+          f"{med['serve_cpu']:.2f}, added {med['added_cpu']:+.2f} (serve: engine thread {med['engine_cpu']:.2f}, HTTP "
+          f"thread {med['http_cpu']:.2f}); added = median of the paired differences")
     if profile is not None:
         profile.dump_stats(args.profile)
 

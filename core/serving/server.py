@@ -203,7 +203,7 @@ class _Call:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _arrive(self, item) -> None:  # engine thread
+    def arrive(self, item) -> None:  # engine thread
         self.inbox.append(item)
         # Appended before the check, and the stream sets _waiter before looking at the inbox again: one of the
         # two sees the other, so no event waits for the keep-alive timer. A spare wake-up only loops once.
@@ -212,7 +212,7 @@ class _Call:
 
     async def submit(self, prompt_ids: list[int], spec: GenerationSpec) -> None:
         """Hand one prompt to the engine; its events carry its index in `flights`."""
-        tag, arrive, clock = len(self.flights), self._arrive, time.perf_counter
+        tag, arrive, clock = len(self.flights), self.arrive, time.perf_counter
         arrived = clock()
 
         def on_event(event: GenerationEvent) -> None:  # engine thread
