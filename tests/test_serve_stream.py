@@ -14,7 +14,7 @@ import pytest
 
 from llm_torch.core.engine.events import GenerationEvent
 from llm_torch.core.serving import openai_api as api
-from llm_torch.core.serving.server import KEEP_ALIVE, _Call
+from llm_torch.core.serving.server import KEEP_ALIVE, _Call, _Waker
 
 
 @pytest.mark.parametrize("with_usage", [False, True])
@@ -39,6 +39,7 @@ class _Server:
     def __init__(self):
         self.seen = []
         self.engine = _Engine()
+        self.waker = _Waker()
 
     def observe(self, flight, event, at):
         self.seen.append(event)
