@@ -7,9 +7,10 @@ Extensions that llama.cpp and vLLM also accept: top_k, min_p, repetition_penalty
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -152,6 +153,16 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | No
     if with_usage:
         out["usage"] = None  # OpenAI: null on every chunk but the last, extra one
     return out
+
+
+def chat_content_chunk(rid: str, model: str, created: int, with_usage: bool = False) -> Callable[[str], str]:
+    """text -> the JSON of chat_chunk(rid, model, created, {"content": text}), as json.dumps(..., ensure_ascii=False)
+    writes it: the constant parts are encoded once per stream, each token encodes only its text."""
+    mark = uuid.uuid4().hex
+    head, tail = json.dumps(chat_chunk(rid, model, created, {"content": mark}, with_usage=with_usage),
+                            ensure_ascii=False).split(f'"{mark}"')
+    encode = json.JSONEncoder(ensure_ascii=False).encode
+    return lambda text: f"{head}{encode(text)}{tail}"
 
 
 def completion_choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
