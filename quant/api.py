@@ -113,7 +113,7 @@ def estimate(ref: str | None, spec: QuantSpec, *, dtype: str = "auto") -> Estima
     resolved = resolve_model(ref)
     config = open_checkpoint(resolved).config
     target = resolve_dtype(dtype, config, kind=resolved.kind)
-    model = build_model(config, fused=True)
+    model = build_model(config)
     float_bytes = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * torch.finfo(target).bits // 8
     todo, kept, notes = plan(model, spec)
     codec = codec_for(spec)
@@ -127,9 +127,7 @@ def estimate(ref: str | None, spec: QuantSpec, *, dtype: str = "auto") -> Estima
 
             # The plain codes kept beside the packed ones, with their scales / zeros widened to fp32.
             extra += _quantized_bytes(codec, spec, n, k) + n * (k // (int4_group_size(k, spec.group_size) or k)) * 4
-    # Layers counted as the checkpoint names them (a fused q|k|v layer is three).
-    return Estimate(float_bytes, float_bytes - saved, float_bytes - saved + extra, sum(len(t.parts) for t in todo),
-                    sum(len(t.parts) for t in kept), notes)
+    return Estimate(float_bytes, float_bytes - saved, float_bytes - saved + extra, len(todo), len(kept), notes)
 
 
 def _quantized_bytes(codec, spec: QuantSpec, n: int, k: int) -> int:

@@ -51,7 +51,7 @@ def save_quantized(
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
-        # safetensors refuses views that share storage (rows of a fused layer): one contiguous copy each.
+        # safetensors refuses strided (K-major) tensors and ones that share storage: one contiguous copy each.
         plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
         save_file(plain, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors writes it private (0600), like a temp file

@@ -81,8 +81,10 @@ class NativeStep:
 
     def _fill_layer(self, c: kernels.CLayer, layer: DecoderLayer, cfg) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        proj = [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
-        up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
+        # step.c writes each projection's outputs after the previous one's (q|k|v, gate|up): as many calls as
+        # modules, each weight read once, so stacking them into one matrix would gain nothing (README).
+        proj = [attn.q_proj, attn.k_proj, attn.v_proj]
+        up = [mlp.gate_proj, mlp.up_proj]
         for j, m in enumerate(proj):
             self._fill_linear(c.proj[j], m)
         for j, m in enumerate(up):
