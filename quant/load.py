@@ -95,10 +95,15 @@ class QuantizedLoader:
 
     def filter(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in tensors:
-            if self._owner(name) is None:
-                yield name, tensor
-            else:
+            if self._owner(name) is not None:
                 self.stash[name] = tensor
+            elif not tensor.is_floating_point():
+                # Codes whose scales are missing would otherwise be cast to floats and run as weights.
+                module = name.rpartition(".")[0]
+                raise CheckpointError(f"'{name}' holds {str(tensor.dtype).removeprefix('torch.')} codes but "
+                                      f"'{module}.{self.codec.marker}' is missing", hint="re-create the checkpoint")
+            else:
+                yield name, tensor
 
     def finish(self) -> None:
         for t in self.targets:
