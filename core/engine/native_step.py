@@ -81,8 +81,9 @@ class NativeStep:
 
     def _fill_layer(self, c: kernels.CLayer, layer: DecoderLayer, cfg) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        # step.c writes each projection's outputs after the previous one's (q|k|v, gate|up): as many calls as
-        # modules, each weight read once, so stacking them into one matrix would gain nothing (README).
+        # step.c writes each projection's outputs after the previous one's (q|k|v, gate|up), one product per
+        # module. Stacked into one matrix they ran no faster (SmolLM2 fp32, 1 thread, CPU ms per token, stacked
+        # vs separate: decode 49.3 / 48.3, 8 sequences 9.34 / 9.35, 128-token prefill 4.18 / 4.16).
         proj = [attn.q_proj, attn.k_proj, attn.v_proj]
         up = [mlp.gate_proj, mlp.up_proj]
         for j, m in enumerate(proj):
