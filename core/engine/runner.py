@@ -66,7 +66,7 @@ class Runner:
 
 
 class TorchRunner(Runner):
-    """decode: what runs the one-token rows (default: the model; speed.compile_decode's compiled graph)."""
+    """decode: what runs the batch of one-token rows (default: the model; --compile's compiled forward, speed.py)."""
 
     def __init__(self, model: CausalLM, why: str, *, layer_devices: list[torch.device] | None = None,
                  decode: Callable[..., torch.Tensor] | None = None):
