@@ -115,7 +115,7 @@ def _meta_plan(resolved, spec: QuantSpec):
     from llm_torch.core.checkpoint import open_checkpoint
     from llm_torch.core.placement.loading import build_model
 
-    model = build_model(open_checkpoint(resolved).config, fused=True)
+    model = build_model(open_checkpoint(resolved).config)
     return (model, *plan(model, spec))
 
 
@@ -140,9 +140,8 @@ def estimate(ref: str | None, spec: QuantSpec, *, dtype: str = "auto") -> Estima
 
             # The plain codes kept beside the packed ones, with their scales / zeros widened to fp32.
             extra += _quantized_bytes(codec, spec, n, k) + n * (k // (int4_group_size(k, spec.group_size) or k)) * 4
-    # Layers counted as the checkpoint names them (a fused q|k|v layer is three).
-    return Estimate(float_bytes, float_bytes - saved, float_bytes - saved + extra, sum(len(t.parts) for t in todo),
-                    sum(len(t.parts) for t in kept), notes, applied_label(spec, todo))
+    return Estimate(float_bytes, float_bytes - saved, float_bytes - saved + extra, len(todo), len(kept), notes,
+                    applied_label(spec, todo))
 
 
 def _quantized_bytes(codec, spec: QuantSpec, n: int, k: int) -> int:

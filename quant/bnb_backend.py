@@ -90,44 +90,39 @@ class BnbCodec:
         cb, scb, _ = F.int8_vectorwise_quant(w.to(torch.float16).contiguous())
         return {"weight": cb, "SCB": scb.float(), "weight_format": torch.tensor(0, dtype=torch.uint8)}
 
-    def build(self, parts: list[dict[str, torch.Tensor]], bias: torch.Tensor | None, name: str) -> nn.Module:
+    def build(self, tensors: dict[str, torch.Tensor], name: str) -> nn.Module:
+        """The module of one Linear's checkpoint tensors (quantize's, plus its float `bias` if it has one)."""
+        bias = tensors.get("bias")
         try:
             if not self.four_bit:
                 from .int_layers import Int8Linear
 
-                q = torch.cat([p["weight"] for p in parts])
-                scb = torch.cat([p["SCB"] for p in parts]).float()
+                q, scb = tensors["weight"], tensors["SCB"].float()
                 if q.dtype != torch.int8 or scb.shape != (q.shape[0],):
                     raise ValueError("weight / SCB have inconsistent shapes or dtypes")
                 return Int8Linear(q, scb / 127.0, bias)
-            return self._build_4bit(parts, bias)
+            return self._build_4bit(tensors, bias)
         except (KeyError, ValueError, RuntimeError, AssertionError) as e:
             raise CheckpointError(f"bitsandbytes tensors of '{name}' are unusable: {e or type(e).__name__}",
                                   hint="re-create the checkpoint") from None
 
-    def _build_4bit(self, parts, bias) -> nn.Module:
+    def _build_4bit(self, tensors, bias) -> nn.Module:
         _, F = _bnb()
-        packed, absmax, shapes, first = [], [], [], None
-        for p in parts:
-            state = F.QuantState.from_dict({k[len("weight."):]: v for k, v in p.items() if k.startswith("weight.")}, device=torch.device("cpu"))
-            if state.nested:
-                # One fused layer holds several checkpoint layers: their block scales are expanded to fp32
-                # (1/16 byte per weight more) so the parts concatenate into one state.
-                scales = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
-            else:
-                scales = state.absmax.float()
-            rows, cols = state.shape
-            if (rows * cols) % state.blocksize or p["weight"].numel() * 2 != rows * cols:
-                raise ValueError(f"packed size {p['weight'].numel()} does not hold a {rows}x{cols} weight")
-            first = first or state
-            if state.blocksize != first.blocksize or state.quant_type != first.quant_type or cols != first.shape[1]:
-                raise ValueError("parts of one fused layer differ in block size, type or width")
-            packed.append(p["weight"].reshape(-1, 1))
-            absmax.append(scales.float())
-            shapes.append(rows)
-        state = F.QuantState(absmax=torch.cat(absmax), shape=torch.Size((sum(shapes), first.shape[1])), code=first.code,
-                             blocksize=first.blocksize, quant_type=first.quant_type, dtype=torch.float32)
-        return Linear4bit(torch.cat(packed), state, bias)
+        state = F.QuantState.from_dict({k[len("weight."):]: v for k, v in tensors.items() if k.startswith("weight.")},
+                                       device=torch.device("cpu"))
+        if state.nested:
+            # Double-quantized block scales are expanded to fp32 (1/16 byte per weight more): the layer's
+            # state is then one absmax tensor, which follows the module's .to(device).
+            scales = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        else:
+            scales = state.absmax.float()
+        rows, cols = state.shape
+        packed = tensors["weight"]
+        if (rows * cols) % state.blocksize or packed.numel() * 2 != rows * cols:
+            raise ValueError(f"packed size {packed.numel()} does not hold a {rows}x{cols} weight")
+        state = F.QuantState(absmax=scales.float(), shape=torch.Size((rows, cols)), code=state.code,
+                             blocksize=state.blocksize, quant_type=state.quant_type, dtype=torch.float32)
+        return Linear4bit(packed.reshape(-1, 1), state, bias)
 
     def config(self, spec: QuantSpec, kept: list[str]) -> dict:
         """quantization_config as transformers' BitsAndBytesConfig.to_dict() writes it."""

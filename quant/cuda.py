@@ -18,14 +18,14 @@ from .swap import QuantResult, applied_label, plan, replace_module
 
 def quantize_on_cuda(model: nn.Module, spec: QuantSpec) -> QuantResult:
     todo, kept, notes = plan(model, spec)
-    result = QuantResult(notes=notes, kept=[n for t in kept for n, _ in t.parts], label=applied_label(spec, todo))
+    result = QuantResult(notes=notes, kept=[t.name for t in kept], label=applied_label(spec, todo))
     names = {t.name for t in todo}
     if spec.backend == "torchao":
         _torchao(model, spec, names)
     else:
         for name in names:
             replace_module(model, name, _bnb_layer(model.get_submodule(name), spec))
-    result.quantized = [n for t in todo for n, _ in t.parts]
+    result.quantized = [t.name for t in todo]
     return result
 
 

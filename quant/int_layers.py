@@ -247,8 +247,7 @@ class Int4Linear(QuantModule):
 
 
 class TorchaoCodec:
-    """Checkpoint tensors <-> modules for one torchao scheme. Tensors are per checkpoint Linear (a
-    fused q|k|v module has three), all indexed by output row, so fusing is a row concatenation."""
+    """Checkpoint tensors <-> modules for one torchao scheme, one checkpoint Linear at a time."""
 
     backend = "torchao"
     marker = MARKER
@@ -274,16 +273,18 @@ class TorchaoCodec:
             return quantize_int4(w, g)
         return quantize_int8(w)
 
-    def build(self, parts: list[dict[str, torch.Tensor]], bias: torch.Tensor | None, name: str) -> nn.Module:
+    def build(self, tensors: dict[str, torch.Tensor], name: str) -> nn.Module:
+        """The module of one Linear's checkpoint tensors (quantize's, plus its float `bias` if it has one)."""
+        bias = tensors.get("bias")
         try:
             if self.scheme == "int4":
-                packed, scale, zero = (torch.cat([p[k] for p in parts]) for k in ("weight", "weight_scale", "weight_zero"))
+                packed, scale, zero = (tensors[k] for k in ("weight", "weight_scale", "weight_zero"))
                 if packed.dtype != torch.uint8 or scale.shape != zero.shape or scale.shape[0] != packed.shape[0]:
                     raise ValueError("int4 tensors have inconsistent shapes or dtypes")
                 if (packed.shape[1] * 2) % scale.shape[1] or (packed.shape[1] * 2) // scale.shape[1] not in GROUP_SIZES:
                     raise ValueError(f"{scale.shape[1]} groups do not split {packed.shape[1] * 2} inputs into a supported size")
                 return Int4Linear(packed, scale, zero, bias)
-            q, scale = torch.cat([p["weight"] for p in parts]), torch.cat([p["weight_scale"] for p in parts])
+            q, scale = tensors["weight"], tensors["weight_scale"]
             if q.dtype != torch.int8 or scale.shape != (q.shape[0],):
                 raise ValueError("int8 weight / weight_scale have inconsistent shapes or dtypes")
             return Int8Linear(q, scale, bias, dynamic=self.scheme == "int8-dynamic")

@@ -70,21 +70,13 @@ class QuantizedLoader:
         self.model, self.device, self.dtype = model, device, dtype
         keys = tensor_names()
         marker = self.codec.marker
-        self.targets = []
-        for t in linear_targets(model):
-            flags = [f"{n}.{marker}" in keys for n, _ in t.parts]
-            if all(flags):
-                self.targets.append(t)
-                replace_module(model, t.name, _Pending())
-            elif any(flags):
-                raise CheckpointError(
-                    f"'{t.name}' mixes quantized and float parts ({', '.join(n for n, _ in t.parts)})",
-                    hint="fused projections must be quantized alike",
-                )
+        self.targets = [t for t in linear_targets(model) if f"{t.name}.{marker}" in keys]
+        for t in self.targets:
+            replace_module(model, t.name, _Pending())
         # --quantize-embeddings (torchao schemes): int8 tables; a tied head is rebuilt on the same table.
         self.embeddings = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding) and f"{n}.{marker}" in keys]
         self.tied_head = bool(self.embeddings) and getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head") \
-            and not any(n == "lm_head" for t in self.targets for n, _ in t.parts)
+            and not any(t.name == "lm_head" for t in self.targets)
         for name in self.embeddings:
             replace_module(model, name, _Pending())
         if self.tied_head:
@@ -92,10 +84,10 @@ class QuantizedLoader:
             object.__setattr__(model.config, "tie_word_embeddings", False)  # nothing for assign_weights to tie
         if not self.targets and not self.embeddings:
             raise CheckpointError(f"quantization_config says {scheme}, but no layer in the checkpoint is quantized")
-        if any(n == "lm_head" for t in self.targets for n, _ in t.parts):
+        if any(t.name == "lm_head" for t in self.targets):
             # A quantized head has its own tensors, even when the float model tied it.
             object.__setattr__(model.config, "tie_word_embeddings", False)
-        self.prefixes = {n: t for t in self.targets for n, _ in t.parts} | dict.fromkeys(self.embeddings)
+        self.prefixes = {t.name for t in self.targets} | set(self.embeddings)
         self.stash: dict[str, torch.Tensor] = {}
 
     def _owner(self, key: str) -> str | None:
@@ -109,27 +101,27 @@ class QuantizedLoader:
 
     def filter(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in tensors:
-            if self._owner(name) is None:
-                yield name, tensor
-            else:
+            if self._owner(name) is not None:
                 self.stash[name] = tensor
+            elif not tensor.is_floating_point():
+                # Codes whose scales are missing would otherwise be cast to floats and run as weights.
+                module = name.rpartition(".")[0]
+                raise CheckpointError(f"'{name}' holds {str(tensor.dtype).removeprefix('torch.')} codes but "
+                                      f"'{module}.{self.codec.marker}' is missing", hint="re-create the checkpoint")
+            else:
+                yield name, tensor
 
     def finish(self) -> None:
         for t in self.targets:
-            parts = []
-            for part_name, rows in t.parts:
-                prefix = part_name + "."
-                tensors = {k[len(prefix):]: self.stash.pop(k) for k in [k for k in self.stash if k.startswith(prefix)]}
-                parts.append(tensors)
-            biases = [p.pop("bias", None) for p in parts]
-            if any(b is not None for b in biases) and any(b is None for b in biases):
-                raise CheckpointError(f"'{t.name}': some parts have a bias and some do not")
-            bias = torch.cat([b.to(self.dtype) for b in biases]) if biases[0] is not None else None
-            module = self.codec.build(parts, bias, t.name)
-            rows = sum(r for _, r in t.parts)
-            if getattr(module, "out_features", rows) != rows or getattr(module, "in_features", t.in_features) != t.in_features:
+            prefix = t.name + "."
+            tensors = {k[len(prefix):]: self.stash.pop(k) for k in [k for k in self.stash if k.startswith(prefix)]}
+            if "bias" in tensors:
+                tensors["bias"] = tensors["bias"].to(self.dtype)
+            module = self.codec.build(tensors, t.name)
+            shape = (t.out_features, t.in_features)
+            if (getattr(module, "out_features", shape[0]), getattr(module, "in_features", shape[1])) != shape:
                 raise CheckpointError(
-                    f"quantized '{t.name}' is {module.out_features}x{module.in_features}, the config expects {rows}x{t.in_features}"
+                    f"quantized '{t.name}' is {module.out_features}x{module.in_features}, the config expects {shape[0]}x{shape[1]}"
                 )
             replace_module(self.model, t.name, module.to(self.device))
             if getattr(module, "group_size", None):

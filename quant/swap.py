@@ -1,7 +1,7 @@
 """Swap a float model's Linear layers for quantized ones, in place, one layer at a time.
 
-Every scheme's codec turns one checkpoint Linear (HF name, e.g. `model.layers.0.self_attn.q_proj`) into
-checkpoint tensors, and a list of such parts (a fused q|k|v layer has three) into one module. The
+Every scheme's codec turns one Linear (its module path is its checkpoint name, e.g.
+`model.layers.0.self_attn.q_proj`) into checkpoint tensors, and those tensors into one module. The
 in-memory path and the reload path both go through `codec.build` on the same tensors, so a saved
 and reloaded model computes exactly what the model quantized in memory computes.
 """
@@ -34,27 +34,16 @@ def codec_for(spec_or_scheme, group_size: int = 128, double_quant: bool = False)
 
 @dataclass(frozen=True)
 class Target:
-    """One Linear module of our tree and the checkpoint Linears it holds (several when fused)."""
+    """One Linear module of the model: its path (= its checkpoint name) and shape."""
 
-    name: str  # module path in our tree: model.layers.0.self_attn.qkv_proj
-    parts: tuple[tuple[str, int], ...]  # (checkpoint module name, rows)
+    name: str  # model.layers.0.self_attn.q_proj
+    out_features: int
     in_features: int
 
 
 def linear_targets(model: nn.Module) -> list[Target]:
-    """Every nn.Linear of the model with the checkpoint names of its parts."""
-    out = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        parts = getattr(module, "parts", None)
-        parent = name.rpartition(".")[0]
-        if parts:
-            named = tuple((f"{parent}.{p}" if parent else p, rows) for p, rows in parts)
-        else:
-            named = ((name, module.out_features),)
-        out.append(Target(name, named, module.in_features))
-    return out
+    """Every nn.Linear of the model."""
+    return [Target(name, m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
 def matches(name: str, patterns) -> bool:
@@ -77,13 +66,12 @@ def plan(model: nn.Module, spec: QuantSpec) -> tuple[list[Target], list[Target],
     todo, kept, notes = [], [], []
     grouped: dict[str, list[str]] = {}
     for t in linear_targets(model):
-        names = [n for n, _ in t.parts]
-        if any(matches(n, spec.skip) for n in names) or matches(t.name, spec.skip):
+        if matches(t.name, spec.skip):
             kept.append(t)
             continue
         ok, note = codec.plan(t.in_features)
         if note:
-            grouped.setdefault(note, []).extend(names)
+            grouped.setdefault(note, []).append(t.name)
         (todo if ok else kept).append(t)
     for note, names in grouped.items():
         notes.append(f"{len(names)} layer(s) ({_short(names)}): {note}")
@@ -111,7 +99,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False) 
     """
     codec = codec_for(spec)
     todo, kept, notes = plan(model, spec)
-    result = QuantResult(notes=notes, kept=[n for t in kept for n, _ in t.parts], label=applied_label(spec, todo))
+    result = QuantResult(notes=notes, kept=[t.name for t in kept], label=applied_label(spec, todo))
     tied_head = _tied_head(model)
     if spec.quantize_embeddings:
         if codec.backend == "torchao":
@@ -123,18 +111,13 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False) 
     for t in todo:
         module = model.get_submodule(t.name)
         w = module.weight.detach().contiguous()  # fp32 CPU weights may be K-major (layers.k_major_weights)
-        bias = None if module.bias is None else module.bias.detach()
-        parts, start = [], 0
-        for part_name, rows in t.parts:
-            tensors = codec.quantize(w[start : start + rows])
-            if bias is not None:
-                tensors["bias"] = bias[start : start + rows].clone()
-            if collect:
-                result.tensors.update({f"{part_name}.{k}": v for k, v in tensors.items()})
-            parts.append(tensors)
-            start += rows
-            result.quantized.append(part_name)
-        new = codec.build(parts, None if bias is None else bias.clone(), t.name)
+        tensors = codec.quantize(w)
+        if module.bias is not None:
+            tensors["bias"] = module.bias.detach().clone()
+        if collect:
+            result.tensors.update({f"{t.name}.{k}": v for k, v in tensors.items()})
+        result.quantized.append(t.name)
+        new = codec.build(tensors, t.name)
         replace_module(model, t.name, new.to(w.device))
     if "lm_head" in result.quantized and tied_head:
         _untie(model)
@@ -182,16 +165,5 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's remaining parameters under checkpoint names (fused float layers split into their parts)."""
-    out: dict[str, torch.Tensor] = {}
-    for pname, p in model.named_parameters():  # a tied head appears once, as the embedding
-        module_name, _, attr = pname.rpartition(".")
-        parts = getattr(model.get_submodule(module_name), "parts", None)
-        if not parts:
-            out[pname] = p.detach()
-            continue
-        parent, start = module_name.rpartition(".")[0], 0
-        for part, rows in parts:
-            out[f"{parent}.{part}.{attr}"] = p.detach()[start : start + rows]
-            start += rows
-    return out
+    """The model's remaining parameters under their checkpoint names (a tied head appears once, as the embedding)."""
+    return {name: p.detach() for name, p in model.named_parameters()}

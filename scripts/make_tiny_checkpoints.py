@@ -87,7 +87,7 @@ def make(name: str, folder: Path, *, force: bool = False, seed: int = 0) -> Path
     if labels:
         config["id2label"] = {str(i): label for i, label in enumerate(labels)}
         config["label2id"] = {label: i for i, label in enumerate(labels)}
-    model = build_model(ModelConfig.from_dict(config), fused=False)  # meta device, transformers' names
+    model = build_model(ModelConfig.from_dict(config))  # meta device, transformers' names
     tensors = random_weights(model, config, seed)
     staged = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:

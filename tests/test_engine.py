@@ -11,8 +11,8 @@ from llm_torch.core.engine.engine import Engine, EngineConfig
 from llm_torch.core.errors import InputError
 from llm_torch.core.engine.spec import GenerationSpec
 from llm_torch.core.model.kv_cache import KVCache
-from llm_torch.core.placement.loading import ResolvedModel, load_resolved
-from llm_torch.core.engine.runner import NativeRunner, TorchRunner, make_runner
+from llm_torch.core.placement.loading import ResolvedModel, build_model, load_resolved
+from llm_torch.core.engine.runner import NativeRunner, TorchRunner, install, make_runner
 from llm_torch.core.engine.sampling import SamplingSpec
 from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, hf_model
 
@@ -285,3 +285,20 @@ def test_an_answer_that_outgrows_the_memory_ends_alone(models, monkeypatch):
     run_all(engine, [long, short])
     assert long.finish_reason == "error" and "out of memory" in long.error and len(long.generated) == 62  # 64 positions held 3 + 61
     assert short.finish_reason == "length" and short.generated == alone(model, runner, [8, 9]).generated
+
+
+def test_an_installed_runner_lives_and_dies_with_its_model(models):
+    """install keeps a model's runner on the model itself: no table keyed by models outlives one, even when
+    the factory holds the model (as --compile's compiled forward does)."""
+    import gc
+    import weakref
+
+    other = models["llama"]
+    model = build_model(other.config)  # meta device: holding a runner choice needs no weights
+    install(model, lambda m: TorchRunner(model, "installed"))
+    assert make_runner(model).description == "PyTorch layers: installed"
+    assert make_runner(other).description != "PyTorch layers: installed"
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None

@@ -64,11 +64,10 @@ def maxdiff(a, b):
 
 
 @pytest.mark.parametrize(("family", "base", "arch", "auto", "cls"), CASES, ids=[c[2] for c in CASES])
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
-def test_head_parity(tmp_path, family, base, arch, auto, cls, fuse):
+def test_head_parity(tmp_path, family, base, arch, auto, cls):
     ref = head_reference(base, arch, auto)
     ref.save_pretrained(tmp_path)
-    loaded = load_resolved(ResolvedModel("t", "folder", tmp_path), dtype="float32", with_tokenizer=False, fuse=fuse)
+    loaded = load_resolved(ResolvedModel("t", "folder", tmp_path), dtype="float32", with_tokenizer=False)
     model = loaded.model
     assert isinstance(model, cls)
     assert loaded.config.id2label == LABELS

@@ -33,8 +33,8 @@ def folders(tmp_path_factory):
     return out
 
 
-def load(folder, dtype="float32", fuse=True):
-    return load_resolved(ResolvedModel("tiny", "folder", folder), dtype=dtype, with_tokenizer=False, fuse=fuse).model
+def load(folder, dtype="float32"):
+    return load_resolved(ResolvedModel("tiny", "folder", folder), dtype=dtype, with_tokenizer=False).model
 
 
 def ids_for(model, n, seed=5):
@@ -93,12 +93,6 @@ def test_long_context_splits_the_keys(tmp_path, base, variant, threads):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_narrow_weights(folders, dtype):
     assert_same_decode(load(folders["llama-gqa"], dtype))
-
-
-def test_unfused_layout(folders):
-    """Separate q/k/v and gate/up projections (fuse=False keeps transformers' module names)."""
-    assert_same_decode(load(folders["llama-head_dim_bias"], fuse=False))
-    assert_same_decode(load(folders["gemma2-default_layers"], fuse=False))
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", "int8-dynamic"])
@@ -216,6 +210,19 @@ def test_compile_says_it_runs_the_layers(folders):
     model = load(folders["llama-gqa"])
     compile_model(model)  # lazy: nothing is compiled until the first one-token call
     assert describe(model) == "PyTorch layers: torch.compile (--compile)"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_compile_is_the_runners_not_the_models(folders):
+    """--compile installs a runner whose decode is compiled; the model's own forward stays the eager reference."""
+    from llm_torch.core.engine.speed import compile_model
+
+    model = load(folders["llama-gqa"])
+    compile_model(model)
+    assert "forward" not in vars(model)  # not replaced on the instance: other callers get the eager layers
+    first, second = make_runner(model), make_runner(model)
+    assert isinstance(first, TorchRunner) and first.decode is not model
+    assert second.decode is first.decode  # one compiled function (one compile cache) for every engine
 
 
 def test_other_heads_do_not_generate(folders):

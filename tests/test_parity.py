@@ -37,6 +37,12 @@ def pair(request, tmp_path_factory):
     return name, ref, load_ours(folder)
 
 
+def test_module_names_are_transformers(pair):
+    """The loaded model is the plain reference: transformers' module tree, tensor for tensor (no fused layout)."""
+    name, ref, ours = pair
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+
+
 @torch.no_grad()
 def test_logits_match(pair):
     name, ref, ours = pair

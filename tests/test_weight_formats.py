@@ -25,6 +25,8 @@ class DoubledHead:
     """A made-up format: the checkpoint stores the LM head at half scale under `lm_head.half`; the format
     takes it out of the stream and builds the head at full scale once the stream is read."""
 
+    label = "doubled-head"
+
     def __init__(self, model: nn.Module, quantization_config, tensor_names, dtype, device):
         assert "lm_head.half" in tensor_names()
         self.model, self.dtype, self.device, self.taken = model, dtype, device, {}

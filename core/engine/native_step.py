@@ -81,8 +81,11 @@ class NativeStep:
 
     def _fill_layer(self, c: kernels.CLayer, layer: DecoderLayer, cfg) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        proj = [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
-        up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
+        # step.c writes each projection's outputs after the previous one's (q|k|v, gate|up), one product per
+        # module. Stacked into one matrix they ran no faster (SmolLM2 fp32, 1 thread, CPU ms per token, stacked
+        # vs separate: decode 49.3 / 48.3, 8 sequences 9.34 / 9.35, 128-token prefill 4.18 / 4.16).
+        proj = [attn.q_proj, attn.k_proj, attn.v_proj]
+        up = [mlp.gate_proj, mlp.up_proj]
         for j, m in enumerate(proj):
             self._fill_linear(c.proj[j], m)
         for j, m in enumerate(up):

@@ -6,17 +6,18 @@ A segment continues one sequence in one cache slot: a single token (decode) or a
   read once for all rows); CPU, fp32 activations, layers step.c knows.
 - TorchRunner: the PyTorch layers of core/model/model.py (the reference; any device, dtype and layer):
   decode tokens batched in one forward, each prefill chunk in its own.
-`make_runner(model)` picks one and says why in `runner.description`; speed is installed on a model from
-here, never written into core/model/model.py. Build the runner after the model is final (quantized, moved):
-the native one points at the weights it was built over.
+`make_runner(model)` picks one and says why in `runner.description`. A model that only one runner computes
+correctly (a device map's hooks, a tensor parallel shard) or that was asked for one (--compile) carries
+that choice as its `runner_factory`, set by `install` alone: Engine(model) then needs nothing else passed
+through the CLI, the tasks and the server, and no table outlives the model. Speed is installed from here,
+never written into core/model/model.py. Build the runner after the model is final (quantized, moved): the
+native one points at the weights it was built over.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
-
-import weakref
+from typing import Callable, Sequence
 
 import torch
 
@@ -65,10 +66,14 @@ class Runner:
 
 
 class TorchRunner(Runner):
-    def __init__(self, model: CausalLM, why: str, *, layer_devices: list[torch.device] | None = None):
+    """decode: what runs the batch of one-token rows (default: the model; --compile's compiled forward, speed.py)."""
+
+    def __init__(self, model: CausalLM, why: str, *, layer_devices: list[torch.device] | None = None,
+                 decode: Callable[..., torch.Tensor] | None = None):
         super().__init__(model)
         self.description = f"PyTorch layers: {why}"
         self.layer_devices = layer_devices
+        self.decode = decode if decode is not None else model
 
     def forward(self, cache, segments):
         out: list[torch.Tensor | None] = [None] * len(segments)
@@ -78,7 +83,7 @@ class TorchRunner(Runner):
             # A one-token prefill remainder still rotates for its prompt's length (dynamic NTK), as NativeRunner does.
             lengths = [segments[i].rope_len if segments[i].rope_len is not None else cache.lengths[segments[i].slot] + 1
                        for i in single]
-            logits = self.model(ids, cache=cache, slots=[segments[i].slot for i in single], rope_lengths=lengths)[:, -1]
+            logits = self.decode(ids, cache=cache, slots=[segments[i].slot for i in single], rope_lengths=lengths)[:, -1]
             for j, i in enumerate(single):
                 out[i] = logits[j]
         for i, s in enumerate(segments):
@@ -138,20 +143,23 @@ class NativeRunner(Runner):
         return torch.cat([c for c, _ in parts]), torch.cat([si for _, si in parts])
 
 
-_INSTALLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+RunnerFactory = Callable[[CausalLM], Runner]
 
 
-def install(model: CausalLM, factory) -> None:
-    """Make `factory(model)` the runner every engine over this model uses (e.g. tensor parallel's)."""
-    _INSTALLED[model] = factory
+def install(model: CausalLM, factory: RunnerFactory) -> None:
+    """Make `factory(model)` the runner every engine over this model uses (a device map's, tensor parallel's,
+    --compile's): kept on the model object itself, so it lives and dies with it."""
+    model.runner_factory = factory
 
 
 def make_runner(model: CausalLM) -> Runner:
-    """The fastest runner that computes this model here; its description says which and why."""
+    """The runner installed on this model, else the fastest that computes it here; its description says which
+    and why."""
     if not isinstance(model, CausalLM):
         raise TypeError(f"generation needs a causal LM head, not {type(model).__name__}")
-    if model in _INSTALLED:
-        return _INSTALLED[model](model)
+    factory = getattr(model, "runner_factory", None)
+    if factory is not None:
+        return factory(model)
     why = native_problem(model)
     if why is not None:
         return TorchRunner(model, why)
@@ -165,8 +173,6 @@ def make_runner(model: CausalLM) -> Runner:
 
 def native_problem(model: CausalLM) -> str | None:
     """Why the native step cannot run this model here, or None."""
-    if getattr(model, "compiled", False):
-        return "torch.compile (--compile)"
     p = model.lm_head.weight
     if p.device.type != "cpu":
         return f"on {p.device.type}"

@@ -245,36 +245,21 @@ _ACTIVATIONS = {
 }
 
 
-class FusedLinear(Linear):
-    """Several projections of the same input stacked by output rows (q|k|v, gate|up): one weight
-    read and one call per token instead of several. `parts` names the checkpoint tensors it holds,
-    in row order, so the loader copies each into its rows without a second copy of the weights."""
-
-    def __init__(self, in_features: int, parts: list[tuple[str, int]], bias: bool):
-        super().__init__(in_features, sum(rows for _, rows in parts), bias=bias)
-        self.parts = parts
-
-
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, fused: bool = False):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         c, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_up_proj = FusedLinear(c, [("gate_proj", i), ("up_proj", i)], bias) if fused else None
-        if not fused:
-            self.gate_proj = Linear(c, i, bias=bias)
-            self.up_proj = Linear(c, i, bias=bias)
+        self.gate_proj = Linear(c, i, bias=bias)
+        self.up_proj = Linear(c, i, bias=bias)
         self.down_proj = Linear(i, c, bias=bias)
         self.act = _ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, fused: bool = False):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
@@ -283,12 +268,9 @@ class Attention(nn.Module):
         self.softcap = config.attn_logit_softcapping
         c, bias = config.hidden_size, config.attention_bias
         q_rows, kv_rows = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        parts = [("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)]
-        self.qkv_proj = FusedLinear(c, parts, bias) if fused else None
-        if not fused:
-            self.q_proj = Linear(c, q_rows, bias=bias)
-            self.k_proj = Linear(c, kv_rows, bias=bias)
-            self.v_proj = Linear(c, kv_rows, bias=bias)
+        self.q_proj = Linear(c, q_rows, bias=bias)
+        self.k_proj = Linear(c, kv_rows, bias=bias)
+        self.v_proj = Linear(c, kv_rows, bias=bias)
         self.o_proj = Linear(q_rows, c, bias=bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, kv) -> torch.Tensor:
@@ -296,16 +278,9 @@ class Attention(nn.Module):
         tokens when they are all there is, everything when T == 1; kv: this layer's model.CacheLayer or None."""
         B, T, _ = x.shape
         H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.qkv_proj is not None:
-            qkv = self.qkv_proj(x)
-            # Rotate q and k heads in one pass: [B, T, H + H_kv, D] (half the rope ops per layer).
-            qk = apply_rope(qkv[..., : (H + H_kv) * D].view(B, T, H + H_kv, D), cos, sin)
-            q, k = qk.split([H, H_kv], dim=2)
-            v = qkv[..., (H + H_kv) * D :].view(B, T, H_kv, D)
-        else:
-            q = apply_rope(self.q_proj(x).view(B, T, H, D), cos, sin)
-            k = apply_rope(self.k_proj(x).view(B, T, H_kv, D), cos, sin)
-            v = self.v_proj(x).view(B, T, H_kv, D)
+        q = apply_rope(self.q_proj(x).view(B, T, H, D), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, T, H_kv, D), cos, sin)
+        v = self.v_proj(x).view(B, T, H_kv, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if kv is not None:
             k, v = kv.update(k, v)  # written to the cache; -> every key this row attends over
@@ -334,12 +309,12 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, fused: bool = False):
+    def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
         eps, off = config.rms_norm_eps, config.norm_unit_offset
-        self.self_attn = Attention(config, fused)
-        self.mlp = MLP(config, fused)
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps, off)
         # Llama: post_attention_layernorm normalises the MLP input. With sandwich norms (Gemma 2) it
         # normalises the attention output, and two more norms wrap the MLP.

@@ -20,11 +20,11 @@ from .masks import layer_type_masks, mask_from_positions
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: ModelConfig, fused: bool = False):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, fused) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
         self.rotary_emb = RotaryEmbedding(config)
 
@@ -136,12 +136,10 @@ class CacheLayer:
 class CausalLM(nn.Module):
     """Decoder + language-model head (HF `*ForCausalLM`)."""
 
-    def __init__(self, config: ModelConfig, fused: bool = False):
-        """fused: q/k/v and gate/up stacked into one projection each (inference layout; the
-        checkpoint names stay loadable, see loading.assign_weights)."""
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config, fused)
+        self.model = DecoderModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -187,10 +185,10 @@ class _EncoderHead(nn.Module):
 
     base_prefix = "model"
 
-    def __init__(self, config: ModelConfig, fused: bool = False):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        setattr(self, self.base_prefix, DecoderModel(config, fused))
+        setattr(self, self.base_prefix, DecoderModel(config))
 
     @property
     def decoder(self) -> DecoderModel:
@@ -204,8 +202,8 @@ class _EncoderHead(nn.Module):
 class SequenceClassification(_EncoderHead):
     """HF `*ForSequenceClassification`: `score` (no bias) on the last non-padding token."""
 
-    def __init__(self, config: ModelConfig, fused: bool = False):
-        super().__init__(config, fused)
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
         self.score = Linear(config.hidden_size, config.num_labels, bias=False)
 
     def forward(self, input_ids: torch.Tensor, **decoder_kw) -> torch.Tensor:
@@ -233,8 +231,8 @@ class SequenceClassification(_EncoderHead):
 class TokenClassification(_EncoderHead):
     """HF `*ForTokenClassification`: `score` on every position (its dropout is a no-op at inference)."""
 
-    def __init__(self, config: ModelConfig, fused: bool = False):
-        super().__init__(config, fused)
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
         bias = config.token_classification_bias
         self.score = Linear(config.hidden_size, config.num_labels, bias=bias)
 
@@ -248,8 +246,8 @@ class QuestionAnswering(_EncoderHead):
 
     base_prefix = "transformer"
 
-    def __init__(self, config: ModelConfig, fused: bool = False):
-        super().__init__(config, fused)
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
         self.qa_outputs = Linear(config.hidden_size, 2, bias=True)
 
     def forward(self, input_ids: torch.Tensor, **decoder_kw) -> tuple[torch.Tensor, torch.Tensor]:

@@ -115,18 +115,16 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def build_model(config: ModelConfig, head: str | None = None, *, fused: bool = False) -> nn.Module:
+def build_model(config: ModelConfig, head: str | None = None) -> nn.Module:
     """The module tree on the meta device (no memory, no random init); `head` from config.architectures.
-
-    fused: the inference layout (stacked q/k/v and gate/up); the default has transformers' module names.
-    """
+    Module names are transformers' (the checkpoint's)."""
     from llm_torch.core.model.model import HEADS
 
     head = head or head_kind(config)
     if head not in HEADS:
         raise UnsupportedError(f"the '{head}' head is not implemented", hint=f"available: {', '.join(HEADS)}")
     with torch.device("meta"):
-        return HEADS[head](config, fused=fused)
+        return HEADS[head](config)
 
 
 def head_kind(config: ModelConfig) -> str:
@@ -146,8 +144,6 @@ def assign_weights(
 ) -> None:
     """Assign checkpoint tensors to a meta-device model by name; strict: lists missing/unexpected keys.
 
-    A fused projection (layers.FusedLinear) is allocated once and each checkpoint part (q_proj, ...)
-    is copied into its rows, so the weights never exist twice in memory.
     fast_layout: store matmul weights in the layout the device multiplies fastest (layers.k_major_weights);
     shapes and names stay those of the checkpoint, only the strides differ.
     """
@@ -158,17 +154,7 @@ def assign_weights(
     k_major = fast_layout and not callable(device) and k_major_weights(dtype, torch.device(device))
     # Matmul weights: every Linear's, and the embedding when the LM head shares it.
     matmul = {f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, Linear)}
-    targets: dict[str, tuple[str, int | None, int | None]] = {}  # checkpoint name -> (param, row range)
-    for pname in dict(model.named_parameters()):  # tied weights appear once, under their first name
-        module_name, _, attr = pname.rpartition(".")
-        parts = getattr(model.get_submodule(module_name), "parts", None)
-        if parts is None:
-            targets[pname] = (pname, None, None)
-            continue
-        parent, start = module_name.rpartition(".")[0], 0
-        for part, rows in parts:
-            targets[f"{parent}.{part}.{attr}"] = (pname, start, start + rows)
-            start += rows
+    targets = {n for n, _ in model.named_parameters()}  # tied weights appear once, under their first name
     # Only the LM head ties to the embedding; classification heads have no lm_head to tie.
     ties = model.config.tie_word_embeddings and hasattr(model, "lm_head")
     tied = {"lm_head.weight"} if ties else set()
@@ -180,23 +166,15 @@ def assign_weights(
         if name not in targets:
             unexpected.append(name)
             continue
-        pname, start, stop = targets[name]
-        module_name, _, attr = pname.rpartition(".")
+        module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        param = module._parameters[attr]
-        shape = tuple(param.shape) if start is None else (stop - start, *param.shape[1:])
+        shape = tuple(module._parameters[attr].shape)
         if tuple(tensor.shape) != shape:
             raise CheckpointError(f"tensor '{name}' has shape {tuple(tensor.shape)}, the config expects {shape}")
-        k = k_major and (pname in matmul or (ties and pname == "model.embed_tokens.weight"))
-        dev = place(pname)
-        if start is None:
-            data = empty_weight(tuple(param.shape), dtype, dev, True).copy_(tensor) if k else tensor.to(device=dev, dtype=dtype)
-            module._parameters[attr] = nn.Parameter(data, requires_grad=False)
-        else:
-            if param.is_meta:
-                param = nn.Parameter(empty_weight(tuple(param.shape), dtype, dev, k), requires_grad=False)
-                module._parameters[attr] = param
-            param.data[start:stop].copy_(tensor)
+        k = k_major and (name in matmul or (ties and name == "model.embed_tokens.weight"))
+        dev = place(name)
+        data = empty_weight(shape, dtype, dev, True).copy_(tensor) if k else tensor.to(device=dev, dtype=dtype)
+        module._parameters[attr] = nn.Parameter(data, requires_grad=False)
         seen.add(name)
     missing = sorted(set(targets) - seen)
     if unexpected and {f"model.{n}" for n in unexpected} <= set(missing):
@@ -266,7 +244,6 @@ def load_resolved(
     device: str | None = "auto",
     head: str | None = None,
     with_tokenizer: bool = True,
-    fuse: bool = True,
     shard: Shard | None = None,
     device_map: str | None = None,
     budgets: list[dm.DeviceBudget] | None = None,
@@ -275,7 +252,6 @@ def load_resolved(
     """Build the model on the meta device and fill it from the checkpoint: open -> plan -> build -> assign
     weights -> install the runner, each step a function below.
 
-    fuse: stack q/k/v and gate/up weights for faster inference (module names then differ from HF).
     shard: a tensor_parallel.Shard: build and read only this rank's part of the split layers.
     device_map: "auto": layers over the GPUs, then the CPU (core/placement/device_map.py; `budgets` replaces this
     machine's devices, for planning tests).
@@ -285,7 +261,7 @@ def load_resolved(
     plan = plan_load(checkpoint, dtype=dtype, device=device, head=head, shard=shard, device_map=device_map,
                      budgets=budgets, context=context)
     tokenizer = read_tokenizer(checkpoint, with_tokenizer)
-    model = build_planned_model(plan, fused=fuse)
+    model = build_planned_model(plan)
     quantization = assign_checkpoint(model, checkpoint, plan)
     install_runner(model, plan)
     return LoadedModel(model, checkpoint.config, tokenizer, resolved.name, plan.dtype, checkpoint.generation_config(),
@@ -373,9 +349,9 @@ def read_tokenizer(checkpoint: Checkpoint, wanted: bool = True):
     return tokenizer
 
 
-def build_planned_model(plan: LoadPlan, *, fused: bool = True) -> nn.Module:
+def build_planned_model(plan: LoadPlan) -> nn.Module:
     """The planned model on the meta device; a tensor-parallel rank's with its row-parallel layers swapped in."""
-    model = build_model(plan.config, plan.head, fused=fused)
+    model = build_model(plan.config, plan.head)
     if plan.shard is not None:
         plan.shard.prepare(model)
     return model

@@ -24,6 +24,8 @@ ENTRY_POINTS = "llm_torch.weight_formats"
 
 
 class WeightFormat(Protocol):
+    label: str  # the scheme its layers run in, as reports name it (int4-g64-g128, nf4, ...)
+
     def filter(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Take this format's tensors out of the stream; the rest go on to loading.assign_weights."""
 

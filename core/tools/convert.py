@@ -235,7 +235,7 @@ def verify_logits(checkpoint: Checkpoint, output: ResolvedModel) -> tuple[float,
     vocab = checkpoint.config.vocab_size
     ids = [i for i in ids if i < vocab][:32] or [i % vocab for i in range(1, 17)]
     x = torch.tensor([ids])
-    source = build_model(checkpoint.config, fused=True)
+    source = build_model(checkpoint.config)
     assign_weights(source, checkpoint.read(torch.float32), torch.float32, torch.device("cpu"))
     with torch.no_grad():
         expected = _as_tensor(source(x))
