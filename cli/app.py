@@ -25,12 +25,16 @@ from . import serve as serve_cmd
 from . import template as template_cmd
 from . import tokenize as tokenize_cmd
 from . import visualize as visualize_cmd
+from .suggest import CommandGroup
 
 app = typer.Typer(
     name="llm",
+    cls=CommandGroup,
     help="Run Llama, Llama 2 and Gemma 2 models locally with pure-PyTorch model code.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # One completion mechanism: `llm completions SHELL` (cli/completions.py), not Typer's --install-completion.
+    add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -54,10 +58,10 @@ def root(
     """Run Llama, Llama 2 and Gemma 2 models locally with pure-PyTorch model code."""
 
 
-app.command("generate")(generate_cmd.generate)
+app.command("generate", context_settings=generate_cmd.CONTEXT_SETTINGS)(generate_cmd.generate)
 app.command("chat")(chat_cmd.chat)
 app.command("bench")(bench_cmd.bench)
-app.command("run")(run_cmd.run)
+app.command("run", context_settings=run_cmd.CONTEXT_SETTINGS)(run_cmd.run)
 app.command("serve")(serve_cmd.serve)
 app.command("quantize")(quantize_cmd.quantize)
 app.command("visualize-mask")(visualize_cmd.visualize_mask)
@@ -77,6 +81,10 @@ def main() -> None:
 
     tune_openmp()  # before anything loads torch
     from . import render
+    from .completions import COMPLETE_VAR, register_shells
+
+    if COMPLETE_VAR in os.environ:  # a completion script calling back (completions/)
+        register_shells()
 
     abort, usage, exit_ = _click_exceptions()
 

@@ -24,7 +24,7 @@ from .option_groups import Model, Output, Sampling, group, with_groups
 def chat(
     ctx: typer.Context,
     model_arg: Annotated[
-        Optional[str], typer.Argument(metavar="[MODEL]", help="The model (same forms as -m); default: smollm2.", autocompletion=o.complete_model)
+        Optional[str], typer.Argument(metavar="MODEL", help="The model (same forms as -m); default: smollm2.", autocompletion=o.complete_model)
     ] = None,
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")] = None,
     system_file: Annotated[

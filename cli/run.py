@@ -28,8 +28,13 @@ class Truncation(str, Enum):
     error = "error"
 
 
+# Arguments after the input text reach the body (ctx.args), which says what to type instead (cli/model_args.py).
+CONTEXT_SETTINGS = {"allow_extra_args": True}
+
+
 @with_groups
 def run(
+    ctx: typer.Context,
     prompt: Annotated[Optional[str], typer.Argument(help="Input text; piped stdin is combined with it (argument first).")] = None,
     task: Annotated[
         str, typer.Option("--task", help="text-generation | text-classification | token-classification | question-answering.")
@@ -60,16 +65,18 @@ def run(
     model: Model = group(Model, exclude=("compile",)),
 ) -> None:
     """Run a task pipeline over inputs from the argument, stdin (--lines: one per line) or --input FILE."""
+    from .model_args import prompt_argument
+
+    prompt = prompt_argument(model.model, prompt, ctx.args, command="run")
     if model.handled_before_input():
         return
-    from llm_torch.core.tasks import pipelines as p
     from llm_torch.core.errors import InputError
-    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.tasks.inputs import TASKS
 
     from .common import encode_prompt
 
-    if task not in p.TASKS:
-        raise InputError(f"unknown task '{task}'", hint=f"tasks: {', '.join(p.TASKS)}")
+    if task not in TASKS:
+        raise InputError(f"unknown task '{task}'", hint=f"tasks: {', '.join(TASKS)}")
     if system and not chat:
         raise InputError("--system needs --chat", hint="add --chat to use the model's chat template")
     if input is not None and lines:
@@ -83,9 +90,12 @@ def run(
         format = RunFormat.jsonl if multi and piped else RunFormat.text
 
     # Inputs are read before the model loads when they are one block, lazily (streamed) otherwise.
-    items = _items(p, prompt, lines, input, column, question)
+    items = _items(prompt, lines, input, column, question)
 
     loaded = model.load(quiet=True)
+    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.tasks import pipelines as p
+
     p.check_task(task, loaded.model, loaded.name)
     spec = GenerationSpec()
     if task == "text-generation":
@@ -128,24 +138,25 @@ def run(
         raise InputError(f"{failed} of {count} inputs failed", hint="see the warnings above")
 
 
-def _items(p, prompt, lines, input, column, question):
+def _items(prompt, lines, input, column, question):
     from llm_torch.core.errors import InputError
+    from llm_torch.core.tasks.inputs import Item, file_items, text_lines
 
     from .common import read_prompt
 
     if input is not None:
-        head = [p.Item(prompt, question, "argument")] if prompt else []
-        return itertools.chain(head, p.file_items(input, column=column, question=question, warn=render.warn))
+        head = [Item(prompt, question, "argument")] if prompt else []
+        return itertools.chain(head, file_items(input, column=column, question=question, warn=render.warn))
     if not lines:
         text = read_prompt(prompt, required=False)
         if not text.strip():
             raise InputError("no input given", hint='pass it as an argument or pipe it in: echo "Hello" | llm run --task ...')
-        return [p.Item(text, question, "input")]
-    head = [p.Item(prompt, question, "argument")] if prompt else []
+        return [Item(text, question, "input")]
+    head = [Item(prompt, question, "argument")] if prompt else []
     from .common import stdin_lines
 
     lines = stdin_lines() if not sys.stdin.isatty() else iter(())
-    body = (p.Item(it.text, question, it.where) for it in p.text_lines(lines, warn=render.warn))
+    body = (Item(it.text, question, it.where) for it in text_lines(lines, warn=render.warn))
     return itertools.chain(head, body)
 
 

@@ -15,9 +15,8 @@ import re
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from gguf import GGUFReader
 
 from llm_torch.core.model.config import ModelConfig
@@ -26,6 +25,9 @@ from llm_torch.core.model.families import GGUF_TOP_NAMES, Family, gguf_families
 from .base import Checkpoint, TensorInfo, generation_config_for, interleaved_to_halves, selected, write_json
 from .gguf_reader import dequantize, gguf_metadata, open_gguf, release_fields, release_pages
 from .gguf_rope import f32_decimal, rope_scaling_from_gguf
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: config and tokenizer stay torch-free
+    import torch
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _TOP_RE = re.compile(r"(\w+)\.(weight|bias)")
@@ -163,6 +165,8 @@ def iter_gguf_tensors(
     `config` is gguf_config_dict's result. Tensors the model has no parameter for (rope_freqs) are skipped;
     a tensor name this loader does not know raises CheckpointError.
     """
+    import torch
+
     family = gguf_family(config.get("model_type"))
     unit_offset = bool(family.flags.get("norm_unit_offset"))
     n_head = int(config["num_attention_heads"])
@@ -254,6 +258,8 @@ class GGUFCheckpoint(Checkpoint):
 
     @cached_property
     def tensors(self) -> list[TensorInfo]:
+        import torch
+
         n_layers = self.config.num_hidden_layers
         family = gguf_family(self.config.model_type)
         out = []
@@ -267,6 +273,7 @@ class GGUFCheckpoint(Checkpoint):
     def default_dtype(self) -> torch.dtype:
         """Unquantized files keep their dtype; dequantized ones become float16, which holds Q8/Q4 block
         values (fp16 scale x small int) more exactly than bfloat16 (the loader's --dtype auto on CPU)."""
+        import torch
         from gguf import GGMLQuantizationType as Q
 
         own = {Q.F32: torch.float32, Q.BF16: torch.bfloat16}

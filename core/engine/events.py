@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from llm_torch.core.errors import InputError
-from .sampling import SamplingSpec
+from .sampling_spec import SamplingSpec
 
 
 @dataclass(frozen=True)

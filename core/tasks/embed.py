@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from llm_torch.core.errors import InputError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch where vectors are made: check_pooling runs before the model (and torch) loads
+    import torch
+
     from .pipelines import Item, Pipeline
 
 POOLINGS = ("mean", "last", "none")
@@ -28,6 +28,8 @@ def check_pooling(pooling: str) -> None:
 
 def pool(hidden: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
     """One input's hidden states [n, C] (real tokens only) -> [C] ("mean", "last") or [n, C] ("none")."""
+    import torch
+
     h = hidden.float()  # pool and normalize in fp32 whatever the activation dtype
     if pooling == "mean":
         h = h.mean(0)
