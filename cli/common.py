@@ -9,8 +9,9 @@ import time
 from . import render
 
 
-def read_prompt(argument: str | None, *, required: bool = True) -> str:
-    """The prompt from the argument, from piped stdin, or both (argument first, then stdin)."""
+def read_prompt(argument: str | None, *, required: bool = True, command: str = "generate") -> str:
+    """The prompt from the argument, from piped stdin, or both (argument first, then stdin). `command`: how the
+    hint starts the command that reads it ("tokenize -m MODEL")."""
     from llm_torch.core.errors import InputError
 
     parts = [argument] if argument else []
@@ -27,7 +28,7 @@ def read_prompt(argument: str | None, *, required: bool = True) -> str:
             parts.append(text.rstrip("\n"))
     prompt = "\n".join(parts)
     if required and not prompt.strip():
-        raise InputError("no prompt given", hint='pass it as an argument or pipe it in: echo "Hello" | llm generate')
+        raise InputError("no prompt given", hint=f'pass it as an argument or pipe it in: echo "Hello" | llm {command}')
     return prompt
 
 

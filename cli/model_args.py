@@ -74,17 +74,30 @@ def one_model(option: str | None, argument: str | None, *, required: str | None 
 
 def model_and_inputs(option: str | None, positional: list[str | None], *, command: str) -> tuple[str, list[str]]:
     """(model, inputs) of a command that takes MODEL then inputs (tokenize, template, visualize-mask, perplexity,
-    embed): -m given, every positional argument is an input; else the first one is the model."""
+    embed): -m given, every positional argument is an input; else the first one is the model. A model written
+    as a missing path fails here, before any input is read."""
     args = [a for a in positional if a is not None]
     if option is not None:
-        return option, args
-    if not args:
+        model, inputs = option, args
+    elif not args:
         raise InputError("no model given", hint=f"name it first or with -m: llm {command} -m smollm2 ...")
-    first, rest = args[0], args[1:]
-    if not rest and not looks_like_model(first):  # `llm tokenize "Hello"`: the model was left out, not mistyped
-        raise InputError(f"no model given ('{first}' is not a model)",
-                         hint=f"name it first or with -m: llm {command} -m smollm2 {shlex.quote(first)}")
-    return first, rest
+    else:
+        model, inputs = args[0], args[1:]
+        if not inputs and not looks_like_model(model):  # `llm tokenize "Hello"`: the model was left out, not mistyped
+            raise InputError(f"no model given ('{model}' is not a model)",
+                             hint=f"name it first or with -m: llm {command} -m smollm2 {shlex.quote(model)}")
+    check_path(model)
+    return model, inputs
+
+
+def check_path(model: str) -> None:
+    """A model written as a path that does not exist fails with the resolver's message (core.checkpoint.hub
+    parses references without reading anything)."""
+    text = model.strip()
+    if text.startswith(_PATH_PREFIXES) or "\\" in text:
+        from llm_torch.core.checkpoint.hub import parse_model_ref
+
+        parse_model_ref(text)
 
 
 def at_most_one(inputs: list[str], *, command: str, what: str) -> str | None:

@@ -38,6 +38,7 @@ def tokenize(
     ] = None,
 ) -> None:
     """Show the tokens and ids of a text (a table on a terminal, tab-separated when piped), or decode ids."""
+    import shlex
     import sys
 
     from llm_torch.core.errors import InputError
@@ -54,7 +55,7 @@ def tokenize(
     if decode is not None and (text or chat):
         raise InputError("--decode takes no text and no --chat", hint="give either the text or --decode IDS")
     ids = _parse_ids(decode) if decode is not None else None
-    text = None if ids is not None else read_prompt(text)
+    text = None if ids is not None else read_prompt(text, command=f"tokenize -m {shlex.quote(model)}")
     tokenizer = open_checkpoint(resolve_model(model, progress=sys.stderr.isatty(), weights=False)).tokenizer()
     tokenizer.override_spaces(legacy=legacy, add_prefix_space=add_prefix_space)
     use_chat_template(tokenizer, chat_template)

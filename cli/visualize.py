@@ -34,6 +34,7 @@ def visualize_mask(
 ) -> None:
     """Draw the attention mask the model uses for a text: one panel per layer kind (no weights are loaded)."""
     import shutil
+    import shlex
     import sys
 
     from llm_torch.core.checkpoint import open_checkpoint, resolve_model
@@ -44,7 +45,7 @@ def visualize_mask(
     from .model_args import model_and_inputs
 
     model, inputs = model_and_inputs(model, [model_arg, *(texts or [])], command="visualize-mask")
-    inputs = inputs or [read_prompt(None)]
+    inputs = inputs or [read_prompt(None, command=f"visualize-mask -m {shlex.quote(model)}")]
     resolved = resolve_model(model, progress=sys.stderr.isatty(), weights=False)
     source = open_checkpoint(resolved)
     tokenizer = source.tokenizer()
