@@ -27,9 +27,13 @@ def _builtin_or_alias(text: str) -> bool:
     return text.lower() in EMBEDDED_MODELS or user_alias(text) is not None
 
 
-def _model_path(text: str) -> bool:
+def _model_path(text: str, *, holding_a_model: bool = False) -> bool:
+    """A .gguf file or a folder (holding_a_model: one with config.json, params.json or a .gguf file)."""
     path = Path(os.path.expanduser(text))
-    return path.is_dir() or (path.is_file() and path.suffix.lower() == ".gguf")
+    if path.is_dir():
+        return not holding_a_model or any((path / f).is_file() for f in ("config.json", "params.json")) or any(
+            path.glob("*.gguf"))
+    return path.is_file() and path.suffix.lower() == ".gguf"
 
 
 def looks_like_model(text: str) -> bool:
@@ -46,12 +50,12 @@ def looks_like_model(text: str) -> bool:
 
 
 def names_a_model(text: str) -> bool:
-    """Whether `text` surely names a model, so it cannot be a prompt: the built-in name, an alias, a folder or
-    .gguf file, or a Hub model already in the local cache."""
+    """Whether `text` surely names a model, so it cannot be a prompt: the built-in name, an alias, a model folder
+    or .gguf file, or a Hub model already in the local cache."""
     text = text.strip()
     if not text or any(c.isspace() for c in text):
         return False
-    if _builtin_or_alias(text) or _model_path(text):
+    if _builtin_or_alias(text) or _model_path(text, holding_a_model=True):
         return True
     m = _HUB_REF.fullmatch(text)
     if m is None:
