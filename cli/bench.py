@@ -96,7 +96,7 @@ def _header(result) -> list[tuple[str, str]]:
     m = result.model
     return [
         ("model", Path(m.name).name if "/" in m.name and Path(m.name).exists() else m.name),  # a path: its last part
-        ("dtype", m.dtype),
+        ("dtype", f"{m.quantization} + {m.dtype}" if m.quantization else m.dtype),
         ("size", _mb(m.weights_bytes)),
         ("params", _millions(m.params)),
         ("device", m.device),

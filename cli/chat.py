@@ -79,7 +79,8 @@ def chat(
         settings = ChatSettings(max_new_tokens=max_new_tokens or 1, sampling=sampling.spec(loaded.generation_config))
         session = ChatSession(loaded.model, loaded.tokenizer, model_name=loaded.name, settings=settings, system=system,
                               context=model.context)
-        where = f"{loaded.dtype_name}, {_device(loaded.model)}"
+        quantized = f"{loaded.quantization} quantized, " if loaded.quantization else ""
+        where = f"{quantized}{loaded.dtype_name}, {_device(loaded.model)}"
         if output.stats:
             render.info(sampling_line(settings.sampling, loaded.generation_config))
     repl = Repl(session, where, interactive=interactive, stats=output.stats)

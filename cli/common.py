@@ -101,28 +101,15 @@ def _tensor_parallel(tp: int | None, device: str, model_ref: str | None):
 
 def print_plan(model_ref: str | None, dtype: str, device: str, device_map: str | None, context: int | None = None) -> None:
     """--dry-run: where the weights and one context (--context, else the model's) of KV cache would go, from the
-    config alone (stdout)."""
+    config alone (stdout): the plan loading would follow (core.placement.loading.plan_load)."""
     from llm_torch.core.checkpoint import open_checkpoint, resolve_model
 
     resolved = resolve_model(model_ref, weights=False)  # before torch is imported: an unknown model fails at once
-    from llm_torch.core.model.config import resolve_context
-    from llm_torch.core.placement.loading import plan_device_map, resolve_device, resolve_dtype
-    from llm_torch.core.placement.memory import available_bytes, estimate
+    from llm_torch.core.placement.loading import plan_load
 
-    source = open_checkpoint(resolved)
-    config = source.config
-    if device_map is not None:
-        placement, target = plan_device_map(resolved, dtype, device_map, checkpoint=source, context=context)
-        lines = placement.lines()
-    else:
-        dev = resolve_device(device)
-        target = resolve_dtype(dtype, config, kind=resolved.kind, device=dev)
-        context = resolve_context(config, context)  # the engine's rule: a context past the rope's limit is an error
-        weights, kv = estimate(config, target, dev, context)
-        free = available_bytes(dev)
-        lines = [f"{dev}: {weights / 2**30:.2f} GiB weights + {kv / 2**30:.2f} GiB KV for {context} tokens"
-                 + (f", {free / 2**30:.2f} GiB free" if free is not None else "")]
-    render.write(f"{resolved.name} ({str(target).removeprefix('torch.')} weights):\n" + "\n".join(lines) + "\n")
+    plan = plan_load(open_checkpoint(resolved), dtype=dtype, device=device, device_map=device_map, context=context,
+                     check=False)
+    render.write(f"{resolved.name} ({str(plan.dtype).removeprefix('torch.')} weights):\n" + "\n".join(plan.lines()) + "\n")
 
 
 def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = False, quiet: bool = False,
@@ -192,7 +179,7 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
         weights = next(loaded.model.parameters())
         compute = str(compute_dtype(weights.dtype, weights.device)).removeprefix("torch.")
         how = loaded.dtype_name if compute == loaded.dtype_name else f"{loaded.dtype_name} weights, {compute} compute"
-        how += f", {spec.label} quantized" if spec is not None else _saved_quantization(loaded.config.raw)
+        how += f", {loaded.quantization} quantized" if spec is not None else _saved_quantization(loaded.config.raw)
         chosen = " (--dtype auto)" if dtype == "auto" else ""
         from llm_torch.core.engine.runner import describe
 
@@ -235,9 +222,9 @@ def _saved_quantization(raw: dict) -> str:
     qc = raw.get("quantization_config") or {}
     if not qc:
         return ""
-    from llm_torch.quant.spec import describe_config
+    from llm_torch.core.model.config import describe_quantization
 
-    return f", {describe_config(qc)} quantized"
+    return f", {describe_quantization(qc)} quantized"
 
 
 def sampling_line(sampling, generation_config: dict) -> str:

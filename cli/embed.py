@@ -55,11 +55,12 @@ def embed(
     if first is None:
         raise InputError("no input given", hint="pass texts as arguments, pipe lines in, or use --input FILE")
     loaded = replace(model_options, model=model).load(quiet=True, head="feature_extraction")
-    from llm_torch.core.tasks import pipelines as p
+    from llm_torch.core.tasks.base import PipelineOptions
+    from llm_torch.core.tasks.pipelines import Pipeline
 
-    opts = p.PipelineOptions(batch_size=batch_size, truncate=truncate.value, pooling=pooling, normalize=normalize,
-                             context=model_options.context)
-    results = p.Pipeline(loaded.model, loaded.tokenizer, "feature-extraction", opts, warn=render.warn).run(itertools.chain([first], items))
+    opts = PipelineOptions(batch_size=batch_size, truncate=truncate.value, pooling=pooling, normalize=normalize,
+                           context=model_options.context)
+    results = Pipeline(loaded.model, loaded.tokenizer, "feature-extraction", opts, warn=render.warn).run(itertools.chain([first], items))
     if format is EmbedFormat.jsonl:
         for r in results:
             render.write(json.dumps(r, ensure_ascii=False) + "\n")

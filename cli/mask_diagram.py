@@ -1,6 +1,6 @@
 """The attention-mask diagram of `llm visualize-mask`: a MaskView (core/tools/mask_view.py) drawn as lines of
 (text, style) segments, then as plain text (pipes, goldens) or through Rich with colours (a terminal).
-Styles are None or one of STYLES."""
+Styles are None or a key of STYLE_MAP."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from . import render
 
 GLYPHS = {"unicode": ("■", "⬚"), "ascii": ("#", ".")}
 ELLIPSIS = "…"
-STYLES = ("title", "header", "allowed", "masked", "diagonal", "pad", "elided", "dim")
 STYLE_MAP = {
     "title": "bold",
     "header": "bold cyan",

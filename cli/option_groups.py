@@ -115,7 +115,7 @@ class Sampling(OptionGroup):
                              min_p=self.min_p, repetition_penalty=self.repetition_penalty, seed=self.seed)
 
     def generation(self, generation_config: dict | None, max_new_tokens: int, *, truncate: bool = False):
-        from llm_torch.core.engine.events import GenerationSpec
+        from llm_torch.core.engine.spec import GenerationSpec
 
         return GenerationSpec(max_new_tokens=max_new_tokens, sampling=self.spec(generation_config),
                               stop=tuple(self.stop or ()), truncate=truncate)

@@ -32,8 +32,13 @@ NamedModelOpt = Annotated[
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | N | mps.")]
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", min=0, help="Most tokens to generate.")]
+# The defaults as core.engine.sampling_spec (DEFAULT_SAMPLING) and core.checkpoint.resolve (EMBEDDED_MODELS) have
+# them, written out: importing those would load torch for --help; tests/test_sampling.py keeps them equal.
 TemperatureOpt = Annotated[
-    Optional[float], typer.Option("--temperature", "-t", min=0.0, help="0 = greedy. Default: the model's generation_config, else 0.")
+    Optional[float],
+    typer.Option("--temperature", "-t", min=0.0,
+                 help="0 = greedy. Default: the model's generation_config (greedy unless it samples; built-in smollm2: "
+                      "0.2, top-k 50, top-p 0.9); without one 0.8, top-k 40, top-p 0.95, min-p 0.05, repetition penalty 1.1."),
 ]
 TopKOpt = Annotated[Optional[int], typer.Option("--top-k", min=0, help="Keep the k most likely tokens (0 = off).")]
 TopPOpt = Annotated[Optional[float], typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1 = off).")]

@@ -65,13 +65,13 @@ def quantize(
         return
     from llm_torch.quant.api import quantize_to_folder
 
-    with render.status(f"quantizing ({spec.label})"):
+    with render.status(f"quantizing ({spec.scheme})"):
         outcome = quantize_to_folder(model_ref, spec, output, dtype=dtype, force=force)
     for note in outcome.result.notes:
         render.warn(note)
     kept = outcome.result.kept
     render.info(
-        f"{spec.label}: {len(outcome.result.quantized)} layers quantized, {len(kept)} kept in full precision"
+        f"{outcome.result.label}: {len(outcome.result.quantized)} layers quantized, {len(kept)} kept in full precision"
         + (f" ({', '.join(kept)})" if kept and len(kept) <= 4 else "")
         + f"; {outcome.bytes_on_disk / 2**20:.1f} MiB in {outcome.seconds:.1f} s"
     )
@@ -87,7 +87,7 @@ def _print_estimate(model_ref, spec, dtype) -> None:
     for note in e.notes:
         render.warn(note)
     render.write(
-        f"{spec.label}: {e.quantized_layers} layers to quantize, {e.kept_layers} kept\n"
+        f"{e.label}: {e.quantized_layers} layers to quantize, {e.kept_layers} kept\n"
         f"float weights: {e.float_bytes / 2**20:.1f} MiB\n"
         f"estimated output size: {e.quantized_bytes / 2**20:.1f} MiB ({e.quantized_bytes / e.float_bytes:.2f}x)\n"
         f"estimated weight memory loaded: {e.memory_bytes / 2**20:.1f} MiB ({e.memory_bytes / e.float_bytes:.2f}x)\n"

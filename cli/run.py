@@ -93,14 +93,15 @@ def run(
     items = _items(prompt, lines, input, column, question)
 
     loaded = model.load(quiet=True)
-    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.engine.spec import GenerationSpec
     from llm_torch.core.tasks import pipelines as p
+    from llm_torch.core.tasks.base import PipelineOptions
 
     p.check_task(task, loaded.model, loaded.name)
     spec = GenerationSpec()
     if task == "text-generation":
         spec = sampling.generation(loaded.generation_config, max_new_tokens, truncate=truncate is Truncation.warn)
-    opts = p.PipelineOptions(
+    opts = PipelineOptions(
         batch_size=batch_size,
         truncate=truncate.value,
         # --top-k: labels per input for text-classification, answers for question-answering, the sampling

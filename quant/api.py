@@ -10,7 +10,7 @@ import torch
 
 from llm_torch.core.errors import InputError
 
-from .swap import QuantResult, codec_for, float_tensors, plan, quantize_model
+from .swap import QuantResult, applied_label, codec_for, float_tensors, plan, quantize_model
 from .spec import QuantSpec
 
 
@@ -33,16 +33,17 @@ def quantize_loaded(loaded, spec: QuantSpec, *, collect: bool = False) -> QuantR
             result = quantize_model(loaded.model, spec, collect=collect)
     if not result.quantized:
         raise InputError(f"no layer was quantized (skipped: {', '.join(spec.skip)})", hint="check the --skip patterns")
+    loaded.quantization = result.label
     return result
 
 
-def default_output(model_name: str, spec: QuantSpec) -> Path:
-    """./<model-name>-<scheme>: smollm2-int4-g128, Llama-2-7b-hf-nf4 ..."""
+def default_output(model_name: str, label: str) -> Path:
+    """./<model-name>-<scheme as applied>: smollm2-int4-g64-g128, Llama-2-7b-hf-nf4 ..."""
     base = model_name.rstrip("/").split("@")[0]
     stem = Path(base).name or "model"
     if stem.endswith(".gguf"):
         stem = stem[: -len(".gguf")]
-    return Path(f"{stem}-{spec.label}")
+    return Path(f"{stem}-{label}")
 
 
 @dataclass
@@ -62,7 +63,10 @@ def quantize_to_folder(ref: str | None, spec: QuantSpec, out: Path | None, *, dt
 
     t0 = time.perf_counter()
     resolved = resolve_model(ref)
-    out = Path(out) if out is not None else default_output(resolved.name, spec)
+    if out is None:  # named by the group sizes the layers will get, known from the config alone
+        _, todo, _, _ = _meta_plan(resolved, spec)
+        out = default_output(resolved.name, applied_label(spec, todo))
+    out = Path(out)
     check_destination(out, force)  # before minutes of work
     # A folder's tokenizer files are copied as they are; a GGUF's tokenizer is rebuilt from its metadata.
     loaded = load_resolved(resolved, dtype=dtype, device="cpu", with_tokenizer=resolved.kind == "gguf")
@@ -103,19 +107,28 @@ class Estimate:
     quantized_layers: int
     kept_layers: int
     notes: list[str] = field(default_factory=list)
+    label: str = ""  # the scheme as it will be applied (swap.applied_label)
+
+
+def _meta_plan(resolved, spec: QuantSpec):
+    """(model on the meta device, then swap.plan's targets, kept targets and notes): nothing is read or allocated."""
+    from llm_torch.core.checkpoint import open_checkpoint
+    from llm_torch.core.placement.loading import build_model
+
+    model = build_model(open_checkpoint(resolved).config, fused=True)
+    return (model, *plan(model, spec))
 
 
 def estimate(ref: str | None, spec: QuantSpec, *, dtype: str = "auto") -> Estimate:
     """Output size / weight memory from the config alone (meta device: nothing is read or allocated)."""
-    from llm_torch.core.checkpoint import open_checkpoint, resolve_model
-    from llm_torch.core.placement.loading import build_model, resolve_dtype
+    from llm_torch.core.checkpoint import resolve_model
+    from llm_torch.core.placement.loading import resolve_dtype
+    from llm_torch.core.placement.sizing import param_count, weight_bytes
 
     resolved = resolve_model(ref)
-    config = open_checkpoint(resolved).config
-    target = resolve_dtype(dtype, config, kind=resolved.kind)
-    model = build_model(config, fused=True)
-    float_bytes = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * torch.finfo(target).bits // 8
-    todo, kept, notes = plan(model, spec)
+    model, todo, kept, notes = _meta_plan(resolved, spec)
+    target = resolve_dtype(dtype, model.config, kind=resolved.kind)
+    float_bytes = weight_bytes(param_count(model), target)
     codec = codec_for(spec)
     saved = extra = 0
     for t in todo:
@@ -129,7 +142,7 @@ def estimate(ref: str | None, spec: QuantSpec, *, dtype: str = "auto") -> Estima
             extra += _quantized_bytes(codec, spec, n, k) + n * (k // (int4_group_size(k, spec.group_size) or k)) * 4
     # Layers counted as the checkpoint names them (a fused q|k|v layer is three).
     return Estimate(float_bytes, float_bytes - saved, float_bytes - saved + extra, sum(len(t.parts) for t in todo),
-                    sum(len(t.parts) for t in kept), notes)
+                    sum(len(t.parts) for t in kept), notes, applied_label(spec, todo))
 
 
 def _quantized_bytes(codec, spec: QuantSpec, n: int, k: int) -> int:

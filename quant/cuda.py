@@ -13,12 +13,12 @@ from torch import nn
 from llm_torch.core.errors import UnsupportedError
 
 from .spec import QuantSpec
-from .swap import QuantResult, plan, replace_module
+from .swap import QuantResult, applied_label, plan, replace_module
 
 
 def quantize_on_cuda(model: nn.Module, spec: QuantSpec) -> QuantResult:
     todo, kept, notes = plan(model, spec)
-    result = QuantResult(notes=notes, kept=[n for t in kept for n, _ in t.parts])
+    result = QuantResult(notes=notes, kept=[n for t in kept for n, _ in t.parts], label=applied_label(spec, todo))
     names = {t.name for t in todo}
     if spec.backend == "torchao":
         _torchao(model, spec, names)

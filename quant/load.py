@@ -1,4 +1,6 @@
-"""Open a quantized folder: core/placement/loading.py hands us the meta-device model and the checkpoint stream.
+"""Open a quantized folder: QuantizedLoader is the weight format (core/placement/weight_formats.py) of the
+bitsandbytes and torchao quant_methods, declared as entry points in pyproject.toml; core/placement/loading.py
+hands it the meta-device model and the checkpoint stream.
 
 `quantization_config` (the Hub's schema) names the scheme; which layers are quantized is read from the
 checkpoint's own keys (a pre-quantized Hub checkpoint may skip any layer), never re-quantized.
@@ -13,6 +15,7 @@ from torch import nn
 
 from llm_torch.core.errors import CheckpointError, UnsupportedError
 
+from .spec import scheme_label
 from .swap import replace_module, codec_for, linear_targets
 
 
@@ -53,7 +56,8 @@ class _Pending(nn.Module):
 
 class QuantizedLoader:
     """Replace quantized Linears of a meta model by placeholders, take their tensors out of the stream,
-    build the quantized modules at the end. core/placement/loading.py: loader.filter(stream) ... loader.finish()."""
+    build the quantized modules at the end. core/placement/loading.assign_checkpoint: loader.filter(stream) ...
+    loader.finish()."""
 
     def __init__(self, model: nn.Module, qconfig: dict[str, Any], tensor_names: Callable[[], set[str]],
                  dtype: torch.dtype, device: torch.device):
@@ -61,6 +65,8 @@ class QuantizedLoader:
         # quantization_config is known to be one we read
         scheme, kwargs = scheme_from_config(qconfig)
         self.codec = codec_for(scheme, **kwargs)
+        self.scheme, self.double_quant = scheme, bool(kwargs.get("double_quant"))
+        self.group_sizes: set[int] = set()  # int4: read from the tensors' shapes as the layers are built
         self.model, self.device, self.dtype = model, device, dtype
         keys = tensor_names()
         marker = self.codec.marker
@@ -126,6 +132,8 @@ class QuantizedLoader:
                     f"quantized '{t.name}' is {module.out_features}x{module.in_features}, the config expects {rows}x{t.in_features}"
                 )
             replace_module(self.model, t.name, module.to(self.device))
+            if getattr(module, "group_size", None):
+                self.group_sizes.add(module.group_size)
         for name in self.embeddings:
             from .int_layers import Int8Embedding
 
@@ -138,3 +146,8 @@ class QuantizedLoader:
                 self.model.lm_head = emb.tied_head()
         if self.stash:
             raise CheckpointError(f"unexpected quantized tensor(s): {', '.join(sorted(self.stash)[:6])}")
+
+    @property
+    def label(self) -> str:
+        """The scheme as loaded (after finish): int4-g64-g128, int8, nf4-dq ..."""
+        return scheme_label(self.scheme, group_sizes=self.group_sizes, double_quant=self.double_quant)

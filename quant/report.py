@@ -98,7 +98,7 @@ def report_card(float_ref: str, quant_dir: Path, *, dtype: str = "float32", rss:
     quant = load_model(str(quant_dir))
     if quant.config.quantization_config is None:
         raise InputError(f"{quant_dir} is not a quantized model folder", hint="give the folder written by llm quantize")
-    from llm_torch.core.engine.events import context_length
+    from llm_torch.core.engine.spec import context_length
 
     context = context_length(base.model)
     n = min(EVAL_TOKENS, context)  # a model with a short context (a test's tiny one) is scored on what fits

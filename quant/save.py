@@ -41,7 +41,7 @@ def save_quantized(
 ) -> Path:
     """Write the folder; `tensors` are checkpoint-named. Tokenizer files are copied from a source folder,
     or written from `tokenizer` (a GGUF's tokenizer rebuilt from its metadata)."""
-    from safetensors.torch import save_file
+    from llm_torch.core.checkpoint.safetensors import save_safetensors
 
     out = Path(out)
     check_destination(out, force)
@@ -51,10 +51,7 @@ def save_quantized(
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
-        # safetensors refuses views that share storage (rows of a fused layer): one contiguous copy each.
-        plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-        save_file(plain, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors writes it private (0600), like a temp file
+        save_safetensors(tmp / "model.safetensors", tensors)
         config = dict(config_raw)
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         config["quantization_config"] = quantization_config

@@ -4,8 +4,7 @@ backend runs it. No torch import here: the CLI parses and validates flags before
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
 
 from llm_torch.core.errors import InputError, UnsupportedError
 
@@ -55,15 +54,8 @@ class QuantSpec:
 
     @property
     def label(self) -> str:
-        """Short name used for output folders: int4-g128, nf4-dq, int8-bnb ..."""
-        name = self.scheme
-        if self.scheme == "int4":
-            name += f"-g{self.group_size}"
-        if self.double_quant:
-            name += "-dq"
-        if self.scheme == "int8" and self.backend == "bitsandbytes":
-            name = "llm-int8"
-        return name
+        """Short name of the request: int4-g128, nf4-dq, llm-int8 ... (swap.applied_label: as applied)."""
+        return scheme_label(self.runtime_scheme, group_sizes=(self.group_size,), double_quant=self.double_quant)
 
     @property
     def runtime_scheme(self) -> str:
@@ -71,8 +63,13 @@ class QuantSpec:
         return "llm-int8" if self.scheme == "int8" and self.backend == "bitsandbytes" else self.scheme
 
 
-def scheme_names() -> list[str]:
-    return list(SCHEMES)
+def scheme_label(scheme: str, *, group_sizes=(), double_quant: bool = False) -> str:
+    """Short name of a runtime scheme for folders and reports: int4 lists every group size its layers use
+    (int4-g64-g128: SmolLM2's 576-wide inputs cannot take groups of 128), nf4-dq, llm-int8 ..."""
+    name = scheme
+    if scheme == "int4":
+        name += "".join(f"-g{g}" for g in sorted(set(group_sizes)))
+    return name + ("-dq" if double_quant else "")
 
 
 def make_spec(
@@ -107,17 +104,3 @@ def make_spec(
         raise InputError("--double-quant applies to --nf4 and --fp4 only")
     keep = () if quantize_embeddings else DEFAULT_KEEP
     return QuantSpec(name, backend, group_size, double_quant, tuple(dict.fromkeys([*keep, *skip])), quantize_embeddings)
-
-
-def with_skip(spec: QuantSpec, patterns) -> QuantSpec:
-    return replace(spec, skip=tuple(dict.fromkeys([*spec.skip, *patterns])))
-
-
-def describe_config(qconfig: dict[str, Any]) -> str:
-    """What a `quantization_config` says, for people: 'torchao Int8WeightOnlyConfig', 'bitsandbytes nf4'."""
-    kind = ((qconfig.get("quant_type") or {}).get("default") or {}).get("_type")  # torchao's config class
-    if kind is None and qconfig.get("load_in_4bit"):
-        kind = qconfig.get("bnb_4bit_quant_type", "4-bit")
-    elif kind is None and qconfig.get("load_in_8bit"):
-        kind = "LLM.int8"
-    return " ".join(filter(None, (qconfig.get("quant_method", "?"), kind)))

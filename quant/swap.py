@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .spec import QuantSpec
+from .spec import QuantSpec, scheme_label
 
 
 def codec_for(spec_or_scheme, group_size: int = 128, double_quant: bool = False):
@@ -68,6 +68,7 @@ class QuantResult:
     kept: list[str] = field(default_factory=list)  # checkpoint Linear names left in full precision
     notes: list[str] = field(default_factory=list)  # what could not be done as asked, and what was done
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # checkpoint tensors (when collected)
+    label: str = ""  # the scheme as applied (applied_label): int4-g64-g128, int8 ...
 
 
 def plan(model: nn.Module, spec: QuantSpec) -> tuple[list[Target], list[Target], list[str]]:
@@ -89,6 +90,15 @@ def plan(model: nn.Module, spec: QuantSpec) -> tuple[list[Target], list[Target],
     return todo, kept, notes
 
 
+def applied_label(spec: QuantSpec, todo: list[Target]) -> str:
+    """The scheme's short name as the planned layers get it: int4 names the group sizes they really use."""
+    if spec.runtime_scheme != "int4" or not todo:
+        return spec.label
+    from .int_layers import int4_group_size
+
+    return scheme_label("int4", group_sizes=[int4_group_size(t.in_features, spec.group_size) for t in todo])
+
+
 def _short(names: list[str]) -> str:
     leaves = sorted({n.rpartition(".")[2] for n in names})
     return ", ".join(leaves)
@@ -101,7 +111,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False) 
     """
     codec = codec_for(spec)
     todo, kept, notes = plan(model, spec)
-    result = QuantResult(notes=notes, kept=[n for t in kept for n, _ in t.parts])
+    result = QuantResult(notes=notes, kept=[n for t in kept for n, _ in t.parts], label=applied_label(spec, todo))
     tied_head = _tied_head(model)
     if spec.quantize_embeddings:
         if codec.backend == "torchao":

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from llm_torch.core.tasks.chat import ChatNotice, ChatSession, ChatSettings
-from llm_torch.core.engine.engine import common_prefix
+from llm_torch.core.engine.slots import common_prefix
 from llm_torch.core.engine.runner import NativeRunner, TorchRunner
 from llm_torch.core.errors import InputError
 from llm_torch.core.engine.events import GenerationEvent

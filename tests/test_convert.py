@@ -239,6 +239,22 @@ def test_gguf_to_gguf_keeps_the_vocabulary(llama, tmp_path):
     assert b["general.file_type"] == 7 and b["general.quantization_version"] == 2
 
 
+def test_hf_output_samples_as_the_source_does(llama, tmp_path):
+    from llm_torch.core.engine.sampling_spec import DEFAULT_SAMPLING, sampling_spec
+
+    folder, _ = llama
+    source_gc = (folder / "generation_config.json").read_bytes()
+    gguf_file, back, same = tmp_path / "t.gguf", tmp_path / "back", tmp_path / "same"
+    convert(ConvertSpec(str(folder), gguf_file, to="gguf", outtype="f32"))
+    convert(ConvertSpec(str(gguf_file), back))
+    # The GGUF has no generation_config, so it samples with llm's defaults: the folder made from it says so.
+    written = json.loads((back / "generation_config.json").read_text())
+    assert written == {**written, "do_sample": True, **DEFAULT_SAMPLING} and "eos_token_id" in written
+    assert sampling_spec(written) == sampling_spec({})
+    convert(ConvertSpec(str(folder), same))  # an HF source's own generation_config.json is kept as it is
+    assert (same / "generation_config.json").read_bytes() == source_gc
+
+
 def test_unsupported_gguf_config(tmp_path, spm_model):
     folder, _ = tiny_folder(tmp_path, spm_model, GEMMA2_BASE)  # query_pre_attn_scalar 24 != head_dim 16
     with pytest.raises(UnsupportedError, match="query_pre_attn_scalar"):
@@ -466,6 +482,22 @@ def test_smollm2_gguf_to_hf_generates_the_same_tokens(tmp_path):
     assert len(a["token_ids"]) == 16 and a["token_ids"] == b["token_ids"] and a["text"] == b["text"]
 
 
+@needs_smol
+def test_smollm2_to_hf_keeps_the_built_in_sampling(tmp_path):
+    """The built-in model's settings live in llm, not in its GGUF: the converted folder writes them down,
+    so the same seed gives the same answer from both."""
+    from llm_torch.core.checkpoint import EMBEDDED_MODELS
+
+    out = tmp_path / "smol-hf"
+    assert run_llm("convert", "smollm2", "-o", str(out)).returncode == 0
+    written = json.loads((out / "generation_config.json").read_text())
+    assert written == {**written, **EMBEDDED_MODELS["smollm2"].generation_config}
+    args = ("--chat", "Name three colours.", "-n", "16", "--seed", "3", "--format", "json")
+    direct, converted = run_llm("generate", *args), run_llm("generate", "-m", str(out), *args)
+    assert direct.returncode == 0 and converted.returncode == 0, converted.stderr.decode()
+    assert json.loads(direct.stdout)["token_ids"] == json.loads(converted.stdout)["token_ids"]
+
+
 @pytest.fixture(scope="module")
 def smol_f16_gguf(tmp_path_factory):
     out = tmp_path_factory.mktemp("smol") / "smol-f16.gguf"
@@ -496,7 +528,7 @@ def test_llama_cpp_runs_our_gguf_like_we_run_the_source(tmp_path, outtype, reque
     import llama_cpp
 
     from llm_torch.core.engine.engine import stream_generate
-    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.engine.spec import GenerationSpec
     from llm_torch.core.placement.loading import load_model
     from llm_torch.core.engine.sampling import SamplingSpec
 

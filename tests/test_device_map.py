@@ -10,7 +10,7 @@ from llm_torch.core.model.config import ModelConfig
 from llm_torch.core.placement.device_map import DeviceBudget, plan
 from llm_torch.core.engine.engine import Engine, EngineConfig
 from llm_torch.core.errors import ResourceError
-from llm_torch.core.engine.events import GenerationSpec
+from llm_torch.core.engine.spec import GenerationSpec
 from llm_torch.core.placement.loading import ResolvedModel, load_resolved
 from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, hf_model
 
@@ -86,3 +86,18 @@ def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path):
     assert "GiB KV for 128 tokens" in out[1]
     bad = run_llm("generate", "-m", str(tmp_path), "--device-map", "balanced", "--dry-run")
     assert bad.returncode == 1 and "unknown device map 'balanced'" in bad.stderr.decode()
+
+
+def test_the_plan_counts_every_parameter_the_model_has():
+    """Biases, norms and a tied head as the built model holds them (core/placement/sizing.py), and the
+    same totals as the one-device memory estimate."""
+    from llm_torch.core.model.model import CausalLM
+    from llm_torch.core.placement.memory import estimate
+
+    for extra in ({}, dict(attention_bias=True, mlp_bias=True), dict(tie_word_embeddings=True)):
+        config = ModelConfig.from_dict(dict(LLAMA_BASE, **extra))
+        with torch.device("meta"):
+            params = sum(p.numel() for p in CausalLM(config).parameters())
+        p = plan(config, torch.float32, [DeviceBudget("cpu", 10 * GB)], context=64)
+        assert sum(p.weights.values()) == 4 * params
+        assert (sum(p.weights.values()), sum(p.kv.values())) == estimate(config, torch.float32, torch.device("cpu"), 64)

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from llm_torch.core.tasks import pipelines as p
+from llm_torch.core.tasks.base import PipelineOptions
+from llm_torch.core.tasks.inputs import Item
+from llm_torch.core.tasks.pipelines import Pipeline
 from llm_torch.core.errors import ModelNotFoundError
 from llm_torch.core.placement.loading import ResolvedModel, load_resolved, load_tokenizer, resolve_model
 from tests.cli_util import run_llm
@@ -67,8 +69,8 @@ def hf_hidden(base_model, text: str) -> torch.Tensor:
 
 def run(folder, **options):
     loaded = load_resolved(ResolvedModel("t", "folder", folder), dtype="float32", head="feature_extraction")
-    pipe = p.Pipeline(loaded.model, loaded.tokenizer, "feature-extraction", p.PipelineOptions(**options))
-    return list(pipe.run(p.Item(t, where=f"line {i}") for i, t in enumerate(TEXTS, 1)))
+    pipe = Pipeline(loaded.model, loaded.tokenizer, "feature-extraction", PipelineOptions(**options))
+    return list(pipe.run(Item(t, where=f"line {i}") for i, t in enumerate(TEXTS, 1)))
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -9,7 +9,7 @@ import torch
 
 from llm_torch.core.engine.engine import Engine, EngineConfig
 from llm_torch.core.errors import InputError
-from llm_torch.core.engine.events import GenerationSpec
+from llm_torch.core.engine.spec import GenerationSpec
 from llm_torch.core.model.kv_cache import KVCache
 from llm_torch.core.placement.loading import ResolvedModel, load_resolved
 from llm_torch.core.engine.runner import NativeRunner, TorchRunner, make_runner

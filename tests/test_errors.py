@@ -143,6 +143,7 @@ def test_a_model_that_cannot_fit_is_refused_before_loading(monkeypatch, tmp_path
     import torch
 
     from llm_torch.core.placement import memory
+    from llm_torch.core.placement.sizing import param_counts
     from llm_torch.core.model.config import ModelConfig
     from llm_torch.core.errors import ResourceError
     from llm_torch.core.placement.loading import ResolvedModel, load_resolved
@@ -153,7 +154,7 @@ def test_a_model_that_cannot_fit_is_refused_before_loading(monkeypatch, tmp_path
                 GEMMA2_BASE):
         config = ModelConfig.from_dict(cfg)
         with torch.device("meta"):
-            assert memory.param_count(config) == sum(p.numel() for p in CausalLM(config).parameters())
+            assert param_counts(config).total == sum(p.numel() for p in CausalLM(config).parameters())
     hf_model(LLAMA_BASE).save_pretrained(tmp_path)
     monkeypatch.setattr(memory, "available_bytes", lambda device: 10_000)
     with pytest.raises(ResourceError, match=r"needs ~0\.0 GiB of float32 weights \+ 0\.0 GiB of KV cache for 128 tokens on cpu"):

@@ -6,7 +6,8 @@ import torch
 
 from llm_torch.core.errors import InputError, ModelNotFoundError
 from llm_torch.core.engine.engine import Engine, EngineConfig, generate, stream_generate
-from llm_torch.core.engine.events import GenerationSpec, StopStringFilter
+from llm_torch.core.engine.spec import GenerationSpec
+from llm_torch.core.engine.stop_strings import StopStringFilter
 from llm_torch.core.placement.loading import ResolvedModel, embedded_model_path, load_model, load_resolved, load_tokenizer
 from llm_torch.core.engine.sampling import SamplingSpec
 from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, hf_model

@@ -48,10 +48,23 @@ def test_text_streams_plain_to_stdout_and_stats_to_stderr():
     assert b"tok/s" in r.stderr and b"tok/s" not in r.stdout
 
 
+def gguf_elsewhere(tmp_path):
+    """The built-in model's file at another path: a GGUF like any other, without the built-in's settings."""
+    import os
+    import shutil
+
+    other = tmp_path / "other.gguf"
+    try:
+        os.link(embedded_model_path("smollm2"), other)
+    except OSError:
+        shutil.copyfile(embedded_model_path("smollm2"), other)
+    return other
+
+
 @needs_model
-def test_a_model_without_generation_config_samples_by_default_and_greedy_is_one_flag_away():
+def test_a_model_without_generation_config_samples_by_default_and_greedy_is_one_flag_away(tmp_path):
     """The GGUF ships no generation_config: llama.cpp/ollama-like defaults, said by --stats; a seed repeats."""
-    args = ["generate", "-n", "12", "--format", "json", "--stats", "Once upon a time"]
+    args = ["generate", "-m", str(gguf_elsewhere(tmp_path)), "-n", "12", "--format", "json", "--stats", "Once upon a time"]
     seeded = [run_llm(*args, "--seed", "7") for _ in range(2)]
     assert all(r.returncode == 0 for r in seeded)
     assert json.loads(seeded[0].stdout)["token_ids"] == json.loads(seeded[1].stdout)["token_ids"]
@@ -61,12 +74,24 @@ def test_a_model_without_generation_config_samples_by_default_and_greedy_is_one_
     greedy = run_llm(*args, "--temperature", "0")
     assert "sampling: greedy" in greedy.stderr.decode()
     from llm_torch.core.engine.engine import generate
-    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.engine.spec import GenerationSpec
     from llm_torch.core.placement.loading import load_model
 
     smol = load_model("smollm2", progress=False)
     ref = generate(smol.model, smol.tokenizer, smol.tokenizer.encode("Once upon a time"), GenerationSpec(max_new_tokens=12))
     assert json.loads(greedy.stdout)["token_ids"] == ref.token_ids  # plain greedy: no default penalty
+
+
+@needs_model
+def test_the_built_in_model_samples_as_its_card_does_and_answers():
+    """At the defaults the 135M model answers a simple question (llm's defaults for models without a
+    generation_config gave an essay on why 2+2 is five)."""
+    args = ["generate", "--chat", "What is 2+2?", "-n", "24", "--seed", "1", "--stats", "--format", "json"]
+    r = run_llm(*args)
+    assert r.returncode == 0, r.stderr
+    assert "sampling: temperature 0.2, top_k 50, top_p 0.9, seed 1 (unset flags: the model's generation_config" \
+        in r.stderr.decode()
+    assert "4" in json.loads(r.stdout)["text"]
 
 
 @needs_model

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llm_torch.core.engine.engine import Engine, EngineConfig
-from llm_torch.core.engine.events import GenerationSpec
+from llm_torch.core.engine.spec import GenerationSpec
 from llm_torch.core.placement.loading import ResolvedModel, load_resolved
 from llm_torch.core.engine.runner import TorchRunner, make_runner
 from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, hf_model

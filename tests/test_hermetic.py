@@ -32,3 +32,13 @@ def test_an_alias_in_the_users_real_file_reaches_no_subprocess(tmp_path):
     (fake_home / ".config" / "llm-torch" / "aliases.json").write_text(json.dumps({"mine": "smollm2"}))
     r = run_llm(env={"HOME": str(fake_home), "_LLM_COMPLETE": "complete_bash", "COMP_WORDS": "llm chat ", "COMP_CWORD": "2"})
     assert "mine" not in r.stdout.decode().split(), "XDG_CONFIG_HOME must be set by the suite, not inherited"
+
+
+def test_readme_gives_a_cpu_only_install_that_matches_the_quick_start():
+    # Issue #28: PyPI's torch on Linux is the CUDA build; the README must give the CPU wheel index line.
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    lines = [line for line in readme.splitlines() if line.startswith("python3 -m venv .venv")]
+    quick = next(line for line in lines if line.endswith("llm chat") and "torch==2.13.0" in line)
+    cpu = [line for line in lines if "--index-url https://download.pytorch.org/whl/cpu" in line]
+    assert len(cpu) == 1, "one CPU-only install line"
+    assert cpu[0].replace("torch --index-url https://download.pytorch.org/whl/cpu", "torch==2.13.0") == quick

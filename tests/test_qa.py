@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from llm_torch.core.tasks import pipelines as p
+from llm_torch.core.tasks.base import PipelineOptions
+from llm_torch.core.tasks.inputs import Item
+from llm_torch.core.tasks.pipelines import Pipeline
 from llm_torch.core.errors import InputError, ModelNotFoundError
 from llm_torch.core.tasks.qa import windows
 from llm_torch.core.placement.loading import ResolvedModel, load_resolved, load_tokenizer, resolve_model
@@ -115,8 +117,8 @@ def qa(request, tmp_path_factory):
 
 
 def ours(loaded, question=QUESTION, context=CONTEXT, **options):
-    pipe = p.Pipeline(loaded.model, loaded.tokenizer, "question-answering", p.PipelineOptions(**options))
-    return next(pipe.run([p.Item(context, question, "input")]))
+    pipe = Pipeline(loaded.model, loaded.tokenizer, "question-answering", PipelineOptions(**options))
+    return next(pipe.run([Item(context, question, "input")]))
 
 
 def same(got: dict, want: dict) -> bool:

@@ -204,7 +204,7 @@ def test_corrupt_quantized_checkpoint_is_a_clear_error(float_dir, tmp_path):
 
 
 def test_writes_are_atomic(float_dir, tmp_path, monkeypatch):
-    import safetensors.torch
+    from llm_torch.core.checkpoint import safetensors as st_io
 
     out = tmp_path / "q"
     quantize_to_folder(str(float_dir), make_spec("int8"), out, dtype="float32")
@@ -214,7 +214,7 @@ def test_writes_are_atomic(float_dir, tmp_path, monkeypatch):
     def fail(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    monkeypatch.setattr(st_io, "write_tensor_bytes", fail)
     with pytest.raises(Exception, match="No space left on device"):
         quantize_to_folder(str(float_dir), make_spec("int4", group_size=32), tmp_path / "other", dtype="float32")
     with pytest.raises(Exception, match="No space left on device"):
@@ -257,6 +257,28 @@ def test_cli_quantize_then_generate_chat_and_bench(tiny_with_tokenizer, tmp_path
     assert b.returncode == 0, b.stderr
     info = json.loads(b.stdout)["model"]
     assert info["weights_bytes"] < (tiny_with_tokenizer / "model.safetensors").stat().st_size  # the 49152-row tables stay fp32
+
+
+def test_int4_is_named_and_reported_by_the_group_sizes_it_uses(tiny_with_tokenizer):
+    # K = 64 (attention, gate/up) cannot take the default groups of 128: those 12 layers use 64, down_proj 128.
+    r = run_llm("quantize", str(tiny_with_tokenizer), "--int4")
+    assert r.returncode == 0, r.stderr
+    out = Path("tiny-llama-int4-g64-g128").absolute()  # the default folder, in the working folder
+    assert r.stdout.decode() == f"{out}\n"
+    err = r.stderr.decode()
+    assert "12 layer(s) (gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj): input size 64 is not a multiple of 128: " \
+           "group size 64" in err
+    assert "int4-g64-g128: 14 layers quantized" in err
+    d = run_llm("quantize", str(tiny_with_tokenizer), "--int4", "--dry-run")
+    assert d.stdout.decode().startswith("int4-g64-g128: 14 layers to quantize"), d.stdout
+    status = run_llm("chat", str(out), "-n", "1", input="/status\n")
+    assert status.returncode == 0, status.stderr
+    assert f"model: {out} (int4-g64-g128 quantized, float32, cpu)" in status.stderr.decode()
+    for model in ([str(out)], [str(tiny_with_tokenizer), "--quantize", "int8"]):
+        b = run_llm("bench", "-m", *model, "-p", "8", "-n", "2", "-r", "1", "--format", "json")
+        assert b.returncode == 0, b.stderr
+        info = json.loads(b.stdout)["model"]
+        assert (info["quantization"], info["dtype"]) == ("int4-g64-g128" if model == [str(out)] else "int8", "float32")
 
 
 def test_cli_quantize_on_load_and_errors(tiny_with_tokenizer):
@@ -318,7 +340,7 @@ def test_quantize_embeddings_int8_table(tied, tmp_path):
     assert (got - expected_float).abs().max() / expected_float.abs().max() < TOLERANCE["int4"]
     # The generation path sizes its KV cache from the (quantized) head.
     from llm_torch.core.engine.engine import generate
-    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.engine.spec import GenerationSpec
 
     assert len(generate(reloaded.model, None, [1, 5, 9], GenerationSpec(max_new_tokens=3, eos_token_ids=())).token_ids) == 3
 
@@ -344,7 +366,7 @@ SMOL_PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def smol_float_tokens():
     from llm_torch.core.engine.engine import generate
-    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.engine.spec import GenerationSpec
 
     base = load_model("smollm2", dtype="float32")
     return generate(base.model, base.tokenizer, base.tokenizer.encode(SMOL_PROMPT), GenerationSpec(max_new_tokens=16)).token_ids
@@ -365,7 +387,7 @@ SMOL_GREEDY = {"int8": (dict(scheme="int8"), 16), "int4-g32": (dict(scheme="int4
 @pytest.mark.parametrize("name", list(SMOL_GREEDY))
 def test_smollm2_greedy_stays_coherent(name, smol_float_tokens):
     from llm_torch.core.engine.engine import generate
-    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.engine.spec import GenerationSpec
 
     kwargs, equal = SMOL_GREEDY[name]
     loaded = load_model("smollm2")

@@ -172,15 +172,17 @@ def test_question_answering(models):
 def test_pipeline_batches_equal_one_by_one(models, kind):
     """In-process: left-padded batches give the same labels/spans and scores as batch size 1."""
     from llm_torch.core.tasks import pipelines as p
+    from llm_torch.core.tasks.base import PipelineOptions
+    from llm_torch.core.tasks.inputs import Item
     from llm_torch.core.placement.loading import ResolvedModel, load_resolved
 
     loaded = load_resolved(ResolvedModel("t", "folder", models[kind]), dtype="float32")
     task = p.model_task(loaded.model)
     texts = ["Alice lives in Paris", "short", "a somewhat longer sentence about Bob and his dog", "x"]
-    items = [p.Item(t, "Who?" if kind == "qa" else None, f"line {i}") for i, t in enumerate(texts, 1)]
+    items = [Item(t, "Who?" if kind == "qa" else None, f"line {i}") for i, t in enumerate(texts, 1)]
 
     def run(bs):
-        return list(p.Pipeline(loaded.model, loaded.tokenizer, task, p.PipelineOptions(batch_size=bs, top_k=3)).run(items))
+        return list(p.Pipeline(loaded.model, loaded.tokenizer, task, PipelineOptions(batch_size=bs, top_k=3)).run(items))
 
     one, four = run(1), run(4)
     assert len(one) == len(four) == 4

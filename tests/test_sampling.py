@@ -141,3 +141,20 @@ def test_top_k_fast_path_draws_from_the_reference_distribution():
         counts[int(sampler(logits, context)[0])] += 1
     assert set(counts.nonzero()[:, 0].tolist()) <= set(want.nonzero()[:, 0].tolist())
     assert (counts / 4000 - want).abs().max().item() < 0.03
+
+
+def test_temperature_help_says_what_happens_when_it_is_not_given():
+    """--help states the defaults it cannot import (that would load torch): the ones the code uses."""
+    import re
+
+    from llm_torch.core.checkpoint import EMBEDDED_MODELS
+    from llm_torch.core.engine.sampling_spec import DEFAULT_SAMPLING
+    from tests.cli_util import run_llm
+
+    out = run_llm("generate", "--help", env={"COLUMNS": "200"}).stdout.decode()
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", out).split())
+    smol, d = EMBEDDED_MODELS["smollm2"].generation_config, DEFAULT_SAMPLING
+    assert smol["do_sample"] and set(smol) == {"do_sample", "temperature", "top_k", "top_p"}
+    assert (f"Default: the model's generation_config (greedy unless it samples; built-in smollm2: {smol['temperature']}, "
+            f"top-k {smol['top_k']}, top-p {smol['top_p']}); without one {d['temperature']}, top-k {d['top_k']}, "
+            f"top-p {d['top_p']}, min-p {d['min_p']}, repetition penalty {d['repetition_penalty']}.") in text

@@ -181,10 +181,13 @@ def test_oversized_body_is_413(server):
 
 def test_metrics_and_health(server):
     chat(server.client(), "Hi", max_tokens=2)
+    missing = server.post("/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]})
+    assert missing.status_code == 404
     text = httpx.get(server.url.removesuffix("/v1") + "/metrics").text
     for name in ("llm_requests_running", "llm_requests_waiting", "llm_generation_tokens_total",
                  "llm_time_to_first_token_seconds_bucket", "llm_inter_token_latency_seconds_count"):
         assert re.search(rf"^{name}(\{{[^}}]*\}})? \d", text, re.M), name
+    assert re.search(r'^llm_requests_rejected_total\{endpoint="/v1/chat/completions",status="404"\} [1-9]', text, re.M)
     assert httpx.get(server.url.removesuffix("/v1") + "/health").json()["status"] == "ok"
 
 
@@ -206,6 +209,15 @@ def test_api_key_and_shutdown_with_a_stream_in_flight():
     assert code == 0, "".join(s.lines)
     log = "".join(s.lines)
     assert "Traceback" not in log and "server stopped" in log
+
+
+@pytest.mark.parametrize("flag,env", [(["--api-key", ""], {}), (["--api-key", " \n"], {}), ([], {"LLM_API_KEY": ""})])
+def test_a_blank_api_key_is_one_line_and_serves_nothing(flag, env):
+    """`--api-key "$(cat missing-file)"` must not start a server without authentication."""
+    r = subprocess.run([*LLM, "serve", "--port", "0", *flag], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "NO_COLOR": "1", **env})
+    assert r.returncode != 0 and r.stderr.startswith("error: the API key is empty")
+    assert len(r.stderr.strip().splitlines()) == 1 and "serving" not in r.stderr
 
 
 def test_port_in_use_is_one_line():

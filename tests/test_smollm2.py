@@ -5,7 +5,7 @@ import torch
 
 from llm_torch.core.errors import ModelNotFoundError
 from llm_torch.core.engine.engine import generate
-from llm_torch.core.engine.events import GenerationSpec
+from llm_torch.core.engine.spec import GenerationSpec
 from llm_torch.core.placement.loading import embedded_model_path, load_model
 
 try:

@@ -38,7 +38,7 @@ def _rank(rank: int, world: int, port: int, folder: str, out: str) -> None:
 
     from llm_torch.core.placement import distributed
     from llm_torch.core.engine.engine import Engine, EngineConfig
-    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.engine.spec import GenerationSpec
     from llm_torch.core.placement.loading import load_resolved
     from llm_torch.core.engine.runner import TorchRunner
     from llm_torch.core.placement.tensor_parallel import Shard
@@ -65,7 +65,7 @@ def _rank(rank: int, world: int, port: int, folder: str, out: str) -> None:
 
 def _alone(folder):
     from llm_torch.core.engine.engine import Engine, EngineConfig
-    from llm_torch.core.engine.events import GenerationSpec
+    from llm_torch.core.engine.spec import GenerationSpec
     from llm_torch.core.placement.loading import load_resolved
     from llm_torch.core.engine.runner import TorchRunner
 
@@ -153,3 +153,25 @@ def test_cli_refuses_a_split_before_starting_ranks(cli_model):
     assert len(r.stderr.strip().splitlines()) == 1
     r = _generate(["-m", str(cli_model), "--tp", "2", "--quantize", "int8", "hi"])
     assert r.returncode == 1 and "--tp cannot be combined with --quantize" in r.stderr
+
+
+def test_a_ranks_memory_check_counts_what_it_will_hold(tmp_path, monkeypatch):
+    """Its share of the heads and MLP, and the replicated embedding, norms and head whole."""
+    from llm_torch.core.checkpoint import open_checkpoint
+    from llm_torch.core.errors import ResourceError
+    from llm_torch.core.placement import memory
+    from llm_torch.core.placement.loading import build_planned_model, plan_load
+    from llm_torch.core.placement.tensor_parallel import Shard
+
+    hf_model(LLAMA_BASE).save_pretrained(tmp_path)
+    checkpoint = open_checkpoint(ResolvedModel("tiny", "folder", tmp_path))
+    shard = Shard(0, 2)
+    plan = plan_load(checkpoint, dtype="float32", device="cpu", shard=shard, check=False)
+    assert plan.config.num_attention_heads == LLAMA_BASE["num_attention_heads"] // 2
+    held = 4 * sum(p.numel() for p in build_planned_model(plan).parameters())
+    kv = 2 * plan.context * (LLAMA_BASE["num_key_value_heads"] // 2) * 16 * 4 * LLAMA_BASE["num_hidden_layers"]
+    monkeypatch.setattr(memory, "available_bytes", lambda device: held + kv)
+    plan_load(checkpoint, dtype="float32", device="cpu", shard=shard)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: held + kv - 1)
+    with pytest.raises(ResourceError, match="for 128 tokens on cpu"):
+        plan_load(checkpoint, dtype="float32", device="cpu", shard=shard)

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from llm_torch.cli.app import app
-from llm_torch.core.model.config import load_config
+from llm_torch.core.model.config import ModelConfig, read_config_json
 from llm_torch.core.model.masks import layer_type_masks
 from tests.cli_util import run_llm
 from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, write_tokenizer_files
@@ -130,7 +130,7 @@ def _json(llm, *args):
 
 def test_json_equals_layer_type_masks(llm, models):
     data = _json(llm, "tiny-gemma2", TEXT10, "--sliding-window", "3")
-    cfg = load_config(models / "tiny-gemma2")
+    cfg = ModelConfig.from_dict(read_config_json(models / "tiny-gemma2"))
     T = len(data["tokens"][0])
     assert T == 10 and data["tokens"][0][0] == "<|im_start|>" and data["sliding_window"] == 3
     expected = layer_type_masks(cfg.layer_types, 3, T, T)
@@ -143,7 +143,7 @@ def test_json_equals_the_models_forward_masks(llm, models):
     """The matrices are the ones DecoderModel._masks_without_cache hands to attention (real rows; padded rows are unused)."""
     from llm_torch.core.placement.loading import build_model
 
-    cfg = load_config(models / "tiny-gemma2")  # window 6 < 10 tokens: the forward builds window masks
+    cfg = ModelConfig.from_dict(read_config_json(models / "tiny-gemma2"))  # window 6 < 10 tokens: the forward builds window masks
     data = _json(llm, "tiny-gemma2", TEXT10, "short text", "--pad-to", "12")
     model = build_model(cfg).model
     padding = torch.tensor([[not p for p in row] for row in data["padding"]])

@@ -65,8 +65,11 @@ class Checkpoint:
         raise NotImplementedError
 
     def generation_config(self) -> dict[str, Any]:
-        """The sampling defaults the checkpoint ships (generation_config.json); {} when it has none."""
-        return {}
+        """The sampling defaults the checkpoint ships (generation_config.json), or those llm gives a built-in
+        model's file (checkpoint.resolve.EMBEDDED_MODELS); {} when it has none."""
+        from .resolve import embedded_generation_config
+
+        return embedded_generation_config(self.path)
 
     @property
     def quantization_config(self) -> dict[str, Any] | None:

@@ -5,8 +5,9 @@
     for hf_name, tensor in checkpoint.read(torch.float16): ...
 
 Tensors come out one at a time in HF layout: llama.cpp's converter (convert_hf_to_gguf.py) renamed
-them, interleaved Llama's q/k rows for its rotary kernel and stored (1 + w) norm scales for families
-whose RMSNorm adds one; all three are undone here, as each family's GGUFLayout (core/model/families/) says.
+them (gguf-py's TensorNameMap, which gguf_tensor_names applies to our own parameter names), interleaved
+Llama's q/k rows for its rotary kernel and stored (1 + w) norm scales for families whose RMSNorm adds
+one; all three are undone here, as gguf-py and each family's GGUFLayout (core/model/families/) say.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gguf import GGUFReader
+from gguf import MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES, GGUFReader, TensorNameMap
 
+from llm_torch.core.model.bounds import bounded_int
 from llm_torch.core.model.config import ModelConfig
 from llm_torch.core.errors import CheckpointError, ConfigError, UnsupportedError
-from llm_torch.core.model.families import GGUF_TOP_NAMES, Family, gguf_families
+from llm_torch.core.model.families import Family, gguf_families
 from .base import Checkpoint, TensorInfo, generation_config_for, interleaved_to_halves, selected, write_json
 from .gguf_reader import dequantize, gguf_metadata, open_gguf, release_fields, release_pages
 from .gguf_rope import f32_decimal, rope_scaling_from_gguf
@@ -29,18 +31,24 @@ from .gguf_rope import f32_decimal, rope_scaling_from_gguf
 if TYPE_CHECKING:  # torch is imported where tensors are made: config and tokenizer stay torch-free
     import torch
 
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-_TOP_RE = re.compile(r"(\w+)\.(weight|bias)")
+_LAYER_RE = re.compile(r"blk\.(\d+)\.")
 # llama.cpp writes this for Llama 3.x rope scaling; it is config, not a parameter (see gguf_rope_freqs).
-ROPE_FREQS = "rope_freqs.weight"
+ROPE_FREQS = f"{TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS]}.weight"
+# GGUF general.architecture (llama.cpp names these as transformers' model_type) -> gguf-py's MODEL_ARCH.
+_ARCHES = {name: arch for arch, name in MODEL_ARCH_NAMES.items()}
 
 
 def gguf_family(arch: str | None) -> Family:
     """The family of a GGUF general.architecture, or UnsupportedError."""
-    families = gguf_families()
+    families = {name: f for name, f in gguf_families().items() if name in _ARCHES}
     if arch not in families:
         raise UnsupportedError(f"GGUF architecture '{arch}' is not supported", hint=f"supported: {', '.join(families)}")
     return families[arch]
+
+
+def has_rope_freqs(family: Family) -> bool:
+    """Whether llama.cpp's architecture carries Llama 3.x rope scaling as the rope_freqs tensor."""
+    return MODEL_TENSOR.ROPE_FREQS in MODEL_TENSORS[_ARCHES[family.model_type]]
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -74,18 +82,23 @@ def gguf_config_dict(
             )
         return meta[full]
 
-    hidden = int(need("embedding_length"))
-    heads = int(_per_layer_uniform(need("attention.head_count"), f"{arch}.attention.head_count"))
-    kv_heads = int(_per_layer_uniform(get("attention.head_count_kv", heads), f"{arch}.attention.head_count_kv"))
-    layers = int(need("block_count"))
+    def size(field: str, key: str, value: Any) -> int:
+        # Checked as read: the family hook loops over layers, gguf-py's name table is built per layer.
+        return bounded_int(field, _per_layer_uniform(value, f"{arch}.{key}"), "GGUF metadata", f"{arch}.{key}")
+
+    hidden = size("hidden_size", "embedding_length", need("embedding_length"))
+    heads = size("num_attention_heads", "attention.head_count", need("attention.head_count"))
+    kv_heads = size("num_key_value_heads", "attention.head_count_kv", get("attention.head_count_kv", heads))
+    layers = size("num_hidden_layers", "block_count", need("block_count"))
+    _check_layers_present(layers, names, f"{arch}.block_count")
     # key_length when written (llama.cpp's rule), else Llama's rope.dimension_count, which llama.cpp
     # requires to equal the head size (transformers reads head_dim from it), else n_embd / n_head.
     rot = get("rope.dimension_count")
     head_dim = get("attention.key_length")
     if head_dim is None and layout.head_dim_from_rope:
         head_dim = rot
-    head_dim = int(head_dim or hidden // heads)
-    value_dim = int(get("attention.value_length") or head_dim)
+    head_dim = size("head_dim", "attention.key_length", head_dim or hidden // heads)
+    value_dim = size("head_dim", "attention.value_length", get("attention.value_length") or head_dim)
     if value_dim != head_dim:
         raise UnsupportedError(f"GGUF attention.value_length {value_dim} differs from key_length {head_dim}")
 
@@ -95,18 +108,19 @@ def gguf_config_dict(
         if tokens is None:
             raise ConfigError(f"GGUF metadata has neither '{arch}.vocab_size' nor 'tokenizer.ggml.tokens'")
         vocab = len(tokens)
+    vocab = size("vocab_size", "vocab_size", vocab)
 
     config: dict[str, Any] = {
         "model_type": arch,
         "architectures": [family.causal_lm],
-        "vocab_size": int(vocab),
+        "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(_per_layer_uniform(need("feed_forward_length"), f"{arch}.feed_forward_length")),
+        "intermediate_size": size("intermediate_size", "feed_forward_length", need("feed_forward_length")),
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "max_position_embeddings": int(need("context_length")),
+        "max_position_embeddings": size("max_position_embeddings", "context_length", need("context_length")),
         "rms_norm_eps": f32_decimal(need("attention.layer_norm_rms_epsilon")),
         "rope_theta": f32_decimal(get("rope.freq_base", 10000.0)),
         # llama.cpp's converter writes output.weight only when it is not the embedding matrix.
@@ -133,6 +147,15 @@ def gguf_rope_freqs(reader: GGUFReader) -> list[float] | None:
     return None
 
 
+def _check_layers_present(layers: int, names: set[str], key: str) -> None:
+    """A declared layer count past the blk.N tensors the file holds (a file with none is metadata only;
+    a tensor past the count is hf_tensor_name's error, met when it is read)."""
+    present = {int(m.group(1)) for m in map(_LAYER_RE.match, names) if m}
+    if present and layers > max(present) + 1:
+        raise CheckpointError(f"GGUF metadata {key} = {layers}, but the file holds tensors for {max(present) + 1} layers",
+                              hint="the file is corrupt or its metadata was edited; download it again")
+
+
 def _per_layer_uniform(value: Any, key: str) -> Any:
     # Some converters write one value per layer; our layers take one value for all.
     if isinstance(value, list):
@@ -157,29 +180,68 @@ def _eos_ids(meta: Mapping[str, Any]) -> int | list[int] | None:
 # --------------------------------------------------------------------------------------------- tensors
 
 
-def iter_gguf_tensors(
-    reader: GGUFReader, config: Mapping[str, Any], dtype: torch.dtype
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF state-dict name, tensor in HF layout and `dtype`), one tensor at a time, in file order.
+def gguf_tensor_names(config: ModelConfig) -> dict[str, str]:
+    """HF state-dict name -> GGUF tensor name, for each parameter of `config`'s causal LM that llama.cpp's
+    architecture has (Gemma 2 has no `output`: llama.cpp always ties it to token_embd).
 
-    `config` is gguf_config_dict's result. Tensors the model has no parameter for (rope_freqs) are skipped;
-    a tensor name this loader does not know raises CheckpointError.
+    gguf-py's TensorNameMap (the table convert_hf_to_gguf.py renames with) knows many spellings of each
+    tensor; applied to our own parameter names (the model built on the meta device) it is one-to-one.
     """
     import torch
 
-    family = gguf_family(config.get("model_type"))
-    unit_offset = bool(family.flags.get("norm_unit_offset"))
-    n_head = int(config["num_attention_heads"])
-    n_kv_head = int(config.get("num_key_value_heads") or n_head)
-    n_layers = int(config["num_hidden_layers"])
+    from llm_torch.core.model.model import CausalLM
+
+    family = gguf_family(config.model_type)
+    with torch.device("meta"):
+        params = [name for name, _ in CausalLM(config).named_parameters(remove_duplicate=False)]
+    table = TensorNameMap(_ARCHES[family.model_type], config.num_hidden_layers)
+    names = {}
+    for hf_name in params:
+        gguf_name = table.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is not None:
+            names[hf_name] = gguf_name
+    assert len(set(names.values())) == len(names), "gguf-py maps two of our parameters to one GGUF tensor"
+    return names
+
+
+def hf_tensor_names(config: ModelConfig) -> dict[str, str]:
+    """GGUF tensor name -> HF state-dict name (gguf_tensor_names inverted)."""
+    return {gguf_name: hf_name for hf_name, gguf_name in gguf_tensor_names(config).items()}
+
+
+def qk_heads(config: ModelConfig, hf_name: str) -> int | None:
+    """The head count whose q/k rows llama.cpp's converter interleaves in tensor `hf_name` (Llama's
+    LlamaModel.permute, for ggml's rotary kernel), or None for a tensor stored as it is."""
+    if not gguf_family(config.model_type).gguf.interleaved_qk:
+        return None
+    if ".self_attn.q_proj." in hf_name:
+        return config.num_attention_heads
+    if ".self_attn.k_proj." in hf_name:
+        return config.num_key_value_heads
+    return None
+
+
+def iter_gguf_tensors(
+    reader: GGUFReader, config: Mapping[str, Any], dtype: torch.dtype, names: Mapping[str, str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF state-dict name, tensor in HF layout and `dtype`), one tensor at a time, in file order.
+
+    `config` is gguf_config_dict's result; `names` its hf_tensor_names if already known. Tensors the model
+    has no parameter for (rope_freqs) are skipped; a tensor name this loader does not know raises CheckpointError.
+    """
+    import torch
+
+    cfg = ModelConfig.from_dict(dict(config))
+    names = hf_tensor_names(cfg) if names is None else names
     for t in reader.tensors:
-        hf_name, leaf = hf_tensor_name(family, t.name, n_layers)
+        hf_name = hf_tensor_name(names, t.name, cfg)
         if hf_name is None:
             continue
-        offset_norm = unit_offset and leaf.endswith("norm") and t.name.endswith(".weight")
+        offset_norm = cfg.norm_unit_offset and hf_name.endswith("norm.weight")
         w = dequantize(t, torch.float32 if offset_norm else dtype)
-        if family.gguf.interleaved_qk and leaf in ("attn_q", "attn_k"):
-            w = _unpermute_qk(w, n_head if leaf == "attn_q" else n_kv_head, t.name)
+        heads = qk_heads(cfg, hf_name)
+        if heads is not None:
+            w = _unpermute_qk(w, heads, t.name)
         if offset_norm:
             # convert_hf_to_gguf.py stored the RMSNorm scale as (1 + w) for ggml; HF keeps w.
             # Subtract in fp32 before the cast, as transformers does.
@@ -188,45 +250,22 @@ def iter_gguf_tensors(
         yield hf_name, w.to(dtype)
 
 
-def hf_tensor_name(family: Family, name: str, n_layers: int) -> tuple[str | None, str]:
-    """GGUF tensor name -> (HF state-dict name, GGUF leaf); (None, leaf) for tensors with no parameter
-    (rope_freqs). Raises CheckpointError for a name unknown to the family or a layer past `n_layers`."""
-    layout = family.gguf
-    if name == ROPE_FREQS and layout.rope_scaling:
-        return None, "rope_freqs"
-    m = _BLOCK_RE.fullmatch(name)
-    if m:
-        layer, leaf, kind = int(m.group(1)), m.group(2), m.group(3)
-        module = layout.block_names.get(leaf)
-        if module is not None:
-            if layer >= n_layers:
-                raise CheckpointError(f"GGUF tensor '{name}' is for layer {layer}, but the model has {n_layers} layers")
-            return f"model.layers.{layer}.{module}.{kind}", leaf
-    else:
-        m = _TOP_RE.fullmatch(name)
-        if m and m.group(1) in GGUF_TOP_NAMES:
-            return f"{GGUF_TOP_NAMES[m.group(1)]}.{m.group(2)}", m.group(1)
+def hf_tensor_name(names: Mapping[str, str], name: str, config: ModelConfig) -> str | None:
+    """GGUF tensor name -> HF state-dict name by `names` (hf_tensor_names); None for a tensor with no
+    parameter (rope_freqs). Raises CheckpointError for a name unknown to the family or a layer past the last."""
+    if name in names:
+        return names[name]
+    family = gguf_family(config.model_type)
+    if name == ROPE_FREQS and has_rope_freqs(family):
+        return None
+    m = _LAYER_RE.match(name)
+    if m and int(m.group(1)) >= config.num_hidden_layers:
+        raise CheckpointError(f"GGUF tensor '{name}' is for layer {m.group(1)}, but the model has "
+                              f"{config.num_hidden_layers} layers")
     raise CheckpointError(
         f"GGUF tensor '{name}' is unknown for architecture '{family.model_type}'",
         hint="the file may be for a different model type",
     )
-
-
-def gguf_tensor_name(family: Family, hf_name: str) -> str:
-    """HF state-dict name -> GGUF tensor name (hf_tensor_name's inverse)."""
-    parts = hf_name.split(".")
-    if parts[:2] == ["model", "layers"]:
-        module, kind = ".".join(parts[3:-1]), parts[-1]
-        for leaf, hf_module in family.gguf.block_names.items():
-            if hf_module == module:
-                return f"blk.{parts[2]}.{leaf}.{kind}"
-    else:
-        module, kind = ".".join(parts[:-1]), parts[-1]
-        for leaf, hf_module in GGUF_TOP_NAMES.items():
-            if hf_module == module:
-                return f"{leaf}.{kind}"
-    raise UnsupportedError(f"tensor '{hf_name}' has no GGUF name for architecture '{family.model_type}'",
-                           hint="only the causal LM weights can be written as GGUF")
 
 
 def _unpermute_qk(w: torch.Tensor, n_head: int, name: str) -> torch.Tensor:
@@ -257,14 +296,16 @@ class GGUFCheckpoint(Checkpoint):
         self._gguf_config = raw
 
     @cached_property
+    def _hf_names(self) -> dict[str, str]:
+        return hf_tensor_names(self.config)
+
+    @cached_property
     def tensors(self) -> list[TensorInfo]:
         import torch
 
-        n_layers = self.config.num_hidden_layers
-        family = gguf_family(self.config.model_type)
         out = []
         for t in self._reader.tensors:
-            hf_name, _ = hf_tensor_name(family, t.name, n_layers)
+            hf_name = hf_tensor_name(self._hf_names, t.name, self.config)
             if hf_name is not None:
                 out.append(TensorInfo(hf_name, tuple(int(n) for n in reversed(t.shape.tolist())), torch.float32))
         return out
@@ -285,7 +326,7 @@ class GGUFCheckpoint(Checkpoint):
         if dtype is None:
             dtype = self.default_dtype
         # Quantized blocks cannot be cut before they are decoded: read whole, then select.
-        return selected(iter_gguf_tensors(self._reader, self._gguf_config, dtype), select)
+        return selected(iter_gguf_tensors(self._reader, self._gguf_config, dtype, self._hf_names), select)
 
     def tokenizer(self):
         from llm_torch.core.tokenizer import Tokenizer

@@ -21,6 +21,16 @@ if TYPE_CHECKING:
     import torch
 
 _U64 = struct.Struct("=Q")  # GGUF string lengths, in the file's (here: host) byte order
+# The fewest bytes one entry can take, so a count can be checked against the bytes left before any loop:
+# a key/value (key length u64, value type u32, a 1-byte value) and a tensor info (name length u64,
+# n_dims u32, type u32, offset u64).
+_MIN_KV_BYTES, _MIN_TENSOR_INFO_BYTES = 13, 24
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+class GGUFHeaderError(ValueError):
+    """A count or size in a GGUF header that the file cannot hold (open_gguf's "truncated or corrupt")."""
+
 
 class _FastGGUFReader(GGUFReader):
     """GGUFReader with the same fields, parts and tensors, parsed ~15x faster.
@@ -44,6 +54,34 @@ class _FastGGUFReader(GGUFReader):
         order = self.byte_order if override_order is None else override_order
         return arr if order == "I" else arr.view(arr.dtype.newbyteorder(order))
 
+    def _check_count(self, what: str, count: int, min_bytes: int, offs: int) -> None:
+        left = len(self.data) - offs
+        if count * min_bytes > left:
+            raise GGUFHeaderError(f"{what} {count} needs at least {count * min_bytes} bytes, {left} are left in the file")
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        self._check_count("kv_count", int(count), _MIN_KV_BYTES, offs)
+        return super()._build_fields(offs, count)
+
+    def _build_tensor_info(self, offs: int, count: int) -> tuple[int, list[Any]]:
+        self._check_count("tensor_count", int(count), _MIN_TENSOR_INFO_BYTES, offs)
+        return super()._build_tensor_info(offs, count)
+
+    def _get_tensor_info_field(self, orig_offs: int) -> Any:
+        field = super()._get_tensor_info_field(orig_offs)
+        _, name, n_dims, dims = field.parts[:4]
+        label = bytes(name).decode("utf-8", "replace")
+        if not 1 <= int(n_dims[0]) <= _MAX_DIMS or len(dims) != int(n_dims[0]):
+            raise GGUFHeaderError(f"tensor '{label}' has {int(n_dims[0])} dims, not 1..{_MAX_DIMS}")
+        # Python ints: numpy's uint64 product wraps around and would hide an absurd shape.
+        elements = 1
+        for d in dims.tolist():
+            elements *= int(d)
+        if elements > 8 * len(self.data):  # no ggml type stores an element in under one bit
+            raise GGUFHeaderError(f"tensor '{label}' has shape {dims.tolist()} ({elements} elements), "
+                                  f"more than a file of {len(self.data)} bytes can hold")
+        return field
+
     def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[np.ndarray], list[int], list[Any]]:
         if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":
             return super()._get_field_parts(orig_offs, raw_type)
@@ -52,6 +90,7 @@ class _FastGGUFReader(GGUFReader):
         itype = GGUFValueType(int(raw_itype[0]))
         count = int(alen[0])
         offs = orig_offs + 12
+        self._check_count("array length", count, 8 if itype == GGUFValueType.STRING else 1, offs)
         parts: list[np.ndarray] = [raw_itype, alen]
         types: list[Any] = [GGUFValueType.ARRAY] + ([itype] if count else [])
         nptype = self.gguf_scalar_to_np.get(itype)

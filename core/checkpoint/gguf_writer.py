@@ -1,9 +1,9 @@
 """Write a checkpoint as a llama.cpp GGUF file (gguf-py's GGUFWriter), one tensor at a time.
 
-The inverse of core/checkpoint/gguf.py: HF names -> GGUF names (gguf-py's tensor map), q/k rows back
-to the interleaved rotary layout llama.cpp's kernel expects (Llama), (1 + w) norm scales (Gemma 2), and
-the metadata keys convert_hf_to_gguf.py writes (hyper-parameters, tokenizer, chat template); each
-family's GGUFLayout (core/model/families/) says which.
+The inverse of core/checkpoint/gguf.py: HF names -> GGUF names (gguf-py's TensorNameMap, through
+gguf.gguf_tensor_names), q/k rows back to the interleaved rotary layout llama.cpp's kernel expects (Llama),
+(1 + w) norm scales (Gemma 2), and the metadata keys convert_hf_to_gguf.py writes (hyper-parameters,
+tokenizer, chat template); each family's GGUFLayout (core/model/families/) says which.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from gguf.quants import quantize
 from llm_torch.core.model.config import ModelConfig
 from llm_torch.core.errors import UnsupportedError
 from llm_torch.core.model.families import Family, family_for
-from .gguf import ROPE_FREQS, gguf_tensor_name
+from .gguf import ROPE_FREQS, gguf_tensor_names, has_rope_freqs, qk_heads
 from .gguf_rope import llama3_rope_factors
 from .base import halves_to_interleaved
 
@@ -35,13 +35,16 @@ def write_gguf(checkpoint, path: Path, outtype: str, progress=None) -> tuple[int
     cfg = checkpoint.config
     family = _family(cfg)
     qtype, file_type = _OUTTYPES[outtype]
+    names = gguf_tensor_names(cfg)
     plan = []  # (hf name, gguf name, torch shape, ggml type)
     for t in checkpoint.tensors:
         if t.name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # llama.cpp reads a missing output.weight as tied to token_embd
-        kind = _tensor_type(qtype, t.shape)
-        plan.append((t.name, gguf_tensor_name(family, t.name), t.shape, kind))
-    rope_freqs = _rope_freqs(cfg) if family.gguf.rope_scaling else None
+        if t.name not in names:
+            raise UnsupportedError(f"tensor '{t.name}' has no GGUF name for architecture '{family.model_type}'",
+                                   hint="only the causal LM weights llama.cpp's architecture has can be written as GGUF")
+        plan.append((t.name, names[t.name], t.shape, _tensor_type(qtype, t.shape)))
+    rope_freqs = _rope_freqs(cfg) if has_rope_freqs(family) else None
 
     w = GGUFWriter(str(path), family.model_type)
     try:
@@ -75,7 +78,7 @@ def write_gguf(checkpoint, path: Path, outtype: str, progress=None) -> tuple[int
             if hf_name not in by_name:
                 continue
             name, shape, kind = by_name[hf_name]
-            w.write_tensor_data(_encode(_to_gguf_layout(tensor, hf_name, cfg, family), kind))
+            w.write_tensor_data(_encode(_to_gguf_layout(tensor, hf_name, cfg), kind))
             done += _nbytes(kind, shape)
             del tensor
             if progress is not None:
@@ -114,11 +117,10 @@ def _nbytes(kind: Q, shape) -> int:
     return {Q.F32: 4 * n, Q.F16: 2 * n, Q.BF16: 2 * n, Q.Q8_0: n // 32 * 34}[kind]
 
 
-def _to_gguf_layout(w: torch.Tensor, hf_name: str, cfg: ModelConfig, family: Family) -> torch.Tensor:
-    if family.gguf.interleaved_qk and ".self_attn.q_proj." in hf_name:
-        return halves_to_interleaved(w, cfg.num_attention_heads)
-    if family.gguf.interleaved_qk and ".self_attn.k_proj." in hf_name:
-        return halves_to_interleaved(w, cfg.num_key_value_heads)
+def _to_gguf_layout(w: torch.Tensor, hf_name: str, cfg: ModelConfig) -> torch.Tensor:
+    heads = qk_heads(cfg, hf_name)
+    if heads is not None:
+        return halves_to_interleaved(w, heads)
     if cfg.norm_unit_offset and hf_name.endswith("norm.weight"):
         return w.float() + 1.0  # ggml's RMSNorm multiplies by the stored scale; this family's is (1 + w)
     return w

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
+from llm_torch.core.model.bounds import bounded_float, bounded_int
 from llm_torch.core.model.config import ModelConfig
 from llm_torch.core.errors import CheckpointError, ConfigError, TokenizerError, UnsupportedError
 from .base import Checkpoint, TensorInfo, generation_config_for, interleaved_to_halves, selected, spm_tokenizer, write_json
@@ -46,15 +47,18 @@ _SKIPPED = ("rope.freqs",)  # a buffer, recomputed from rope_theta
 
 def config_from_params(params: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     """HF LlamaConfig fields for a params.json (transformers' conversion rules)."""
+    if not isinstance(params, dict):
+        raise ConfigError("params.json is not a JSON object", hint="is this Meta's original Llama layout?")
     try:
-        dim, heads, layers = int(params["dim"]), int(params["n_heads"]), int(params["n_layers"])
-        multiple_of = int(params.get("multiple_of", 256))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"params.json lacks or mis-states {e}", hint="is this Meta's original Llama layout?") from None
+        dim, heads, layers = (bounded_int(field, params[key], "params.json", key) for field, key in
+                              (("hidden_size", "dim"), ("num_attention_heads", "n_heads"), ("num_hidden_layers", "n_layers")))
+        multiple_of = bounded_int("intermediate_size", params.get("multiple_of", 256), "params.json", "multiple_of")
+    except KeyError as e:
+        raise ConfigError(f"params.json lacks {e}", hint="is this Meta's original Llama layout?") from None
     # Llama's SwiGLU width: 2/3 of 4 * dim, times ffn_dim_multiplier, rounded up to multiple_of.
     hidden = int(2 * 4 * dim / 3)
     if params.get("ffn_dim_multiplier") is not None:
-        hidden = int(float(params["ffn_dim_multiplier"]) * hidden)
+        hidden = int(bounded_float("ffn_dim_multiplier", params["ffn_dim_multiplier"], "params.json", 0.0, 64.0) * hidden)
     intermediate = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
     eps = float(params.get("norm_eps", 1e-5))
     # Not in params.json: Llama 1 (norm_eps 1e-6) was trained on 2048 tokens, Llama 2 (1e-5) on 4096.

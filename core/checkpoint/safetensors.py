@@ -1,7 +1,9 @@
 """The one safetensors reader and writer: headers parsed here, tensor bytes read with plain file reads.
 
 Plain reads into a fresh buffer rather than a memory map: the mapped pages of a whole shard would stay
-resident and count towards peak RSS; this way one tensor is in memory at a time.
+resident and count towards peak RSS; this way one tensor is in memory at a time. The writer streams too
+(header first, from the shapes, then each tensor as it comes), which safetensors' own save_file cannot:
+it takes every tensor of the file at once. `llm convert` and `llm quantize` both write through it.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -176,8 +178,14 @@ def write_safetensors(path: Path, infos: list[TensorInfo], tensors: Iterator[tup
     return done
 
 
+def save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Tensors already in memory (any device; views sharing storage welcome) as one safetensors file."""
+    infos = [TensorInfo(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    write_safetensors(path, infos, iter(tensors.items()), 0, 0, None)
+
+
 def write_tensor_bytes(f, tensor: torch.Tensor) -> None:
-    """A tensor's raw little-endian bytes, without a Python-side copy of a contiguous tensor."""
-    t = tensor.detach().contiguous().reshape(-1)
+    """A tensor's raw little-endian bytes, without a Python-side copy of a contiguous CPU tensor."""
+    t = tensor.detach().cpu().contiguous().reshape(-1)
     if t.numel():
         f.write(memoryview(t.view(torch.uint8).numpy()))

@@ -1,23 +1,20 @@
-"""The generation engine: one scheduler/step loop for any number of sequences (continuous batching).
+"""The generation engine: the client API over one step loop for any number of sequences (continuous batching).
 
 Every client goes through it: `llm generate`, `llm chat`, `llm run`, `llm bench` and the HTTP server.
 `Engine.add` queues a request; each `Engine.step()`:
-1. admits waiting requests into free KV slots, each into the slot whose cached tokens share the longest
-   prefix with its prompt (prefix reuse: the next turn of a chat, a common system prompt), copying that
-   prefix from another slot when one holds more of it;
-2. builds one batch: the next token of every decoding sequence, then prompt tokens of prefilling ones,
-   at most `prefill_chunk` in all, so a long prompt is prefilled over several steps interleaved with
-   the others' decode steps instead of stalling them;
-3. runs it through the runner (core/engine/runner.py: on CPU one native call, each weight read once for all);
-4. samples each sequence's token with its own sampler (seed, temperature, penalties), applies its
-   EOS ids, stop strings and token budget, and queues text events on the request.
+1. asks the scheduler (core/engine/scheduler.py) for this step's plan: which requests take KV slots (prefix
+   reuse, core/engine/slots.py), which decode and which prompt chunks prefill within `prefill_chunk`;
+2. runs it through the runner (core/engine/runner.py: on CPU one native call, each weight read once for all);
+3. samples each sequence's token with its own sampler (seed, temperature, penalties) and hands the tokens
+   back to the scheduler, which applies each request's EOS ids, stop strings and token budget
+   (core/engine/request.py queues the text events) and frees the slots of those that finished.
 A finished or cancelled sequence leaves its slot at once; the slot keeps its KV for prefix reuse until
 another request takes it. Each row's logits are bitwise those it gets alone (runner docs), so a seeded
 request gives the same tokens whatever else is in the batch.
 
 The engine is single-threaded: one thread calls add/cancel/step (core/serving/engine_thread.py drives it for
-the server); core/engine/request.py holds one request's state. Memory: the KV cache holds `max_batch` slots of
-up to `max_context` positions (KVCache.bytes_for gives the bound; it grows to it only as requests need).
+the server). Memory: the KV cache holds `max_batch` slots of up to `max_context` positions
+(KVCache.bytes_for gives the bound; it grows to it only as requests need).
 """
 
 from __future__ import annotations
@@ -30,14 +27,14 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from llm_torch.core.errors import InputError
 from llm_torch.core.model.config import resolve_context
-from llm_torch.core.errors import InputError, ResourceError
-from .events import GenerationEvent, GenerationResult, GenerationSpec, Timings, eos_ids_for, fit_prompt
 from llm_torch.core.model.kv_cache import KVCache
-from llm_torch.core.model.layers import rope_reuse_limit
-from .request import DECODE, PREFILL, WAITING, Request
-from .runner import Runner, Segment, make_runner
-
+from .events import GenerationEvent, GenerationResult, Timings
+from .request import Request
+from .runner import Runner, make_runner
+from .scheduler import QueueFullError, Scheduler  # QueueFullError: what add raises, importable from here
+from .spec import GenerationSpec, eos_ids_for, fit_prompt
 
 
 @dataclass(frozen=True)
@@ -60,10 +57,6 @@ class EngineConfig:
             raise InputError(f"max queue must be >= 0, got {self.max_queue}")
 
 
-class QueueFullError(ResourceError):
-    """More requests waiting than the engine's max_queue allows."""
-
-
 class Engine:
     def __init__(self, model, tokenizer=None, config: EngineConfig = EngineConfig(), *, runner: Runner | None = None):
         self.model = model
@@ -72,15 +65,10 @@ class Engine:
         self.runner = runner if runner is not None else make_runner(model)
         # An explicit max_context past what the rope setup supports is an InputError, not a clamp.
         self.context = resolve_context(model.config, config.max_context)
-        self.cache: KVCache | None = None
-        n = config.max_batch
-        self.slots: list[Request | None] = [None] * n
-        self.slot_tokens: list[list[int]] = [[] for _ in range(n)]  # what a free slot's KV holds
-        self._slot_used = [0] * n  # last use, for least-recently-used replacement
-        self._slot_prompt = [0] * n  # prompt length of the request whose KV a slot holds (dynamic NTK reuse)
-        self.waiting: deque[Request] = deque()
+        self.scheduler = Scheduler(model.config, self.context, self.runner.new_cache, max_batch=config.max_batch,
+                                   prefill_chunk=config.prefill_chunk, max_queue=config.max_queue,
+                                   prefix_reuse=config.prefix_reuse)
         self._ids = itertools.count()
-        self._clock = itertools.count(1)
 
     @property
     def kv_bytes_limit(self) -> int:
@@ -89,11 +77,30 @@ class Engine:
                                  torch.finfo(self.runner.dtype).bits // 8)
 
     @property
+    def cache(self) -> KVCache | None:
+        """The KV cache (None until the first request takes a slot)."""
+        return self.scheduler.kv.cache
+
+    @property
+    def slots(self) -> list[Request | None]:
+        """The request in each KV slot (None: free)."""
+        return self.scheduler.kv.requests
+
+    @property
+    def slot_tokens(self) -> list[list[int]]:
+        """What each free slot's KV still holds (prefix reuse)."""
+        return self.scheduler.kv.kept
+
+    @property
+    def waiting(self) -> deque[Request]:
+        return self.scheduler.waiting
+
+    @property
     def running(self) -> list[Request]:
-        return [r for r in self.slots if r is not None]
+        return self.scheduler.kv.running
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or any(r is not None for r in self.slots)
+        return self.scheduler.has_work()
 
     # ---- requests ------------------------------------------------------------------------------------
 
@@ -107,91 +114,33 @@ class Engine:
         if bad:
             raise InputError(f"token id {bad[0]} is outside the vocabulary of {vocab}")
         ids, dropped = fit_prompt(prompt_ids, self.context, spec)
-        queued = len(self.waiting) - self.slots.count(None)  # those that will not get a slot at the next step
-        if self.config.max_queue is not None and queued >= self.config.max_queue and spec.max_new_tokens:
-            raise QueueFullError(f"{queued} requests already wait for one of {self.config.max_batch} slots",
-                                 hint="retry later, or raise the queue limit")
         req = Request(next(self._ids), ids, spec, eos_ids_for(self.model, self.tokenizer, spec), self.tokenizer, dropped,
                       self.context)
-        if req.budget <= 0:
-            req.admitted = req.arrived
-            req._finish("length")
-        else:
-            self.waiting.append(req)
+        self.scheduler.add(req)
         return req
 
     def cancel(self, req: Request, reason: str = "cancelled", error: str | None = None) -> None:
         """Stop a request now: it leaves the queue or frees its slot, and gets its final event
         (finish_reason `reason`; 'error' with the `error` message)."""
-        if req.finished:
-            return
-        if req.state == WAITING:
-            self.waiting.remove(req)
-        else:
-            self._release(req)
-        req._finish(reason, error)
+        self.scheduler.finish(req, reason, error)
 
     # ---- the step ------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> list[Request]:
         """One scheduler iteration; -> the requests that got events."""
-        touched = self._admit()
-        touched += self._grow()
-        segments, owners = self._schedule()
-        if not segments:
-            return touched
-        logits = self.runner.forward(self.cache, segments)
+        plan = self.scheduler.schedule()
+        if not plan.segments:
+            return plan.changed
+        logits = self.runner.forward(self.cache, plan.segments)
         now = time.perf_counter()
-        rows = [r for s, r in zip(segments, owners) if s.logits]
-        for r in owners:
-            if r.state == PREFILL and self.cache.lengths[r.slot] >= len(r.prompt):
-                r.state = DECODE
+        rows = plan.sampled
         tokens = self._sample(rows, logits)
-        for i, (r, tok) in enumerate(zip(rows, tokens)):
-            if self.config.keep_logits:
-                r.logits.append(logits[i].clone())
-            r._take(tok, now)
-            if r.finished:
-                self._release(r)
-        return list(dict.fromkeys(touched + owners))
-
-    def _grow(self) -> list[Request]:
-        """Room for this step's tokens (a sequence's tokens so far, the last one fed now); when memory runs
-        out, the sequences that need more than the cache holds end with 'error' and the others go on."""
-        running = self.running
-        if not running:
-            return []
-        need = min(self.cache.max_len, max(r.length for r in running))
-        try:
-            self.cache.ensure(need)
-            return []
-        except ResourceError as e:
-            over = [r for r in running if r.length + 1 > self.cache.capacity]
-            for r in over:
-                self.cancel(r, "error", e.message)
-            return over
-
-    def _schedule(self) -> tuple[list[Segment], list[Request]]:
-        """Decode rows first (one token each), then prompt chunks within the prefill budget."""
-        segments, owners = [], []
-        budget = self.config.prefill_chunk
-        for r in sorted(self.running, key=lambda r: (r.state != DECODE, r.admitted)):  # then first come, first served
-            fed, length = self.cache.lengths[r.slot], r.length
-            if fed >= length:
-                # An interrupted step fed the last token without sampling from it: feed it again.
-                fed = length - 1
-                self.cache.truncate_slot(r.slot, fed)
-            if r.state == DECODE:
-                segments.append(Segment(r.slot, r.tail(fed)))
-            else:
-                if budget <= 0:
-                    continue
-                chunk = r.tail(fed, fed + budget)
-                budget -= len(chunk)
-                segments.append(Segment(r.slot, chunk, logits=fed + len(chunk) == length, rope_len=len(r.prompt)))
-            owners.append(r)
-        return segments, owners
+        if self.config.keep_logits:
+            for r, row in zip(rows, logits):
+                r.logits.append(row.clone())
+        self.scheduler.update_from_output(plan, tokens, now)
+        return list(dict.fromkeys(plan.changed + plan.requests))
 
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
         out = [0] * len(rows)
@@ -208,69 +157,6 @@ class Engine:
                     gen = torch.tensor([r.generated], dtype=torch.long, device=logits.device)
                 out[i] = int(r.sampler(logits[i : i + 1], context, gen)[0])
         return out
-
-    # ---- slots ---------------------------------------------------------------------------------------
-
-    def _admit(self) -> list[Request]:
-        admitted = []
-        while self.waiting and None in self.slots:
-            req = self.waiting.popleft()
-            try:
-                self._place(req)
-            except ResourceError as e:
-                req._finish("error", e.message)
-                admitted.append(req)
-                continue
-            req.state, req.admitted = PREFILL, time.perf_counter()
-            admitted.append(req)
-        return admitted
-
-    def _place(self, req: Request) -> None:
-        """Put req in a free slot, with as much of its prompt's KV as the cache already holds."""
-        if self.cache is None:
-            self.cache = self.runner.new_cache(self.config.max_batch, self.context,
-                                               ring_margin=self.config.prefill_chunk,
-                                               initial_len=min(self.context, 64))
-        # Room for the prompt now (a request that cannot fit fails alone, here); its answer grows the cache
-        # step by step (_grow), so a budget of "the rest of the context" does not reserve it up front.
-        self.cache.ensure(len(req.prompt) + 1)
-        free = [s for s, r in enumerate(self.slots) if r is None]
-        slot = min(free, key=lambda s: self._slot_used[s])  # least recently used
-        reuse, source = 0, None
-        if self.config.prefix_reuse:
-            limit = len(req.prompt) - 1  # the last prompt token must run: its logits give the first token
-            held = {s: self.slot_tokens[s] if self.slots[s] is None else self.slots[s].tokens[: self.cache.lengths[s]]
-                    for s in range(self.config.max_batch)}
-            n = {s: self.cache.reusable(s, min(common_prefix(held[s], req.prompt), limit, self._rope_limit(s, req)))
-                 for s in held}
-            in_place = max(free, key=lambda s: (n[s], -self._slot_used[s]))
-            best = max(held, key=lambda s: n[s])
-            if n[in_place] > 0 and n[in_place] >= n[best]:
-                slot, reuse = in_place, n[in_place]
-            elif n[best] > 0:
-                reuse, source = n[best], best  # copied into the least recently used free slot
-        if source is not None:
-            self.cache.copy_prefix(source, slot, reuse)
-        else:
-            self.cache.truncate_slot(slot, reuse)
-        self.slots[slot], req.slot = req, slot
-        self.slot_tokens[slot] = []
-        self._slot_prompt[slot] = len(req.prompt)
-        self._slot_used[slot] = next(self._clock)
-        req.timings.cached_tokens = reuse
-
-    def _rope_limit(self, slot: int, req: Request) -> int:
-        """Positions of `slot` whose keys were rotated as req's prompt needs (dynamic NTK: layers.rope_reuse_limit)."""
-        limit = rope_reuse_limit(self.model.config, self._slot_prompt[slot], len(req.prompt))
-        return len(req.prompt) if limit is None else limit
-
-    def _release(self, req: Request) -> None:
-        s = req.slot
-        if s is None or self.slots[s] is not req:
-            return
-        self.slot_tokens[s] = req.tokens[: self.cache.lengths[s]]
-        self.slots[s] = None
-        self._slot_used[s] = next(self._clock)
 
     # ---- convenience for synchronous clients ----------------------------------------------------------
 
@@ -321,14 +207,6 @@ class Engine:
             for r in pending:
                 if isinstance(r, Request):
                     self.cancel(r)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 # ---- one-shot helpers (a fresh single-slot engine per call) ------------------------------------------------

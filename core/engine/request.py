@@ -1,5 +1,6 @@
 """One request the engine serves: its prompt, settings (sampler, EOS ids, stop strings, budget) and
-progress, and the events its client drains (core/engine/engine.py schedules it)."""
+progress, and the events its client drains (core/engine/scheduler.py schedules it, core/engine/engine.py
+samples its tokens)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import time
 
 import torch
 
-from .events import GenerationEvent, GenerationResult, GenerationSpec, StopStringFilter, Timings
+from .events import GenerationEvent, GenerationResult, Timings
+from .spec import GenerationSpec
+from .stop_strings import StopStringFilter
 from .sampling import Sampler
 
 WAITING, PREFILL, DECODE, FINISHED = "waiting", "prefill", "decode", "finished"
@@ -74,13 +77,13 @@ class Request:
         return GenerationResult("".join(self._text), list(self.generated), self.finish_reason, self.timings,
                                 error=self.error)
 
-    # -- engine side
+    # -- scheduler side
 
     def _emit(self, text: str, ids: tuple[int, ...], reason: str | None = None) -> None:
         self._text.append(text)
         self._events.append(GenerationEvent(text, ids, reason, self.timings if reason else None))
 
-    def _take(self, token: int, now: float) -> None:
+    def take(self, token: int, now: float) -> None:
         """A sampled token: text, stops, budget."""
         t = self.timings
         if self.first_token is None:
@@ -91,18 +94,20 @@ class Request:
         t.decode_seconds = now - self.first_token
         t.completion_tokens += 1
         if token in self.eos:
-            self._finish("stop")
+            self.finish("stop")
             return
         self.generated.append(token)
         text = self._detok.add_token(token) if self._detok is not None else ""
         text, hit = self._stops.feed(text)
         self._emit(text, (token,))
         if hit:
-            self._finish("stop_string")
+            self.finish("stop_string")
         elif len(self.generated) >= self.budget:
-            self._finish("length")
+            self.finish("length")
 
-    def _finish(self, reason: str, error: str | None = None) -> None:
+    def finish(self, reason: str, error: str | None = None) -> None:
+        """The last event: the detokenizer's and stop filter's held-back text, finish_reason and timings.
+        Clients end a request with Engine.cancel, which also frees its slot."""
         tail = ""
         if reason != "stop_string":
             if self._detok is not None:

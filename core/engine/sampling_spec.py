@@ -54,6 +54,15 @@ class SamplingSpec:
 DEFAULT_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.1}
 
 
+def sampling_in_effect(generation_config: dict[str, Any] | None) -> dict[str, Any]:
+    """The sampling keys of a generation_config.json that samples as `generation_config` does here (what
+    `llm convert` writes): its own keys, or, for a model without one, DEFAULT_SAMPLING in HF's names."""
+    if generation_config:
+        keys = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+        return {k: generation_config[k] for k in keys if k in generation_config}
+    return {"do_sample": True, **DEFAULT_SAMPLING}
+
+
 def sampling_spec(generation_config: dict[str, Any] | None, **given) -> SamplingSpec:
     """What was given (not None) wins; otherwise the model's generation_config (greedy unless it samples);
     without one, DEFAULT_SAMPLING, except that `temperature 0` is plain greedy decoding there."""

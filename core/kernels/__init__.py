@@ -127,21 +127,9 @@ class MatVec:
         self._i4q8.argtypes = [_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _P, ctypes.c_int]
         self._i4q8.restype = None
 
-    def supports(self, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
-        return (
-            w.dtype in self._fns
-            and w.device.type == "cpu"
-            and w.dim() == 2
-            and w.is_contiguous()
-            and x.dtype == torch.float32
-            and x.device.type == "cpu"
-            and not x.requires_grad
-            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
-            and not torch.compiler.is_compiling()  # inside a compiled graph inductor's own code runs
-        )
-
     def __call__(self, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """w [N, K] float, x [K] or [B, K] fp32 -> y [N] or [B, N] (fp32). The caller checks `supports` first."""
+        """w [N, K] float, x [K] or [B, K] fp32 -> y [N] or [B, N] (fp32); w a contiguous fp32 / fp16 / bf16 CPU
+        tensor, bias None or a contiguous fp32 [N]."""
         N, K = w.shape
         if x.shape[-1] != K:
             raise ValueError(f"matvec: x has {x.shape[-1]} values, the weight {K} columns")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_torch.core.errors import ConfigError, InputError, UnsupportedError
+from .bounds import LIMITS, MAX_ROPE_FACTOR, bounded_float, bounded_int, check_sizes
 
 # hidden_act (HF name) -> the function it names; layers.py and native_step.py map these functions to code.
 # gelu_new and gelu_pytorch_tanh are both the tanh approximation of GELU.
@@ -88,24 +89,27 @@ class ModelConfig:
         model_type = raw.get("model_type")
         if not model_type:
             raise ConfigError("config.json has no 'model_type'", hint="is this a Hugging Face model folder?")
+        if not isinstance(model_type, str):
+            raise ConfigError(f"config.json model_type = {model_type!r} is not a string")
         family = family_for(model_type)
         # An explicit null in config.json (e.g. final_logit_softcapping) disables the option, so it overrides defaults.
         merged = {**family.defaults, **raw}
-        merged = family.normalize(merged)
+        # Before normalize and _build, which build per-layer lists: an absurd size is an error, not a hang.
+        check_sizes(merged)
         try:
-            return cls._build(merged, family.flags)
+            return cls._build(family.normalize(merged), family.flags)
         except KeyError as e:
             raise ConfigError(f"config.json for model_type '{model_type}' lacks required field {e}") from None
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError, AttributeError) as e:
             raise ConfigError(f"config.json for model_type '{model_type}' has a bad value: {e}") from None
 
     @classmethod
     def _build(cls, c: dict[str, Any], flags: dict[str, Any]) -> ModelConfig:
-        heads = int(c["num_attention_heads"])
-        hidden = int(c["hidden_size"])
-        kv_heads = int(c.get("num_key_value_heads") or heads)
-        head_dim = int(c.get("head_dim") or hidden // heads)
-        layers = int(c["num_hidden_layers"])
+        heads = bounded_int("num_attention_heads", c["num_attention_heads"])
+        hidden = bounded_int("hidden_size", c["hidden_size"])
+        kv_heads = bounded_int("num_key_value_heads", c.get("num_key_value_heads") or heads)
+        head_dim = bounded_int("head_dim", c.get("head_dim") or hidden // heads)
+        layers = bounded_int("num_hidden_layers", c["num_hidden_layers"])
         if heads % kv_heads:
             raise ConfigError(f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
         act = c.get("hidden_act") or "silu"
@@ -118,6 +122,7 @@ class ModelConfig:
             raise UnsupportedError(f"partial_rotary_factor={c['partial_rotary_factor']} is not supported")
 
         sliding = c.get("sliding_window")
+        sliding = bounded_int("sliding_window", sliding) if sliding else None
         layer_types = tuple(c.get("layer_types") or ("full_attention",) * layers)
         if len(layer_types) != layers:
             raise ConfigError(f"layer_types has {len(layer_types)} entries for {layers} layers")
@@ -132,18 +137,18 @@ class ModelConfig:
         id2label = {int(k): str(v) for k, v in (c.get("id2label") or {}).items()}
         dtype = c.get("dtype") or c.get("torch_dtype")
         archs = c.get("architectures") or ()
-        return cls(
+        config = cls(
             model_type=c["model_type"],
             architectures=tuple(archs),
-            vocab_size=int(c["vocab_size"]),
+            vocab_size=bounded_int("vocab_size", c["vocab_size"]),
             hidden_size=hidden,
-            intermediate_size=int(c["intermediate_size"]),
+            intermediate_size=bounded_int("intermediate_size", c["intermediate_size"]),
             num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
             hidden_act=act,
-            max_position_embeddings=int(c["max_position_embeddings"]),
+            max_position_embeddings=bounded_int("max_position_embeddings", c["max_position_embeddings"]),
             rms_norm_eps=float(c["rms_norm_eps"]),
             rope_parameters=_rope_parameters(c),
             attention_bias=bool(c.get("attention_bias", False)),
@@ -155,7 +160,7 @@ class ModelConfig:
             query_pre_attn_scalar=_opt_float(c.get("query_pre_attn_scalar")) if flags.get("query_pre_attn_scalar") else None,
             attn_logit_softcapping=_opt_float(c.get("attn_logit_softcapping")),
             final_logit_softcapping=_opt_float(c.get("final_logit_softcapping")),
-            sliding_window=int(sliding) if sliding else None,
+            sliding_window=sliding,
             layer_types=layer_types,
             bos_token_id=_opt_int(c.get("bos_token_id")),
             eos_token_ids=eos_ids,
@@ -167,6 +172,11 @@ class ModelConfig:
             quantization_config=c.get("quantization_config"),
             raw=dict(c),
         )
+        context, (_, most) = supported_context(config), LIMITS["max_position_embeddings"]
+        if context > most:
+            raise ConfigError(f"config.json rope scaling claims a context of {context} tokens, past the sane {most}",
+                              hint="the rope factor or max_position_embeddings is corrupt; fix the value")
+        return config
 
 
 def read_config_json(folder: str | Path) -> dict[str, Any]:
@@ -180,9 +190,15 @@ def read_config_json(folder: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
 
-def load_config(folder: str | Path) -> ModelConfig:
-    """Read `<folder>/config.json` into a ModelConfig."""
-    return ModelConfig.from_dict(read_config_json(folder))
+def describe_quantization(qconfig: dict[str, Any]) -> str:
+    """What a `quantization_config` says, for people: 'torchao Int8WeightOnlyConfig', 'bitsandbytes nf4'.
+    Plain reading of the dict: no quantization library is needed to name what a checkpoint holds."""
+    kind = ((qconfig.get("quant_type") or {}).get("default") or {}).get("_type")  # torchao's config class
+    if kind is None and qconfig.get("load_in_4bit"):
+        kind = qconfig.get("bnb_4bit_quant_type", "4-bit")
+    elif kind is None and qconfig.get("load_in_8bit"):
+        kind = "LLM.int8"
+    return " ".join(filter(None, (qconfig.get("quant_method", "?"), kind)))
 
 
 def _rope_parameters(c: dict[str, Any]) -> dict[str, Any]:
@@ -204,7 +220,19 @@ def _rope_parameters(c: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"rope type '{rope_type}' needs '{key}' in rope_parameters/rope_scaling")
     if rope_type == "yarn":
         params.setdefault("original_max_position_embeddings", int(c["max_position_embeddings"]))
+    _check_rope(params)
     return params
+
+
+def _check_rope(params: dict[str, Any]) -> None:
+    """The rope numbers within sane bounds, so supported_context and the frequency tables stay finite."""
+    where = "config.json rope_parameters"
+    bounded_float("rope_theta", params["rope_theta"], where, 0.0, 1e12)
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        if params.get(key) is not None:
+            bounded_float(key, params[key], where, 0.0, MAX_ROPE_FACTOR)
+    if params.get("original_max_position_embeddings") is not None:
+        bounded_int("original_max_position_embeddings", params["original_max_position_embeddings"], where)
 
 
 def supported_context(config: ModelConfig) -> int:

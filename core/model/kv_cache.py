@@ -71,8 +71,14 @@ class KVCache:
     def bytes_for(cls, config: ModelConfig, n_slots: int, max_len: int, ring_margin: int | None = None,
                   dtype_bytes: int = 4) -> int:
         """The most memory a cache of this budget can take (module doc's formula)."""
+        return sum(cls.layer_bytes(config, n_slots, max_len, ring_margin, dtype_bytes))
+
+    @classmethod
+    def layer_bytes(cls, config: ModelConfig, n_slots: int, max_len: int, ring_margin: int | None = None,
+                    dtype_bytes: int = 4) -> list[int]:
+        """bytes_for per layer (a device map places each layer's keys and values beside it)."""
         per_position = 2 * n_slots * config.num_key_value_heads * config.head_dim * dtype_bytes
-        return per_position * sum(cls.layer_caps(config, max_len, ring_margin))
+        return [per_position * cap for cap in cls.layer_caps(config, max_len, ring_margin)]
 
     def layer_cap(self, layer: int) -> int:
         w = self.windows[layer]

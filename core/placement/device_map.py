@@ -18,7 +18,8 @@ from torch import nn
 
 from llm_torch.core.model.config import ModelConfig, resolve_context
 from llm_torch.core.errors import ResourceError
-from llm_torch.core.model.layers import compute_dtype
+
+from .sizing import kv_layer_bytes, param_counts, weight_bytes
 
 RESERVE = 0.1  # of each device's free memory, kept for activations and allocator slack
 GIB = 2**30
@@ -77,19 +78,15 @@ def plan(config: ModelConfig, dtype: torch.dtype, budgets: list[DeviceBudget], c
          slots: int = 1) -> DevicePlan:
     """Where each part goes (module doc); ResourceError when the model does not fit on all of them."""
     context = resolve_context(config, context)
-    C, V = config.hidden_size, config.vocab_size
-    wbytes = torch.finfo(dtype).bits // 8
-    q, kv_rows = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    layer_params = (C * (q + 2 * kv_rows) + q * C + 3 * C * config.intermediate_size
-                    + (4 if config.sandwich_norms else 2) * C)
-    embed_bytes = V * C * wbytes
-    head_bytes = 0 if config.tie_word_embeddings else V * C * wbytes + C * wbytes
+    counts = param_counts(config)
+    embed_bytes, head_bytes = weight_bytes(counts.embed, dtype), weight_bytes(counts.head, dtype)
+    layer_bytes = [weight_bytes(n, dtype) for n in counts.layers]
+    kv_by_device: dict[str, list[int]] = {}  # the KV dtype depends on the device (fp32 activations on a CPU)
 
     def kv_bytes(layer: int, device: str) -> int:
-        window = config.sliding_window if config.layer_types[layer] == "sliding_attention" else None
-        positions = context if window is None else min(context, window + 256)
-        act = compute_dtype(dtype, torch.device(device.split(":")[0]))
-        return 2 * slots * kv_rows * positions * (torch.finfo(act).bits // 8)
+        if device not in kv_by_device:
+            kv_by_device[device] = kv_layer_bytes(config, context, dtype, device.split(":")[0], slots)
+        return kv_by_device[device][layer]
 
     usable = [int(b.free_bytes * (1 - RESERVE)) for b in budgets]
     used = [0] * len(budgets)
@@ -102,8 +99,7 @@ def plan(config: ModelConfig, dtype: torch.dtype, budgets: list[DeviceBudget], c
         while d < len(budgets) and used[d] + cost_of(budgets[d].name) > usable[d]:
             d += 1
         if d == len(budgets):
-            layers = range(config.num_hidden_layers)
-            need = embed_bytes + head_bytes + sum(layer_params * wbytes + kv_bytes(i, "cuda") for i in layers)
+            need = embed_bytes + head_bytes + sum(n + kv_bytes(i, "cuda") for i, n in enumerate(layer_bytes))
             have = sum(b.free_bytes for b in budgets)
             raise ResourceError(
                 f"the model does not fit: {what} finds no room; it needs ~{need / GIB:.1f} GiB (weights + KV for "
@@ -116,16 +112,14 @@ def plan(config: ModelConfig, dtype: torch.dtype, budgets: list[DeviceBudget], c
 
     result.embed = place(lambda _: embed_bytes, "the embedding")
     result.weights[result.embed] = embed_bytes
-    for i in range(config.num_hidden_layers):
-        dev = place(lambda name, i=i: layer_params * wbytes + kv_bytes(i, name), f"layer {i}")
+    for i, n in enumerate(layer_bytes):
+        dev = place(lambda name, i=i, n=n: n + kv_bytes(i, name), f"layer {i}")
         result.layers.append(dev)
-        result.weights[dev] = result.weights.get(dev, 0) + layer_params * wbytes
+        result.weights[dev] = result.weights.get(dev, 0) + n
         result.kv[dev] = result.kv.get(dev, 0) + kv_bytes(i, dev)
-    if config.tie_word_embeddings:
-        result.head = result.embed
-    else:
-        result.head = place(lambda _: head_bytes, "the LM head")
-        result.weights[result.head] = result.weights.get(result.head, 0) + head_bytes
+    # A tied head is the embedding's table: it and the final norm stay beside it.
+    result.head = result.embed if config.tie_word_embeddings else place(lambda _: head_bytes, "the LM head")
+    result.weights[result.head] = result.weights.get(result.head, 0) + head_bytes
     return result
 
 

@@ -14,14 +14,20 @@ from torch import nn
 
 from llm_torch.core.checkpoint import Checkpoint, ResolvedModel, embedded_model_path, open_checkpoint, resolve_model
 from llm_torch.core.checkpoint.safetensors import name_list
-from llm_torch.core.model.config import ModelConfig
 from llm_torch.core.errors import CheckpointError, InputError, UnsupportedError
+from llm_torch.core.model.config import ModelConfig, resolve_context
 from llm_torch.core.model.families import family_for
+
+from . import device_map as dm
+from .memory import check_fits, plan_line
+from .tensor_parallel import Shard
+from .weight_formats import WeightFormatLoader, weight_format_for
 
 # The loader's public names for what a model reference resolves to (core/checkpoint/ has the details).
 __all__ = ["ResolvedModel", "resolve_model", "embedded_model_path", "LoadedModel", "DTYPES", "DTYPE_ALIASES",
            "resolve_dtype", "resolve_device", "available_devices", "build_model", "head_kind", "assign_weights",
-           "load_tokenizer", "load_model", "load_resolved", "plan_device_map"]
+           "load_tokenizer", "load_model", "load_resolved", "LoadPlan", "plan_load", "read_tokenizer",
+           "build_planned_model", "assign_checkpoint", "install_runner"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
@@ -35,7 +41,8 @@ class LoadedModel:
     name: str
     dtype: torch.dtype
     generation_config: dict[str, Any] = field(default_factory=dict)
-    device_plan: Any = None  # core.placement.device_map.DevicePlan with --device-map
+    device_plan: dm.DevicePlan | None = None  # with --device-map
+    quantization: str | None = None  # the scheme its Linears run in (quant's label: int4-g64-g128, int8 ...)
 
     @property
     def dtype_name(self) -> str:
@@ -243,7 +250,7 @@ def load_model(
     with_tokenizer: bool = True,
     offline: bool | None = None,
     progress: bool = True,
-    shard=None,
+    shard: Shard | None = None,
     context: int | None = None,
 ) -> LoadedModel:
     """Resolve `ref`, build the model on the meta device and fill it from the checkpoint."""
@@ -260,12 +267,13 @@ def load_resolved(
     head: str | None = None,
     with_tokenizer: bool = True,
     fuse: bool = True,
-    shard=None,
+    shard: Shard | None = None,
     device_map: str | None = None,
-    budgets=None,
+    budgets: list[dm.DeviceBudget] | None = None,
     context: int | None = None,
 ) -> LoadedModel:
-    """Build the model on the meta device and fill it from the checkpoint.
+    """Build the model on the meta device and fill it from the checkpoint: open -> plan -> build -> assign
+    weights -> install the runner, each step a function below.
 
     fuse: stack q/k/v and gate/up weights for faster inference (module names then differ from HF).
     shard: a tensor_parallel.Shard: build and read only this rank's part of the split layers.
@@ -274,70 +282,135 @@ def load_resolved(
     context: the KV positions per sequence the memory checks count (None: the model's context).
     """
     checkpoint = open_checkpoint(resolved)
+    plan = plan_load(checkpoint, dtype=dtype, device=device, head=head, shard=shard, device_map=device_map,
+                     budgets=budgets, context=context)
+    tokenizer = read_tokenizer(checkpoint, with_tokenizer)
+    model = build_planned_model(plan, fused=fuse)
+    quantization = assign_checkpoint(model, checkpoint, plan)
+    install_runner(model, plan)
+    return LoadedModel(model, checkpoint.config, tokenizer, resolved.name, plan.dtype, checkpoint.generation_config(),
+                       plan.placement, quantization)
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What is decided before a weight is read, from the config alone: computed once (plan_load), passed
+    down the loading steps, and printed by --dry-run."""
+
+    config: ModelConfig  # what this process builds: the checkpoint's, or a tensor-parallel rank's share
+    kind: str  # the checkpoint's ("folder" | "gguf" | "meta")
+    dtype: torch.dtype  # the weights' storage dtype
+    context: int  # KV positions per sequence the memory checks counted
+    head: str  # a model.HEADS key
+    device: torch.device | None  # the one device of every weight; None with a device map
+    placement: dm.DevicePlan | None = None  # --device-map: each layer's device
+    shard: Shard | None = None  # --tp: this rank's part
+    weight_format: WeightFormatLoader | None = None  # a quantized checkpoint's loader (weight_formats.py)
+
+    def device_of(self, name: str) -> torch.device:
+        """Where the parameter `name` goes."""
+        return torch.device(self.placement.device_of(name)) if self.placement is not None else self.device
+
+    def lines(self) -> list[str]:
+        """Per device: the weights and KV cache it takes, and its free memory."""
+        if self.placement is not None:
+            return self.placement.lines()
+        return [plan_line(self.config, self.dtype, self.device, self.context, self.head)]
+
+
+def plan_load(checkpoint: Checkpoint, *, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
+              head: str | None = None, shard: Shard | None = None, device_map: str | None = None,
+              budgets: list[dm.DeviceBudget] | None = None, context: int | None = None, check: bool = True) -> LoadPlan:
+    """The LoadPlan of an opened checkpoint (its config only: nothing is read). Refuses what cannot work
+    before anything is loaded: combinations a quantized checkpoint does not support, an unknown device map
+    or device, a context past the model's, and (check) weights + one context of KV cache that do not fit
+    the device's free memory (a device map refuses those whatever `check` says: it cannot place them)."""
     config = checkpoint.config
-    quant_config = checkpoint.quantization_config
-    placement = None
+    head = head or head_kind(config)
+    context = resolve_context(config, context)  # InputError past what the rope setup supports
+    quantization_config = checkpoint.quantization_config
+    weight_format = None if quantization_config is None else weight_format_for(quantization_config)
+    if weight_format is not None:
+        refuse_for_quantized(head, shard, device_map)
     if device_map is not None:
-        # Planned from the config alone (it refuses quantized checkpoints); each parameter goes where it says.
-        placement, target = plan_device_map(resolved, dtype, device_map, budgets, checkpoint, context)
-        dev = placement.device_of
-    else:
-        dev = resolve_device(device)
-        if dev.type == "cpu":
-            from llm_torch.core.model.layers import use_native_kernels
+        placement, target = plan_device_map(config, checkpoint.kind, dtype, device_map, budgets, context)
+        return LoadPlan(config, checkpoint.kind, target, context, head, None, placement, None, weight_format)
+    dev = resolve_device(device)
+    target = resolve_dtype(dtype, config, kind=checkpoint.kind, device=dev)
+    local = config if shard is None else shard.local_config(config)
+    if check and weight_format is None:  # a quantized model's size is its format's business
+        check_fits(local, target, dev, context=context, head=head)
+    return LoadPlan(local, checkpoint.kind, target, context, head, dev, None, shard, weight_format)
 
-            use_native_kernels()  # before the weights are placed: it decides their layout (layers.k_major_weights)
-        target = resolve_dtype(dtype, config, kind=resolved.kind, device=dev)
-        if quant_config is None:
-            from .memory import check_fits
 
-            check_fits(config, target, dev, context=context, ranks=1 if shard is None else shard.world)  # before anything is read
-    # Tokenizer before weights: a GGUF's metadata (the vocabulary as Python lists) can then be freed
-    # before the weights arrive instead of adding to the peak (and a broken tokenizer fails fast).
-    tokenizer = checkpoint.tokenizer() if with_tokenizer else None
-    checkpoint.release_metadata()
-    model = build_model(config if shard is None else shard.local_config(config), head, fused=fuse)
-    if head == "feature_extraction" and quant_config is not None:
+def refuse_for_quantized(head: str, shard: Shard | None, device_map: str | None) -> None:
+    """UnsupportedError for what a quantized checkpoint cannot be loaded with."""
+    if head == "feature_extraction":
         raise UnsupportedError("feature extraction (llm embed) of a quantized checkpoint is not supported",
                                hint="embed with the float model it was quantized from")
     if shard is not None:
-        if quant_config is not None:
-            raise UnsupportedError("--tp with a quantized checkpoint is not supported", hint="split the float model")
-        shard.prepare(model)
-    # 16-bit and fp32 sources come as stored (assign_weights casts); GGUF blocks are decoded to `target`.
-    tensors = checkpoint.read(target if resolved.kind != "folder" else None, None if shard is None else shard.select)
-    if head == "feature_extraction":
-        tensors = base_model_tensors(tensors)
-    quantized = None
-    if quant_config is not None:
-        # Pre-quantized weights: the quant package (the only one importing torchao / bitsandbytes)
-        # swaps in its layers and takes their tensors from the stream; the rest loads as usual.
-        from llm_torch.quant.load import QuantizedLoader
-
-        quantized = QuantizedLoader(model, quant_config, lambda: {t.name for t in checkpoint.tensors}, target, dev)
-        tensors = quantized.filter(tensors)
-    assign_weights(model, tensors, target, dev, fast_layout=True)
-    if quantized is not None:
-        quantized.finish()
-    if placement is not None:
-        from . import device_map as dm
-
-        dm.install(model, placement)
-    return LoadedModel(model, config, tokenizer, resolved.name, target, checkpoint.generation_config(), placement)
+        raise UnsupportedError("--tp with a quantized checkpoint is not supported", hint="split the float model")
+    if device_map is not None:
+        raise UnsupportedError("--device-map with a quantized checkpoint is not supported", hint="use the float model")
 
 
-def plan_device_map(resolved: ResolvedModel, dtype, device_map: str, budgets=None, checkpoint: Checkpoint | None = None,
-                    context: int | None = None):
-    """The device plan (core/placement/device_map.py) for a model, from its config alone: nothing is read."""
-    from . import device_map as dm
-
+def plan_device_map(config: ModelConfig, kind: str, dtype: str | torch.dtype | None, device_map: str,
+                    budgets: list[dm.DeviceBudget] | None, context: int) -> tuple[dm.DevicePlan, torch.dtype]:
+    """The device plan (core/placement/device_map.py) and the weights' dtype, from the config alone."""
     if device_map != "auto":
         raise InputError(f"unknown device map '{device_map}'", hint="use --device-map auto")
-    checkpoint = checkpoint or open_checkpoint(resolved)
-    config = checkpoint.config
-    if checkpoint.quantization_config is not None:
-        raise UnsupportedError("--device-map with a quantized checkpoint is not supported", hint="use the float model")
     budgets = budgets or dm.device_budgets()
-    target = resolve_dtype(dtype, config, kind=resolved.kind, device=torch.device(budgets[0].name))
+    target = resolve_dtype(dtype, config, kind=kind, device=torch.device(budgets[0].name))
     return dm.plan(config, target, budgets, context), target
 
+
+def read_tokenizer(checkpoint: Checkpoint, wanted: bool = True):
+    """The checkpoint's tokenizer (None unless wanted), read before the weights: a GGUF's metadata (the
+    vocabulary as Python lists) is then released before the weights arrive instead of adding to the peak,
+    and a broken tokenizer fails fast."""
+    tokenizer = checkpoint.tokenizer() if wanted else None
+    checkpoint.release_metadata()
+    return tokenizer
+
+
+def build_planned_model(plan: LoadPlan, *, fused: bool = True) -> nn.Module:
+    """The planned model on the meta device; a tensor-parallel rank's with its row-parallel layers swapped in."""
+    model = build_model(plan.config, plan.head, fused=fused)
+    if plan.shard is not None:
+        plan.shard.prepare(model)
+    return model
+
+
+def assign_checkpoint(model: nn.Module, checkpoint: Checkpoint, plan: LoadPlan) -> str | None:
+    """The one place a checkpoint's tensors become the model's weights, one tensor in flight: a
+    tensor-parallel rank reads its slices only, a quantized checkpoint's weight format takes its tensors
+    out of the stream (and builds its layers at the end), the rest go through assign_weights. Returns the
+    quantized scheme's label (None for float weights)."""
+    if plan.device is not None and plan.device.type == "cpu":
+        from llm_torch.core.model.layers import use_native_kernels
+
+        use_native_kernels()  # before the weights are placed: it decides their layout (layers.k_major_weights)
+    # 16-bit and fp32 sources come as stored (assign_weights casts); GGUF blocks are decoded to the plan's dtype.
+    tensors = checkpoint.read(plan.dtype if plan.kind != "folder" else None,
+                              None if plan.shard is None else plan.shard.select)
+    if plan.head == "feature_extraction":
+        tensors = base_model_tensors(tensors)
+    weight_format = None
+    if plan.weight_format is not None:
+        weight_format = plan.weight_format(model, checkpoint.quantization_config,
+                                           lambda: {t.name for t in checkpoint.tensors}, plan.dtype, plan.device)
+        tensors = weight_format.filter(tensors)
+    assign_weights(model, tensors, plan.dtype, plan.device if plan.placement is None else plan.device_of,
+                   fast_layout=True)
+    if weight_format is None:
+        return None
+    weight_format.finish()
+    return weight_format.label  # the scheme its layers run in (int4-g64-g128, ...)
+
+
+def install_runner(model: nn.Module, plan: LoadPlan) -> None:
+    """What runs the loaded model, where the plan asks for more than the engine's default (runner.make_runner):
+    a device map's hooks and per-layer KV placement. A tensor-parallel rank's runner needs the process group
+    (cli/common.py installs it once every rank has loaded)."""
+    if plan.placement is not None:
+        dm.install(model, plan.placement)

@@ -24,7 +24,8 @@ from typing import Callable, Sequence
 from llm_torch.core.engine.engine import Engine
 from llm_torch.core.engine.request import Request
 from llm_torch.core.errors import LLMError
-from llm_torch.core.engine.events import GenerationEvent, GenerationSpec
+from llm_torch.core.engine.events import GenerationEvent
+from llm_torch.core.engine.spec import GenerationSpec
 
 log = logging.getLogger("llm_torch.engine")
 

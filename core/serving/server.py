@@ -2,16 +2,17 @@
 
 Every request goes to the one engine (core/serving/engine_thread.py), which batches all in-flight requests step by
 step and reuses cached prompt prefixes across them (a chat client re-sending the history gets it from the
-KV cache). A request's events come back through a per-request asyncio queue. A client that disconnects has
-its sequence cancelled (its KV slot is free by the next step); bad requests get OpenAI's error body with a
-4xx and nothing else is disturbed. No printing here: the CLI prints the startup line, uvicorn logs access.
+KV cache). A request's events come back through a per-request asyncio queue, which also receives the client's
+disconnect (ASGI's http.disconnect message): a client that leaves, even mid-prefill, has its sequences cancelled at
+once (their KV slots are free by the next step). A stream quiet for `sse_keepalive_seconds` (a long prefill, a
+wait for a slot) gets an SSE comment, so proxies with idle timeouts keep it open. Bad requests get OpenAI's error
+body with a 4xx and nothing else is disturbed; every 4xx / 5xx is counted in /metrics. No printing here: the CLI
+prints the startup line, uvicorn logs access.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,20 +20,22 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
 
 from . import openai_api as api
+from .api_key import ApiKey, checked_api_key
 from llm_torch.core.engine.engine import QueueFullError
 from .engine_thread import EngineThread
 from llm_torch.core.errors import InputError, LLMError, TokenizerError, UnsupportedError
-from llm_torch.core.engine.events import GenerationEvent, GenerationSpec
+from llm_torch.core.engine.events import GenerationEvent
+from llm_torch.core.engine.spec import GenerationSpec
 from .metrics import Metrics
 from llm_torch.core.tokenizer.system_prompt import system_role_supported, with_system
 
 OPEN_PATHS = ("/health",)  # answered without the API key (load balancers, liveness probes)
-DISCONNECT_POLL_SECONDS = 0.5
+KEEP_ALIVE = object()  # what a stream yields after a quiet spell: written as an SSE comment, which clients ignore
 
 
 @dataclass
@@ -42,6 +45,11 @@ class ServeSettings:
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 4 * 2**20
     generation_config: dict[str, Any] = field(default_factory=dict)
+    # A stream with nothing to send for this long gets an SSE comment (proxies drop idle connections at ~60 s).
+    sse_keepalive_seconds: float = 15.0
+
+    def __post_init__(self):
+        self.api_key = checked_api_key(self.api_key)
 
 
 def _status_of(e: Exception) -> int:
@@ -62,11 +70,11 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
 
 
 class _Guard:
-    """Pure ASGI, outermost: the API key (constant time) and the body size limit, before any parsing."""
+    """Pure ASGI, outside FastAPI: the API key (constant time) and the body size limit, before any parsing."""
 
     def __init__(self, app, settings: ServeSettings):
         self.app = app
-        self.key = hashlib.sha256(settings.api_key.encode()).digest() if settings.api_key else None
+        self.key = ApiKey(settings.api_key) if settings.api_key is not None else None
         self.limit = settings.max_body_bytes
 
     async def __call__(self, scope, receive, send):
@@ -76,8 +84,7 @@ class _Guard:
         if self.key is not None and scope["path"] not in OPEN_PATHS:
             auth = headers.get(b"authorization", b"")
             token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
-            # Hash both sides first: compare_digest is constant-time for equal lengths only.
-            if not hmac.compare_digest(hashlib.sha256(token).digest(), self.key):
+            if not self.key.matches(token):
                 return await _error(401, "invalid or missing API key (Authorization: Bearer KEY)",
                                     code="invalid_api_key")(scope, receive, send)
         declared = headers.get(b"content-length")
@@ -107,31 +114,38 @@ class _Guard:
         await _error(413, f"request body over {self.limit} bytes", code="request_too_large")(scope, receive, send)
 
 
+class _CountErrors:
+    """Pure ASGI, outermost: counts every error answer (the guard's 401 / 413 included) by endpoint and status."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.metrics.refused(scope["path"], message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 class Server:
     def __init__(self, engine: EngineThread, tokenizer, settings: ServeSettings):
         self.engine = engine
         self.tokenizer = tokenizer
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(engine)
         self.started = int(time.time())
         self.system_role = system_role_supported(tokenizer) if tokenizer.chat_template is not None else False
         self.context = engine.engine.context
 
-    # ---- running one request -------------------------------------------------------------------------
-
-    async def submit(self, prompt_ids: list[int], spec: GenerationSpec, queue: asyncio.Queue, tag: Any = None) -> _Flight:
-        """Hand a request to the engine; its events arrive on `queue` as (tag, event, time)."""
-        loop = asyncio.get_running_loop()
-        arrived = time.perf_counter()
-
-        def on_event(event: GenerationEvent) -> None:  # engine thread
-            loop.call_soon_threadsafe(queue.put_nowait, (tag, event, time.perf_counter()))
-
-        return _Flight(await asyncio.wrap_future(self.engine.submit(prompt_ids, spec, on_event)), arrived)
-
     def observe(self, flight: _Flight, event: GenerationEvent, at: float) -> None:
         if event.token_ids:
-            self.metrics.generated_tokens += len(event.token_ids)
+            self.metrics.generated_tokens.inc(len(event.token_ids))
             if flight.last is None:
                 self.metrics.ttft.observe(at - flight.arrived)
             else:
@@ -139,15 +153,6 @@ class Server:
             flight.last = at
         if event.finish_reason:
             self.metrics.request_done(event.finish_reason, event.timings)
-
-    async def next_event(self, queue: asyncio.Queue, http: HTTPRequest):
-        """The next (tag, event, time), or None once the client has gone."""
-        while True:
-            try:
-                return await asyncio.wait_for(queue.get(), DISCONNECT_POLL_SECONDS)
-            except asyncio.TimeoutError:
-                if await http.is_disconnected():
-                    return None
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.model_names:
@@ -168,12 +173,74 @@ class _Flight:
     last: float | None = None  # when its last token came (inter-token latency)
 
 
+class _Call:
+    """One HTTP request's side of the engine: its engine requests (one per prompt), their events and the client's
+    disconnect, all on one asyncio queue, so waiting for the next event notices the client leaving without polling."""
+
+    def __init__(self, server: Server, http: HTTPRequest):
+        self.server = server
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.flights: list[_Flight] = []
+        self.spoke = time.monotonic()  # when the stream last sent something: the keep-alive clock
+        self._watch = asyncio.ensure_future(self._until_disconnect(http.receive))
+
+    async def _until_disconnect(self, receive) -> None:
+        # The body is read by now, so the next message is the disconnect (the spec promises nothing else).
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.queue.put_nowait(None)
+
+    async def submit(self, prompt_ids: list[int], spec: GenerationSpec) -> None:
+        """Hand one prompt to the engine; its events carry its index in `flights`."""
+        loop, queue, tag = asyncio.get_running_loop(), self.queue, len(self.flights)
+        arrived = time.perf_counter()
+
+        def on_event(event: GenerationEvent) -> None:  # engine thread
+            loop.call_soon_threadsafe(queue.put_nowait, (tag, event, time.perf_counter()))
+
+        self.flights.append(_Flight(await asyncio.wrap_future(self.server.engine.submit(prompt_ids, spec, on_event)),
+                                    arrived))
+
+    async def next(self, keepalive: float | None = None):
+        """The next (index, event) of this call's requests; None once the client has gone; with `keepalive`,
+        KEEP_ALIVE when the stream has sent nothing for that many seconds."""
+        if keepalive is None or not self.queue.empty():
+            got = await self.queue.get()
+        else:
+            try:
+                got = await asyncio.wait_for(self.queue.get(), max(0.0, self.spoke + keepalive - time.monotonic()))
+            except asyncio.TimeoutError:
+                return KEEP_ALIVE
+        if got is None:
+            return None
+        tag, event, at = got
+        self.server.observe(self.flights[tag], event, at)
+        return tag, event
+
+    def close(self) -> None:
+        """Stop watching the client; cancel its requests still running (a no-op for finished ones)."""
+        self._watch.cancel()
+        for f in self.flights:
+            self.server.engine.cancel(f.req)
+
+
+async def _start(server: Server, http: HTTPRequest, prompts: list[list[int]], spec: GenerationSpec) -> _Call:
+    call = _Call(server, http)
+    try:
+        for ids in prompts:
+            await call.submit(ids, spec)
+    except BaseException:
+        call.close()
+        raise
+    return call
+
+
 class _NotFound(Exception):
     pass
 
 
 def create_app(engine: EngineThread, tokenizer, settings: ServeSettings):
-    """The ASGI app (FastAPI inside the guard middleware)."""
+    """The ASGI app: FastAPI inside the guard middleware, inside the error counter."""
     server = Server(engine, tokenizer, settings)
     app = FastAPI(title="llm-torch", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -203,7 +270,6 @@ def create_app(engine: EngineThread, tokenizer, settings: ServeSettings):
     @app.exception_handler(LLMError)
     async def _llm(_request, exc: LLMError):
         status = _status_of(exc)
-        server.metrics.rejected[status] = server.metrics.rejected.get(status, 0) + 1
         headers = {"Retry-After": "1"} if status == 429 else None
         return _error(status, exc.message + (f" ({exc.hint})" if exc.hint else ""), param=getattr(exc, "param", None),
                       headers=headers)
@@ -218,7 +284,7 @@ def create_app(engine: EngineThread, tokenizer, settings: ServeSettings):
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(server.metrics.render(engine), media_type="text/plain; version=0.0.4")
+        return Response(server.metrics.render(), media_type=server.metrics.content_type)
 
     @app.get("/v1/models")
     async def models():
@@ -242,13 +308,15 @@ def create_app(engine: EngineThread, tokenizer, settings: ServeSettings):
         ids = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         spec = body.spec(settings.generation_config, max_tokens, server.context)
-        queue: asyncio.Queue = asyncio.Queue()
-        flight = await server.submit(ids, spec, queue)
+        call = await _start(server, http, [ids], spec)
         rid = api.new_id("chatcmpl")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
-            return _sse(_chat_stream(server, http, queue, flight, rid, include_usage))
-        return await _chat_whole(server, http, queue, flight, rid)
+            return _sse(call, _chat_stream(server, call, rid, include_usage))
+        try:
+            return await _chat_whole(server, call, rid)
+        finally:
+            call.close()
 
     @app.post("/v1/completions")
     async def completions(body: api.CompletionRequest, http: HTTPRequest):
@@ -256,24 +324,20 @@ def create_app(engine: EngineThread, tokenizer, settings: ServeSettings):
         body.check_supported()
         prompts = body.prompts()
         spec = body.spec(settings.generation_config, body.max_tokens, server.context)
-        queue: asyncio.Queue = asyncio.Queue()
-        flights = []
-        try:
-            for i, p in enumerate(prompts):
-                ids = p if isinstance(p, list) else await asyncio.to_thread(tokenizer.encode, p, add_special_tokens=True)
-                flights.append(await server.submit(list(ids), spec, queue, tag=i))
-        except BaseException:
-            for f in flights:
-                engine.cancel(f.req)
-            raise
+        ids = [list(p) if isinstance(p, list) else await asyncio.to_thread(tokenizer.encode, p, add_special_tokens=True)
+               for p in prompts]
+        call = await _start(server, http, ids, spec)
         echo = [p if body.echo and isinstance(p, str) else "" for p in prompts]
         rid = api.new_id("cmpl")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
-            return _sse(_completion_stream(server, http, queue, flights, rid, echo, include_usage))
-        return await _completion_whole(server, http, queue, flights, rid, echo)
+            return _sse(call, _completion_stream(server, call, rid, echo, include_usage))
+        try:
+            return await _completion_whole(server, call, rid, echo)
+        finally:
+            call.close()
 
-    return _Guard(app, settings)
+    return _CountErrors(_Guard(app, settings), server.metrics)
 
 
 def _model_card(server: Server) -> dict[str, Any]:
@@ -281,89 +345,101 @@ def _model_card(server: Server) -> dict[str, Any]:
             "max_model_len": server.context}
 
 
-def _sse(events: AsyncIterator[dict | str]) -> StreamingResponse:
+def _sse(call: _Call, events: AsyncIterator[Any]) -> StreamingResponse:
     async def encode():
         async for item in events:
-            yield f"data: {item if isinstance(item, str) else json.dumps(item, ensure_ascii=False)}\n\n"
+            call.spoke = time.monotonic()
+            if item is KEEP_ALIVE:
+                yield ": keep-alive\n\n"
+            else:
+                yield f"data: {item if isinstance(item, str) else json.dumps(item, ensure_ascii=False)}\n\n"
 
-    return StreamingResponse(encode(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _EventStream(call, encode(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _chat_whole(server: Server, http, queue, flight: _Flight, rid):
+class _EventStream(StreamingResponse):
+    """An SSE response that ends its call however the response ends: finished, client gone, or cancelled before
+    its body began (Starlette's disconnect listener can cancel it that early, before a generator's `finally`)."""
+
+    def __init__(self, call: _Call, content, **kw):
+        super().__init__(content, **kw)
+        self.call = call
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.call.close()
+
+
+async def _chat_whole(server: Server, call: _Call, rid):
     pieces = []
-    try:
-        while True:
-            got = await server.next_event(queue, http)
-            if got is None:
-                return _error(499, "client closed the request")
-            _, event, at = got
-            server.observe(flight, event, at)
-            pieces.append(event.text)
-            if event.finish_reason:
-                failed = _failure(event, flight.req)
-                if failed is not None:
-                    return failed
-                return api.chat_response(rid, server.settings.model_name, "".join(pieces), event.finish_reason,
-                                         event.timings)
-    finally:
-        server.engine.cancel(flight.req)  # a no-op once finished; frees the slot of an abandoned request
+    while True:
+        got = await call.next()
+        if got is None:
+            return _error(499, "client closed the request")
+        _, event = got
+        pieces.append(event.text)
+        if event.finish_reason:
+            failed = _failure(event, call.flights[0].req)
+            if failed is not None:
+                return failed
+            return api.chat_response(rid, server.settings.model_name, "".join(pieces), event.finish_reason,
+                                     event.timings)
 
 
-async def _chat_stream(server: Server, http, queue, flight: _Flight, rid, include_usage):
+async def _chat_stream(server: Server, call: _Call, rid, include_usage):
     name, created = server.settings.model_name, int(time.time())
-    try:
-        yield api.chat_chunk(rid, name, created, {"role": "assistant", "content": ""}, with_usage=include_usage)
-        while True:
-            got = await server.next_event(queue, http)
-            if got is None:
-                return
-            _, event, at = got
-            server.observe(flight, event, at)
-            if event.text:
-                yield api.chat_chunk(rid, name, created, {"content": event.text}, with_usage=include_usage)
-            if event.finish_reason:
-                failed = _failure(event, flight.req)
-                if failed is not None:
-                    yield json.loads(failed.body)
-                    yield "[DONE]"
-                    return
-                yield api.chat_chunk(rid, name, created, {}, event.finish_reason, with_usage=include_usage)
-                if include_usage:
-                    yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                           "choices": [], "usage": api.usage([event.timings])}
+    keepalive = server.settings.sse_keepalive_seconds
+    yield api.chat_chunk(rid, name, created, {"role": "assistant", "content": ""}, with_usage=include_usage)
+    while True:
+        got = await call.next(keepalive)
+        if got is None:
+            return
+        if got is KEEP_ALIVE:
+            yield got
+            continue
+        _, event = got
+        if event.text:
+            yield api.chat_chunk(rid, name, created, {"content": event.text}, with_usage=include_usage)
+        if event.finish_reason:
+            failed = _failure(event, call.flights[0].req)
+            if failed is not None:
+                yield json.loads(failed.body)
                 yield "[DONE]"
                 return
-    finally:
-        server.engine.cancel(flight.req)
+            yield api.chat_chunk(rid, name, created, {}, event.finish_reason, with_usage=include_usage)
+            if include_usage:
+                yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                       "choices": [], "usage": api.usage([event.timings])}
+            yield "[DONE]"
+            return
 
 
-async def _completion_whole(server: Server, http, queue, flights: list[_Flight], rid, echo):
+async def _completion_whole(server: Server, call: _Call, rid, echo):
     texts = [[e] for e in echo]
     finals: dict[int, GenerationEvent] = {}
-    try:
-        while len(finals) < len(flights):
-            got = await server.next_event(queue, http)
-            if got is None:
-                return _error(499, "client closed the request")
-            i, event, at = got
-            server.observe(flights[i], event, at)
-            texts[i].append(event.text)
-            if event.finish_reason:
-                failed = _failure(event, flights[i].req)
-                if failed is not None:
-                    return failed
-                finals[i] = event
-        n = len(flights)
-        choices = [api.completion_choice(i, "".join(texts[i]), finals[i].finish_reason) for i in range(n)]
-        return api.completion_response(rid, server.settings.model_name, choices, [finals[i].timings for i in range(n)])
-    finally:
-        for f in flights:
-            server.engine.cancel(f.req)
+    n = len(call.flights)
+    while len(finals) < n:
+        got = await call.next()
+        if got is None:
+            return _error(499, "client closed the request")
+        i, event = got
+        texts[i].append(event.text)
+        if event.finish_reason:
+            failed = _failure(event, call.flights[i].req)
+            if failed is not None:
+                return failed
+            finals[i] = event
+    choices = [api.completion_choice(i, "".join(texts[i]), finals[i].finish_reason) for i in range(n)]
+    return api.completion_response(rid, server.settings.model_name, choices, [finals[i].timings for i in range(n)])
 
 
-async def _completion_stream(server: Server, http, queue, flights: list[_Flight], rid, echo, include_usage):
+async def _completion_stream(server: Server, call: _Call, rid, echo, include_usage):
     name, created = server.settings.model_name, int(time.time())
+    keepalive = server.settings.sse_keepalive_seconds
     finals: dict[int, GenerationEvent] = {}
+    n = len(call.flights)
 
     def chunk(choice):
         out = {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": [choice]}
@@ -371,32 +447,30 @@ async def _completion_stream(server: Server, http, queue, flights: list[_Flight]
             out["usage"] = None
         return out
 
-    try:
-        for i, e in enumerate(echo):
-            if e:
-                yield chunk(api.completion_choice(i, e, None))
-        while len(finals) < len(flights):
-            got = await server.next_event(queue, http)
-            if got is None:
+    for i, e in enumerate(echo):
+        if e:
+            yield chunk(api.completion_choice(i, e, None))
+    while len(finals) < n:
+        got = await call.next(keepalive)
+        if got is None:
+            return
+        if got is KEEP_ALIVE:
+            yield got
+            continue
+        i, event = got
+        if event.finish_reason:
+            failed = _failure(event, call.flights[i].req)
+            if failed is not None:
+                yield json.loads(failed.body)
+                yield "[DONE]"
                 return
-            i, event, at = got
-            server.observe(flights[i], event, at)
-            if event.finish_reason:
-                failed = _failure(event, flights[i].req)
-                if failed is not None:
-                    yield json.loads(failed.body)
-                    yield "[DONE]"
-                    return
-                finals[i] = event
-            if event.text or event.finish_reason:
-                yield chunk(api.completion_choice(i, event.text, event.finish_reason))
-        if include_usage:
-            yield {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": [],
-                   "usage": api.usage([finals[i].timings for i in range(len(flights))])}
-        yield "[DONE]"
-    finally:
-        for f in flights:
-            server.engine.cancel(f.req)
+            finals[i] = event
+        if event.text or event.finish_reason:
+            yield chunk(api.completion_choice(i, event.text, event.finish_reason))
+    if include_usage:
+        yield {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": [],
+               "usage": api.usage([finals[i].timings for i in range(n)])}
+    yield "[DONE]"
 
 
 def _failure(event: GenerationEvent, req) -> JSONResponse | None:

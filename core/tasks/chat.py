@@ -19,7 +19,8 @@ from .chat_settings import ChatSettings
 from .conversation import ChatNotice, Conversation
 from llm_torch.core.engine.engine import Engine, EngineConfig
 from llm_torch.core.errors import InputError
-from llm_torch.core.engine.events import GenerationEvent, GenerationSpec, context_length
+from llm_torch.core.engine.events import GenerationEvent
+from llm_torch.core.engine.spec import GenerationSpec, context_length
 from llm_torch.core.tokenizer.system_prompt import system_role_supported, with_system
 
 

@@ -12,11 +12,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from llm_torch.core.errors import InputError
+from .inputs import Item
 
 if TYPE_CHECKING:  # torch where vectors are made: check_pooling runs before the model (and torch) loads
     import torch
 
-    from .pipelines import Item, Pipeline
+    from .base import PipelineBase
 
 POOLINGS = ("mean", "last", "none")
 
@@ -41,7 +42,7 @@ def pool(hidden: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
     return h
 
 
-def features(pipeline: Pipeline, batch: list[Item], first_index: int) -> Iterator[dict[str, Any]]:
+def features(pipeline: PipelineBase, batch: list[Item], first_index: int) -> Iterator[dict[str, Any]]:
     """One result per input: index (input order), id (when the record has one) or text, tokens, embedding."""
     opts = pipeline.options
     rows = [pipeline.fit(pipeline.tokenizer.encode(it.text, add_special_tokens=True), it) for it in batch]

@@ -1,6 +1,8 @@
-"""What the task commands read: one Item per input, from arguments, stdin lines, or a .txt / .jsonl / .csv file.
+"""Task inputs: one Item per input, read lazily from lines, .txt, .jsonl or .csv files, and cut into batches.
 
-Torch-free, so `llm run` and `llm embed` check their input before a model (and torch) is loaded.
+UI-free: warnings go to a callback, errors are typed (errors.py). Reading is lazy so that a reader that
+stops early (`| head -1`) does not wait for the whole input. Torch-free, so `llm run` and `llm embed` check
+their task and input before a model (and torch) is loaded.
 """
 
 from __future__ import annotations
@@ -105,3 +107,14 @@ def file_items(path: Path, *, column: str | None, question: str | None, warn: Wa
                 yield from csv_items(f, column=column, question=question, name=path.name)
         except UnicodeDecodeError:
             raise InputError(f"{path} is not valid UTF-8", hint="convert it to UTF-8, e.g. with iconv") from None
+
+
+def batched(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    batch: list[Item] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

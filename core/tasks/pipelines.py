@@ -1,22 +1,22 @@
 """Task pipelines over a loaded model: inputs in, one plain dict per input out, in input order.
 
-UI-free: warnings go to a callback, errors are typed (errors.py); the CLI decides how to show them.
-Inputs (core/tasks/inputs.py) are consumed lazily and results yielded batch by batch, so a reader that stops
-early (`| head -1`) does not wait for the whole input.
+The Pipeline checks that the model serves the task and hands each batch to the task's step: classify.py
+(text and token classification), qa.py, embed.py, or the Engine for text generation. UI-free: warnings go to
+a callback, errors are typed (errors.py); results are yielded batch by batch, so a reader that stops early
+(`| head -1`) does not wait for the whole input.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 from typing import Any
-
-import torch
 
 from llm_torch.core.errors import InputError
 from llm_torch.core.engine.engine import Engine, EngineConfig
-from llm_torch.core.engine.events import GenerationSpec, context_length
-from .inputs import TASKS, Item, Warn, no_warn
+from llm_torch.core.model.model import HEADS
+from . import classify, embed, qa
+from .base import PipelineBase, PipelineOptions
+from .inputs import TASKS, Item, Warn, batched, no_warn
 
 # head kind (loading.head_kind / model.HEADS) -> the task it serves
 TASK_OF_HEAD = {
@@ -27,10 +27,15 @@ TASK_OF_HEAD = {
     "feature_extraction": "feature-extraction",  # served by `llm embed` (embed.py), not by `llm run`
 }
 
+# task -> its step: one batch of items in, one result per item out
+STEPS = {
+    "text-classification": classify.labels,
+    "token-classification": classify.entities,
+    "question-answering": qa.answers,
+}
+
 
 def model_task(model) -> str:
-    from llm_torch.core.model.model import HEADS
-
     for kind, cls in HEADS.items():
         if type(model) is cls:
             return TASK_OF_HEAD[kind]
@@ -53,48 +58,12 @@ def check_task(task: str, model, model_name: str = "the model") -> None:
         )
 
 
-def batched(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
-    batch: list[Item] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-# ---------------------------------------------------------------------------------------------- tasks
-
-
-@dataclass
-class PipelineOptions:
-    batch_size: int = 1
-    truncate: str = "warn"  # warn: cut to the context with a warning; error: refuse
-    top_k: int = 1  # text-classification: labels per input
-    aggregation: str = "none"  # token-classification: none | simple
-    ignore_labels: tuple[str, ...] = ("O",)
-    # question-answering, as the pipeline's parameters of the same names (qa.py)
-    max_answer_len: int = 15  # longest answer in tokens
-    max_seq_len: int | None = None  # tokens per window (question + context part); None: min(context, 384)
-    doc_stride: int | None = None  # tokens shared by consecutive windows; None: min(max_seq_len // 2, 128)
-    handle_impossible_answer: bool = False  # the empty answer competes, with the score of position 0
-    pooling: str = "mean"  # feature-extraction: mean | last | none (embed.py)
-    normalize: bool = False  # feature-extraction: L2-normalize each vector
-    generation: GenerationSpec = field(default_factory=GenerationSpec)
-    encode_prompt: Callable[[str], list[int]] | None = None  # text-generation (chat template or raw)
-    return_full_text: bool = True  # text-generation: generated_text starts with the input (the pipeline's default)
-    context: int | None = None  # positions per input (prompt + answer); None: the model's context
-
-
-class Pipeline:
+class Pipeline(PipelineBase):
     """One task over one loaded model; `run(items)` yields a dict per item, in order."""
 
     def __init__(self, model, tokenizer, task: str, options: PipelineOptions | None = None, *, warn: Warn = no_warn):
-        if tokenizer is None:
-            raise InputError("the pipelines need a tokenizer")
-        self.model, self.tokenizer, self.task = model, tokenizer, task
-        self.options = options or PipelineOptions()
+        super().__init__(model, tokenizer, options, warn=warn)
+        self.task = task
         if self.options.batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {self.options.batch_size}")
         if self.options.aggregation not in ("none", "simple"):
@@ -102,12 +71,7 @@ class Pipeline:
         if self.options.truncate not in ("warn", "error"):
             raise InputError(f"unknown truncation mode '{self.options.truncate}'", hint="warn or error")
         if task == "feature-extraction":
-            from .embed import check_pooling
-
-            check_pooling(self.options.pooling)
-        self.warn = warn
-        self.device = next(model.parameters()).device
-        self.labels = model.config.id2label
+            embed.check_pooling(self.options.pooling)
 
     def run(self, items: Iterable[Item]) -> Iterator[dict[str, Any]]:
         size = self.options.batch_size
@@ -118,61 +82,15 @@ class Pipeline:
         if self.task == "feature-extraction":
             done = 0
             for batch in batched(items, size):
-                yield from self._features(batch, done)
+                yield from embed.features(self, batch, done)
                 done += len(batch)
             return
-        step = {"text-classification": self._classify, "token-classification": self._tokens,
-                "question-answering": self._answer}[self.task]
+        step = STEPS[self.task]
         if self.task == "text-classification" and self.model.config.pad_token_id is None:
             # Without a pad id the last real token of a padded row cannot be found (HF refuses too).
             size = 1
         for batch in batched(items, size):
-            yield from step(batch)
-
-    # -- shared
-
-    def fit(self, ids: list[int], item: Item) -> list[int]:
-        """`ids` cut to the context (--context, else the model's; with a warning), or an InputError with --truncate error."""
-        limit = min(self.options.context or context_length(self.model), context_length(self.model))
-        if len(ids) <= limit:
-            return ids
-        if self.options.truncate == "error":
-            raise InputError(
-                f"{item.where or 'input'}: {len(ids)} tokens, longer than the context ({limit})",
-                hint="shorten it, or drop --truncate error to cut it with a warning",
-            )
-        self.warn(f"{item.where or 'input'}: truncated from {len(ids)} to {limit} tokens (the context)")
-        return ids[:limit]
-
-    def forward_rows(self, rows: Sequence[list[int]]):
-        """Left-padded batch -> the head's output; rows are right-aligned so position -1 is real."""
-        pad = self.model.config.pad_token_id
-        pad = 0 if pad is None else pad
-        longest = max(len(r) for r in rows)
-        ids = torch.full((len(rows), longest), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, longest - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, longest - len(r) :] = 1
-        # A full mask means no padding: None keeps attention on its fast path.
-        attention = None if bool(mask.all()) else mask.to(self.device)
-        with torch.inference_mode():
-            return self.model(ids.to(self.device), attention_mask=attention)
-
-    def _encode(self, text: str) -> tuple[list[int], list[tuple[int, int]], list[bool]]:
-        """Ids with character offsets into `text` and which ids are specials (BOS, ...)."""
-        return self.tokenizer.encode_with_offsets(text, add_special_tokens=True)
-
-    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
-        problem = self.model.config.problem_type
-        if problem == "multi_label_classification" or logits.shape[-1] == 1:
-            return torch.sigmoid(logits.float())
-        return torch.softmax(logits.float(), dim=-1)
-
-    def _label(self, i: int) -> str:
-        return self.labels.get(i, f"LABEL_{i}")
-
-    # -- tasks
+            yield from step(self, batch)
 
     def _generate(self, items: Iterable[Item], size: int) -> Iterator[dict[str, Any]]:
         encode = self.options.encode_prompt or (lambda t: self.tokenizer.encode(t, add_special_tokens=True))
@@ -196,72 +114,3 @@ class Pipeline:
                 self.warn(f"{where}: prompt left-truncated by {res.timings.truncated_tokens} tokens")
             text = item.text + res.text if self.options.return_full_text else res.text
             yield {"input": item.text, "generated_text": text, "finish_reason": res.finish_reason}
-
-    def _classify(self, batch: list[Item]) -> Iterator[dict[str, Any]]:
-        rows = [self.fit(self.tokenizer.encode(it.text, add_special_tokens=True), it) for it in batch]
-        probs = self._scores(self.forward_rows(rows)).cpu()
-        k = min(max(self.options.top_k, 1), probs.shape[-1])
-        for item, p in zip(batch, probs, strict=True):
-            values, idx = p.topk(k)
-            top = [{"label": self._label(int(i)), "score": float(v)} for v, i in zip(values, idx, strict=True)]
-            out = {"input": item.text, **top[0]}
-            if k > 1:
-                out["top_k"] = top
-            yield out
-
-    def _tokens(self, batch: list[Item]) -> Iterator[dict[str, Any]]:
-        encoded = [self._encode(it.text) for it in batch]
-        rows = [self.fit(ids, it) for (ids, _, _), it in zip(encoded, batch, strict=True)]
-        probs = self._scores(self.forward_rows(rows)).cpu()
-        for b, (item, (_, offsets, special), row) in enumerate(zip(batch, encoded, rows, strict=True)):
-            n = len(row)
-            p = probs[b, probs.shape[1] - n :]  # left padding: the row's tokens are the last n
-            tokens = []
-            for t in range(n):
-                if special[t]:
-                    continue
-                score, label = p[t].max(-1)
-                start, end = offsets[t]
-                tokens.append({"index": t, "label": self._label(int(label)), "score": float(score), "start": start, "end": end})
-            entities = _aggregate(item.text, tokens, self.options.aggregation)
-            entities = [e for e in entities if e["label"] not in self.options.ignore_labels]
-            yield {"input": item.text, "entities": entities}
-
-    def _answer(self, batch: list[Item]) -> Iterator[dict[str, Any]]:
-        from .qa import answers
-
-        return answers(self, batch)
-
-    def _features(self, batch: list[Item], first_index: int) -> Iterator[dict[str, Any]]:
-        from .embed import features
-
-        return features(self, batch, first_index)
-
-
-def _aggregate(text: str, tokens: list[dict[str, Any]], how: str) -> list[dict[str, Any]]:
-    def word(start: int, end: int) -> tuple[str, int]:
-        while start < end and text[start].isspace():  # byte-level tokens carry their leading space
-            start += 1
-        return text[start:end], start
-
-    if how == "none":
-        out = []
-        for t in tokens:
-            w, start = word(t["start"], t["end"])
-            out.append({"word": w, "label": t["label"], "score": t["score"], "start": start, "end": t["end"], "index": t["index"]})
-        return out
-    # simple: adjacent tokens with the same tag (B-/I- prefix dropped) form one entity; B- starts a new one.
-    groups: list[list[dict[str, Any]]] = []
-    for t in tokens:
-        tag = t["label"][2:] if t["label"][:2] in ("B-", "I-") else t["label"]
-        t = {**t, "tag": tag}
-        if groups and groups[-1][-1]["tag"] == tag and not t["label"].startswith("B-"):
-            groups[-1].append(t)
-        else:
-            groups.append([t])
-    out = []
-    for g in groups:
-        w, start = word(g[0]["start"], g[-1]["end"])
-        score = sum(t["score"] for t in g) / len(g)
-        out.append({"word": w, "label": g[0]["tag"], "score": score, "start": start, "end": g[-1]["end"]})
-    return out

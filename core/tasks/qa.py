@@ -11,15 +11,14 @@ and Gemma tokenizers) puts the context first and masks nothing but position 0.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from llm_torch.core.errors import InputError
-from llm_torch.core.engine.events import context_length
-
-if TYPE_CHECKING:
-    from .pipelines import Item, Pipeline
+from llm_torch.core.engine.spec import context_length
+from .base import PipelineBase
+from .inputs import Item
 
 _MASKED = -10000.0  # the pipeline's logit for tokens that cannot be in an answer
 
@@ -84,7 +83,7 @@ def char_span(encoding, s: int, e: int, sequence: int) -> tuple[int, int]:
     return start, stop
 
 
-def answer(pipeline: Pipeline, item: Item) -> dict[str, Any]:
+def answer(pipeline: PipelineBase, item: Item) -> dict[str, Any]:
     opts, tokenizer = pipeline.options, pipeline.tokenizer
     where = item.where or "input"
     if not item.question:
@@ -137,6 +136,6 @@ def answer(pipeline: Pipeline, item: Item) -> dict[str, Any]:
     return out
 
 
-def answers(pipeline: Pipeline, batch: list[Item]) -> Iterator[dict[str, Any]]:
+def answers(pipeline: PipelineBase, batch: list[Item]) -> Iterator[dict[str, Any]]:
     for item in batch:
         yield answer(pipeline, item)

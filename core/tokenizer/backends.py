@@ -104,19 +104,37 @@ def sentencepiece_backend(tokens: list[str], merges: list[tuple] | None, scores:
 
 
 def set_llama_spaces(backend: Backend, legacy: bool, add_prefix_space: bool) -> None:
-    """Give `backend` transformers' LlamaTokenizer pipeline for these options (its model is kept).
+    """Give `backend` LlamaTokenizer's pipeline for these options (its model is kept), spaced as sentencepiece.
 
-    add_prefix_space puts a "▁" before the text; legacy=False (transformers' default) only before the first
-    piece of it, legacy=True also after every special token, so "<s>[INST]" becomes <s> "▁[" (id 518 in
-    Llama 2) instead of <s> "[" (29961). Decoding strips the one space the prefix added.
+    add_prefix_space puts sentencepiece's dummy "▁" before the text; legacy=False (transformers' default) only
+    before the first piece of it, legacy=True also after every special token, so "<s>[INST]" becomes <s> "▁["
+    (id 518 in Llama 2) instead of <s> "[" (29961). Decoding strips the one space the prefix added.
+
+    sentencepiece adds the dummy prefix even when the text already starts with a space (" grabbed" -> "▁▁grabbed",
+    ids 29871 2646 ... in Llama 2, as transformers 4 also gave); transformers 5's Metaspace skips it then. We
+    follow sentencepiece, the tokenizer the models were trained with: legacy=True prepends in the normalizer
+    (Llama 2's own tokenizer.json), and Tokenizer.encode adds the one "▁" Metaspace's "first" scheme skips
+    (skips_dummy_prefix).
     """
-    scheme = ("always" if legacy else "first") if add_prefix_space else "never"
     backend.normalizer = None  # LlamaTokenizer drops the file's normalizer (Llama 2's Prepend + Replace)
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme=scheme, split=False)
+    if add_prefix_space and legacy:
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+        backend.pre_tokenizer = None
+    else:
+        scheme = "first" if add_prefix_space else "never"
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme=scheme, split=False)
     steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_prefix_space:
         steps.append(decoders.Strip(" ", 1, 0))
     backend.decoder = decoders.Sequence(steps)
+
+
+def skips_dummy_prefix(backend: Backend) -> bool:
+    """Does `backend` prepend with Metaspace's "first" scheme, which skips sentencepiece's dummy prefix before a
+    leading space? Our LlamaTokenizer rebuild does, and so do tokenizer.json files transformers 5 writes for
+    sentencepiece vocabularies (and Mistral-style repos): Tokenizer.encode adds that "▁" back."""
+    pre = backend.pre_tokenizer
+    return isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme == "first"
 
 
 def derive_merges(vocab: dict[str, int], ranks: dict[str, float] | None) -> list[tuple[str, str]]:

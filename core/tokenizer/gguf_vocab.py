@@ -1,18 +1,19 @@
-"""A Tokenizer from a GGUF file's metadata. A GGUF carries only the vocabulary, so the `tokenizers` pipeline
-is rebuilt the way transformers rebuilds it (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`)."""
+"""A GGUF file's tokenizer, from its metadata, into the arguments Tokenizer.from_gguf_metadata builds the
+Tokenizer from. A GGUF carries only the vocabulary, so the `tokenizers` pipeline is rebuilt the way
+transformers rebuilds it (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from tokenizers import Tokenizer as Backend
 
 from llm_torch.core.errors import TokenizerError
+from llm_torch.core.model.bounds import LIMITS
 from llm_torch.core.model.families import tokenizer_class_for
 from .backends import byte_alphabet, byte_level_backend, sentencepiece_backend
 from .special_tokens import CLASS_SPECIALS, add_tokens
-
-if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
 
 # GGUF token types (llama.cpp's llama_token_type).
 _CONTROL, _USER_DEFINED = 3, 4
@@ -24,11 +25,11 @@ def sentencepiece_class(architecture: str) -> str:
     return tokenizer_class_for(architecture) or "LlamaTokenizer"
 
 
-def from_gguf_metadata(make: type[Tokenizer], meta: Mapping[str, Any], *, legacy: bool | None = None,
-                       add_prefix_space: bool | None = None) -> Tokenizer:
-    """The tokenizer `meta` (GGUF keys -> plain Python values) describes. A LlamaTokenizer vocabulary
-    takes transformers' defaults legacy=False, add_prefix_space=True unless overridden here
-    (transformers ignores tokenizer.ggml.add_space_prefix, and so do we)."""
+def read_gguf_vocab(meta: Mapping[str, Any], *, legacy: bool | None = None,
+                    add_prefix_space: bool | None = None) -> tuple[Backend, dict[str, Any]]:
+    """The backend and the Tokenizer's keyword arguments `meta` (GGUF keys -> plain Python values) describes.
+    A LlamaTokenizer vocabulary takes transformers' defaults legacy=False, add_prefix_space=True unless
+    overridden here (transformers ignores tokenizer.ggml.add_space_prefix, and so do we)."""
     kind = meta.get("tokenizer.ggml.model")
     if kind not in ("gpt2", "llama"):
         raise TokenizerError(f"unsupported GGUF tokenizer model {kind!r}",
@@ -36,6 +37,11 @@ def from_gguf_metadata(make: type[Tokenizer], meta: Mapping[str, Any], *, legacy
     tokens = list(meta.get("tokenizer.ggml.tokens") or [])
     if not tokens:
         raise TokenizerError("GGUF metadata has no tokenizer.ggml.tokens", hint="the file is not a complete model")
+    _, most = LIMITS["vocab_size"]
+    if len(tokens) > most:
+        # Before the backend's vocabulary and merge tables, which grow with it.
+        raise TokenizerError(f"GGUF tokenizer.ggml.tokens holds {len(tokens)} tokens, past the sane {most}",
+                             hint="the file's tokenizer metadata is corrupt")
     types = list(meta.get("tokenizer.ggml.token_type") or [0] * len(tokens))
     scores = meta.get("tokenizer.ggml.scores")
     if len(types) != len(tokens) or (scores is not None and len(scores) != len(tokens)):
@@ -84,8 +90,7 @@ def from_gguf_metadata(make: type[Tokenizer], meta: Mapping[str, Any], *, legacy
     add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama")
     # EOT/EOM (Gemma's <end_of_turn>, Llama 3's <|eot_id|>) also end a reply in llama.cpp.
     eos = [i for i in (ids["eos_token_id"], ids["eot_token_id"], ids["eom_token_id"]) if i is not None]
-    return make(
-        backend,
+    return backend, dict(
         name=str(meta.get("general.name") or "GGUF model"),
         bos_token_id=ids["bos_token_id"],
         eos_token_ids=eos,

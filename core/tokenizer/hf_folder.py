@@ -1,11 +1,12 @@
-"""A Tokenizer from a Hugging Face folder: tokenizer.json plus tokenizer_config / special_tokens_map /
-generation_config / chat_template.{jinja,json}, read the way transformers' AutoTokenizer reads them."""
+"""A Hugging Face folder's tokenizer: tokenizer.json plus tokenizer_config / special_tokens_map /
+generation_config / chat_template.{jinja,json}, read the way transformers' AutoTokenizer reads them, into
+the arguments Tokenizer.from_folder builds the Tokenizer from."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
@@ -15,14 +16,11 @@ from llm_torch.core.model.families import tokenizer_class_for
 from .chat_template import named_templates
 from .special_tokens import add_tokens
 
-if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
 
-
-def load_folder(make: type[Tokenizer], path: str | Path, *, legacy: bool | None = None,
-                add_prefix_space: bool | None = None) -> Tokenizer:
-    # make: the Tokenizer class (passed in: this module is what its from_folder calls)
-    """The folder's tokenizer; `legacy` / `add_prefix_space` given override tokenizer_config.json's."""
+def read_folder(path: str | Path, *, legacy: bool | None = None,
+                add_prefix_space: bool | None = None) -> tuple[Backend, dict[str, Any]]:
+    """The folder's backend and the Tokenizer's keyword arguments; `legacy` / `add_prefix_space` given
+    override tokenizer_config.json's."""
     folder = Path(path)
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
@@ -54,8 +52,7 @@ def load_folder(make: type[Tokenizer], path: str | Path, *, legacy: bool | None 
     gen_eos = generation.get("eos_token_id")
     gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
     eos = ([named["eos_token"]] if named["eos_token"] is not None else []) + gen_eos
-    return make(
-        backend,
+    return backend, dict(
         name=str(folder),
         bos_token_id=named["bos_token"] if named["bos_token"] is not None else generation.get("bos_token_id"),
         eos_token_ids=eos,

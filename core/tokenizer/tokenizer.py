@@ -1,5 +1,6 @@
 """The Tokenizer: a `tokenizers.Tokenizer` plus the special-token ids, BOS policy, sentencepiece space
-options and chat templates of one model. Loaders: hf_folder.py (a Hugging Face folder) and gguf_vocab.py."""
+options and chat templates of one model. Its two sources, hf_folder.py (a Hugging Face folder) and
+gguf_vocab.py, read those into the constructor's arguments."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from tokenizers import Tokenizer as Backend
 
 from llm_torch.core.errors import TokenizerError
 from . import chat_template
-from .backends import set_llama_spaces
+from .backends import SPACE, set_llama_spaces, skips_dummy_prefix
+from .gguf_vocab import read_gguf_vocab
+from .hf_folder import read_folder
 from .special_tokens import bos_eos_processor, byte_fallback_ids, special_ids
 
 
@@ -51,6 +54,7 @@ class Tokenizer:
         self._spaces = llama_spaces
         if llama_spaces is not None:
             set_llama_spaces(backend, *llama_spaces)
+        self._skips_dummy_prefix = skips_dummy_prefix(backend)
         # The post-processor is the one place BOS gets added, so encode() can never double it.
         starts = backend.encode("", add_special_tokens=True).ids[:1]
         self._add_bos = self._bos is not None and starts == [self._bos]
@@ -63,17 +67,15 @@ class Tokenizer:
         """Load `tokenizer.json` plus the optional tokenizer_config / special_tokens_map /
         generation_config / chat_template.{jinja,json} files of a Hugging Face folder. `legacy` /
         `add_prefix_space` given override the config's (LlamaTokenizer vocabularies only)."""
-        from .hf_folder import load_folder
-
-        return load_folder(cls, path, legacy=legacy, add_prefix_space=add_prefix_space)
+        backend, options = read_folder(path, legacy=legacy, add_prefix_space=add_prefix_space)
+        return cls(backend, **options)
 
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any], *, legacy: bool | None = None,
                            add_prefix_space: bool | None = None) -> Tokenizer:
         """Build the tokenizer a GGUF file describes; `meta` maps GGUF keys to plain Python values."""
-        from .gguf_vocab import from_gguf_metadata
-
-        return from_gguf_metadata(cls, meta, legacy=legacy, add_prefix_space=add_prefix_space)
+        backend, options = read_gguf_vocab(meta, legacy=legacy, add_prefix_space=add_prefix_space)
+        return cls(backend, **options)
 
     @property
     def backend(self) -> Backend:
@@ -143,6 +145,13 @@ class Tokenizer:
         self._spaces = (self._spaces[0] if legacy is None else legacy,
                         self._spaces[1] if add_prefix_space is None else add_prefix_space)
         set_llama_spaces(self._backend, *self._spaces)
+        self._skips_dummy_prefix = skips_dummy_prefix(self._backend)
+
+    @property
+    def keeps_dummy_prefix(self) -> bool:
+        """Whether a text starting with a space gets sentencepiece's dummy "▁" too (" Hello" -> "▁▁Hello"), where
+        transformers 5 drops it; True for sentencepiece vocabularies that prepend one (README: Tokenization)."""
+        return self._skips_dummy_prefix or bool(self._spaces and self._spaces[0] and self._spaces[1])
 
     @property
     def special_ids(self) -> frozenset[int]:
@@ -156,14 +165,22 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; with `add_special_tokens`, BOS/EOS exactly as the post-processor adds them."""
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._encode(text, add_special_tokens)[0].ids
 
     def encode_with_offsets(
         self, text: str, add_special_tokens: bool = True
     ) -> tuple[list[int], list[tuple[int, int]], list[bool]]:
         """Ids, each token's (start, end) character span in `text`, and which ids are specials (BOS...)."""
-        enc = self._backend.encode(text, add_special_tokens=add_special_tokens)
-        return list(enc.ids), [tuple(o) for o in enc.offsets], [bool(m) for m in enc.special_tokens_mask]
+        enc, shift = self._encode(text, add_special_tokens)
+        offsets = [(max(s - shift, 0), max(e - shift, 0)) for s, e in enc.offsets]
+        return list(enc.ids), offsets, [bool(m) for m in enc.special_tokens_mask]
+
+    def _encode(self, text: str, add_special_tokens: bool):
+        """The backend's Encoding, and how many characters were put before `text` for it."""
+        if self._skips_dummy_prefix and text[:1] in (" ", SPACE):
+            # sentencepiece's dummy "▁" before a leading space, which Metaspace's "first" scheme skips (backends.py)
+            return self._backend.encode(SPACE + text, add_special_tokens=add_special_tokens), 1
+        return self._backend.encode(text, add_special_tokens=add_special_tokens), 0
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; ids outside the vocabulary decode to nothing, as in transformers."""

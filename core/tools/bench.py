@@ -24,12 +24,13 @@ import torch
 from .bench_results import BatchResult, BenchResult, BenchSpec, DecodeResult, PrefillResult, Stat
 from llm_torch.core.engine.engine import Engine, EngineConfig
 from llm_torch.core.errors import InputError
-from llm_torch.core.engine.events import GenerationSpec, Timings, context_length
+from llm_torch.core.engine.events import Timings
+from llm_torch.core.engine.spec import GenerationSpec, context_length
 from .machine import environment, measure_memory_bandwidth, peak_rss_bytes, process_age_seconds
 from .model_size import model_info
 from llm_torch.core.openmp import set_threads
 from llm_torch.core.engine.runner import Runner, make_runner
-from llm_torch.core.engine.sampling import SamplingSpec
+from llm_torch.core.engine.sampling_spec import SamplingSpec
 
 DECODE_PROMPT_TOKENS = 1  # like llama-bench's tg test: decode from an (almost) empty context
 BATCH_PROMPT_TOKENS = 16  # each sequence of a batched decode test has its own prompt of this length

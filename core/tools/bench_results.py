@@ -67,11 +67,12 @@ class Stat:
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
-    dtype: str
+    dtype: str  # of the float tensors: all of them, or those a quantization scheme left (norms, embeddings)
     device: str
     params: int  # unique parameters (a tied head counted once)
     weights_bytes: int  # bytes of those parameters (and persistent buffers) in memory
     bytes_per_token: int  # weight bytes one decode step reads (see weight_bytes_per_token)
+    quantization: str | None = None  # the scheme the Linears run in (int4-g64-g128, int8 ...); None: float
 
 
 @dataclass(frozen=True)

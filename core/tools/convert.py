@@ -11,6 +11,7 @@ to it and renamed into place only when complete, so a failed or interrupted run 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -234,7 +235,20 @@ def write_hf_folder(checkpoint: Checkpoint, folder: Path, dtype: torch.dtype | N
             config["dtype"] = dtype_name
     write_json(folder / "config.json", config)
     checkpoint.write_tokenizer_files(folder)
+    _write_sampling(folder, checkpoint.generation_config())
     return len(out), total
+
+
+def _write_sampling(folder: Path, source: dict) -> None:
+    """generation_config.json gets the sampling the source runs with (llm's defaults for a GGUF or Meta
+    source, a built-in model's own settings), so the same weights answer alike in both formats."""
+    from llm_torch.core.engine.sampling_spec import sampling_in_effect
+
+    path = folder / "generation_config.json"
+    written = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    merged = {**written, **sampling_in_effect(source)}
+    if merged != written:  # a copied generation_config.json already says it: left byte for byte
+        write_json(path, merged)
 
 
 def _plan_shards(tensors: list[TensorInfo], max_bytes: int) -> list[list[TensorInfo]]:

@@ -13,14 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from llm_torch.core.checkpoint import aliases as user_aliases
-from llm_torch.quant.spec import describe_config
-
 from llm_torch.core.checkpoint.hub import cache_root
 from llm_torch.core.checkpoint.resolve import is_meta_layout
 from llm_torch.core.errors import HubError, InputError, LLMError, ModelNotFoundError
-
-_WEIGHT_SUFFIXES = (".safetensors", ".gguf")
-
+from llm_torch.core.model.config import describe_quantization
 
 @dataclass
 class ModelEntry:
@@ -131,7 +127,7 @@ def describe_path(path: Path) -> tuple[str, str | None, int, str | None]:
     if any(n.endswith(".safetensors") for n in names):
         quant = config.get("quantization_config")
         if isinstance(quant, dict):
-            return "quantized", model_type, size, describe_config(quant)
+            return "quantized", model_type, size, describe_quantization(quant)
         return "safetensors", model_type, size, None
     ggufs = sorted(n for n in names if n.lower().endswith(".gguf"))
     if ggufs and not config:
@@ -242,7 +238,7 @@ def show_model(ref: str, *, offline: bool | None = None, progress: bool = False)
     }
     quant = c.quantization_config
     if isinstance(quant, dict):
-        summary["quantization"] = describe_config(quant)
+        summary["quantization"] = describe_quantization(quant)
     if c.id2label:
         summary["labels"] = [c.id2label[i] for i in sorted(c.id2label)]
     if resolved.kind == "gguf":

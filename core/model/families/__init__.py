@@ -1,5 +1,6 @@
 """Everything a model family knows, declared once: config defaults and renames (the reference config
-class's), behaviour flags, heads, and how llama.cpp stores it in GGUF (names both ways, metadata).
+class's), behaviour flags, heads, and what llama.cpp's GGUF does to it beyond gguf-py's tensor names
+(metadata, q/k layout).
 
 A family is data, not code paths: layers read the flags on ModelConfig, never the family name; the
 loader, the GGUF reader and writer (core/checkpoint/) and the tokenizer read the family's fields.
@@ -8,8 +9,8 @@ Adding a family (say `mistral`):
 1. core/model/families/mistral.py with `FAMILY = Family(model_type="mistral", ...)`: the defaults of transformers'
    MistralConfig, the flags its layers need (add a flag to core/model/config.py + core/model/layers.py only for
    behaviour no family has yet), `heads` (architectures name -> head kind), `normalize` for renamed or
-   derived fields, and `gguf` (llama.cpp's block tensor names for it, plus read/write hooks for its
-   metadata) if llama.cpp has the architecture.
+   derived fields, and `gguf` (read/write hooks for its metadata, layout changes llama.cpp's converter
+   makes) if llama.cpp has the architecture; tensor names come from gguf-py's TensorNameMap.
 2. Register it in `_registry` below.
 3. Tests: a tiny random config against transformers in tests/test_parity.py (logits, greedy tokens,
    incremental == full) and a GGUF round trip in tests/test_convert.py.
@@ -18,10 +19,9 @@ Adding a family (say `mistral`):
 from __future__ import annotations
 
 from llm_torch.core.errors import UnsupportedError
-from .base import GGUF_COMMON_BLOCK, GGUF_TOP_NAMES, Family, GGUFLayout
+from .base import Family, GGUFLayout
 
-__all__ = ["Family", "GGUFLayout", "GGUF_COMMON_BLOCK", "GGUF_TOP_NAMES", "family_for", "supported_model_types",
-           "gguf_families", "tokenizer_class_for"]
+__all__ = ["Family", "GGUFLayout", "family_for", "supported_model_types", "gguf_families", "tokenizer_class_for"]
 
 
 def _registry() -> dict[str, Family]:

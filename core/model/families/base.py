@@ -10,28 +10,12 @@ def _no_hook(*args: Any) -> None:
     return None
 
 
-# Per-block GGUF leaf -> HF module path, after gguf-py's tensor map (constants.py / tensor_mapping.py),
-# for the modules every family here shares.
-GGUF_COMMON_BLOCK = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-
-
 @dataclass(frozen=True)
 class GGUFLayout:
-    """How llama.cpp's converter (convert_hf_to_gguf.py) stores a family."""
+    """What llama.cpp's converter (convert_hf_to_gguf.py) does to a family beyond gguf-py's tables: tensor
+    names, and which tensors (rope_freqs) an architecture has, come from gguf-py (core/checkpoint/gguf.py)."""
 
-    block_names: dict[str, str]  # per-block GGUF leaf -> HF module path
     interleaved_qk: bool = False  # q/k rows interleaved per head for ggml's rotary kernel (undone on read)
-    rope_scaling: bool = False  # rope.scaling.* keys and the rope_freqs tensor carry rope_scaling
     head_dim_from_rope: bool = False  # without attention.key_length, head_dim is rope.dimension_count
     # read_config(get, tensor_names, config): the family's own HF fields from the metadata
     # (get(key, default) reads "<arch>.<key>", floats as their shortest decimal).

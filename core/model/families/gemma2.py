@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .base import GGUF_COMMON_BLOCK, Family, GGUFLayout
+from .base import Family, GGUFLayout
 
 # llama.cpp's defaults when a Gemma 2 file omits these keys (llama-hparams.h / HF Gemma2Config agree):
 # HF field -> (GGUF key under "gemma2.", default).
@@ -94,13 +94,6 @@ FAMILY = Family(
     normalize=_normalize,
     causal_lm="Gemma2ForCausalLM",
     gguf=GGUFLayout(
-        # Gemma 2's sandwich norms: llama.cpp calls the pre-MLP norm ffn_norm, so it is *not* Llama's.
-        block_names={
-            **GGUF_COMMON_BLOCK,
-            "post_attention_norm": "post_attention_layernorm",
-            "ffn_norm": "pre_feedforward_layernorm",
-            "post_ffw_norm": "post_feedforward_layernorm",
-        },
         read_config=_gguf_read,
         write_config=_gguf_write,
         spaces_in_pieces=True,

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .base import GGUF_COMMON_BLOCK, Family, GGUFLayout
+from .base import Family, GGUFLayout
 
 
 def _gguf_read(get: Callable[..., Any], names: set[str], config: dict[str, Any]) -> None:
+    from gguf import MODEL_TENSOR, TENSOR_NAMES
+
     config["hidden_act"] = "silu"
     # Biases are not announced in the metadata: the tensors tell.
-    config["attention_bias"] = any(n.startswith("blk.") and n.endswith(".attn_q.bias") for n in names)
-    config["mlp_bias"] = any(n.startswith("blk.") and n.endswith(".ffn_up.bias") for n in names)
+    layers = range(config["num_hidden_layers"])
+    for field, tensor in (("attention_bias", MODEL_TENSOR.ATTN_Q), ("mlp_bias", MODEL_TENSOR.FFN_UP)):
+        config[field] = any(f"{TENSOR_NAMES[tensor].format(bid=i)}.bias" in names for i in layers)
 
 
 def _gguf_write(w: Any, cfg: Any) -> None:
@@ -68,9 +71,7 @@ FAMILY = Family(
     },
     causal_lm="LlamaForCausalLM",
     gguf=GGUFLayout(
-        block_names={**GGUF_COMMON_BLOCK, "ffn_norm": "post_attention_layernorm"},
         interleaved_qk=True,
-        rope_scaling=True,
         head_dim_from_rope=True,
         read_config=_gguf_read,
         write_config=_gguf_write,
