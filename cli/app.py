@@ -74,7 +74,7 @@ def make_app(names: Iterable[str] = COMMANDS) -> typer.Typer:
         command = getattr(module, attr)
         if isinstance(command, typer.Typer):
             app.add_typer(command, name=name)
-        else:  # generate and run take the arguments after their prompt themselves
+        else:  # CONTEXT_SETTINGS: generate and run take the arguments after their prompt themselves
             app.command(name, context_settings=getattr(module, "CONTEXT_SETTINGS", None))(command)
     return app
 
