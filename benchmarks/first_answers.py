@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from llm_torch.core.engine.engine import generate
     from llm_torch.core.engine.events import GenerationSpec
-    from llm_torch.core.engine.sampling import sampling_spec
+    from llm_torch.core.engine.sampling_spec import sampling_spec
     from llm_torch.core.placement.loading import load_model
 
     loaded = load_model(args.model)

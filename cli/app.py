@@ -1,38 +1,40 @@
 """Typer wiring only. main() is the one place that turns errors into exit codes.
 
-Heavy imports (torch) happen inside command bodies so `llm --help` stays instant.
+Heavy imports (torch) happen inside command bodies so `llm --help` stays instant. A command's module is
+imported, and its click command built, only when that command runs: `llm chat` builds one command, not all
+of them (`llm --help`, shell completion and an unknown name register every one).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+from collections.abc import Iterable
 from typing import Annotated, Optional
 
 import typer
 
-from . import bench as bench_cmd
-from . import chat as chat_cmd
-from . import completions as completions_cmd
-from . import convert as convert_cmd
-from . import embed as embed_cmd
-from . import generate as generate_cmd
-from . import models as models_cmd
-from . import perplexity as perplexity_cmd
-from . import quantize as quantize_cmd
-from . import run as run_cmd
-from . import serve as serve_cmd
-from . import template as template_cmd
-from . import tokenize as tokenize_cmd
-from . import visualize as visualize_cmd
+from .suggest import CommandGroup
 
-app = typer.Typer(
-    name="llm",
-    help="Run Llama, Llama 2 and Gemma 2 models locally with pure-PyTorch model code.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+# name -> (module of cli/, its command function or Typer app), in the order `llm --help` lists them.
+COMMANDS = {
+    "generate": ("generate", "generate"),
+    "chat": ("chat", "chat"),
+    "bench": ("bench", "bench"),
+    "run": ("run", "run"),
+    "serve": ("serve", "serve"),
+    "quantize": ("quantize", "quantize"),
+    "visualize-mask": ("visualize", "visualize_mask"),
+    "tokenize": ("tokenize", "tokenize"),
+    "convert": ("convert", "convert"),
+    "perplexity": ("perplexity", "perplexity"),
+    "template": ("template", "template"),
+    "models": ("models", "models"),
+    "aliases": ("models", "aliases_app"),
+    "embed": ("embed", "embed"),
+    "completions": ("completions", "completions"),
+}
 
 
 def _version(value: bool) -> None:
@@ -45,7 +47,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def root(
     version: Annotated[
         Optional[bool], typer.Option("--version", "-V", callback=_version, is_eager=True, help="Show the version and exit.")
@@ -54,21 +55,36 @@ def root(
     """Run Llama, Llama 2 and Gemma 2 models locally with pure-PyTorch model code."""
 
 
-app.command("generate")(generate_cmd.generate)
-app.command("chat")(chat_cmd.chat)
-app.command("bench")(bench_cmd.bench)
-app.command("run")(run_cmd.run)
-app.command("serve")(serve_cmd.serve)
-app.command("quantize")(quantize_cmd.quantize)
-app.command("visualize-mask")(visualize_cmd.visualize_mask)
-app.command("tokenize")(tokenize_cmd.tokenize)
-app.command("convert")(convert_cmd.convert)
-app.command("perplexity")(perplexity_cmd.perplexity)
-app.command("template")(template_cmd.template)
-app.command("models")(models_cmd.models)
-app.add_typer(models_cmd.aliases_app, name="aliases")
-app.command("embed")(embed_cmd.embed)
-app.command("completions")(completions_cmd.completions)
+def make_app(names: Iterable[str] = COMMANDS) -> typer.Typer:
+    """The `llm` app with the commands `names` (default: all of them)."""
+    app = typer.Typer(
+        name="llm",
+        cls=CommandGroup,
+        help="Run Llama, Llama 2 and Gemma 2 models locally with pure-PyTorch model code.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        # One completion mechanism: `llm completions SHELL` (cli/completions.py), not Typer's --install-completion.
+        add_completion=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.callback()(root)
+    for name in names:
+        module_name, attr = COMMANDS[name]
+        module = importlib.import_module(f"{__package__}.{module_name}")
+        command = getattr(module, attr)
+        if isinstance(command, typer.Typer):
+            app.add_typer(command, name=name)
+        else:  # CONTEXT_SETTINGS: generate and run take the arguments after their prompt themselves
+            app.command(name, context_settings=getattr(module, "CONTEXT_SETTINGS", None))(command)
+    return app
+
+
+def __getattr__(name: str):
+    # `app`, with every command, for whoever imports it (typer.testing in the tests); main() builds its own.
+    if name == "app":
+        globals()["app"] = app = make_app()
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
@@ -77,10 +93,16 @@ def main() -> None:
 
     tune_openmp()  # before anything loads torch
     from . import render
+    from .completions import COMPLETE_VAR, register_shells
+
+    if COMPLETE_VAR in os.environ:  # a completion script calling back (completions/)
+        register_shells()
 
     abort, usage, exit_ = _click_exceptions()
 
     debug = bool(os.environ.get("LLM_DEBUG"))
+    name = sys.argv[1] if len(sys.argv) > 1 else ""
+    app = make_app([name] if name in COMMANDS and COMPLETE_VAR not in os.environ else COMMANDS)
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)

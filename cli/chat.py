@@ -24,7 +24,7 @@ from .option_groups import Model, Output, Sampling, group, with_groups
 def chat(
     ctx: typer.Context,
     model_arg: Annotated[
-        Optional[str], typer.Argument(metavar="[MODEL]", help="The model (same forms as -m); default: smollm2.", autocompletion=o.complete_model)
+        Optional[str], typer.Argument(metavar="MODEL", help="The model (same forms as -m); default: smollm2.", autocompletion=o.complete_model)
     ] = None,
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")] = None,
     system_file: Annotated[
@@ -73,9 +73,9 @@ def chat(
         session = RemoteChatSession(base_url, api_key=api_key, model=model.model, system=system, settings=settings)
         where = session.base
     else:
+        loaded = model.load(quiet=not (interactive or output.stats))
         from llm_torch.core.tasks.chat import ChatSession
 
-        loaded = model.load(quiet=not (interactive or output.stats))
         settings = ChatSettings(max_new_tokens=max_new_tokens or 1, sampling=sampling.spec(loaded.generation_config))
         session = ChatSession(loaded.model, loaded.tokenizer, model_name=loaded.name, settings=settings, system=system,
                               context=model.context)

@@ -9,8 +9,9 @@ import time
 from . import render
 
 
-def read_prompt(argument: str | None, *, required: bool = True) -> str:
-    """The prompt from the argument, from piped stdin, or both (argument first, then stdin)."""
+def read_prompt(argument: str | None, *, required: bool = True, command: str = "generate") -> str:
+    """The prompt from the argument, from piped stdin, or both (argument first, then stdin). `command`: how the
+    hint starts the command that reads it ("tokenize -m MODEL")."""
     from llm_torch.core.errors import InputError
 
     parts = [argument] if argument else []
@@ -27,7 +28,7 @@ def read_prompt(argument: str | None, *, required: bool = True) -> str:
             parts.append(text.rstrip("\n"))
     prompt = "\n".join(parts)
     if required and not prompt.strip():
-        raise InputError("no prompt given", hint='pass it as an argument or pipe it in: echo "Hello" | llm generate')
+        raise InputError("no prompt given", hint=f'pass it as an argument or pipe it in: echo "Hello" | llm {command}')
     return prompt
 
 
@@ -42,22 +43,12 @@ def stdin_lines():
             raise InputError(f"stdin line {n} is not valid UTF-8 (byte offset {e.start})", hint="convert the input to UTF-8") from None
 
 
-def check_local_path(model_ref: str | None) -> None:
-    """A model named by a path that does not exist fails here, with core's message, before torch is imported
-    (core.checkpoint.hub parses references without torch; core.placement.loading, which loads them, imports it)."""
-    text = (model_ref or "").strip()
-    if text.startswith(("./", "../", "~", "/", ".\\")) or "\\" in text:
-        from llm_torch.core.checkpoint.hub import parse_model_ref
-
-        parse_model_ref(text)
-
-
 def tp_worker(tp: int | None, model_ref: str | None, dtype: str, device: str, context: int | None = None) -> bool:
     """On ranks > 0 of a tensor-parallel run (torchrun, or started by `--tp`): load this rank's shard and
     follow rank 0 until it stops; -> True when this process was such a rank (the command ends there,
     without reading input or printing)."""
-    if int(os.environ.get("WORLD_SIZE") or 1) <= 1:
-        return False  # not a launched process (core.placement.distributed.launched_rank's test, without importing torch)
+    if not _launched():
+        return False
     from llm_torch.core.placement.distributed import launched_rank
 
     if not launched_rank():
@@ -79,6 +70,11 @@ def tp_worker(tp: int | None, model_ref: str | None, dtype: str, device: str, co
     return True
 
 
+def _launched() -> bool:
+    """Started by torchrun or by `--tp` (core.placement.distributed.launched_rank's test, without importing torch)."""
+    return int(os.environ.get("WORLD_SIZE") or 1) > 1
+
+
 def handled_before_input(tp: int | None, model_ref: str | None, dtype: str, device: str, device_map: str | None,
                          dry_run: bool, *, context: int | None = None) -> bool:
     """True when this process's part of the command is done before any input is read: a tensor-parallel
@@ -92,16 +88,13 @@ def handled_before_input(tp: int | None, model_ref: str | None, dtype: str, devi
 
 
 def _tensor_parallel(tp: int | None, device: str, model_ref: str | None):
-    """Rank 0's process group (starting ranks 1..tp-1 itself without a launcher), or None alone."""
-    from llm_torch.core.placement.distributed import init, launched_rank
-    from llm_torch.core.checkpoint import open_checkpoint
-    from llm_torch.core.placement.loading import resolve_device, resolve_model
+    """Rank 0's process group (starting ranks 1..tp-1 itself without a launcher)."""
+    from llm_torch.core.checkpoint import open_checkpoint, resolve_model
+    from llm_torch.core.placement.distributed import init
+    from llm_torch.core.placement.loading import resolve_device
     from llm_torch.core.placement.tensor_parallel import check_splits
 
-    launched = launched_rank() is not None
-    if (not tp or tp <= 1) and not launched:
-        return None
-    if not launched:  # before starting any process: a split that cannot work fails here, alone
+    if not _launched():  # before starting any process: a split that cannot work fails here, alone
         check_splits(open_checkpoint(resolve_model(model_ref, weights=False)).config, tp)
     return init(tp, resolve_device(device))
 
@@ -109,10 +102,11 @@ def _tensor_parallel(tp: int | None, device: str, model_ref: str | None):
 def print_plan(model_ref: str | None, dtype: str, device: str, device_map: str | None, context: int | None = None) -> None:
     """--dry-run: where the weights and one context (--context, else the model's) of KV cache would go, from the
     config alone (stdout): the plan loading would follow (core.placement.loading.plan_load)."""
-    from llm_torch.core.checkpoint import open_checkpoint
-    from llm_torch.core.placement.loading import plan_load, resolve_model
+    from llm_torch.core.checkpoint import open_checkpoint, resolve_model
 
-    resolved = resolve_model(model_ref, weights=False)
+    resolved = resolve_model(model_ref, weights=False)  # before torch is imported: an unknown model fails at once
+    from llm_torch.core.placement.loading import plan_load
+
     plan = plan_load(open_checkpoint(resolved), dtype=dtype, device=device, device_map=device_map, context=context,
                      check=False)
     render.write(f"{resolved.name} ({str(plan.dtype).removeprefix('torch.')} weights):\n" + "\n".join(plan.lines()) + "\n")
@@ -130,8 +124,20 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
     context: KV positions per sequence the memory checks count (--context; None: the model's).
     """
     from llm_torch.core.errors import InputError
-    from llm_torch.core.placement.loading import load_model
 
+    if tp and tp > 1 and (quantize or compile or device_map):
+        other = "--quantize" if quantize else "--compile" if compile else "--device-map"
+        raise InputError(f"--tp cannot be combined with {other}")
+    if device_map and (quantize or compile):
+        raise InputError(f"--device-map cannot be combined with {'--quantize' if quantize else '--compile'}")
+    parallel = bool(tp and tp > 1) or _launched()
+    t0 = time.perf_counter()
+    resolved = None
+    if not parallel:  # resolved before torch is imported: an unknown model, alias or path fails at once
+        from llm_torch.core.checkpoint import resolve_model
+
+        resolved = resolve_model(model_ref, progress=not quiet and sys.stderr.isatty())
+    resolving = time.perf_counter() - t0
     spec = None
     if quantize:
         from llm_torch.core.errors import UnsupportedError
@@ -143,22 +149,15 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
         if where.type not in ("cpu", "cuda"):
             raise UnsupportedError(f"--quantize runs on the CPU and on CUDA GPUs, not on {where}",
                                    hint="add --device cpu")
-    t0 = time.perf_counter()
-    if tp and tp > 1 and (quantize or compile or device_map):
-        other = "--quantize" if quantize else "--compile" if compile else "--device-map"
-        raise InputError(f"--tp cannot be combined with {other}")
-    if device_map and (quantize or compile):
-        raise InputError(f"--device-map cannot be combined with {'--quantize' if quantize else '--compile'}")
-    ctx = _tensor_parallel(tp, device, model_ref)
-    if ctx is not None:
+    t0 = time.perf_counter() - resolving  # the time shown counts resolving and reading, not torch's import
+    ctx = None
+    if parallel:
+        ctx = _tensor_parallel(tp, device, model_ref)
         loaded = _load_rank0(ctx, model_ref, dtype, context)
-    elif device_map is not None:
-        from llm_torch.core.placement.loading import load_resolved, resolve_model
-
-        loaded = load_resolved(resolve_model(model_ref), dtype=dtype, device_map=device_map, context=context)
     else:
-        loaded = load_model(model_ref, dtype=dtype, device=device, progress=not quiet and sys.stderr.isatty(), head=head,
-                            context=context)
+        from llm_torch.core.placement.loading import load_resolved
+
+        loaded = load_resolved(resolved, dtype=dtype, device=device, head=head, device_map=device_map, context=context)
     if spec is not None:
         from llm_torch.quant.api import quantize_loaded
 

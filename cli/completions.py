@@ -22,6 +22,14 @@ class Shell(str, Enum):
     fish = "fish"
 
 
+def register_shells() -> None:
+    """Typer's bash / zsh / fish completers, which answer the scripts' calls (Typer registers them only along
+    with its --install-completion option, which llm leaves out)."""
+    from typer._completion_classes import completion_init
+
+    completion_init()
+
+
 def completion_script(shell: str) -> str:
     from typer._completion_shared import get_completion_script
 

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from . import options as o
 from . import render
 from .completions import complete_model
 
@@ -47,9 +48,10 @@ def parse_size(text: str) -> int:
 
 
 def convert(
-    source: Annotated[str, typer.Argument(metavar="SRC", help="HF folder, Hub id, .gguf file, alias, or Meta-layout folder.",
-                                          autocompletion=complete_model)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder (--to hf) or file (--to gguf) to create.")],
+    source: Annotated[Optional[str], typer.Argument(metavar="SRC", help="HF folder, Hub id, .gguf file, alias, or "
+                                                    "Meta-layout folder; or -m.", autocompletion=complete_model)] = None,
+    model: o.NamedModelOpt = None,
     to: Annotated[Target, typer.Option("--to", help="Output format.")] = Target.hf,
     dtype: Annotated[Optional[ConvertDtype], typer.Option("--dtype", help="hf: weights dtype. Default: the source's "
                                                           "(a quantized GGUF: float16).")] = None,
@@ -65,6 +67,9 @@ def convert(
     from llm_torch.core.tools.convert import ConvertSpec
     from llm_torch.core.tools.convert import convert as run
 
+    from .model_args import one_model
+
+    source = one_model(model, source, required="convert")
     spec = ConvertSpec(source=source, output=output, to=to.value, dtype=dtype.value if dtype else None,
                        outtype=outtype.value, max_shard_size=parse_size(max_shard_size), force=force, verify=verify)
     show = not quiet and sys.stderr.isatty()

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from . import options as o
 from . import render
 from .completions import complete_model
 from .option_groups import ONE_PROCESS_MODEL, Model, group, with_groups
@@ -24,10 +25,10 @@ class EmbedFormat(str, Enum):
 
 @with_groups
 def embed(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="Local folder, .gguf file, Hub id or alias (smollm2).",
-                                         autocompletion=complete_model)],
+    model_arg: Annotated[Optional[str], typer.Argument(metavar="MODEL", help="Local folder, .gguf file, Hub id or "
+                                                       "alias (smollm2); or -m.", autocompletion=complete_model)] = None,
     texts: Annotated[Optional[list[str]], typer.Argument(
-        metavar="[TEXT|-]...", help="Texts to embed, one input each; '-' (or none, when piped): each stdin line.")] = None,
+        metavar="TEXT|-", help="Texts to embed, one input each; '-' (or none, when piped): each stdin line.")] = None,
     input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Read inputs from a .txt, .jsonl or .csv file.")] = None,
     column: Annotated[Optional[str], typer.Option("--column", help="Field of .jsonl/.csv rows holding the text (default: text).")] = None,
     pooling: Annotated[str, typer.Option("--pooling", help="mean (over the input's tokens) | last (last token) | none (every token).")] = "mean",
@@ -35,24 +36,28 @@ def embed(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Inputs per forward pass.")] = 1,
     truncate: Annotated[Truncation, typer.Option("--truncate", help="Input longer than the context: warn (cut it) or error.")] = Truncation.warn,
     format: Annotated[EmbedFormat, typer.Option("--format", "-f", help="jsonl (one object per input, streamed) | json (one array).")] = EmbedFormat.jsonl,
-    model_options: Model = group(Model, exclude=ONE_PROCESS_MODEL),
+    model_options: Model = group(Model, exclude=ONE_PROCESS_MODEL, help={"model": o.MODEL_OR_ARGUMENT_HELP}),
 ) -> None:
     """Embed texts: the model's last hidden state, pooled per input (transformers' feature-extraction pipeline)."""
     import json
 
-    from llm_torch.core.tasks.base import PipelineOptions
-    from llm_torch.core.tasks.embed import check_pooling
-    from llm_torch.core.tasks.pipelines import Pipeline
     from llm_torch.core.errors import InputError
+    from llm_torch.core.tasks.embed import check_pooling
 
+    from .model_args import model_and_inputs
+
+    model, texts = model_and_inputs(model_options.model, [model_arg, *(texts or [])], command="embed")
     check_pooling(pooling)  # before anything is read or loaded
     if input is not None and not input.is_file():
         raise InputError(f"no input file at {input}")
-    items = iter(_items(texts or [], input, column))
+    items = iter(_items(texts, input, column))
     first = next(items, None)  # an empty input fails before the model loads
     if first is None:
         raise InputError("no input given", hint="pass texts as arguments, pipe lines in, or use --input FILE")
     loaded = replace(model_options, model=model).load(quiet=True, head="feature_extraction")
+    from llm_torch.core.tasks.base import PipelineOptions
+    from llm_torch.core.tasks.pipelines import Pipeline
+
     opts = PipelineOptions(batch_size=batch_size, truncate=truncate.value, pooling=pooling, normalize=normalize,
                            context=model_options.context)
     results = Pipeline(loaded.model, loaded.tokenizer, "feature-extraction", opts, warn=render.warn).run(itertools.chain([first], items))

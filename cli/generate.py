@@ -11,8 +11,13 @@ from . import render
 from .option_groups import Model, Output, Sampling, with_groups
 
 
+# Arguments after the prompt reach the body (ctx.args), which says what to type instead (cli/model_args.py).
+CONTEXT_SETTINGS = {"allow_extra_args": True}
+
+
 @with_groups
 def generate(
+    ctx: typer.Context,
     prompt: Annotated[Optional[str], typer.Argument(help="Prompt text; piped stdin is appended after it.")] = None,
     max_new_tokens: o.MaxNewTokensOpt = 256,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
@@ -23,6 +28,9 @@ def generate(
     output: Output = None,
 ) -> None:
     """Generate text from a prompt (argument and/or stdin); streams to stdout."""
+    from .model_args import prompt_argument
+
+    prompt = prompt_argument(model.model, prompt, ctx.args, command="generate")
     if model.handled_before_input():
         return
     from llm_torch.core.errors import InputError

@@ -89,9 +89,9 @@ def with_groups(func):
 
 # ------------------------------------------------------------------------------------------------ groups
 
-# The Model options of commands that load one float model in one process and take it as an argument
-# (perplexity, embed): no -m, split, compile, dry-run, chat template or quantization.
-ONE_PROCESS_MODEL = ("model", "device_map", "tp", "compile", "dry_run", "chat_template", "quantize")
+# The Model options of commands that load one float model in one process (perplexity, embed): no split,
+# compile, dry-run, chat template or quantization.
+ONE_PROCESS_MODEL = ("device_map", "tp", "compile", "dry_run", "chat_template", "quantize")
 
 
 @dataclass
@@ -109,7 +109,7 @@ class Sampling(OptionGroup):
 
     def spec(self, generation_config: dict | None):
         """The SamplingSpec: these flags over the model's generation_config (None: llm's defaults only)."""
-        from llm_torch.core.engine.sampling import sampling_spec
+        from llm_torch.core.engine.sampling_spec import sampling_spec
 
         return sampling_spec(generation_config, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                              min_p=self.min_p, repetition_penalty=self.repetition_penalty, seed=self.seed)
@@ -151,11 +151,9 @@ class Model(OptionGroup):
 
     def with_argument(self, model_arg: str | None) -> Model:
         """The MODEL argument (chat, serve) and -m name one model; both given must agree."""
-        if model_arg and self.model and model_arg != self.model:
-            from llm_torch.core.errors import InputError
+        from .model_args import one_model
 
-            raise InputError(f"two models given: '{model_arg}' and -m '{self.model}'", hint="give the model once")
-        return dataclasses.replace(self, model=model_arg or self.model)
+        return dataclasses.replace(self, model=one_model(self.model, model_arg))
 
     def handled_before_input(self) -> bool:
         """True when this process's part is done before any input is read: a tensor-parallel rank > 0, or
@@ -175,9 +173,8 @@ class Model(OptionGroup):
     def load(self, *, quiet: bool, tokenizer_needed: bool = False, head: str | None = None):
         """The loaded model (cli/common.py load), with --chat-template applied to its tokenizer; `head`: build
         that head instead of the checkpoint's (llm embed: "feature_extraction")."""
-        from .common import check_local_path, load, use_chat_template
+        from .common import load, use_chat_template
 
-        check_local_path(self.model)  # a missing path fails here, before core.placement.loading imports torch
         self.use_threads()
         loaded = load(self.model, self.dtype, self.device, compile=self.compile, quiet=quiet, quantize=self.quantize,
                       tp=self.tp, device_map=self.device_map, context=self.context, head=head)

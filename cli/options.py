@@ -24,10 +24,15 @@ ModelOpt = Annotated[
         autocompletion=complete_model,
     ),
 ]
+# -m of the commands that also take the model as their first argument and have no default model.
+MODEL_OR_ARGUMENT_HELP = "The model, instead of the MODEL argument: local folder, .gguf file, Hub id (org/name[@rev]) or alias."
+NamedModelOpt = Annotated[
+    Optional[str], typer.Option("--model", "-m", help=MODEL_OR_ARGUMENT_HELP, autocompletion=complete_model),
+]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | N | mps.")]
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", min=0, help="Most tokens to generate.")]
-# The defaults as core.engine.sampling (DEFAULT_SAMPLING) and core.checkpoint.resolve (EMBEDDED_MODELS) have
+# The defaults as core.engine.sampling_spec (DEFAULT_SAMPLING) and core.checkpoint.resolve (EMBEDDED_MODELS) have
 # them, written out: importing those would load torch for --help; tests/test_sampling.py keeps them equal.
 TemperatureOpt = Annotated[
     Optional[float],

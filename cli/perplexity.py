@@ -9,36 +9,36 @@ from typing import Annotated, Optional
 
 import typer
 
+from . import options as o
 from . import render
-from .option_groups import ONE_PROCESS_MODEL, Model, Output, group, with_groups
 from .completions import complete_model
+from .option_groups import ONE_PROCESS_MODEL, Model, Output, group, with_groups
 
 
 @with_groups
 def perplexity(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="Local folder, .gguf file, Hub id or alias (smollm2).",
-                                         autocompletion=complete_model)],
-    files: Annotated[Optional[list[str]], typer.Argument(metavar="[FILE|-]...", help="Texts to score, one document each ('-' or none: stdin).")] = None,
+    model_arg: Annotated[Optional[str], typer.Argument(metavar="MODEL", help="Local folder, .gguf file, Hub id or "
+                                                       "alias (smollm2); or -m.", autocompletion=complete_model)] = None,
+    files: Annotated[Optional[list[str]], typer.Argument(metavar="FILE|-", help="Texts to score, one document each ('-' or none: stdin).")] = None,
     lines: Annotated[bool, typer.Option("--lines", help="Each non-empty line is a document of its own.")] = False,
     stride: Annotated[Optional[int], typer.Option("--stride", min=1, help="Tokens the window advances by. Default: half the window.")] = None,
     no_bos: Annotated[bool, typer.Option("--no-bos", help="Do not start each document with BOS.")] = False,
-    model_options: Model = group(Model, exclude=ONE_PROCESS_MODEL),
+    model_options: Model = group(Model, exclude=ONE_PROCESS_MODEL, help={"model": o.MODEL_OR_ARGUMENT_HELP}),
     output: Output = group(Output, exclude=("stats",)),
 ) -> None:
     """Perplexity of texts: per document and in total (sliding window with stride, as transformers' recipe)."""
     from llm_torch.core.errors import InputError
 
-    from .common import check_local_path
+    from .model_args import model_and_inputs
 
-    check_local_path(model)  # before torch is imported
-    from llm_torch.core.tasks.perplexity import Document, score, total
-
+    model, files = model_and_inputs(model_options.model, [model_arg, *(files or [])], command="perplexity")
     documents = _documents(files or ["-"], lines)
     if not documents:
         raise InputError("no text to score", hint="give a FILE, or pipe text in: cat notes.txt | llm perplexity smollm2")
     # --context is the scoring window here, checked against the model by score() with its own wording
     loaded = replace(model_options, model=model, context=None).load(quiet=True, tokenizer_needed=True)
     from llm_torch.core.model.config import resolve_context
+    from llm_torch.core.tasks.perplexity import Document, score, total
 
     window = resolve_context(loaded.config, model_options.context, "the window")  # the one score() uses too
     scores = []

@@ -16,8 +16,9 @@ SCHEME_FLAGS = ("int4", "int8", "int8_dynamic", "nf4", "fp4", "llm_int8")
 
 def quantize(
     model_arg: Annotated[
-        Optional[str], typer.Argument(metavar="[MODEL]", help="The float model (same forms as -m); default: smollm2.", autocompletion=o.complete_model)
+        Optional[str], typer.Argument(metavar="MODEL", help="The float model (same forms as -m); default: smollm2.", autocompletion=o.complete_model)
     ] = None,
+    model: o.ModelOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder. Default: ./<model>-<scheme>.", file_okay=False)] = None,
     int4: Annotated[bool, typer.Option("--int4", help="int4 weight-only (torchao scheme), scales per --group-size inputs.")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="int8 weight-only (torchao scheme): the fastest on CPU.")] = False,
@@ -41,11 +42,14 @@ def quantize(
     """Quantize a model and save it as a folder that `llm generate -m`, `llm chat` and `llm bench` open."""
     from llm_torch.core.errors import InputError
 
+    from .model_args import one_model
+
+    model_ref = one_model(model, model_arg)
     chosen = [name for name, on in zip(SCHEME_FLAGS, (int4, int8, int8_dynamic, nf4, fp4, llm_int8)) if on]
     if report is not None:
         if chosen or dry_run or eval:
             raise InputError("--report reads an existing folder", hint="drop the scheme flags, --dry-run and --eval")
-        _print_report(model_arg, report)
+        _print_report(model_ref, report)
         return
     if len(chosen) != 1:
         raise InputError(
@@ -57,12 +61,12 @@ def quantize(
     spec = make_spec(chosen[0].replace("_", "-"), backend=backend, group_size=group_size, double_quant=double_quant,
                      skip=tuple(skip or ()), quantize_embeddings=quantize_embeddings)
     if dry_run:
-        _print_estimate(model_arg, spec, dtype)
+        _print_estimate(model_ref, spec, dtype)
         return
     from llm_torch.quant.api import quantize_to_folder
 
     with render.status(f"quantizing ({spec.scheme})"):
-        outcome = quantize_to_folder(model_arg, spec, output, dtype=dtype, force=force)
+        outcome = quantize_to_folder(model_ref, spec, output, dtype=dtype, force=force)
     for note in outcome.result.notes:
         render.warn(note)
     kept = outcome.result.kept
@@ -73,7 +77,7 @@ def quantize(
     )
     render.write(f"{render.absolute(outcome.out)}\n")  # the folder to pass to -m: the one result on stdout
     if eval:
-        _print_report(model_arg, outcome.out)
+        _print_report(model_ref, outcome.out)
 
 
 def _print_estimate(model_ref, spec, dtype) -> None:

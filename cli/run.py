@@ -26,8 +26,13 @@ class Truncation(str, Enum):
     error = "error"
 
 
+# Arguments after the input text reach the body (ctx.args), which says what to type instead (cli/model_args.py).
+CONTEXT_SETTINGS = {"allow_extra_args": True}
+
+
 @with_groups
 def run(
+    ctx: typer.Context,
     prompt: Annotated[Optional[str], typer.Argument(help="Input text; piped stdin is combined with it (argument first).")] = None,
     task: Annotated[
         str, typer.Option("--task", help="text-generation | text-classification | token-classification | question-answering.")
@@ -58,17 +63,18 @@ def run(
     model: Model = group(Model, exclude=("compile",)),
 ) -> None:
     """Run a task pipeline over inputs from the argument, stdin (--lines: one per line) or --input FILE."""
+    from .model_args import prompt_argument
+
+    prompt = prompt_argument(model.model, prompt, ctx.args, command="run")
     if model.handled_before_input():
         return
-    from llm_torch.core.tasks import pipelines as p
-    from llm_torch.core.tasks.base import PipelineOptions
     from llm_torch.core.errors import InputError
-    from llm_torch.core.engine.spec import GenerationSpec
+    from llm_torch.core.tasks.inputs import TASKS
 
     from .common import encode_prompt
 
-    if task not in p.TASKS:
-        raise InputError(f"unknown task '{task}'", hint=f"tasks: {', '.join(p.TASKS)}")
+    if task not in TASKS:
+        raise InputError(f"unknown task '{task}'", hint=f"tasks: {', '.join(TASKS)}")
     if system and not chat:
         raise InputError("--system needs --chat", hint="add --chat to use the model's chat template")
     if input is not None and lines:
@@ -85,6 +91,10 @@ def run(
     items = _items(prompt, lines, input, column, question)
 
     loaded = model.load(quiet=True)
+    from llm_torch.core.engine.spec import GenerationSpec
+    from llm_torch.core.tasks import pipelines as p
+    from llm_torch.core.tasks.base import PipelineOptions
+
     p.check_task(task, loaded.model, loaded.name)
     spec = GenerationSpec()
     if task == "text-generation":

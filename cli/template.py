@@ -14,9 +14,11 @@ from .completions import complete_model
 
 
 def template(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="Local folder, .gguf file, Hub id or alias (config and tokenizer files only).",
-                                         autocompletion=complete_model)],
-    text: Annotated[Optional[str], typer.Argument(metavar="[TEXT]", help="A user message (default: 'Hello!').")] = None,
+    model_arg: Annotated[Optional[str], typer.Argument(metavar="MODEL", help="Local folder, .gguf file, Hub id or alias "
+                                                       "(config and tokenizer files only); or -m.",
+                                                       autocompletion=complete_model)] = None,
+    text: Annotated[Optional[str], typer.Argument(metavar="TEXT", help="A user message (default: 'Hello!').")] = None,
+    model: o.NamedModelOpt = None,
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="System message.")] = None,
     messages: Annotated[
         Optional[Path], typer.Option("--messages", help="A JSON file of messages ([{role, content}, ...] or {\"messages\": [...]}).", dir_okay=False)
@@ -32,17 +34,17 @@ def template(
 
     from llm_torch.core.errors import InputError
 
-    from .common import chat_messages, check_local_path, use_chat_template
+    from llm_torch.core.checkpoint import open_checkpoint, resolve_model
 
-    check_local_path(model)  # before core.placement.loading imports torch
-    from llm_torch.core.checkpoint import open_checkpoint
-    from llm_torch.core.placement.loading import load_tokenizer, resolve_model
+    from .common import chat_messages, use_chat_template
+    from .model_args import at_most_one, model_and_inputs
 
+    model, inputs = model_and_inputs(model, [model_arg, text], command="template")
+    text = at_most_one(inputs, command="template", what="TEXT")
     if messages is not None and (text or system):
         raise InputError("--messages holds the whole conversation", hint="drop TEXT and --system")
-    resolved = resolve_model(model, progress=sys.stderr.isatty(), weights=False)
-    source = open_checkpoint(resolved)
-    tokenizer = load_tokenizer(resolved, source)
+    source = open_checkpoint(resolve_model(model, progress=sys.stderr.isatty(), weights=False))
+    tokenizer = source.tokenizer()
     use_chat_template(tokenizer, chat_template)
     conversation = _read_messages(messages) if messages is not None else chat_messages(tokenizer, text or "Hello!", system)
     prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=generation_prompt)

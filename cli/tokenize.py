@@ -12,10 +12,12 @@ from .completions import complete_model
 
 
 def tokenize(
-    model: Annotated[
-        str, typer.Argument(metavar="MODEL", help="Local folder, .gguf file, Hub id or alias (only tokenizer files are read).", autocompletion=complete_model)
-    ],
+    model_arg: Annotated[
+        Optional[str], typer.Argument(metavar="MODEL", help="Local folder, .gguf file, Hub id or alias (only tokenizer "
+                                      "files are read); or -m.", autocompletion=complete_model)
+    ] = None,
     text: Annotated[Optional[str], typer.Argument(metavar="TEXT", help="Text to tokenize; piped stdin is appended after it.")] = None,
+    model: o.NamedModelOpt = None,
     no_special: Annotated[
         bool, typer.Option("--no-special", help="Leave out BOS and other special tokens (with --decode: from the decoded text).")
     ] = False,
@@ -36,22 +38,25 @@ def tokenize(
     ] = None,
 ) -> None:
     """Show the tokens and ids of a text (a table on a terminal, tab-separated when piped), or decode ids."""
+    import shlex
     import sys
 
     from llm_torch.core.errors import InputError
 
-    from .common import check_local_path, encode_prompt, read_prompt, use_chat_template
+    from llm_torch.core.checkpoint import open_checkpoint, resolve_model
 
-    check_local_path(model)  # before core.placement.loading imports torch
-    from llm_torch.core.placement.loading import load_tokenizer, resolve_model
+    from .common import encode_prompt, read_prompt, use_chat_template
+    from .model_args import at_most_one, model_and_inputs
 
+    model, inputs = model_and_inputs(model, [model_arg, text], command="tokenize")
+    text = at_most_one(inputs, command="tokenize", what="TEXT")
     if system and not chat:
         raise InputError("--system needs --chat")
     if decode is not None and (text or chat):
         raise InputError("--decode takes no text and no --chat", hint="give either the text or --decode IDS")
     ids = _parse_ids(decode) if decode is not None else None
-    text = None if ids is not None else read_prompt(text)
-    tokenizer = load_tokenizer(resolve_model(model, progress=sys.stderr.isatty(), weights=False))
+    text = None if ids is not None else read_prompt(text, command=f"tokenize -m {shlex.quote(model)}")
+    tokenizer = open_checkpoint(resolve_model(model, progress=sys.stderr.isatty(), weights=False)).tokenizer()
     tokenizer.override_spaces(legacy=legacy, add_prefix_space=add_prefix_space)
     use_chat_template(tokenizer, chat_template)
     if ids is None:

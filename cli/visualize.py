@@ -12,12 +12,14 @@ from .completions import complete_model
 
 
 def visualize_mask(
-    model: Annotated[
-        str, typer.Argument(metavar="MODEL", help="Local folder, .gguf file, Hub id or alias (only config + tokenizer are read).", autocompletion=complete_model)
-    ],
+    model_arg: Annotated[
+        Optional[str], typer.Argument(metavar="MODEL", help="Local folder, .gguf file, Hub id or alias (only config + "
+                                      "tokenizer are read); or -m.", autocompletion=complete_model)
+    ] = None,
     texts: Annotated[
         Optional[list[str]], typer.Argument(metavar="TEXT", help="Text(s) to tokenize; several texts make a left-padded batch. Default: stdin.")
     ] = None,
+    model: o.NamedModelOpt = None,
     sliding_window: Annotated[
         Optional[int], typer.Option("--sliding-window", "-w", min=1, help="Override the model's sliding window (Gemma 2).")
     ] = None,
@@ -32,21 +34,21 @@ def visualize_mask(
 ) -> None:
     """Draw the attention mask the model uses for a text: one panel per layer kind (no weights are loaded)."""
     import shutil
+    import shlex
     import sys
 
-    from .common import check_local_path, read_prompt
-
-    check_local_path(model)  # before core.placement.loading imports torch
-    from llm_torch.core.checkpoint import open_checkpoint
-    from llm_torch.core.placement.loading import load_tokenizer, resolve_model
+    from llm_torch.core.checkpoint import open_checkpoint, resolve_model
     from llm_torch.core.tools.mask_view import build_mask_view
 
+    from .common import read_prompt
     from .mask_diagram import fit_layout, line_width, render_lines, show
+    from .model_args import model_and_inputs
 
-    inputs = list(texts or []) or [read_prompt(None)]
+    model, inputs = model_and_inputs(model, [model_arg, *(texts or [])], command="visualize-mask")
+    inputs = inputs or [read_prompt(None, command=f"visualize-mask -m {shlex.quote(model)}")]
     resolved = resolve_model(model, progress=sys.stderr.isatty(), weights=False)
     source = open_checkpoint(resolved)
-    tokenizer = load_tokenizer(resolved, source)
+    tokenizer = source.tokenizer()
     sequences = []
     for text in inputs:
         ids = tokenizer.encode(text, add_special_tokens=not no_special)

@@ -3,9 +3,13 @@ commands that must answer without importing torch."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
+import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -50,6 +54,69 @@ def test_a_missing_model_path_fails_without_importing_torch(args):
     r = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
     assert r.returncode == 1, r.stderr.decode()
     assert b"error: no model at" in r.stderr and b"torch was imported" not in r.stderr
+
+
+def no_torch(*args: str, input: bytes = b"") -> subprocess.CompletedProcess:
+    """`llm ARGS` in a subprocess that fails ("torch was imported") when the command imported torch."""
+    return subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, timeout=120, input=input,
+                          env={**os.environ, "NO_COLOR": "1"})
+
+
+@needs_model
+@pytest.mark.parametrize("args", [["tokenize", "smollm2", "Hello"], ["tokenize", "-m", "smollm2", "--decode", "1,2"],
+                                  ["template", "smollm2", "Hi"], ["visualize-mask", "smollm2", "Hi", "--format", "json"],
+                                  ["models"], ["aliases", "list"], ["models", "--show", "smollm2"]])
+def test_commands_that_need_no_tensors_import_no_torch(args):
+    r = no_torch(*args)
+    assert r.returncode == 0, r.stderr.decode()
+    assert b"torch was imported" not in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--task", "no-such-task", "Hi"], "unknown task"),
+    (["run", "--lines", "--input", "x.txt"], "--lines reads stdin"),
+    (["perplexity", "smollm2"], "no text to score"),
+    (["embed", "smollm2", "--pooling", "max", "Hi"], "unknown pooling"),
+    (["embed", "smollm2"], "no input given"),
+    (["generate", "-m", "no-such-alias", "Hi"], "no model at no-such-alias"),
+    (["chat", "-m", "no-such-alias"], "no model at no-such-alias"),
+    (["generate", "--dry-run", "-m", "no-such-alias"], "no model at no-such-alias"),
+    (["tokenize", "Hello"], "no model given"),
+])
+def test_errors_found_before_a_model_loads_import_no_torch(args, message):
+    r = no_torch(*args)
+    assert r.returncode == 1, r.stderr.decode()
+    assert message in r.stderr.decode() and b"torch was imported" not in r.stderr
+
+
+@contextlib.contextmanager
+def openai_stub():
+    """An OpenAI-compatible server that answers GET /v1/models: all llm chat --base-url asks before a message."""
+    class Models(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = json.dumps({"object": "list", "data": [{"id": "stub", "object": "model"}]}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+
+
+def test_chat_with_a_server_imports_no_torch():
+    with openai_stub() as url:
+        r = no_torch("chat", "--base-url", url)  # stdin at its end: the chat connects, then ends
+    assert r.returncode == 0, r.stderr.decode()
+    assert b"torch was imported" not in r.stderr
 
 
 def test_help_lists_the_groups_and_completions():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,33 @@ def test_completions_command_prints_the_script():
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode() == completion_script("zsh")
     assert "completions" in run_llm("--help").stdout.decode()  # listed (issue #18)
+
+
+def test_one_completion_mechanism():
+    """`llm completions SHELL` only: Typer's --install-completion / --show-completion are not offered."""
+    out = run_llm("--help", env={"COLUMNS": "200"}).stdout.decode()
+    assert "completions" in out
+    assert "--install-completion" not in out and "--show-completion" not in out
+    r = run_llm("--show-completion", "bash")
+    assert r.returncode == 2 and b"No such option" in r.stderr
+
+
+def test_readme_install_lines_work_in_a_fresh_home(tmp_path):
+    """The README's bash / zsh / fish lines, run as written with an empty $HOME."""
+    readme = (COMPLETIONS.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Shell completions", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [line for line in section.splitlines() if line.strip() and not line.startswith("#")]
+    assert len(lines) == 3, lines
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home)}
+    for line in lines[1:]:  # zsh, fish (the bash line sources the script into a shell)
+        r = subprocess.run(["bash", "-c", line], cwd=COMPLETIONS.parent, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, (line, r.stderr)
+    assert (home / ".zfunc" / "_llm").is_file() and (home / ".config" / "fish" / "completions" / "llm.fish").is_file()
+    r = subprocess.run(["bash", "-c", lines[0].replace("/path/to/llm-torch", str(COMPLETIONS.parent))],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 def fake_hf_cache(root: Path, repo_id: str) -> Path:

@@ -240,7 +240,7 @@ def test_gguf_to_gguf_keeps_the_vocabulary(llama, tmp_path):
 
 
 def test_hf_output_samples_as_the_source_does(llama, tmp_path):
-    from llm_torch.core.engine.sampling import DEFAULT_SAMPLING, sampling_spec
+    from llm_torch.core.engine.sampling_spec import DEFAULT_SAMPLING, sampling_spec
 
     folder, _ = llama
     source_gc = (folder / "generation_config.json").read_bytes()

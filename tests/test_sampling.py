@@ -148,7 +148,7 @@ def test_temperature_help_says_what_happens_when_it_is_not_given():
     import re
 
     from llm_torch.core.checkpoint import EMBEDDED_MODELS
-    from llm_torch.core.engine.sampling import DEFAULT_SAMPLING
+    from llm_torch.core.engine.sampling_spec import DEFAULT_SAMPLING
     from tests.cli_util import run_llm
 
     out = run_llm("generate", "--help", env={"COLUMNS": "200"}).stdout.decode()

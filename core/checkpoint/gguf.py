@@ -16,19 +16,20 @@ import re
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from gguf import MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES, GGUFReader, TensorNameMap
 
 from llm_torch.core.model.bounds import bounded_int
 from llm_torch.core.model.config import ModelConfig
 from llm_torch.core.errors import CheckpointError, ConfigError, UnsupportedError
 from llm_torch.core.model.families import Family, gguf_families
-from llm_torch.core.model.model import CausalLM
 from .base import Checkpoint, TensorInfo, generation_config_for, interleaved_to_halves, selected, write_json
 from .gguf_reader import dequantize, gguf_metadata, open_gguf, release_fields, release_pages
 from .gguf_rope import f32_decimal, rope_scaling_from_gguf
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: config and tokenizer stay torch-free
+    import torch
 
 _LAYER_RE = re.compile(r"blk\.(\d+)\.")
 # llama.cpp writes this for Llama 3.x rope scaling; it is config, not a parameter (see gguf_rope_freqs).
@@ -186,6 +187,10 @@ def gguf_tensor_names(config: ModelConfig) -> dict[str, str]:
     gguf-py's TensorNameMap (the table convert_hf_to_gguf.py renames with) knows many spellings of each
     tensor; applied to our own parameter names (the model built on the meta device) it is one-to-one.
     """
+    import torch
+
+    from llm_torch.core.model.model import CausalLM
+
     family = gguf_family(config.model_type)
     with torch.device("meta"):
         params = [name for name, _ in CausalLM(config).named_parameters(remove_duplicate=False)]
@@ -224,6 +229,8 @@ def iter_gguf_tensors(
     `config` is gguf_config_dict's result; `names` its hf_tensor_names if already known. Tensors the model
     has no parameter for (rope_freqs) are skipped; a tensor name this loader does not know raises CheckpointError.
     """
+    import torch
+
     cfg = ModelConfig.from_dict(dict(config))
     names = hf_tensor_names(cfg) if names is None else names
     for t in reader.tensors:
@@ -294,6 +301,8 @@ class GGUFCheckpoint(Checkpoint):
 
     @cached_property
     def tensors(self) -> list[TensorInfo]:
+        import torch
+
         out = []
         for t in self._reader.tensors:
             hf_name = hf_tensor_name(self._hf_names, t.name, self.config)
@@ -305,6 +314,7 @@ class GGUFCheckpoint(Checkpoint):
     def default_dtype(self) -> torch.dtype:
         """Unquantized files keep their dtype; dequantized ones become float16, which holds Q8/Q4 block
         values (fp16 scale x small int) more exactly than bfloat16 (the loader's --dtype auto on CPU)."""
+        import torch
         from gguf import GGMLQuantizationType as Q
 
         own = {Q.F32: torch.float32, Q.BF16: torch.bfloat16}

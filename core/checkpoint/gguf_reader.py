@@ -1,19 +1,24 @@
 """llama.cpp GGUF files at the byte level: open (memory-mapped, fast metadata parsing), metadata as
-plain values, tensors dequantized to torch one at a time. core/checkpoint/gguf.py maps them to HF terms."""
+plain values, tensors dequantized to torch one at a time. core/checkpoint/gguf.py maps them to HF terms.
+
+torch is imported by the functions that make tensors: opening a file and reading its metadata (the config and
+tokenizer of llm tokenize, template, visualize-mask) stays torch-free."""
 
 from __future__ import annotations
 
 import mmap
 import os
 import struct
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize as _gguf_dequantize
 
 from llm_torch.core.errors import CheckpointError, UnsupportedError
+
+if TYPE_CHECKING:
+    import torch
 
 _U64 = struct.Struct("=Q")  # GGUF string lengths, in the file's (here: host) byte order
 # The fewest bytes one entry can take, so a count can be checked against the bytes left before any loop:
@@ -202,8 +207,12 @@ def release_pages(reader: GGUFReader, t: Any) -> None:
 _CHUNK_ELEMENTS = 1 << 17
 
 
-def dequantize(t: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """One GGUF tensor as a torch tensor of its logical shape in `dtype` (K-quants via gguf-py: float32)."""
+def dequantize(t: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One GGUF tensor as a torch tensor of its logical shape in `dtype` (default float32; K-quants via gguf-py:
+    float32)."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     # GGUF lists dims innermost first (ne0 = row length); torch wants them outermost first.
     shape = tuple(int(n) for n in reversed(t.shape.tolist()))
     qtype = t.tensor_type
@@ -227,6 +236,8 @@ def dequantize(t: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 def _rows(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
     """Some whole rows of a tensor's raw data, decoded (F16/BF16 kept as is, the rest float32)."""
+    import torch
+
     # np.array copies: the reader's arrays are read-only views of the mmap.
     if qtype == GGMLQuantizationType.F32:
         return torch.from_numpy(np.array(data, dtype=np.float32))
@@ -247,6 +258,8 @@ def _blocks(raw: torch.Tensor, block_bytes: int) -> torch.Tensor:
 
 
 def _dq_q8_0(raw: torch.Tensor) -> torch.Tensor:
+    import torch
+
     # block_q8_0: f16 d, int8 qs[32]; x = qs * d
     b = _blocks(raw, 34)
     d = b[:, :2].view(torch.float16).float()
@@ -256,6 +269,8 @@ def _dq_q8_0(raw: torch.Tensor) -> torch.Tensor:
 
 
 def _dq_q4_0(raw: torch.Tensor) -> torch.Tensor:
+    import torch
+
     # block_q4_0: f16 d, u8 qs[16]; element j is the low nibble of qs[j], element j+16 the high one; x = (q - 8) * d
     b = _blocks(raw, 18)
     d = b[:, :2].view(torch.float16).float()
@@ -267,6 +282,8 @@ def _dq_q4_0(raw: torch.Tensor) -> torch.Tensor:
 
 
 def _dq_q4_1(raw: torch.Tensor) -> torch.Tensor:
+    import torch
+
     # block_q4_1: f16 d, f16 m, u8 qs[16] (nibbles as Q4_0); x = q * d + m
     b = _blocks(raw, 20)
     d = b[:, :2].view(torch.float16).float()
@@ -279,6 +296,8 @@ def _dq_q4_1(raw: torch.Tensor) -> torch.Tensor:
 
 
 def _dq_q8_k(raw: torch.Tensor) -> torch.Tensor:
+    import torch
+
     # block_q8_K: f32 d, int8 qs[256], int16 bsums[16] (sums only speed up dot products); x = qs * d
     b = _blocks(raw, 292)
     d = b[:, :4].view(torch.float32)

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from llm_torch.core.errors import CheckpointError, UnsupportedError
 
@@ -52,6 +51,8 @@ def rope_scaling_from_gguf(
 
 def llama3_rope_factors(theta: float, head_dim: int, factor: float, low: float, high: float, orig: int) -> np.ndarray:
     """convert_hf_to_gguf.py's rope_freqs for HF "llama3" scaling (float32 base frequencies, as it has)."""
+    import torch  # its float32 arithmetic, so the factors are the converter's to the bit
+
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     wavelen = 2 * math.pi / freqs.double().numpy()
     smooth = (orig / wavelen - low) / (high - low)
@@ -65,6 +66,8 @@ def _llama3_from_rope_freqs(rope_freqs: Sequence[float], theta: float, head_dim:
     The divisors depend on (factor, orig / (high - low), low / (high - low)) only, so orig is fixed to
     the converter's default 8192 and low/high are solved for; the result is checked against the tensor.
     """
+    import torch
+
     r = np.asarray(rope_freqs, dtype=np.float64)
     if r.shape != (head_dim // 2,):
         raise CheckpointError(f"GGUF rope_freqs has {r.size} values, expected head_dim / 2 = {head_dim // 2}")

@@ -12,7 +12,6 @@ from typing import Any
 from llm_torch.core.model.config import ModelConfig, read_config_json
 from llm_torch.core.errors import ConfigError, ModelNotFoundError
 from .base import Checkpoint, TensorInfo, generation_config_for, spm_tokenizer, write_json
-from .safetensors import read_index, read_tensors, safetensors_files
 
 # Tokenizer / generation files copied as they are from an HF source folder.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -39,6 +38,9 @@ class HFCheckpoint(Checkpoint):
 
     @cached_property
     def _entries(self) -> list[tuple[Path, TensorInfo, int, int]]:
+        # The safetensors module (and torch with it) only when tensors are asked for: config and tokenizer need neither.
+        from .safetensors import read_index, safetensors_files
+
         return [(f, info, offset, n) for f in safetensors_files(self.path) for info, offset, n in read_index(f)]
 
     @cached_property
@@ -46,6 +48,8 @@ class HFCheckpoint(Checkpoint):
         return [info for _, info, _, _ in self._entries]
 
     def read(self, dtype, select=None):
+        from .safetensors import read_tensors
+
         # A generator: the headers are parsed when the first tensor is asked for, not at the call.
         yield from read_tensors(self._entries, dtype, select)
 

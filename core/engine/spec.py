@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from llm_torch.core.errors import InputError
-from .sampling import SamplingSpec
+from .sampling_spec import SamplingSpec
 
 
 @dataclass(frozen=True)

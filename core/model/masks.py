@@ -3,17 +3,24 @@
 Convention: a bool tensor where True means "query may attend to this key".
 Queries and keys are indexed by cache slot; with left padding, padded slots are masked out,
 and slot distance equals position distance between real tokens, so windows can use slots.
+
+mask_from_positions uses only indexing and operators, so it takes numpy arrays as well as tensors: `llm
+visualize-mask` applies the same rule without importing torch (core/tools/mask_view.py).
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def mask_from_positions(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
     """The rule every mask follows, by position: q_pos [B|1, T] of the queries, k_pos [B|1, S] of the keys
     (-1 where a key slot holds nothing) -> bool [B|1, 1, T, S]. A key is visible when it holds something,
-    is not in the query's future, and (sliding_window) 0 <= q - k < sliding_window (the reference's convention)."""
+    is not in the query's future, and (sliding_window) 0 <= q - k < sliding_window (the reference's convention).
+    Tensors in, a tensor out; numpy arrays in, an array out."""
     q = q_pos[:, None, :, None]
     k = k_pos[:, None, None, :]
     allowed = (k >= 0) & (k <= q)
@@ -37,6 +44,8 @@ def attention_mask(
     sliding_window: a key is visible when 0 <= q - k < sliding_window.
     padding_mask: [B, >= kv_len], True/1 for real tokens.
     """
+    import torch
+
     q = torch.arange(q_offset, q_offset + q_len, device=device)[None]
     k = torch.arange(kv_len, device=device)[None]
     if padding_mask is not None:

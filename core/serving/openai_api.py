@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llm_torch.core.errors import InputError
 from llm_torch.core.engine.events import Timings
 from llm_torch.core.engine.spec import GenerationSpec
-from llm_torch.core.engine.sampling import sampling_spec
+from llm_torch.core.engine.sampling_spec import sampling_spec
 
 # The engine's finish reasons as OpenAI names them (a stop string is a 'stop' there).
 FINISH = {"stop": "stop", "stop_string": "stop", "length": "length"}

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llm_torch.core.errors import InputError
-from llm_torch.core.engine.sampling import SamplingSpec
+from llm_torch.core.engine.sampling_spec import SamplingSpec
 
 SETTING_KEYS = ("temperature", "top_p", "top_k", "min_p", "max_new_tokens", "repetition_penalty", "seed")
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")

@@ -9,13 +9,15 @@ pool); --normalize scales each vector to unit L2 norm.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from llm_torch.core.errors import InputError
-from .base import PipelineBase
 from .inputs import Item
+
+if TYPE_CHECKING:  # torch where vectors are made: check_pooling runs before the model (and torch) loads
+    import torch
+
+    from .base import PipelineBase
 
 POOLINGS = ("mean", "last", "none")
 
@@ -27,6 +29,8 @@ def check_pooling(pooling: str) -> None:
 
 def pool(hidden: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
     """One input's hidden states [n, C] (real tokens only) -> [C] ("mean", "last") or [n, C] ("none")."""
+    import torch
+
     h = hidden.float()  # pool and normalize in fp32 whatever the activation dtype
     if pooling == "mean":
         h = h.mean(0)

@@ -1,7 +1,8 @@
 """Task inputs: one Item per input, read lazily from lines, .txt, .jsonl or .csv files, and cut into batches.
 
 UI-free: warnings go to a callback, errors are typed (errors.py). Reading is lazy so that a reader that
-stops early (`| head -1`) does not wait for the whole input.
+stops early (`| head -1`) does not wait for the whole input. Torch-free, so `llm run` and `llm embed` check
+their task and input before a model (and torch) is loaded.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from llm_torch.core.errors import InputError
+
+TASKS = ("text-generation", "text-classification", "token-classification", "question-answering")
 
 Warn = Callable[[str], None]
 

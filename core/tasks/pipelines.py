@@ -16,9 +16,7 @@ from llm_torch.core.engine.engine import Engine, EngineConfig
 from llm_torch.core.model.model import HEADS
 from . import classify, embed, qa
 from .base import PipelineBase, PipelineOptions
-from .inputs import Item, Warn, batched, no_warn
-
-TASKS = ("text-generation", "text-classification", "token-classification", "question-answering")
+from .inputs import TASKS, Item, Warn, batched, no_warn
 
 # head kind (loading.head_kind / model.HEADS) -> the task it serves
 TASK_OF_HEAD = {

@@ -30,7 +30,7 @@ from .machine import environment, measure_memory_bandwidth, peak_rss_bytes, proc
 from .model_size import model_info
 from llm_torch.core.openmp import set_threads
 from llm_torch.core.engine.runner import Runner, make_runner
-from llm_torch.core.engine.sampling import SamplingSpec
+from llm_torch.core.engine.sampling_spec import SamplingSpec
 
 DECODE_PROMPT_TOKENS = 1  # like llama-bench's tg test: decode from an (almost) empty context
 BATCH_PROMPT_TOKENS = 16  # each sequence of a batched decode test has its own prompt of this length

