@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -94,10 +95,12 @@ def _short(names: list[str]) -> str:
     return ", ".join(leaves)
 
 
-def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False) -> QuantResult:
+def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False,
+                   progress: Callable[[int, int, str], None] | None = None) -> QuantResult:
     """Replace the model's Linear layers in place (float weights are freed as each layer is swapped).
 
     collect: also return the checkpoint tensors of the quantized layers (for saving).
+    progress(done, total, name): called after each layer is swapped.
     """
     codec = codec_for(spec)
     todo, kept, notes = plan(model, spec)
@@ -110,7 +113,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False) 
                 todo = [t for t in todo if t.name != "lm_head"]
         elif tied_head:
             result.notes.append("bitsandbytes keeps embedding tables in full precision: the tied lm_head gets its own quantized copy")
-    for t in todo:
+    for done, t in enumerate(todo, 1):
         module = model.get_submodule(t.name)
         w = module.weight.detach().contiguous()  # fp32 CPU weights may be K-major (layers.k_major_weights)
         bias = None if module.bias is None else module.bias.detach()
@@ -126,6 +129,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False) 
             result.quantized.append(part_name)
         new = codec.build(parts, None if bias is None else bias.clone(), t.name)
         replace_module(model, t.name, new.to(w.device))
+        if progress is not None:
+            progress(done, len(todo), t.name)
     if "lm_head" in result.quantized and tied_head:
         _untie(model)
     return result

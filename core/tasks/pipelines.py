@@ -150,6 +150,19 @@ def file_items(path: Path, *, column: str | None, question: str | None, warn: Wa
             raise InputError(f"{path} is not valid UTF-8", hint="convert it to UTF-8, e.g. with iconv") from None
 
 
+def count_file_items(path: Path) -> int | None:
+    """How many inputs `--input FILE` holds, read quickly without the model (a progress total); None when
+    the file cannot be read (file_items reports why)."""
+    suffix = path.suffix.lower()
+    try:
+        with path.open(encoding="utf-8", newline="" if suffix == ".csv" else None) as f:
+            if suffix == ".csv":
+                return sum(1 for _ in csv.DictReader(f))
+            return sum(1 for line in f if line.strip())
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+
+
 def batched(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
     batch: list[Item] = []
     for item in items:
