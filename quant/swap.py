@@ -100,7 +100,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False,
     """Replace the model's Linear layers in place (float weights are freed as each layer is swapped).
 
     collect: also return the checkpoint tensors of the quantized layers (for saving).
-    progress(done, total, name): called after each layer is swapped.
+    progress(done, total, name): after each layer is swapped; counts are of checkpoint layers (a fused
+    layer's parts count one each, as in the result).
     """
     codec = codec_for(spec)
     todo, kept, notes = plan(model, spec)
@@ -113,7 +114,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False,
                 todo = [t for t in todo if t.name != "lm_head"]
         elif tied_head:
             result.notes.append("bitsandbytes keeps embedding tables in full precision: the tied lm_head gets its own quantized copy")
-    for done, t in enumerate(todo, 1):
+    done, total = 0, sum(len(t.parts) for t in todo)
+    for t in todo:
         module = model.get_submodule(t.name)
         w = module.weight.detach().contiguous()  # fp32 CPU weights may be K-major (layers.k_major_weights)
         bias = None if module.bias is None else module.bias.detach()
@@ -129,8 +131,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False,
             result.quantized.append(part_name)
         new = codec.build(parts, None if bias is None else bias.clone(), t.name)
         replace_module(model, t.name, new.to(w.device))
+        done += len(t.parts)
         if progress is not None:
-            progress(done, len(todo), t.name)
+            progress(done, total, t.name)
     if "lm_head" in result.quantized and tied_head:
         _untie(model)
     return result

@@ -94,7 +94,7 @@ def test_progress_on_a_terminal_only(tmp_path):
     args = ("perplexity", str(folder), str(doc), "--context", "32", "--stride", "8")
     code, shown, out = run_llm_on_terminal(*args)
     assert code == 0, shown
-    assert re.search(r"scoring .*\d+/\d+ tok .*tok/s .*eta", shown), shown
+    assert re.search(r"scoring .*[\d,]+/[\d,]+ tok .*tok/s .*eta", shown), shown
     assert out.decode().startswith(f"{doc}\t")  # the result still on stdout
     piped = run_llm(*args)
     assert piped.returncode == 0 and piped.stdout == out

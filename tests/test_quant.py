@@ -4,6 +4,7 @@ float model); bitsandbytes checkpoints written by transformers; errors; the CLI;
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -257,6 +258,20 @@ def test_cli_quantize_then_generate_chat_and_bench(tiny_with_tokenizer, tmp_path
     assert b.returncode == 0, b.stderr
     info = json.loads(b.stdout)["model"]
     assert info["weights_bytes"] < (tiny_with_tokenizer / "model.safetensors").stat().st_size  # the 49152-row tables stay fp32
+
+
+def test_cli_progress_on_a_terminal_only(tiny_with_tokenizer, tmp_path):
+    """On a terminal stderr counts the layers quantized, with rate and ETA; piped, it holds the summary line only."""
+    from tests.cli_util import run_llm_on_terminal
+
+    code, shown, out = run_llm_on_terminal("quantize", str(tiny_with_tokenizer), "--int8", "-o", str(tmp_path / "a"))
+    assert code == 0, shown
+    assert re.search(r"quantizing \(int8\) .*[\d,]+/14 layers .*layers/s .*eta", shown), shown
+    assert out.decode() == f"{tmp_path / 'a'}\n"
+    piped = run_llm("quantize", str(tiny_with_tokenizer), "--int8", "-o", str(tmp_path / "b"))
+    assert piped.returncode == 0, piped.stderr
+    assert re.fullmatch(rb"int8: 14 layers quantized, 1 kept in full precision \(lm_head\); [\d.]+ MiB in [\d.]+ s\n",
+                        piped.stderr), piped.stderr
 
 
 def test_cli_quantize_on_load_and_errors(tiny_with_tokenizer):
