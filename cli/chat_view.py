@@ -97,7 +97,8 @@ class MarkdownView:
         if not source.strip():
             return []
         lines = self._render(Markdown(markdown_source(source)))
-        return ([""] if self.printed else []) + lines  # the blank line Markdown puts between blocks
+        # The blank line Markdown puts between blocks (a list brings its own).
+        return [""] + lines if self.printed and lines and lines[0] else lines
 
     def _settle(self, end: int) -> None:
         """Print text[printed:end] (whole blocks) for good, in place of the redrawn part."""

@@ -528,3 +528,29 @@ def test_each_answer_is_shown_once_and_ctrl_c_after_it_keeps_the_conversation(ti
         assert len(rows) > 24, rows  # taller than the screen
         assert rows == _rendered(answer, 79), "\n".join(rows)  # every row once, none lost, no typed keys
     assert not any("zqxj" in line for line in lines)  # shown at the prompt only, then erased there with Ctrl-U
+
+
+def test_markdown_view_prints_each_settled_block_once(monkeypatch):
+    """Streamed a few characters at a time with a redraw after each, an answer of several blocks (a code block
+    with blank lines, a list, a paragraph taller than the screen) ends on the screen as its one-shot rendering."""
+    import io
+
+    from rich.console import Console
+
+    from llm_torch.cli import chat_view
+    from tests.terminal import Terminal
+
+    text = ("A first paragraph, long enough to wrap over a few rows of a narrow screen. " * 3 + "\n\n"
+            "```python\ndef f(x):\n    return x + 1\n\n\nprint(f(2))\n```\n\n"
+            "- one item\n- another item\n\n" + "The last paragraph keeps going. " * 40)
+    out = io.StringIO()
+    console = Console(file=out, width=60, height=12, force_terminal=True, color_system="standard")
+    clock = iter(range(10**6))
+    monkeypatch.setattr(chat_view.time, "perf_counter", lambda: float(next(clock)))  # every piece redraws
+    with chat_view.MarkdownView(console) as view:
+        for i in range(0, len(text), 7):
+            view.add(text[i:i + 7])
+    terminal = Terminal(12, 60)
+    terminal.feed(out.getvalue().replace("\n", "\r\n"))  # what the terminal's driver does (ONLCR)
+    assert terminal.lines() == _rendered(text, 59)
+    assert chat_view.settled_end("para\n\n```\ncode\n\nmore") == len("para\n\n")  # never inside a code block
