@@ -8,6 +8,7 @@ taller redraw would leave a copy of its first rows behind.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
@@ -117,9 +118,21 @@ class MarkdownView:
         self.rows, self.shown = len(lines), lines
 
     def _write(self, data: str) -> None:
-        if data:
-            self.console.file.write(data)
-            self.console.file.flush()
+        if not data:
+            return
+        file = self.console.file
+        try:
+            fd = file.fileno()
+        except (AttributeError, OSError, ValueError):  # not a file descriptor (a test's StringIO)
+            file.write(data)
+            file.flush()
+            return
+        # os.write, not the file object: Python's buffered writer can drop a byte when a signal (Ctrl-C) comes
+        # while a write to a full terminal blocks, and one lost newline misplaces every later redraw.
+        file.flush()
+        raw = data.encode(getattr(file, "encoding", None) or "utf-8", "replace")
+        while raw:
+            raw = raw[os.write(fd, raw):]
 
 
 @contextmanager
