@@ -42,6 +42,7 @@ class MarkdownView:
         self.console = console
         self.text = ""
         self.printed = 0  # chars of `text` printed for good (a block boundary)
+        self.blocks = 0  # blocks printed for good (the next one needs a blank line before it)
         self.rows = 0  # rows the redrawn part takes on screen; the cursor is at the end of its last row
         self.shown: list[str] = []  # those rows
         self.last = 0.0
@@ -99,7 +100,7 @@ class MarkdownView:
             return []
         lines = self._render(Markdown(markdown_source(source)))
         # The blank line Markdown puts between blocks (a list brings its own).
-        return [""] + lines if self.printed and lines and lines[0] else lines
+        return [""] + lines if self.blocks and lines and lines[0] else lines
 
     def _settle(self, end: int) -> None:
         """Print text[printed:end] (whole blocks) for good, in place of the redrawn part."""
@@ -108,7 +109,7 @@ class MarkdownView:
         lines = self._lines(self.text[self.printed:end])
         self._redraw([])
         self._write("".join(line + "\n" for line in lines))
-        self.printed = end
+        self.printed, self.blocks = end, self.blocks + bool(lines)
 
     def _redraw(self, lines: list[str]) -> None:
         # At most a screen less a row: the cursor must be able to climb back to the first one.
