@@ -54,6 +54,24 @@ def test_matches_the_transformers_recipe(tmp_path, base, max_length, stride):
         window_nll(ours, ids[0].tolist(), max_length, max_length + 1)
 
 
+@pytest.mark.parametrize("base", [config_dict(LLAMA_BASE, dict(num_key_value_heads=2)), GEMMA2_BASE],
+                         ids=["llama", "gemma2"])
+def test_windows_in_chunks_match_one_forward(tmp_path, base, monkeypatch):
+    """Windows run in chunks through the KV cache (Gemma 2's sliding window shorter than a chunk) score as one
+    forward does; progress rises to the end of the text, one report per chunk."""
+    from llm_torch.core.tasks import perplexity
+
+    hf_model(base, std=0.05).save_pretrained(tmp_path)
+    ours = load_resolved(ResolvedModel("tiny", "folder", tmp_path), dtype="float32", with_tokenizer=False).model
+    ids = torch.randint(3, base["vocab_size"], (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    whole = window_nll(ours, ids, 64, 24)
+    monkeypatch.setattr(perplexity, "CHUNK", 10)
+    seen = []
+    nll, scored = window_nll(ours, ids, 64, 24, seen.append)
+    assert scored == whole[1] and abs(nll - whole[0]) / whole[0] < 1e-5
+    assert seen == sorted(seen) and seen[-1] == len(ids) and len(seen) > len(ids) // 24
+
+
 def test_cli_documents_json_and_errors(tmp_path):
     try:
         tok = load_tokenizer(resolve_model("smollm2"))
