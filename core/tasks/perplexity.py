@@ -72,7 +72,8 @@ def window_nll(model, ids: list[int], context: int, stride: int,
         cache = model.new_cache(1, T) if T > CHUNK else None
         for c0 in range(0, T, CHUNK):
             c1 = min(c0 + CHUNK, T)
-            logits = model(window[:, c0:c1], cache=cache)[0].float()  # [c1 - c0, V]: row i predicts c0 + i + 1
+            # rope_lengths: dynamic NTK rope scales for the whole window, as in one forward over it.
+            logits = model(window[:, c0:c1], cache=cache, rope_lengths=[T])[0].float()  # row i predicts c0 + i + 1
             lo, hi = max(first, c0 + 1), min(c1 + 1, T)  # the targets this chunk predicts
             if hi > lo:
                 total += F.cross_entropy(logits[lo - 1 - c0 : hi - 1 - c0], window[0, lo:hi], reduction="sum").item()
