@@ -294,7 +294,9 @@ def test_report_card_in_process(tiny_with_tokenizer, tmp_path):
     from llm_torch.quant.report import report_card
 
     out = quantize_to_folder(str(tiny_with_tokenizer), make_spec("int8"), tmp_path / "q").out
-    base, quant = report_card(str(tiny_with_tokenizer), out, rss=False)
+    steps = []
+    base, quant = report_card(str(tiny_with_tokenizer), out, rss=False, progress=lambda *step: steps.append(step))
+    assert [s[0] for s in steps] == list(range(1, steps[0][1] + 1))  # every step reported, the last one as done
     assert base.mean_kl == 0 and 0 < quant.mean_kl < 0.01
     assert abs(quant.perplexity / base.perplexity - 1) < 0.05
     assert quant.weights_bytes < base.weights_bytes and quant.decode_tokens_per_second > 0
