@@ -1,7 +1,7 @@
 """`llm bench`: load time, prefill and decode tokens/s, peak RSS and the decode ceiling, like llama-bench.
 
 A Rich table on a terminal, a plain Markdown table when piped (pasteable into an issue), or one JSON
-object with --format json. Progress goes to stderr, only on a terminal.
+object with --format json. Progress (runs done, ETA) goes to stderr, only on a terminal.
 """
 
 from __future__ import annotations
@@ -58,10 +58,9 @@ def bench(
 
         qspec = make_spec(model.quantize, cuda=resolve_device(model.device).type == "cuda")
         prepare = lambda loaded: quantize_loaded(loaded, qspec)  # noqa: E731 - timed with the load
-    with render.status("loading") as live:
-        progress = (lambda msg: live.update(msg)) if live is not None else None
+    with render.progress("benchmarking", "runs") as update:
         result = run_bench(model.model, spec, dtype=model.dtype, device=model.device, threads=model.threads,
-                           progress=progress, prepare=prepare)
+                           progress=lambda done, total, what: update(done, total, what), prepare=prepare)
     if output.json:
         render.write_json(result.to_dict())
     elif sys.stdout.isatty():

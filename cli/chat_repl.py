@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import render
@@ -27,9 +28,10 @@ HELP = f"""\
 /save FILE          save the conversation and settings as JSON (resume with /load or --resume)
 /load FILE          load a conversation saved with /save
 /multi              type a message over several lines; a line holding only {MULTI_END} sends it
-/exit               quit (also /quit, Ctrl-D, or Ctrl-C at the prompt)
+/exit               quit (also /quit, Ctrl-D, or Ctrl-C twice at the prompt)
 Ctrl-C while the model answers stops the answer; the part already written stays in the conversation.
 A message that starts with '/' but is not a command: start it with '//' (sent as '/...')."""
+QUIT_HINT = "(Ctrl-C again to quit; /exit or Ctrl-D also quit)"
 
 
 def history_path() -> Path:
@@ -63,6 +65,7 @@ class Repl:
     def _loop(self) -> int:
         from llm_torch.core.errors import LLMError
 
+        armed = False  # Ctrl-C was pressed at the prompt: one more in a row quits
         while True:
             try:
                 line = self._read(PROMPT)
@@ -72,8 +75,14 @@ class Repl:
             except KeyboardInterrupt:
                 if not self.interactive:
                     raise
-                self._end_prompt_line()
-                return 0
+                try:
+                    armed = self._interrupted_at_prompt(armed)
+                except KeyboardInterrupt:  # a second Ctrl-C while the first one was being handled
+                    armed = None
+                if armed is None:
+                    return 0
+                continue
+            armed = False
             try:
                 if not self._handle(line):
                     return 0
@@ -88,6 +97,18 @@ class Repl:
                 if not self.interactive:
                     raise
                 render.info("(cancelled)")
+
+    def _interrupted_at_prompt(self, armed: bool) -> bool | None:
+        """Ctrl-C at the prompt drops what was typed; on an empty line it warns, and a second one in a row
+        quits (-> None). A Ctrl-C meant to stop an answer that had just ended lands here: the conversation
+        stays, as in ollama, while the Ctrl-C Ctrl-C that quits llama-cli still quits."""
+        self._end_prompt_line()
+        if self._readline is not None and self._readline.get_line_buffer().strip():
+            return False
+        if armed:
+            return None
+        render.info(QUIT_HINT)
+        return True
 
     def _read(self, prompt: str) -> str:
         if not self.interactive:
@@ -270,10 +291,11 @@ class Repl:
         interrupted = False
         try:
             turn = start()
-            with view:
+            with keys_unechoed(self.interactive), view:
                 for event in turn:
                     if isinstance(event, ChatNotice):
-                        (render.warn if event.kind == "context_trimmed" else render.info)(event.message)
+                        say = render.warn if event.kind == "context_trimmed" else render.info
+                        view.above(lambda: say(event.message))
                         continue
                     view.add(event.text)
                     if event.finish_reason == "interrupted":
@@ -299,6 +321,35 @@ class Repl:
         if not self.markdown:
             return PlainView()
         return MarkdownView(render.out_console())
+
+
+@contextmanager
+def keys_unechoed(interactive: bool):
+    """While an answer streams the terminal neither echoes keys (they would land inside the answer and throw
+    off the rows the view redraws) nor drops its queues on Ctrl-C (NOFLSH: by default the interrupt discards
+    output not yet shown, which can cut a redraw in half). What was typed stays queued for the next prompt,
+    where readline shows it."""
+    try:
+        import termios
+    except ImportError:  # Windows: no terminal modes to change
+        termios = None
+    saved = None
+    if termios is not None and interactive:
+        fd = sys.stdin.fileno()
+        try:
+            saved = termios.tcgetattr(fd)
+        except (termios.error, OSError, ValueError):
+            saved = None
+    if saved is None:
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] = (quiet[3] & ~termios.ECHO) | termios.NOFLSH  # lflag; without ECHO no "^C" is echoed either
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 class _Interrupted(Exception):

@@ -62,8 +62,6 @@ def convert(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages on stderr.")] = False,
 ) -> None:
     """Convert a model to a Hugging Face folder or a GGUF file; prints the output path."""
-    import sys
-
     from llm_torch.core.tools.convert import ConvertSpec
     from llm_torch.core.tools.convert import convert as run
 
@@ -72,18 +70,10 @@ def convert(
     source = one_model(model, source, required="convert")
     spec = ConvertSpec(source=source, output=output, to=to.value, dtype=dtype.value if dtype else None,
                        outtype=outtype.value, max_shard_size=parse_size(max_shard_size), force=force, verify=verify)
-    show = not quiet and sys.stderr.isatty()
+    show = not quiet and render.shows_progress()
     if show:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-        with Progress(TextColumn("converting"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                      TextColumn("{task.description}"), console=render.err_console(), transient=True) as bar:
-            task = bar.add_task("", total=None)
-
-            def progress(done: int, total: int, name: str) -> None:
-                bar.update(task, completed=done, total=total, description=name)
-
-            result = run(spec, progress)
+        with render.progress("converting", "B") as update:
+            result = run(spec, lambda done, total, name: update(done, total, name))
     else:
         result = run(spec)
     for warning in result.warnings:

@@ -61,11 +61,22 @@ def embed(
     opts = PipelineOptions(batch_size=batch_size, truncate=truncate.value, pooling=pooling, normalize=normalize,
                            context=model_options.context)
     results = Pipeline(loaded.model, loaded.tokenizer, "feature-extraction", opts, warn=render.warn).run(itertools.chain([first], items))
+    results = render.tracked(results, "embedding", "inputs", _total(texts or [], input))
     if format is EmbedFormat.jsonl:
         for r in results:
             render.write(json.dumps(r, ensure_ascii=False) + "\n")
     else:
         render.write(json.dumps(list(results), ensure_ascii=False) + "\n")
+
+
+def _total(texts: list[str], input: Path | None) -> int | None:
+    """How many inputs there are, when that is known without reading stdin (the progress line's total)."""
+    if "-" in texts or (not texts and input is None) or not render.shows_progress():
+        return None
+    from llm_torch.core.tasks.inputs import count_file_items
+
+    in_file = count_file_items(input) if input is not None else 0
+    return None if in_file is None else len(texts) + in_file
 
 
 def _items(texts: list[str], input: Path | None, column: str | None):

@@ -42,11 +42,12 @@ def perplexity(
 
     window = resolve_context(loaded.config, model_options.context, "the window")  # the one score() uses too
     scores = []
-    for s in score(loaded.model, loaded.tokenizer, [Document(n, t) for n, t in documents], context=window,
-                   stride=stride, add_bos=not no_bos):
-        scores.append(s)
-        if not output.json:
-            render.write(f"{s.name}\t{s.tokens} tokens\tperplexity {s.perplexity:.4f}\n")
+    with render.progress("scoring", "tok") as update:
+        for s in score(loaded.model, loaded.tokenizer, [Document(n, t) for n, t in documents], context=window,
+                       stride=stride, add_bos=not no_bos, progress=update):
+            scores.append(s)
+            if not output.json:
+                render.write(f"{s.name}\t{s.tokens} tokens\tperplexity {s.perplexity:.4f}\n")
     summary = total(scores)
     if output.json:
         render.write_json({"model": loaded.name, "context": window, "stride": stride or window // 2,

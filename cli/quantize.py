@@ -65,8 +65,9 @@ def quantize(
         return
     from llm_torch.quant.api import quantize_to_folder
 
-    with render.status(f"quantizing ({spec.scheme})"):
-        outcome = quantize_to_folder(model_ref, spec, output, dtype=dtype, force=force)
+    with render.progress(f"quantizing ({spec.label})", "layers") as update:
+        outcome = quantize_to_folder(model_ref, spec, output, dtype=dtype, force=force,
+                                     progress=lambda done, total, name: update(done, total, "writing" if done == total else name))
     for note in outcome.result.notes:
         render.warn(note)
     kept = outcome.result.kept
@@ -110,7 +111,8 @@ def _print_report(model_ref: str | None, folder: Path) -> None:
     if not source:
         raise InputError(f"{folder} does not say which float model it came from", hint="give it: llm quantize MODEL --report FOLDER")
     render.info(f"report card: {folder} against {source} (float32); a minute or so")
-    cards = report_card(source, folder)
+    with render.progress("report card", "steps") as update:
+        cards = report_card(source, folder, progress=update)
     rows = [("", "float", "quantized", "ratio")]
 
     def row(label, a, b, fmt, ratio=True):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from functools import lru_cache
 
 from rich.console import Console
@@ -91,6 +92,71 @@ def status(message: str):
 
         return nullcontext()
     return err_console().status(message)
+
+
+@contextmanager
+def progress(description: str, unit: str, total: int | None = None):
+    """A progress line on stderr while long work runs: done/total, rate, elapsed and ETA (a terminal only;
+    off one nothing is printed, so piped and CI logs stay as they were). Yields update(done, total=None,
+    note=None), which the work's progress callback calls; the line is erased when the block ends.
+
+    unit: what is counted ("tok", "inputs", "layers", "runs"); "B" shows sizes and bytes/s."""
+    if not shows_progress():
+        yield lambda done, total=None, note=None: None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    count, rate = _count_columns(unit)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), count, rate, TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
+                   console=err_console(), transient=True,
+                   # Results printed meanwhile go above the line; on stdout when stdout is a file or pipe.
+                   redirect_stdout=sys.stdout.isatty(), redirect_stderr=True)
+    with bar:
+        task = bar.add_task(description, total=total, note="")
+
+        def update(done: int, total: int | None = None, note: str | None = None) -> None:
+            fields = {"note": note} if note is not None else {}
+            if total is not None:
+                fields["total"] = total
+            bar.update(task, completed=done, **fields)
+
+        yield update
+
+
+def tracked(items, description: str, unit: str, total: int | None = None):
+    """`items` passed through, counted on a progress line (see progress) as each is taken."""
+    with progress(description, unit, total) as update:
+        for n, item in enumerate(items, 1):
+            yield item
+            update(n)
+
+
+def shows_progress() -> bool:
+    """Whether progress lines are shown (stderr is a terminal): worth counting a total for them."""
+    return sys.stderr.isatty()
+
+
+def _count_columns(unit: str):
+    """(done/total, rate) columns for `unit`."""
+    from rich.progress import DownloadColumn, ProgressColumn, TransferSpeedColumn
+    from rich.text import Text
+
+    if unit == "B":
+        return DownloadColumn(), TransferSpeedColumn()
+
+    class Count(ProgressColumn):
+        def render(self, task):
+            done = f"{int(task.completed):,}"
+            return Text(f"{done}/{int(task.total):,} {unit}" if task.total is not None else f"{done} {unit}",
+                        style="progress.download")
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            speed = task.finished_speed or task.speed
+            return Text("" if speed is None else f"{speed:,.1f} {unit}/s", style="progress.data.speed")
+
+    return Count(), Rate()
 
 
 def absolute(path) -> str:

@@ -94,6 +94,7 @@ def run(
     from llm_torch.core.engine.spec import GenerationSpec
     from llm_torch.core.tasks import pipelines as p
     from llm_torch.core.tasks.base import PipelineOptions
+    from llm_torch.core.tasks.inputs import count_file_items
 
     p.check_task(task, loaded.model, loaded.name)
     spec = GenerationSpec()
@@ -120,7 +121,12 @@ def run(
 
     def counted():
         nonlocal count, failed
-        for result in pipeline.run(items):
+        results = pipeline.run(items)
+        if multi:  # many inputs: a progress line on a terminal, with a total when they come from a file
+            in_file = count_file_items(input) if input is not None and render.shows_progress() else None
+            total = None if in_file is None else in_file + (1 if prompt else 0)
+            results = render.tracked(results, task, "inputs", total)
+        for result in results:
             count += 1
             failed += result.get("finish_reason") == "error"
             yield result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -14,8 +15,11 @@ from .swap import QuantResult, applied_label, codec_for, float_tensors, plan, qu
 from .spec import QuantSpec
 
 
-def quantize_loaded(loaded, spec: QuantSpec, *, collect: bool = False) -> QuantResult:
-    """Quantize a LoadedModel's model in place (`--quantize` at load time)."""
+def quantize_loaded(loaded, spec: QuantSpec, *, collect: bool = False,
+                    progress: Callable[[int, int, str], None] | None = None) -> QuantResult:
+    """Quantize a LoadedModel's model in place (`--quantize` at load time).
+
+    progress(done, total, layer name): after each layer, on the CPU path."""
     if loaded.config.quantization_config is not None:
         raise InputError(f"{loaded.name} is already quantized", hint="drop --quantize, or start from the float model")
     device = next(loaded.model.parameters()).device
@@ -30,7 +34,7 @@ def quantize_loaded(loaded, spec: QuantSpec, *, collect: bool = False) -> QuantR
 
             result = quantize_on_cuda(loaded.model, spec)  # torchao / bitsandbytes' own CUDA layers
         else:
-            result = quantize_model(loaded.model, spec, collect=collect)
+            result = quantize_model(loaded.model, spec, collect=collect, progress=progress)
     if not result.quantized:
         raise InputError(f"no layer was quantized (skipped: {', '.join(spec.skip)})", hint="check the --skip patterns")
     loaded.quantization = result.label
@@ -55,8 +59,10 @@ class QuantizeOutcome:
 
 
 def quantize_to_folder(ref: str | None, spec: QuantSpec, out: Path | None, *, dtype: str = "auto",
-                       force: bool = False) -> QuantizeOutcome:
-    """Load the float model, quantize it and write a folder any `llm` command opens."""
+                       force: bool = False, progress: Callable[[int, int, str], None] | None = None) -> QuantizeOutcome:
+    """Load the float model, quantize it and write a folder any `llm` command opens.
+
+    progress(done, total, layer name): after each layer is quantized; the folder is written after the last."""
     from llm_torch.core.placement.loading import load_resolved, resolve_model
 
     from .save import check_destination, save_quantized
@@ -70,7 +76,7 @@ def quantize_to_folder(ref: str | None, spec: QuantSpec, out: Path | None, *, dt
     check_destination(out, force)  # before minutes of work
     # A folder's tokenizer files are copied as they are; a GGUF's tokenizer is rebuilt from its metadata.
     loaded = load_resolved(resolved, dtype=dtype, device="cpu", with_tokenizer=resolved.kind == "gguf")
-    result = quantize_loaded(loaded, spec, collect=True)
+    result = quantize_loaded(loaded, spec, collect=True, progress=progress)
     tensors = {**float_tensors(loaded.model), **result.tensors}
     codec = codec_for(spec)
     save_quantized(

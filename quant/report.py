@@ -13,6 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -71,7 +72,8 @@ def _log_probs(model, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)  # [T, V]
 
 
-def _speeds(models: dict[str, torch.nn.Module], vocab: int, prefill_tokens: int) -> dict[str, tuple[float, float]]:
+def _speeds(models: dict[str, torch.nn.Module], vocab: int, prefill_tokens: int,
+            step: Callable[[str], None]) -> dict[str, tuple[float, float]]:
     from llm_torch.core.tools.bench import random_prompt, time_decode, time_prefill
     from llm_torch.core.engine.runner import make_runner
 
@@ -83,19 +85,33 @@ def _speeds(models: dict[str, torch.nn.Module], vocab: int, prefill_tokens: int)
             for name, runner in runners.items():
                 p = time_prefill(runner, prompt).prefill_tokens_per_second
                 d = time_decode(runner, start, DECODE_TOKENS).decode_tokens_per_second
+                step(f"speed of the {name} model")
                 if rep >= 0:
                     runs[name].append((p, d))
     return {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in runs.items()}
 
 
-def report_card(float_ref: str, quant_dir: Path, *, dtype: str = "float32", rss: bool = True) -> list[Card]:
-    """[float card, quantized card]. The float model is loaded with `dtype` (the baseline of the targets)."""
+def report_card(float_ref: str, quant_dir: Path, *, dtype: str = "float32", rss: bool = True,
+                progress: Callable[[int, int, str], None] | None = None) -> list[Card]:
+    """[float card, quantized card]. The float model is loaded with `dtype` (the baseline of the targets).
+
+    progress(done, total, what): after each step (loads, scoring, speed runs, memory measurements)."""
     from llm_torch.core.tools.model_size import weights_bytes
     from llm_torch.core.placement.loading import load_model, resolve_model
 
+    total, done = 3 + 2 * (REPETITIONS + 1) + (2 if rss else 0), 0
+
+    def step(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, what)
+
     quant_dir = Path(quant_dir)
     base = load_model(float_ref, dtype=dtype)
+    step("loaded the float model")
     quant = load_model(str(quant_dir))
+    step("loaded the quantized model")
     if quant.config.quantization_config is None:
         raise InputError(f"{quant_dir} is not a quantized model folder", hint="give the folder written by llm quantize")
     from llm_torch.core.engine.spec import context_length
@@ -110,18 +126,23 @@ def report_card(float_ref: str, quant_dir: Path, *, dtype: str = "float32", rss:
     targets = torch.tensor(ids[1:])
     nll = {k: -lp[:-1].gather(1, targets[:, None]).mean().item() for k, lp in (("float", ref), ("quant", got))}
     kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
-    speeds = _speeds({"float": base.model, "quant": quant.model}, base.config.vocab_size, min(PREFILL_TOKENS, context - 2))
+    step("scored both models")
+    speeds = _speeds({"float": base.model, "quant": quant.model}, base.config.vocab_size, min(PREFILL_TOKENS, context - 2),
+                     step)
     resolved = resolve_model(float_ref)
     cards = []
     for key, loaded, path, ref_dtype, kl_value in (
         ("float", base, resolved.path, dtype, 0.0),
         ("quant", quant, quant_dir, "auto", kl),
     ):
+        peak = peak_rss_of_load(str(path) if key == "quant" else float_ref, ref_dtype) if rss else None
+        if rss:
+            step(f"peak memory of the {key} model")
         cards.append(Card(
             name=f"{loaded.name} ({ref_dtype})" if key == "float" else str(quant_dir),
             disk_bytes=path_bytes(Path(path)),
             weights_bytes=weights_bytes(loaded.model),
-            peak_rss_bytes=peak_rss_of_load(str(path) if key == "quant" else float_ref, ref_dtype) if rss else None,
+            peak_rss_bytes=peak,
             prefill_tokens_per_second=speeds[key][0],
             decode_tokens_per_second=speeds[key][1],
             perplexity=float(torch.tensor(nll[key]).exp()),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -92,10 +93,13 @@ def _short(names: list[str]) -> str:
     return ", ".join(leaves)
 
 
-def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False) -> QuantResult:
+def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False,
+                   progress: Callable[[int, int, str], None] | None = None) -> QuantResult:
     """Replace the model's Linear layers in place (float weights are freed as each layer is swapped).
 
     collect: also return the checkpoint tensors of the quantized layers (for saving).
+    progress(done, total, name): after each layer is swapped; counts are of checkpoint layers (a fused
+    layer's parts count one each, as in the result).
     """
     codec = codec_for(spec)
     todo, kept, notes = plan(model, spec)
@@ -108,6 +112,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False) 
                 todo = [t for t in todo if t.name != "lm_head"]
         elif tied_head:
             result.notes.append("bitsandbytes keeps embedding tables in full precision: the tied lm_head gets its own quantized copy")
+    done, total = 0, sum(len(t.parts) for t in todo)
     for t in todo:
         module = model.get_submodule(t.name)
         w = module.weight.detach().contiguous()  # fp32 CPU weights may be K-major (layers.k_major_weights)
@@ -119,6 +124,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False) 
         result.quantized.append(t.name)
         new = codec.build(tensors, t.name)
         replace_module(model, t.name, new.to(w.device))
+        done += len(t.parts)
+        if progress is not None:
+            progress(done, total, t.name)
     if "lm_head" in result.quantized and tied_head:
         _untie(model)
     return result

@@ -4,6 +4,7 @@ Speed is measured by `llm bench` itself and benchmarks/compare.py, not asserted 
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from llm_torch.core.tools.model_size import weight_bytes_per_token, weights_byte
 from llm_torch.core.model.config import ModelConfig
 from llm_torch.core.errors import InputError
 from llm_torch.core.model.model import CausalLM
-from tests.cli_util import run_llm
+from tests.cli_util import run_llm, run_llm_on_terminal
 from tests.tiny import LLAMA_BASE, config_dict
 
 VOCAB = LLAMA_BASE["vocab_size"]
@@ -130,3 +131,15 @@ def test_spec_and_helpers():
     assert (s.median, s.min, s.max) == (2.0, 1.0, 3.0)
     ids = random_prompt(VOCAB, 32, seed=1)
     assert ids == random_prompt(VOCAB, 32, seed=1) and len(ids) == 32 and all(3 <= i < VOCAB for i in ids)
+
+
+def test_progress_on_a_terminal_only(tiny_folder):
+    """On a terminal stderr shows the runs done, their rate and the ETA; piped, stderr stays empty."""
+    args = ("bench", "-m", str(tiny_folder), "--dtype", "float32", "-p", "8,16", "-n", "4", "-r", "2", "-t", "1",
+            "--format", "json")
+    code, shown, out = run_llm_on_terminal(*args)
+    assert code == 0, shown
+    assert re.search(r"benchmarking .*[\d,]+/[\d,]+ runs .*runs/s .*eta", shown), shown
+    assert json.loads(out)["model"]  # the result still on stdout
+    piped = run_llm(*args)
+    assert piped.returncode == 0 and piped.stderr == b""

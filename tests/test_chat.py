@@ -322,11 +322,14 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|[\x01\x02]")
 
 
 class Screen:
-    """What the terminal showed, escape codes removed."""
+    """What the terminal showed, escape codes removed; `terminal` (tests/terminal.py) follows all of it."""
 
     def __init__(self, child):
+        from tests.terminal import Terminal
+
         self.child = child
         self.raw = ""
+        self.terminal = Terminal(*child.getwinsize())
 
     def expect(self, pattern: str, timeout: float = 30) -> str:
         deadline = time.monotonic() + timeout
@@ -336,15 +339,41 @@ class Screen:
                 return text
             if time.monotonic() > deadline:
                 raise AssertionError(f"{pattern!r} not on the screen:\n{text[-3000:]}")
-            try:
-                self.raw += self.child.read_nonblocking(65536, timeout=0.2)
-            except Exception as e:  # pexpect.TIMEOUT: nothing yet; EOF: the process ended
-                if type(e).__name__ == "EOF":
-                    raise AssertionError(f"llm exited before {pattern!r}:\n{ANSI.sub('', self.raw)[-3000:]}") from None
+            self._read(f"before {pattern!r}")
+
+    def until(self, check, timeout: float = 60) -> None:
+        """Read until check(terminal) holds."""
+        deadline = time.monotonic() + timeout
+        while not check(self.terminal):
+            if time.monotonic() > deadline:
+                raise AssertionError("the screen never got there:\n" + "\n".join(self.terminal.lines()[-40:]))
+            self._read("")
+
+    def pump(self, seconds: float) -> None:
+        """Keep reading for a while, as a terminal does (a writer blocked on a full pty is not a user's case)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self._read("")
+
+    def _read(self, what: str) -> None:
+        try:
+            chunk = self.child.read_nonblocking(65536, timeout=0.2)
+        except Exception as e:  # pexpect.TIMEOUT: nothing yet; EOF: the process ended
+            if type(e).__name__ == "EOF":
+                raise AssertionError(f"llm exited {what}:\n{ANSI.sub('', self.raw)[-3000:]}") from None
+            return
+        self.raw += chunk
+        self.terminal.feed(chunk)
 
     def mark(self) -> None:
         """Forget what was shown so far (the next expect looks at new output only)."""
         self.raw = ""
+
+    def interrupt_at_prompt(self) -> None:
+        """Ctrl-C once the prompt waits for keys: CPython's readline misses a signal that comes between
+        drawing the prompt and waiting (no person is that fast)."""
+        self.pump(0.5)
+        self.child.sendintr()
 
 
 def test_interactive_session_in_a_pseudo_terminal(tiny_dir, tmp_path):
@@ -417,7 +446,9 @@ def test_multi_line_ctrl_d_then_ctrl_c_at_the_prompt_exits_cleanly(tiny_dir, tmp
         screen.expect(r">>> ")  # answered, back at the prompt
         child.sendline("/save multi.json")
         screen.expect(r"saved 2 messages.*\n>>> ")
-        child.sendintr()  # Ctrl-C at the prompt: a clean exit
+        screen.interrupt_at_prompt()  # Ctrl-C twice at the prompt: a clean exit
+        screen.expect(r"Ctrl-C again to quit[^\n]*\n>>> ")
+        screen.interrupt_at_prompt()
         child.expect(pexpect.EOF)
         child.close()
         assert child.exitstatus == 0 and "Traceback" not in screen.raw + child.before
@@ -426,3 +457,106 @@ def test_multi_line_ctrl_d_then_ctrl_c_at_the_prompt_exits_cleanly(tiny_dir, tmp
     finally:
         if child.isalive():
             child.terminate(force=True)
+
+
+def _answer_rows(lines: list[str], message: str) -> list[str]:
+    """The rows of the answer to `message` on the final screen: after its prompt line, up to the next prompt
+    or note."""
+    start = next(i for i, line in enumerate(lines) if line.startswith(f">>> {message}"))
+    rows = []
+    for line in lines[start + 1:]:
+        if line.startswith((">>>", "(")):
+            break
+        rows.append(line)
+    return rows
+
+
+def _rendered(answer: str, width: int) -> list[str]:
+    """The answer as Markdown at `width` columns, as plain rows."""
+    import io
+
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from llm_torch.cli.chat_view import markdown_source
+
+    console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False)
+    console.print(Markdown(markdown_source(answer)))
+    return [line.rstrip() for line in console.file.getvalue().split("\n")[:-1]]
+
+
+def test_each_answer_is_shown_once_and_ctrl_c_after_it_keeps_the_conversation(tiny_dir, tmp_path):
+    """Answers taller than the screen, keys typed while one streams, Ctrl-C in one, then Ctrl-C at the prompt."""
+    pexpect = pytest.importorskip("pexpect")
+    env = _env(tmp_path, TERM="xterm-256color")
+    for name in ("COLUMNS", "LINES"):
+        env.pop(name, None)
+    child = pexpect.spawn(LLM, ["chat", str(tiny_dir / "model"), "-n", "900"], env=env, cwd=str(tmp_path),
+                          encoding="utf-8", dimensions=(24, 80), timeout=60)
+    screen = Screen(child)
+    try:
+        screen.expect(r">>> ")
+        child.sendline("Hello there!")
+        screen.expect(r"Hello there!\r?\n…")
+        child.send("zqxj")  # typed while the answer streams: not echoed into it, waiting at the next prompt
+        screen.expect(r"\(stopped after 900 tokens[^\n]*\n>>> zqxj", timeout=120)
+        child.sendcontrol("u")
+        child.sendline("/set max_new_tokens 8000")
+        screen.expect(r"max_new_tokens = 8000")
+        child.sendline("Write a very long story.")
+        screen.expect(r"Write a very long story\.\r?\n…")
+        # A screenful below the message, then more.
+        screen.until(lambda terminal: "".join(terminal.screen[0]).startswith(">>> Write a very long story."))
+        screen.pump(1.0)
+        child.sendintr()
+        screen.expect(r"\(interrupted\)(.|\n)*>>> ")
+        screen.mark()
+        screen.interrupt_at_prompt()  # just after an answer: the session goes on
+        screen.expect(r"Ctrl-C again to quit[^\n]*\n>>> ")
+        child.sendline("/save kept.json")
+        screen.expect(r"saved 4 messages[^\n]*\n>>> ")
+        screen.mark()
+        screen.interrupt_at_prompt()
+        screen.expect(r"Ctrl-C again to quit[^\n]*\n>>> ")
+        screen.interrupt_at_prompt()
+        child.expect(pexpect.EOF, timeout=30)
+        child.close()
+        assert child.exitstatus == 0
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+    screen.terminal.feed(child.before or "")
+    lines = screen.terminal.lines()
+    messages = json.loads((tmp_path / "kept.json").read_text())["messages"]
+    assert messages[2]["content"] == "Write a very long story." and messages[3]["content"]
+    for message, answer in ((messages[0]["content"], messages[1]["content"]), (messages[2]["content"], messages[3]["content"])):
+        rows = _answer_rows(lines, message)
+        assert len(rows) > 24, rows  # taller than the screen
+        assert rows == _rendered(answer, 79), "\n".join(rows)  # every row once, none lost, no typed keys
+    assert not any("zqxj" in line for line in lines)  # shown at the prompt only, then erased there with Ctrl-U
+
+
+def test_markdown_view_prints_each_settled_block_once(monkeypatch):
+    """Streamed a few characters at a time with a redraw after each, an answer of several blocks (a code block
+    with blank lines, a list, a paragraph taller than the screen) ends on the screen as its one-shot rendering."""
+    import io
+
+    from rich.console import Console
+
+    from llm_torch.cli import chat_view
+    from tests.terminal import Terminal
+
+    text = ("A first paragraph, long enough to wrap over a few rows of a narrow screen. " * 3 + "\n\n"
+            "```python\ndef f(x):\n    return x + 1\n\n\nprint(f(2))\n```\n\n"
+            "- one item\n- another item\n\n" + "The last paragraph keeps going. " * 40)
+    out = io.StringIO()
+    console = Console(file=out, width=60, height=12, force_terminal=True, color_system="standard")
+    clock = iter(range(10**6))
+    monkeypatch.setattr(chat_view.time, "perf_counter", lambda: float(next(clock)))  # every piece redraws
+    with chat_view.MarkdownView(console) as view:
+        for i in range(0, len(text), 7):
+            view.add(text[i:i + 7])
+    terminal = Terminal(12, 60)
+    terminal.feed(out.getvalue().replace("\n", "\r\n"))  # what the terminal's driver does (ONLCR)
+    assert terminal.lines() == _rendered(text, 59)
+    assert chat_view.settled_end("para\n\n```\ncode\n\nmore") == len("para\n\n")  # never inside a code block

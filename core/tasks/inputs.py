@@ -118,3 +118,16 @@ def batched(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
             batch = []
     if batch:
         yield batch
+
+
+def count_file_items(path: Path) -> int | None:
+    """How many inputs `--input FILE` holds, read quickly without the model (a progress total); None when
+    the file cannot be read (file_items reports why)."""
+    suffix = path.suffix.lower()
+    try:
+        with path.open(encoding="utf-8", newline="" if suffix == ".csv" else None) as f:
+            if suffix == ".csv":
+                return sum(1 for _ in csv.DictReader(f))
+            return sum(1 for line in f if line.strip())
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +44,18 @@ class Score:
                 "tokens_per_second": round(self.tokens / self.seconds, 2) if self.seconds > 0 else None}
 
 
+# Tokens per forward inside a window: progress comes every chunk, and the logits held are [CHUNK, V] instead
+# of [context, V] (1.6 GB for SmolLM2's 8192 x 49152 in fp32). Through the KV cache the chunks compute what
+# one forward over the window does.
+CHUNK = 512
+
+
 @torch.inference_mode()
-def window_nll(model, ids: list[int], context: int, stride: int) -> tuple[float, int]:
-    """(summed NLL, tokens scored) of one token sequence, transformers' sliding-window recipe."""
+def window_nll(model, ids: list[int], context: int, stride: int,
+               progress: Callable[[int], None] | None = None) -> tuple[float, int]:
+    """(summed NLL, tokens scored) of one token sequence, transformers' sliding-window recipe.
+
+    progress(tokens): after each chunk, how far through `ids` the scoring is (ids[:tokens] done)."""
     if context < 2:
         raise InputError(f"the window must hold at least 2 tokens, got {context}")
     if not 0 < stride <= context:
@@ -57,13 +66,20 @@ def window_nll(model, ids: list[int], context: int, stride: int) -> tuple[float,
         end = min(begin + context, len(ids))
         new = end - prev_end  # tokens this window scores (the earlier ones are context only)
         window = torch.tensor([ids[begin:end]], device=device)
-        logits = model(window)[0].float()  # [T, V]
+        T = window.shape[1]
         # Position t predicts token t + 1: score the targets among the last `new` tokens, never the first token.
-        first = max(window.shape[1] - new, 1)
-        targets = window[0, first:]
-        if targets.numel():
-            total += F.cross_entropy(logits[first - 1 : -1], targets, reduction="sum").item()
-            scored += targets.numel()
+        first = max(T - new, 1)
+        cache = model.new_cache(1, T) if T > CHUNK else None
+        for c0 in range(0, T, CHUNK):
+            c1 = min(c0 + CHUNK, T)
+            # rope_lengths: dynamic NTK rope scales for the whole window, as in one forward over it.
+            logits = model(window[:, c0:c1], cache=cache, rope_lengths=[T])[0].float()  # row i predicts c0 + i + 1
+            lo, hi = max(first, c0 + 1), min(c1 + 1, T)  # the targets this chunk predicts
+            if hi > lo:
+                total += F.cross_entropy(logits[lo - 1 - c0 : hi - 1 - c0], window[0, lo:hi], reduction="sum").item()
+                scored += hi - lo
+            if progress is not None:
+                progress(prev_end + new * c1 // T)
         prev_end = end
         if end == len(ids):
             break
@@ -71,17 +87,25 @@ def window_nll(model, ids: list[int], context: int, stride: int) -> tuple[float,
 
 
 def score(model, tokenizer, documents: Iterable[Document], *, context: int | None = None, stride: int | None = None,
-          add_bos: bool = True) -> Iterator[Score]:
-    """One Score per document, in order (lazily: a reader that stops early stops the work)."""
+          add_bos: bool = True, progress: Callable[[int, int], None] | None = None) -> Iterator[Score]:
+    """One Score per document, in order (lazily: a reader that stops early stops the work).
+
+    progress(done, total): tokens the windows have covered, over all the documents, after each window."""
     # A window past what the rope setup supports (config.supported_context) is an InputError.
     context = resolve_context(model.config, context, "the window")
     stride = stride or context // 2
-    for doc in documents:
-        ids = tokenizer.encode(doc.text, add_special_tokens=add_bos)
+    # Tokenized up front (cheap next to the model) so that progress knows the total.
+    encoded = [(doc, tokenizer.encode(doc.text, add_special_tokens=add_bos)) for doc in documents]
+    total, before = sum(len(ids) for _, ids in encoded), 0
+    if progress is not None:
+        progress(0, total)
+    for doc, ids in encoded:
         if len(ids) < 2:
             raise InputError(f"{doc.name}: fewer than 2 tokens, nothing to score")
+        report = None if progress is None else (lambda done, base=before: progress(base + done, total))
         t0 = time.perf_counter()
-        nll, scored = window_nll(model, ids, context, stride)
+        nll, scored = window_nll(model, ids, context, stride, report)
+        before += len(ids)
         yield Score(doc.name, len(ids), scored, nll, time.perf_counter() - t0)
 
 

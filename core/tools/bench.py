@@ -107,7 +107,14 @@ def check_fits(model, spec: BenchSpec) -> None:
         )
 
 
-Progress = Callable[[str], None]
+# progress(done, total, what): measurement runs finished of all the runs planned, and the one starting now.
+Progress = Callable[[int, int, str], None]
+
+
+def planned_runs(spec: BenchSpec) -> int:
+    """Measurement runs bench_loaded makes, warm-ups included."""
+    per_round = len(spec.prompt_lengths) + (1 if spec.new_tokens else 0) + len(spec.batches)
+    return (spec.warmup + spec.repetitions) * per_round
 
 
 def bench_loaded(loaded, spec: BenchSpec, *, progress: Progress | None = None
@@ -116,7 +123,14 @@ def bench_loaded(loaded, spec: BenchSpec, *, progress: Progress | None = None
 
     -> (prefill results, decode result, seconds of the first, cold prefill, batched decode results).
     """
-    say = progress or (lambda _msg: None)
+    total, done = planned_runs(spec), 0
+
+    def say(what: str) -> None:
+        nonlocal done
+        if progress is not None:
+            progress(done, total, what)
+        done += 1
+
     model = loaded.model
     check_fits(model, spec)
     runner = make_runner(model)
@@ -191,7 +205,10 @@ def run_bench(
     prepare(loaded): run after loading and timed with it (the CLI's --quantize)."""
     from llm_torch.core.placement.loading import load_model
 
-    say = progress or (lambda _msg: None)
+    def say(what: str, done: int = 0) -> None:
+        if progress is not None:
+            progress(done, planned_runs(spec), what)
+
     used_threads = set_threads(threads)
     startup = process_age_seconds()
     env = environment()  # before the runs: the load average is the machine's, not ours
@@ -223,6 +240,6 @@ def run_bench(
         environment=env,
     )
     if bandwidth and info.device == "cpu":
-        say("measuring memory bandwidth")
+        say("measuring memory bandwidth", planned_runs(spec))
         result.bandwidth = measure_memory_bandwidth()
     return result
