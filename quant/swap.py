@@ -98,8 +98,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False,
     """Replace the model's Linear layers in place (float weights are freed as each layer is swapped).
 
     collect: also return the checkpoint tensors of the quantized layers (for saving).
-    progress(done, total, name): after each layer is swapped; counts are of checkpoint layers (a fused
-    layer's parts count one each, as in the result).
+    progress(done, total, name): after each layer is swapped.
     """
     codec = codec_for(spec)
     todo, kept, notes = plan(model, spec)
@@ -112,7 +111,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False,
                 todo = [t for t in todo if t.name != "lm_head"]
         elif tied_head:
             result.notes.append("bitsandbytes keeps embedding tables in full precision: the tied lm_head gets its own quantized copy")
-    done, total = 0, sum(len(t.parts) for t in todo)
+    done, total = 0, len(todo)
     for t in todo:
         module = model.get_submodule(t.name)
         w = module.weight.detach().contiguous()  # fp32 CPU weights may be K-major (layers.k_major_weights)
@@ -124,7 +123,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False,
         result.quantized.append(t.name)
         new = codec.build(tensors, t.name)
         replace_module(model, t.name, new.to(w.device))
-        done += len(t.parts)
+        done += 1
         if progress is not None:
             progress(done, total, t.name)
     if "lm_head" in result.quantized and tied_head:
