@@ -84,16 +84,6 @@ def prompt(text: str) -> None:
     sys.stderr.flush()
 
 
-def status(message: str):
-    """A spinner with `message` on stderr while a step runs (a terminal only; a no-op context otherwise).
-    The context's value has .update(text), or is None off a terminal."""
-    if not sys.stderr.isatty():
-        from contextlib import nullcontext
-
-        return nullcontext()
-    return err_console().status(message)
-
-
 @contextmanager
 def progress(description: str, unit: str, total: int | None = None):
     """A progress line on stderr while long work runs: done/total, rate, elapsed and ETA (a terminal only;
