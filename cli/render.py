@@ -96,9 +96,20 @@ def progress(description: str, unit: str, total: int | None = None):
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    count, rate = _count_columns(unit)
-    bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), count, rate, TimeElapsedColumn(),
-                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
+    from rich.table import Column
+
+    # One line at any terminal width: the fixed columns never fold; the bar (up to 24 cells) and then the note
+    # (a tensor name, a file) get what is left of the width, the note cut with an ellipsis.
+    fixed = lambda: Column(no_wrap=True)  # noqa: E731
+    count, rate = _count_columns(unit, fixed)
+    spare = err_console().width - len(description) - _FIXED_CELLS
+    bar_width = min(24, max(0, spare))
+    note = TextColumn("{task.fields[note]}", table_column=Column(
+        no_wrap=True, overflow="ellipsis", max_width=max(0, spare - bar_width - 1)))
+    bar = Progress(TextColumn("{task.description}", table_column=fixed()),
+                   *([BarColumn(bar_width=bar_width)] if bar_width >= 5 else []), count, rate,
+                   TimeElapsedColumn(table_column=fixed()), TextColumn("eta", table_column=fixed()),
+                   TimeRemainingColumn(table_column=fixed()), *([note] if spare - bar_width > 4 else []),
                    console=err_console(), transient=True,
                    # Results printed meanwhile go above the line; on stdout when stdout is a file or pipe.
                    redirect_stdout=sys.stdout.isatty(), redirect_stderr=True)
@@ -114,6 +125,11 @@ def progress(description: str, unit: str, total: int | None = None):
         yield update
 
 
+# Cells the columns after the description take at most: "1,000.0/1,000.0 MB" "1,000.0 MB/s" "0:00:00" "eta"
+# "0:00:00" and the spaces between them.
+_FIXED_CELLS = 18 + 12 + 7 + 3 + 7 + 6
+
+
 def tracked(items, description: str, unit: str, total: int | None = None):
     """`items` passed through, counted on a progress line (see progress) as each is taken."""
     with progress(description, unit, total) as update:
@@ -127,13 +143,13 @@ def shows_progress() -> bool:
     return sys.stderr.isatty()
 
 
-def _count_columns(unit: str):
-    """(done/total, rate) columns for `unit`."""
+def _count_columns(unit: str, column):
+    """(done/total, rate) columns for `unit`; column() makes each one's table column."""
     from rich.progress import DownloadColumn, ProgressColumn, TransferSpeedColumn
     from rich.text import Text
 
     if unit == "B":
-        return DownloadColumn(), TransferSpeedColumn()
+        return DownloadColumn(table_column=column()), TransferSpeedColumn(table_column=column())
 
     class Count(ProgressColumn):
         def render(self, task):
@@ -146,7 +162,7 @@ def _count_columns(unit: str):
             speed = task.finished_speed or task.speed
             return Text("" if speed is None else f"{speed:,.1f} {unit}/s", style="progress.data.speed")
 
-    return Count(), Rate()
+    return Count(table_column=column()), Rate(table_column=column())
 
 
 def absolute(path) -> str:

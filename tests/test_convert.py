@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -523,6 +524,32 @@ def test_smollm2_to_gguf_has_llama_cpp_converter_metadata(smol_f16_gguf):
     assert names["blk.0.attn_q.weight"] == "F16" and names["blk.0.attn_norm.weight"] == "F32"
 
 
+@pytest.mark.parametrize("width", [40, 60, 80, 160])
+def test_progress_line_fits_the_terminal(width):
+    """The progress line never folds onto a second line: the bar and then the note give way on narrow terminals."""
+    pexpect = pytest.importorskip("pexpect")
+    script = (
+        "from llm_torch.cli import render\n"
+        "with render.progress('converting', 'B', total=501000) as update:\n"
+        "    for i in range(1, 6):\n"
+        "        update(i * 100200, note='model.layers.0.self_attn.a_very_long_tensor_name.weight')\n"
+        "        __import__('time').sleep(0.15)\n"
+    )
+    child = pexpect.spawn(sys.executable, ["-c", script], timeout=60, dimensions=(24, width),
+                          env={**os.environ, "NO_COLOR": "1", "TERM": "xterm"})
+    text = child.read().decode()
+    child.close()
+    assert child.exitstatus == 0, text
+    frames = [re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", f) for f in re.split(r"\r\n|\r", text)]
+    frames = [f for f in frames if f.strip()]
+    assert frames and all(len(f) <= width for f in frames), frames
+    assert text.count("\n") <= 1, text  # redrawn in place; only the final clear line ends with a newline
+    if width >= 80:
+        assert re.search(r"converting ━+ 501\.0/501\.0 kB [0-9.]+ kB/s 0:00:0\d eta", frames[-1]), frames[-1]
+    if width >= 160:
+        assert "model.layers.0.self_attn.a_very_long_tensor_name.weight" in frames[-1]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
 @needs_smol
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
@@ -672,7 +699,7 @@ def test_progress_bar_only_on_a_terminal_without_quiet(llama, tmp_path):
     seen = {}
     for flags in ((), ("--quiet",)):
         out = tmp_path / f"pty{len(flags)}"
-        child = pexpect.spawn(LLM, ["convert", str(folder), "-o", str(out), *flags], timeout=120,
+        child = pexpect.spawn(LLM, ["convert", str(folder), "-o", str(out), *flags], timeout=120, dimensions=(24, 100),
                               env={"PATH": str(Path(LLM).parent), "NO_COLOR": "1", "TERM": "xterm", "OMP_NUM_THREADS": "2",
                                    **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}})
         text = child.read().decode()
