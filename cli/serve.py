@@ -74,36 +74,18 @@ def _serve(sock, model, api_key, cors, max_batch, max_queue, prefill_chunk, pref
 
     from llm_torch.core.engine.engine import Engine, EngineConfig
     from llm_torch.core.serving.engine_thread import EngineThread
-    from llm_torch.core.serving.server import ServeSettings, create_app
+    from llm_torch.core.serving.server import LoadingGate, ServeSettings, create_app
 
-    loaded = model.load(quiet=False, tokenizer_needed=True)
-    config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_context=model.context, prefill_chunk=prefill_chunk,
-                          prefix_reuse=prefix_reuse)
-    engine = EngineThread(Engine(loaded.model, loaded.tokenizer, config))
-    settings = ServeSettings(loaded.name, api_key=api_key, cors_origins=cors, max_body_bytes=max_body * 2**20,
-                             generation_config=loaded.generation_config)
-    # A `_created` timestamp series beside every counter and histogram doubles /metrics and no dashboard reads
-    # it (vLLM drops them too); process-wide, so this process's owner decides, not core.
-    prometheus_client.disable_created_metrics()
-    app = create_app(engine, loaded.tokenizer, settings)
-    # Two busy threads (engine steps, the event loop's streaming) hand the GIL back and forth every token;
-    # a shorter switch interval than Python's 5 ms: 206 -> 213 tok/s at 8 clients, 58 -> 61 at 1 (small).
-    sys.setswitchinterval(0.0005)
+    # HTTP is up before the weights are read: /health answers 503 "loading" meanwhile (as llama.cpp's server),
+    # so a supervisor polling it sees the server start instead of refused or hanging connections.
+    gate = LoadingGate()
+    server = uvicorn.Server(uvicorn.Config(gate, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off"))
+    engine = None
 
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off"))
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    limit = engine.engine.kv_bytes_limit / 2**20
-    render.info(f"serving {loaded.name} at http://{shown}:{port}/v1 (OpenAI-compatible; max batch {max_batch}, "
-                f"queue {max_queue}, context {engine.engine.context}, KV cache up to {limit:.0f} MiB"
-                f"{', API key required' if api_key else ''}); Ctrl-C to stop")
-    if host not in ("127.0.0.1", "::1", "localhost") and not api_key:
-        render.warn(f"listening on {host} without --api-key: anyone who can reach this port can use the model")
-    # The engine loop runs on this (the main) thread (core/serving/engine_thread.py says why), uvicorn on another.
-    # Ctrl-C / SIGTERM: in-flight requests are cancelled (their streams end), then both loops stop; exit 0.
     def stop(*_):
-        engine.cancel_all()
-        engine.stop()
+        if engine is not None:
+            engine.cancel_all()
+            engine.stop()
         server.should_exit = True
 
     def http():
@@ -112,11 +94,42 @@ def _serve(sock, model, api_key, cors, max_batch, max_queue, prefill_chunk, pref
         finally:  # however uvicorn ends, the engine loop ends with it
             stop()
 
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
     web = threading.Thread(target=http, name="llm-http", daemon=True)
+    web.start()
+    render.info(f"listening at http://{shown}:{port} (/health answers 503 until the model is loaded)")
+    try:
+        loaded = model.load(quiet=False, tokenizer_needed=True)
+        config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_context=model.context,
+                              prefill_chunk=prefill_chunk, prefix_reuse=prefix_reuse)
+        engine = EngineThread(Engine(loaded.model, loaded.tokenizer, config))
+    except BaseException:
+        server.should_exit = True
+        web.join(10)
+        raise
+    settings = ServeSettings(loaded.name, api_key=api_key, cors_origins=cors, max_body_bytes=max_body * 2**20,
+                             generation_config=loaded.generation_config)
+    # A `_created` timestamp series beside every counter and histogram doubles /metrics and no dashboard reads
+    # it (vLLM drops them too); process-wide, so this process's owner decides, not core.
+    prometheus_client.disable_created_metrics()
+    gate.open(create_app(engine, loaded.tokenizer, settings))
+    # Two busy threads (engine steps, the event loop's streaming) hand the GIL back and forth every token;
+    # a shorter switch interval than Python's 5 ms: 206 -> 213 tok/s at 8 clients, 58 -> 61 at 1 (small).
+    sys.setswitchinterval(0.0005)
+
+    limit = engine.engine.kv_bytes_limit / 2**20
+    render.info(f"serving {loaded.name} at http://{shown}:{port}/v1 (OpenAI-compatible; max batch {max_batch}, "
+                f"queue {max_queue}, context {engine.engine.context}, KV cache up to {limit:.0f} MiB"
+                f"{', API key required' if api_key else ''}); Ctrl-C to stop")
+    if host not in ("127.0.0.1", "::1", "localhost") and not api_key:
+        render.warn(f"listening on {host} without --api-key: anyone who can reach this port can use the model")
+    # The engine loop runs on this (the main) thread (core/serving/engine_thread.py says why), uvicorn on another.
+    # Ctrl-C / SIGTERM: in-flight requests are cancelled (their streams end), then both loops stop; exit 0.
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        web.start()
-        engine.run()
+        if web.is_alive():
+            engine.run()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

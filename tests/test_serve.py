@@ -191,6 +191,45 @@ def test_metrics_and_health(server):
     assert httpx.get(server.url.removesuffix("/v1") + "/health").json()["status"] == "ok"
 
 
+def test_a_prompt_plus_max_tokens_past_the_context_is_refused_before_it_runs(server):
+    client = server.client()
+    context = client.models.list().data[0].max_model_len
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, "Hi", max_tokens=context)
+    error = e.value.body
+    assert error["param"] == "max_tokens" and f"context is {context} tokens" in error["message"]
+    r = server.post("/completions", {"prompt": "Hi", "max_tokens": context})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert chat(client, "Hi", max_tokens=2).choices[0].message.content  # and it serves on
+
+
+def test_health_answers_loading_until_the_model_is_ready():
+    env = dict(os.environ, NO_COLOR="1")
+    env.pop("LLM_API_KEY", None)
+    proc = subprocess.Popen([*LLM, "serve", "smollm2", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        first = proc.stderr.readline()
+        m = re.search(r"listening at (http://\S+)", first)
+        assert m, first  # the port is known (and answering) before the weights are read
+        seen, deadline = [], time.time() + 120
+        while time.time() < deadline:
+            r = httpx.get(m.group(1) + "/health", timeout=30)  # never refused: the socket is served from the start
+            seen.append((r.status_code, r.json()["status"]))
+            if r.status_code == 200:
+                break
+            chat_call = httpx.post(m.group(1) + "/v1/completions", json={"prompt": "hi"}, timeout=30)
+            if chat_call.status_code == 503:  # still loading: OpenAI's error shape, with Retry-After
+                assert chat_call.json()["error"]["code"] == "model_loading" and chat_call.headers["retry-after"]
+            time.sleep(0.02)
+        assert seen[-1] == (200, "ok")
+        assert set(seen[:-1]) <= {(503, "loading")}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert "Traceback" not in proc.stderr.read()
+
+
 def test_api_key_and_shutdown_with_a_stream_in_flight():
     s = Served("smollm2", "--api-key", "sesame", "--max-batch", "2")
     try:

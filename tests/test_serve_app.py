@@ -19,7 +19,7 @@ from llm_torch.core.engine.runner import TorchRunner
 from llm_torch.core.errors import InputError, ModelNotFoundError
 from llm_torch.core.placement.loading import ResolvedModel, load_resolved, load_tokenizer, resolve_model
 from llm_torch.core.serving.engine_thread import EngineThread
-from llm_torch.core.serving.server import ServeSettings, create_app
+from llm_torch.core.serving.server import LoadingGate, ServeSettings, create_app
 from tests.tiny import LLAMA_BASE, config_dict, save_with_tokenizer
 
 try:
@@ -198,3 +198,24 @@ def test_a_blank_api_key_is_refused(key):
     with pytest.raises(InputError, match="API key is empty"):
         ServeSettings("tiny", api_key=key)
     assert ServeSettings("tiny", api_key=" sesame\n").api_key == "sesame"  # as the header's token is read
+
+
+def test_the_loading_gate_answers_503_until_opened():
+    from fastapi.responses import JSONResponse
+
+    async def ask(gate):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gate), base_url="http://x") as c:
+            return await c.get("/health"), await c.post("/v1/chat/completions", json={})
+
+    gate = LoadingGate()
+    health, chat = asyncio.run(ask(gate))
+    assert (health.status_code, health.json()) == (503, {"status": "loading"})
+    assert chat.status_code == 503 and chat.json()["error"]["code"] == "model_loading"
+    assert chat.headers["retry-after"] == "1"
+
+    async def real(scope, receive, send):
+        await JSONResponse({"status": "ok"})(scope, receive, send)
+
+    gate.open(real)
+    health, chat = asyncio.run(ask(gate))
+    assert health.status_code == chat.status_code == 200

@@ -118,6 +118,42 @@ class _Guard:
         await _error(413, f"request body over {self.limit} bytes", code="request_too_large")(scope, receive, send)
 
 
+class LoadingGate:
+    """Pure ASGI, serving while the model loads: /health answers 503 {"status": "loading"} (as llama.cpp's server
+    does, so a supervisor can wait for readiness) and every other path 503 in OpenAI's error shape with
+    Retry-After; `open(app)` hands every later request to the real app."""
+
+    def __init__(self):
+        self.app = None
+
+    def open(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if self.app is not None:
+            return await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/health":
+            response = JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+        else:
+            response = _error(503, "the model is still loading", code="model_loading", headers={"Retry-After": "1"})
+        await response(scope, receive, send)
+
+
+def check_fits(prompts: list[list[int]], max_tokens: int | None, context: int) -> None:
+    """A prompt plus an explicit max_tokens past the context is refused before it takes a slot (OpenAI's and
+    vLLM's 400); without max_tokens the answer runs to the end of the context."""
+    if max_tokens is None:
+        return
+    longest = max((len(ids) for ids in prompts), default=0)
+    if longest + max_tokens > context:
+        raise api.RequestError(
+            f"this model's context is {context} tokens, but the prompt is {longest} tokens and max_tokens asks for "
+            f"{max_tokens} more: lower max_tokens to at most {max(context - longest, 0)} or shorten the prompt",
+            "max_tokens")
+
+
 class _CountErrors:
     """Pure ASGI, outermost: counts every error answer (the guard's 401 / 413 included) by endpoint and status."""
 
@@ -403,6 +439,7 @@ def create_app(engine: EngineThread, tokenizer, settings: ServeSettings):
         text = await asyncio.to_thread(tokenizer.apply_chat_template, messages, add_generation_prompt=True)
         ids = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        check_fits([ids], max_tokens, server.context)
         spec = body.spec(settings.generation_config, max_tokens, server.context)
         call = await _start(server, http, [ids], spec)
         rid = api.new_id("chatcmpl")
@@ -422,6 +459,7 @@ def create_app(engine: EngineThread, tokenizer, settings: ServeSettings):
         spec = body.spec(settings.generation_config, body.max_tokens, server.context)
         ids = [list(p) if isinstance(p, list) else await asyncio.to_thread(tokenizer.encode, p, add_special_tokens=True)
                for p in prompts]
+        check_fits(ids, body.max_tokens, server.context)
         call = await _start(server, http, ids, spec)
         echo = [p if body.echo and isinstance(p, str) else "" for p in prompts]
         rid = api.new_id("cmpl")
