@@ -7,7 +7,8 @@ layouts the kernels read, on decode-shaped matrices (SmolLM2-135M's: hidden 576,
 
 Each row calls the C entry point directly through ctypes with buffers allocated once (no Python-side
 allocation or checks), repeats it for about --seconds, and reports the median time per call of --repeats
-such runs and the weight bytes read per second (every weight is read once per call whatever B is). The
+such runs and the weight bytes read per second (every weight is read once per call whatever B is), and
+the process CPU time per call (on a busy machine, with --threads 1, closer to the kernel's own cost). The
 weights are random bytes with valid fp16 block scales: speed does not depend on the values. On a shared
 machine, compare rows of one run.
 """
@@ -85,20 +86,22 @@ def cases(lib, n: int, k: int, B: int, threads: int):
     return out
 
 
-def time_call(call, seconds: float, repeats: int) -> float:
+def time_call(call, seconds: float, repeats: int) -> tuple[float, float]:
+    """(median wall seconds, median CPU seconds) per call."""
     call()
     start, reps = time.perf_counter(), 0
     while time.perf_counter() - start < seconds / 4:
         call()
         reps += 1
     per_run = max(1, int(reps * 4 / repeats))
-    runs = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(per_run):
             call()
-        runs.append((time.perf_counter() - t0) / per_run)
-    return statistics.median(runs)
+        wall.append((time.perf_counter() - t0) / per_run)
+        cpu.append((time.process_time() - c0) / per_run)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def main() -> None:
@@ -110,12 +113,13 @@ def main() -> None:
     args = ap.parse_args()
     lib = loaded_library()
     print(f"threads {args.threads}; median of {args.repeats} runs; GB/s = weight bytes read per second")
-    print(f"{'N x K':>12} {'B':>3} {'layout':>9} {'MB':>7} {'us/call':>9} {'GB/s':>6}")
+    print(f"{'N x K':>12} {'B':>3} {'layout':>9} {'MB':>7} {'us/call':>9} {'GB/s':>6} {'cpu us':>9}")
     for n, k in SHAPES:
         for B in args.batch:
             for label, size, call in cases(lib, n, k, B, args.threads):
-                t = time_call(call, args.seconds, args.repeats)
-                print(f"{f'{n} x {k}':>12} {B:>3} {label:>9} {size / 1e6:>7.2f} {t * 1e6:>9.1f} {size / t / 1e9:>6.1f}", flush=True)
+                t, cpu = time_call(call, args.seconds, args.repeats)
+                print(f"{f'{n} x {k}':>12} {B:>3} {label:>9} {size / 1e6:>7.2f} {t * 1e6:>9.1f} {size / t / 1e9:>6.1f} "
+                      f"{cpu * 1e6:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":
