@@ -101,7 +101,8 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 class MatVec:
     """The loaded kernels: y = W @ x (+ bias) for fp32 x [K] (or B rows [B, K]) and a contiguous
-    fp32 / fp16 / bf16 / int8 / int4 W on the CPU, and step.c's whole-stack forward (`forward_rows`)."""
+    fp32 / fp16 / bf16 / int8 / int4 / GGUF-block W on the CPU (`kinds`: the layouts this library multiplies),
+    and step.c's whole-stack forward (`forward_rows`)."""
 
     def __init__(self, lib: ctypes.CDLL, step: bool = True):
         self.forward_rows = lib.llm_forward_rows if step else None
@@ -167,9 +168,11 @@ class MatVec:
         x is rounded to Q8 blocks of 32 (llama.cpp's activations for these weights); integer dot products."""
         elems, size, name = GGUF_BLOCKS[kind]
         _check(k > 0 and k % elems == 0, f"{name} matvec: {k} inputs is not a multiple of {elems}")
-        _check(w.dtype == torch.uint8 and w.is_contiguous() and tuple(w.shape) == (n, k // elems * size),
-               f"{name} matvec: weight must be contiguous uint8 [{n}, {k // elems * size}], not {w.dtype} {list(w.shape)}")
-        _check(x.dtype == torch.float32 and x.shape[-1] == k, f"{name} matvec: x must be fp32 [..., {k}]")
+        row_bytes = k // elems * size
+        _check(w.dtype == torch.uint8 and w.device.type == "cpu" and w.is_contiguous() and tuple(w.shape) == (n, row_bytes),
+               f"{name} matvec: weight must be contiguous uint8 [{n}, {row_bytes}] on the CPU, not {w.dtype} {list(w.shape)}")
+        _check(x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[-1] == k,
+               f"{name} matvec: x must be fp32 [..., {k}] on the CPU")
         _check(bias is None or (bias.dtype == torch.float32 and bias.is_contiguous() and bias.numel() == n),
                f"{name} matvec: bias must be fp32 [{n}]")
         gemm, act_bytes = self._gguf[kind]

@@ -107,7 +107,7 @@ static void quantize_rows(const float *X, int64_t ldx, int64_t B, int64_t K, int
 INLINE void tile(const int kind, const int NR, const int BR, const uint8_t *W, int64_t row_bytes, int64_t K,
                  const char *xa, int64_t stride, const float *bias, float *Y, int64_t ldy) {
     const int64_t blocks = K / 32, bytes = BLOCK_BYTES(kind);
-    __m256 acc[4][4];
+    __m256 acc[4][4];  /* [NR][BR] used */
     float mins[4][4];  /* Q4_1: sum over blocks of m_w * d_x * sum(codes), added after the vector part */
     for (int r = 0; r < NR; r++)
         for (int b = 0; b < BR; b++) { acc[r][b] = _mm256_setzero_ps(); mins[r][b] = 0.0f; }
@@ -151,53 +151,49 @@ static int64_t row_block(int64_t stride) {
     return bb < 4 ? 4 : bb > 64 ? 64 : bb;
 }
 
-/* B == 1 takes four weight rows per tile (four accumulation chains in flight), B > 1 two rows x four X rows. */
-INLINE void run(const int kind, const uint8_t *W, const float *X, int64_t ldx, const float *bias, float *Y,
-                int64_t ldy, int64_t B, int64_t N, int64_t K, void *scratch, int threads) {
-    const int sums = kind == Q4_1;
-    quantize_rows(X, ldx, B, K, sums, (char *)scratch, threads);
-    const int64_t row_bytes = K / 32 * BLOCK_BYTES(kind), stride = act_bytes(K, sums), bb = row_block(stride);
-    const int nr_main = B == 1 ? 4 : 2;
-    const int64_t tiles = (N + nr_main - 1) / nr_main;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        int64_t n = t * nr_main;
-        int nr = N - n < nr_main ? (int)(N - n) : nr_main;
-        const uint8_t *w = W + n * row_bytes;
-        const float *bs = bias ? bias + n : NULL;
-        for (int64_t b0 = 0; b0 < B; b0 += bb) {
-            int64_t b1 = b0 + bb < B ? b0 + bb : B;
-            for (int64_t b = b0; b < b1; b += 4) {
-                int br = b1 - b < 4 ? (int)(b1 - b) : 4;
-                const char *xa = (const char *)scratch + b * stride;
-                float *y = Y + b * ldy + n;
-                switch (nr * 8 + br) {
-                case 9: tile(kind, 1, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;
-                case 10: tile(kind, 1, 2, w, row_bytes, K, xa, stride, bs, y, ldy); break;
-                case 11: tile(kind, 1, 3, w, row_bytes, K, xa, stride, bs, y, ldy); break;
-                case 12: tile(kind, 1, 4, w, row_bytes, K, xa, stride, bs, y, ldy); break;
-                case 17: tile(kind, 2, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;
-                case 18: tile(kind, 2, 2, w, row_bytes, K, xa, stride, bs, y, ldy); break;
-                case 19: tile(kind, 2, 3, w, row_bytes, K, xa, stride, bs, y, ldy); break;
-                case 20: tile(kind, 2, 4, w, row_bytes, K, xa, stride, bs, y, ldy); break;
-                case 25: tile(kind, 3, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;
-                default: tile(kind, 4, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;  /* B == 1 only */
-                }
+/* Weight rows [n, n + nr) against every X row (in blocks of bb rows kept in cache); nr > 1 only when B == 1. */
+INLINE void weight_rows(const int kind, const uint8_t *W, const float *bias, float *Y, int64_t ldy, int64_t B,
+                        int64_t K, const char *scratch, int64_t n, int nr) {
+    const int64_t row_bytes = K / 32 * BLOCK_BYTES(kind), stride = act_bytes(K, kind == Q4_1), bb = row_block(stride);
+    const uint8_t *w = W + n * row_bytes;
+    const float *bs = bias ? bias + n : NULL;
+    for (int64_t b0 = 0; b0 < B; b0 += bb) {
+        int64_t b1 = b0 + bb < B ? b0 + bb : B;
+        for (int64_t b = b0; b < b1; b += 4) {
+            int br = b1 - b < 4 ? (int)(b1 - b) : 4;
+            const char *xa = scratch + b * stride;
+            float *y = Y + b * ldy + n;
+            switch (nr * 8 + br) {
+            case 9: tile(kind, 1, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+            case 10: tile(kind, 1, 2, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+            case 11: tile(kind, 1, 3, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+            case 12: tile(kind, 1, 4, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+            case 17: tile(kind, 2, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;  /* these: B == 1 only */
+            case 25: tile(kind, 3, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+            default: tile(kind, 4, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;
             }
         }
     }
 }
 
-/* K % 32 == 0; W: N rows of K / 32 blocks; scratch: B * llm_<kind>_act_bytes(K) bytes. */
-void llm_gemm_q4_0(const uint8_t *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy,
-                   int64_t B, int64_t N, int64_t K, void *scratch, int threads) {
-    run(Q4_0, W, X, ldx, bias, Y, ldy, B, N, K, scratch, threads);
+/* K % 32 == 0; W: N rows of K / 32 blocks; scratch: B * llm_<kind>_act_bytes(K) bytes. Threads split the weight
+ * rows: B == 1 takes four per tile (four accumulation chains in flight), B > 1 one row x four X rows (each
+ * row's blocks are decoded once per tile either way; two rows x four spilled accumulators to the stack).
+ * The parallel loop is spelled out per kind: OpenMP outlines a region before inlining, so inside one
+ * shared function the kind would stay a run-time value in the inner loop. */
+#define DEFINE_GEMM(NAME, KIND)                                                                                \
+void llm_gemm_##NAME(const uint8_t *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy,   \
+                     int64_t B, int64_t N, int64_t K, void *scratch, int threads) {                            \
+    quantize_rows(X, ldx, B, K, KIND == Q4_1, (char *)scratch, threads);                                       \
+    int nr_main = B == 1 ? 4 : 1;                                                                              \
+    int64_t tiles = (N + nr_main - 1) / nr_main;                                                               \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                         \
+    for (int64_t t = 0; t < tiles; t++) {                                                                      \
+        int64_t n = t * nr_main;                                                                               \
+        weight_rows(KIND, W, bias, Y, ldy, B, K, (const char *)scratch, n, N - n < nr_main ? (int)(N - n) : nr_main); \
+    }                                                                                                          \
 }
-void llm_gemm_q4_1(const uint8_t *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy,
-                   int64_t B, int64_t N, int64_t K, void *scratch, int threads) {
-    run(Q4_1, W, X, ldx, bias, Y, ldy, B, N, K, scratch, threads);
-}
-void llm_gemm_q8_0(const uint8_t *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy,
-                   int64_t B, int64_t N, int64_t K, void *scratch, int threads) {
-    run(Q8_0, W, X, ldx, bias, Y, ldy, B, N, K, scratch, threads);
-}
+
+DEFINE_GEMM(q4_0, Q4_0)
+DEFINE_GEMM(q4_1, Q4_1)
+DEFINE_GEMM(q8_0, Q8_0)
