@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-SOURCES = (Path(__file__).with_name("gemm.c"), Path(__file__).with_name("step.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemm.c", "gguf.c", "step.c"))
 # -ffp-contract=off: only the explicit FMA intrinsics fuse; GCC would otherwise contract a*b+c in some
 # inlined copies of a tile and not others, and a row would round differently alone and batched.
 FLAGS = ("-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
-ABI = 8
+ABI = 9
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 
 
@@ -41,13 +41,18 @@ class KernelStatus:
 
 # Weight layouts the kernels multiply by; values mirror step.c's enum.
 F32, F16, BF16, I8, I8Q8, I4Q8 = range(6)
+Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K = range(6, 12)
 FLOAT_KINDS = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
+# GGUF's packed blocks, multiplied as they lie in the file: kind -> (weights per block, bytes per block,
+# name of the C entry points llm_gemm_<name> / llm_<name>_act_bytes).
+GGUF_BLOCKS = {Q4_0: (32, 18, "q4_0"), Q4_1: (32, 20, "q4_1"), Q8_0: (32, 34, "q8_0")}
 
 
 @dataclass(frozen=True)
 class LinearSpec:
-    """One projection as the kernels read it: kind (F32 ... I4Q8), weight [n, k] (int4: packed [n, k/2]),
-    int8: fp32 row scales; int4: bf16 scale/zero [n, k/group]; optional fp32 bias [n]."""
+    """One projection as the kernels read it: kind (F32 ... Q6_K), weight [n, k] (int4: packed [n, k/2];
+    GGUF kinds: uint8 [n, row bytes], each row's blocks as in the file), int8: fp32 row scales; int4: bf16
+    scale/zero [n, k/group]; optional fp32 bias [n]."""
 
     kind: int
     weight: torch.Tensor
@@ -96,7 +101,8 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 class MatVec:
     """The loaded kernels: y = W @ x (+ bias) for fp32 x [K] (or B rows [B, K]) and a contiguous
-    fp32 / fp16 / bf16 / int8 / int4 W on the CPU, and step.c's whole-stack forward (`forward_rows`)."""
+    fp32 / fp16 / bf16 / int8 / int4 / GGUF-block W on the CPU (`kinds`: the layouts this library multiplies),
+    and step.c's whole-stack forward (`forward_rows`)."""
 
     def __init__(self, lib: ctypes.CDLL, step: bool = True):
         self.forward_rows = lib.llm_forward_rows if step else None
@@ -126,6 +132,13 @@ class MatVec:
         self._i4q8 = lib.llm_gemm_i4q8
         self._i4q8.argtypes = [_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _P, ctypes.c_int]
         self._i4q8.restype = None
+        self._gguf = {}  # kind -> (gemm, act_bytes)
+        for kind, (_, _, name) in GGUF_BLOCKS.items():
+            gemm, act = getattr(lib, f"llm_gemm_{name}"), getattr(lib, f"llm_{name}_act_bytes")
+            gemm.argtypes, gemm.restype = [_P, _P, _I, _P, _P, _I, _I, _I, _I, _P, ctypes.c_int], None
+            act.argtypes, act.restype = [_I], _I
+            self._gguf[kind] = (gemm, act)
+        self.kinds = frozenset((F32, F16, BF16, I8, I8Q8, I4Q8, *self._gguf))
 
     def __call__(self, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """w [N, K] float, x [K] or [B, K] fp32 -> y [N] or [B, N] (fp32); w a contiguous fp32 / fp16 / bf16 CPU
@@ -145,7 +158,30 @@ class MatVec:
             return self.int8(spec.weight, spec.scale, x, spec.bias, q8=spec.kind == I8Q8)
         if spec.kind == I4Q8:
             return self.int4(spec.weight, spec.scale, spec.zero, spec.group, x, spec.bias)
+        if spec.kind in self._gguf:
+            return self.gguf(spec.kind, spec.weight, spec.n, spec.k, x, spec.bias)
         return self(spec.weight, x, spec.bias)
+
+    def gguf(self, kind: int, w: torch.Tensor, n: int, k: int, x: torch.Tensor,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+        """w uint8 [n, row bytes]: GGUF blocks of `kind` (GGUF_BLOCKS), x fp32 [..., k] -> y fp32 [..., n].
+        x is rounded to Q8 blocks of 32 (llama.cpp's activations for these weights); integer dot products."""
+        elems, size, name = GGUF_BLOCKS[kind]
+        _check(k > 0 and k % elems == 0, f"{name} matvec: {k} inputs is not a multiple of {elems}")
+        row_bytes = k // elems * size
+        _check(w.dtype == torch.uint8 and w.device.type == "cpu" and w.is_contiguous() and tuple(w.shape) == (n, row_bytes),
+               f"{name} matvec: weight must be contiguous uint8 [{n}, {row_bytes}] on the CPU, not {w.dtype} {list(w.shape)}")
+        _check(x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[-1] == k,
+               f"{name} matvec: x must be fp32 [..., {k}] on the CPU")
+        _check(bias is None or (bias.dtype == torch.float32 and bias.is_contiguous() and bias.numel() == n),
+               f"{name} matvec: bias must be fp32 [{n}]")
+        gemm, act_bytes = self._gguf[kind]
+        X = x.reshape(-1, k).contiguous()
+        B = X.shape[0]
+        y = torch.empty(B, n, dtype=torch.float32)
+        scratch = torch.empty(B * act_bytes(k), dtype=torch.uint8)
+        gemm(w.data_ptr(), X.data_ptr(), k, _ptr(bias), y.data_ptr(), n, B, n, k, scratch.data_ptr(), torch.get_num_threads())
+        return y.view(*x.shape[:-1], n)
 
     def int8(self, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None,
              *, q8: bool = False) -> torch.Tensor:

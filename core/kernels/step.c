@@ -44,8 +44,19 @@ void llm_gemm_i4q8(const uint8_t *Q, const uint16_t *scale, const uint16_t *zero
                    const float *bias, float *Y, int64_t ldy, int64_t B, int64_t N, int64_t K, int64_t G,
                    void *scratch, int threads);
 int64_t llm_q8_row_bytes(int64_t K);
+/* gguf.c */
+void llm_gemm_q4_0(const uint8_t *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy,
+                   int64_t B, int64_t N, int64_t K, void *scratch, int threads);
+void llm_gemm_q4_1(const uint8_t *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy,
+                   int64_t B, int64_t N, int64_t K, void *scratch, int threads);
+void llm_gemm_q8_0(const uint8_t *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy,
+                   int64_t B, int64_t N, int64_t K, void *scratch, int threads);
+int64_t llm_q4_0_act_bytes(int64_t K);
+int64_t llm_q4_1_act_bytes(int64_t K);
+int64_t llm_q8_0_act_bytes(int64_t K);
 
-enum { LLM_F32 = 0, LLM_F16 = 1, LLM_BF16 = 2, LLM_I8 = 3, LLM_I8Q8 = 4, LLM_I4Q8 = 5 };
+enum { LLM_F32 = 0, LLM_F16 = 1, LLM_BF16 = 2, LLM_I8 = 3, LLM_I8Q8 = 4, LLM_I4Q8 = 5,
+       LLM_Q4_0 = 6, LLM_Q4_1 = 7, LLM_Q8_0 = 8, LLM_Q4_K = 9, LLM_Q5_K = 10, LLM_Q6_K = 11 };
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2, ACT_RELU = 3 };
 /* Keys per attention work item: a row's keys are cut into chunks of this many positions whatever the
  * batch or thread count, so its softmax partials and their merge order never change. */
@@ -53,7 +64,7 @@ enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2, ACT_RELU = 3 };
 
 typedef struct {           /* one projection y[n] = W x (+ bias); mirrored by core/kernels/__init__.py */
     int64_t kind;
-    const void *w;         /* f32/f16/bf16 rows, int8 codes, or packed uint8 int4 codes */
+    const void *w;         /* f32/f16/bf16 rows, int8 codes, packed uint8 int4 codes, or GGUF blocks per row */
     const void *scale;     /* int8: fp32 [n]; int4: bf16 [n, k / group] */
     const void *zero;      /* int4: bf16 [n, k / group] */
     const float *bias;     /* fp32 [n] or NULL */
@@ -102,8 +113,15 @@ int64_t llm_struct_layout(int64_t *out) {
     return n;
 }
 
+/* Scratch bytes the product needs for B rows (their quantized activations). */
 static int64_t q8_bytes(const llm_linear *l, int64_t B) {
-    return (l->kind == LLM_I8Q8 || l->kind == LLM_I4Q8) ? B * llm_q8_row_bytes(l->k) : 0;
+    switch (l->kind) {
+    case LLM_I8Q8: case LLM_I4Q8: return B * llm_q8_row_bytes(l->k);
+    case LLM_Q4_0: return B * llm_q4_0_act_bytes(l->k);
+    case LLM_Q4_1: return B * llm_q4_1_act_bytes(l->k);
+    case LLM_Q8_0: return B * llm_q8_0_act_bytes(l->k);
+    default: return 0;
+    }
 }
 
 /* Y[b, :n] = l(X[b, :k]) for B rows (strides ldx, ldy). */
@@ -124,6 +142,9 @@ static void linear(const llm_linear *l, const float *X, int64_t ldx, float *Y, i
         llm_gemm_i4q8((const uint8_t *)l->w, (const uint16_t *)l->scale, (const uint16_t *)l->zero, X, ldx,
                       l->bias, Y, ldy, B, l->n, l->k, l->group, scratch, threads);
         break;
+    case LLM_Q4_0: llm_gemm_q4_0((const uint8_t *)l->w, X, ldx, l->bias, Y, ldy, B, l->n, l->k, scratch, threads); break;
+    case LLM_Q4_1: llm_gemm_q4_1((const uint8_t *)l->w, X, ldx, l->bias, Y, ldy, B, l->n, l->k, scratch, threads); break;
+    case LLM_Q8_0: llm_gemm_q8_0((const uint8_t *)l->w, X, ldx, l->bias, Y, ldy, B, l->n, l->k, scratch, threads); break;
     }
 }
 
@@ -313,11 +334,19 @@ static void add_normed(float *x, const float *y, const float *factor, float *tmp
     for (int64_t i = 0; i < C; i++) x[i] += y[i];
 }
 
-/* The widest input any projection (or the head) reads: the Q8 scratch per row is sized by it. */
-static int64_t widest_input(const llm_model *m) {
-    int64_t K = m->hidden > m->inter ? m->hidden : m->inter;
-    if (m->heads * m->head_dim > K) K = m->heads * m->head_dim;
-    return K;
+/* The most scratch any projection (or the head) needs for B rows. */
+static int64_t max_q8_bytes(const llm_model *m, int64_t B) {
+    int64_t most = q8_bytes(&m->head, B);
+#define TAKE(l) do { int64_t bytes_ = q8_bytes(l, B); most = bytes_ > most ? bytes_ : most; } while (0)
+    for (int64_t li = 0; li < m->n_layers; li++) {
+        const llm_layer *L = m->layers + li;
+        for (int64_t i = 0; i < L->n_proj; i++) TAKE(L->proj + i);
+        for (int64_t i = 0; i < L->n_up; i++) TAKE(L->up + i);
+        TAKE(&L->o);
+        TAKE(&L->down);
+    }
+#undef TAKE
+    return most;
 }
 
 /* Work buffer layout (floats), for B rows and keys up to max_cap per row. */
@@ -346,8 +375,7 @@ int64_t llm_step_work_floats(const llm_model *m, int64_t B, int64_t max_cap, int
 }
 
 int64_t llm_step_scratch_bytes(const llm_model *m, int64_t B) {
-    int64_t K = widest_input(m);
-    return B * llm_q8_row_bytes(K > m->hidden ? K : m->hidden) + 64;
+    return max_q8_bytes(m, B) + 64;
 }
 
 /* x [B, hidden] in/out (the embedded rows; left holding the last hidden states before the final norm).
