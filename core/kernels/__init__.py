@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-SOURCES = (Path(__file__).with_name("gemm.c"), Path(__file__).with_name("step.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemm.c", "gguf_k.c", "step.c"))
 # -ffp-contract=off: only the explicit FMA intrinsics fuse; GCC would otherwise contract a*b+c in some
 # inlined copies of a tile and not others, and a row would round differently alone and batched.
 FLAGS = ("-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
-ABI = 8
+ABI = 9
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 
 
@@ -41,13 +41,18 @@ class KernelStatus:
 
 # Weight layouts the kernels multiply by; values mirror step.c's enum.
 F32, F16, BF16, I8, I8Q8, I4Q8 = range(6)
+Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K = range(6, 12)
+# GGUF-packed kinds: weight = the file's raw blocks per output row, uint8 [n, k / elems * bytes].
+# kind -> (elements per block, bytes per block, C name of llm_gemm_<name> / llm_<name>_act_bytes).
+GGUF_BLOCKS = {Q4_K: (256, 144, "q4_k"), Q5_K: (256, 176, "q5_k"), Q6_K: (256, 210, "q6_k")}
 FLOAT_KINDS = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
 
 
 @dataclass(frozen=True)
 class LinearSpec:
-    """One projection as the kernels read it: kind (F32 ... I4Q8), weight [n, k] (int4: packed [n, k/2]),
-    int8: fp32 row scales; int4: bf16 scale/zero [n, k/group]; optional fp32 bias [n]."""
+    """One projection as the kernels read it: kind (F32 ... Q6_K), weight [n, k] (int4: packed [n, k/2];
+    GGUF kinds: raw blocks uint8 [n, row bytes]), int8: fp32 row scales; int4: bf16 scale/zero [n, k/group];
+    optional fp32 bias [n]."""
 
     kind: int
     weight: torch.Tensor
@@ -126,6 +131,13 @@ class MatVec:
         self._i4q8 = lib.llm_gemm_i4q8
         self._i4q8.argtypes = [_P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _P, ctypes.c_int]
         self._i4q8.restype = None
+        self._gguf = {}  # kind -> (block elems, block bytes, gemm, act_bytes)
+        for kind, (elems, size, name) in GGUF_BLOCKS.items():
+            gemm, act = getattr(lib, f"llm_gemm_{name}"), getattr(lib, f"llm_{name}_act_bytes")
+            gemm.argtypes, gemm.restype = [_P, _P, _I, _P, _P, _I, _I, _I, _I, _P, ctypes.c_int], None
+            act.argtypes, act.restype = [_I], _I
+            self._gguf[kind] = (elems, size, gemm, act)
+        self.kinds = frozenset({F32, F16, BF16, I8, I8Q8, I4Q8, *self._gguf})
 
     def __call__(self, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """w [N, K] float, x [K] or [B, K] fp32 -> y [N] or [B, N] (fp32); w a contiguous fp32 / fp16 / bf16 CPU
@@ -145,7 +157,28 @@ class MatVec:
             return self.int8(spec.weight, spec.scale, x, spec.bias, q8=spec.kind == I8Q8)
         if spec.kind == I4Q8:
             return self.int4(spec.weight, spec.scale, spec.zero, spec.group, x, spec.bias)
+        if spec.kind in self._gguf:
+            return self.gguf(spec, x)
         return self(spec.weight, x, spec.bias)
+
+    def gguf(self, spec: LinearSpec, x: torch.Tensor) -> torch.Tensor:
+        """A GGUF-packed weight (uint8 [n, row bytes] of raw blocks) times fp32 x [..., k] -> fp32 [..., n];
+        x is rounded per block as llama.cpp's matching Q8 activations and multiplied with integer products."""
+        elems, size, gemm, act_bytes = self._gguf[spec.kind]
+        w, n, k = spec.weight, spec.n, spec.k
+        _check(k > 0 and k % elems == 0, f"gguf matvec: {k} inputs is not a multiple of the {elems}-element block")
+        _check(w.dtype == torch.uint8 and w.is_contiguous() and tuple(w.shape) == (n, k // elems * size),
+               f"gguf matvec: weight must be contiguous uint8 [{n}, {k // elems * size}], got {w.dtype} {tuple(w.shape)}")
+        _check(x.shape[-1] == k, f"gguf matvec: x has {x.shape[-1]} values, the weight {k} columns")
+        bias = spec.bias
+        _check(bias is None or (bias.dtype == torch.float32 and bias.is_contiguous() and bias.numel() == n),
+               "gguf matvec: bias must be fp32 [n]")
+        X = x.reshape(-1, k).to(torch.float32).contiguous()
+        B = X.shape[0]
+        y = torch.empty(B, n, dtype=torch.float32)
+        scratch = torch.empty(max(B, 1) * act_bytes(k), dtype=torch.uint8)
+        gemm(w.data_ptr(), X.data_ptr(), k, _ptr(bias), y.data_ptr(), n, B, n, k, scratch.data_ptr(), torch.get_num_threads())
+        return y.view(*x.shape[:-1], n)
 
     def int8(self, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None,
              *, q8: bool = False) -> torch.Tensor:

@@ -44,8 +44,19 @@ void llm_gemm_i4q8(const uint8_t *Q, const uint16_t *scale, const uint16_t *zero
                    const float *bias, float *Y, int64_t ldy, int64_t B, int64_t N, int64_t K, int64_t G,
                    void *scratch, int threads);
 int64_t llm_q8_row_bytes(int64_t K);
+/* gguf_k.c */
+void llm_gemm_q4_k(const uint8_t *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy,
+                   int64_t B, int64_t N, int64_t K, void *scratch, int threads);
+void llm_gemm_q5_k(const uint8_t *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy,
+                   int64_t B, int64_t N, int64_t K, void *scratch, int threads);
+void llm_gemm_q6_k(const uint8_t *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy,
+                   int64_t B, int64_t N, int64_t K, void *scratch, int threads);
+int64_t llm_q4_k_act_bytes(int64_t K);
+int64_t llm_q5_k_act_bytes(int64_t K);
+int64_t llm_q6_k_act_bytes(int64_t K);
 
-enum { LLM_F32 = 0, LLM_F16 = 1, LLM_BF16 = 2, LLM_I8 = 3, LLM_I8Q8 = 4, LLM_I4Q8 = 5 };
+enum { LLM_F32 = 0, LLM_F16 = 1, LLM_BF16 = 2, LLM_I8 = 3, LLM_I8Q8 = 4, LLM_I4Q8 = 5,
+       LLM_Q4_K = 9, LLM_Q5_K = 10, LLM_Q6_K = 11 };
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2, ACT_RELU = 3 };
 /* Keys per attention work item: a row's keys are cut into chunks of this many positions whatever the
  * batch or thread count, so its softmax partials and their merge order never change. */
@@ -53,7 +64,7 @@ enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2, ACT_RELU = 3 };
 
 typedef struct {           /* one projection y[n] = W x (+ bias); mirrored by core/kernels/__init__.py */
     int64_t kind;
-    const void *w;         /* f32/f16/bf16 rows, int8 codes, or packed uint8 int4 codes */
+    const void *w;         /* f32/f16/bf16 rows, int8 codes, packed uint8 int4 codes, or raw GGUF blocks */
     const void *scale;     /* int8: fp32 [n]; int4: bf16 [n, k / group] */
     const void *zero;      /* int4: bf16 [n, k / group] */
     const float *bias;     /* fp32 [n] or NULL */
@@ -103,7 +114,13 @@ int64_t llm_struct_layout(int64_t *out) {
 }
 
 static int64_t q8_bytes(const llm_linear *l, int64_t B) {
-    return (l->kind == LLM_I8Q8 || l->kind == LLM_I4Q8) ? B * llm_q8_row_bytes(l->k) : 0;
+    switch (l->kind) {
+    case LLM_I8Q8: case LLM_I4Q8: return B * llm_q8_row_bytes(l->k);
+    case LLM_Q4_K: return B * llm_q4_k_act_bytes(l->k);
+    case LLM_Q5_K: return B * llm_q5_k_act_bytes(l->k);
+    case LLM_Q6_K: return B * llm_q6_k_act_bytes(l->k);
+    default: return 0;
+    }
 }
 
 /* Y[b, :n] = l(X[b, :k]) for B rows (strides ldx, ldy). */
@@ -124,6 +141,9 @@ static void linear(const llm_linear *l, const float *X, int64_t ldx, float *Y, i
         llm_gemm_i4q8((const uint8_t *)l->w, (const uint16_t *)l->scale, (const uint16_t *)l->zero, X, ldx,
                       l->bias, Y, ldy, B, l->n, l->k, l->group, scratch, threads);
         break;
+    case LLM_Q4_K: llm_gemm_q4_k((const uint8_t *)l->w, X, ldx, l->bias, Y, ldy, B, l->n, l->k, scratch, threads); break;
+    case LLM_Q5_K: llm_gemm_q5_k((const uint8_t *)l->w, X, ldx, l->bias, Y, ldy, B, l->n, l->k, scratch, threads); break;
+    case LLM_Q6_K: llm_gemm_q6_k((const uint8_t *)l->w, X, ldx, l->bias, Y, ldy, B, l->n, l->k, scratch, threads); break;
     }
 }
 
@@ -346,7 +366,7 @@ int64_t llm_step_work_floats(const llm_model *m, int64_t B, int64_t max_cap, int
 }
 
 int64_t llm_step_scratch_bytes(const llm_model *m, int64_t B) {
-    int64_t K = widest_input(m);
+    int64_t K = widest_input(m);  /* gguf_k.c's Q8_K rows (1.14 K bytes) fit in llm_q8_row_bytes (1.375 K) */
     return B * llm_q8_row_bytes(K > m->hidden ? K : m->hidden) + 64;
 }
 
