@@ -1,6 +1,7 @@
 """Native Q4_K / Q5_K / Q6_K products (core/kernels/gguf_k.c) on raw GGUF super-blocks: equal to gguf-py's
 dequantized weight times x (exactly, up to fp32 rounding, when x is representable in Q8_K; else within the
-Q8_K rounding of x), each batched row bitwise what it is alone, any thread count, bad shapes refused.
+Q8_K rounding of x), each batched row bitwise what it is alone, any thread count, bad shapes refused; and
+step.c's whole-model step dispatching to them.
 
 gguf-py 0.19 cannot quantize K types, so the weights are random bytes (every byte pattern is a valid block)
 with sane fp16 d / dmin written over the scale fields."""
@@ -130,3 +131,55 @@ def test_bad_shapes_are_refused(kind):
         native.linear(spec(kind, raw, 4, 512), torch.randn(256))
     with pytest.raises(ValueError, match="bias must be fp32"):
         native.linear(spec(kind, raw, 4, 512, torch.zeros(3)), torch.randn(512))
+
+
+class KQuantLinear(torch.nn.Module):
+    """A projection held as raw K-quant blocks: native_linear() hands them to the kernels; forward() is the
+    reference, the dequantized weight times x rounded to Q8_K as gguf_k.c rounds it (numpy fp32, same ops)."""
+
+    def __init__(self, kind: int, linear: torch.nn.Module, seed: int):
+        super().__init__()
+        self.n, self.k = linear.weight.shape
+        self.kind = kind
+        self.raw, w = k_weight(kind, self.n, self.k, seed)
+        self.register_buffer("w", w.float())
+        self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
+
+    def native_linear(self) -> kernels.LinearSpec:
+        return kernels.LinearSpec(self.kind, self.raw, self.n, self.k, bias=self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(q8k_round(x), self.w, self.bias)
+
+
+def q8k_round(x: torch.Tensor) -> torch.Tensor:
+    v = x.detach().float().numpy().reshape(-1, 256)
+    top = np.take_along_axis(v, np.abs(v).argmax(-1)[:, None], -1)  # first largest |x|, as the C loop keeps
+    with np.errstate(divide="ignore"):
+        iscale = np.where(top == 0, np.float32(0), np.float32(-127.0) / top).astype(np.float32)
+    q = np.clip(np.rint(iscale * v), -127, 127).astype(np.float32)
+    d = np.where(iscale == 0, np.float32(0), np.float32(1.0) / iscale).astype(np.float32)
+    return torch.from_numpy((q * d).reshape(x.shape))
+
+
+@needs_native
+def test_the_native_step_runs_k_quant_projections(tmp_path):
+    """Every projection of a tiny Llama as Q4_K / Q5_K / Q6_K blocks (kinds cycling, so step.c's linear()
+    reaches all three): the native step's logits match the layers' within the ulps that can move a Q8_K code."""
+    from llm_torch.core.placement.loading import ResolvedModel, load_resolved
+    from tests.test_native_step import assert_same_decode
+    from tests.tiny import LLAMA_BASE, config_dict, hf_model
+
+    cfg = config_dict(LLAMA_BASE, dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=64))
+    hf_model(cfg).save_pretrained(tmp_path)
+    model = load_resolved(ResolvedModel("tiny", "folder", tmp_path), dtype="float32", with_tokenizer=False).model
+    kinds = list(GGML)
+    count = 0
+    for layer in model.model.layers:
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                setattr(parent, name, KQuantLinear(kinds[count % 3], getattr(parent, name), seed=100 + count))
+                count += 1
+    assert_same_decode(model, tol=2e-3, steps=5)
