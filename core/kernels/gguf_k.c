@@ -72,14 +72,17 @@ static void q8_k_rows(const float *X, int64_t ldx, int64_t B, int64_t K, char *s
 
 INLINE float fp16(const uint8_t *p) { return _cvtsh_ss((uint16_t)(p[0] | p[1] << 8)); }
 
-/* Q4_K / Q5_K: 8 six-bit scales and mins packed in 12 bytes (llama.cpp's get_scale_min_k4). */
-INLINE void scales_mins_k4(const uint8_t *q, uint8_t *sc, uint8_t *m) {
-    for (int j = 0; j < 4; j++) {
-        sc[j] = q[j] & 63;
-        m[j] = q[j + 4] & 63;
-        sc[j + 4] = (q[j + 8] & 0xF) | ((q[j] >> 6) << 4);
-        m[j + 4] = (q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4);
-    }
+/* Q4_K / Q5_K: 8 six-bit scales and 8 mins packed in 12 bytes (llama.cpp's get_scale_min_k4), unpacked
+ * four at a time: bytes 0-7 of the result are the scales, 8-15 the mins. */
+INLINE __m128i scales_mins_k4(const uint8_t *q) {
+    uint32_t u[4], lo6 = 0x3f3f3f3f, lo4 = 0x0f0f0f0f, lo2 = 0x03030303;
+    __builtin_memcpy(u, q, 12);
+    u[3] = ((u[2] >> 4) & lo4) | (((u[1] >> 6) & lo2) << 4);
+    uint32_t mins = u[1] & lo6;
+    u[1] = (u[2] & lo4) | (((u[0] >> 6) & lo2) << 4);
+    u[2] = mins;
+    u[0] &= lo6;
+    return _mm_loadu_si128((const __m128i *)u);
 }
 
 /* 32 unsigned codes of sub-block s (elements 32s .. 32s+31) of a Q4_K / Q5_K / Q6_K super-block. */
@@ -109,9 +112,8 @@ INLINE __m256i codes_q6_k(const uint8_t *blk, int s) {  /* 0..63; the weight is 
 
 /* ---------------------------------------------------------------- one weight row x BR X rows */
 
-/* Per super-block of the weight row (bytes BYTES): DECODE sets d, dm (fp32), the 16-bit scale of each
- * sub-block's two 16-halves (scl, sch) and the 16 per-16 factors (f16) its block sums are multiplied by;
- * CODES gives a sub-block's unsigned codes. Per X row: isum = sum_s scale_s * (codes_s . xq_s) and
+/* Per super-block of the weight row (bytes BYTES): DECODE sets d, dm (fp32) and the int16 factors per 16
+ * elements of the codes (sc16) and of the block sums (f16); CODES gives a sub-block's unsigned codes. Per X row: isum = sum_s scale_s * (codes_s . xq_s) and
  * msum = f16 . xs; y += xd * (d * isum - dm * msum) as two FMAs. */
 #define DEFINE_K_TILE(NAME, BYTES, DECODE, CODES, BR)                                                 \
 INLINE void NAME(const uint8_t *W, int64_t K, const char *xrows, int64_t stride, const float *bias,   \
@@ -124,14 +126,13 @@ INLINE void NAME(const uint8_t *W, int64_t K, const char *xrows, int64_t stride,
         _mm_prefetch((const char *)blk + PREFETCH_AHEAD + 64, _MM_HINT_T0);                           \
         _mm_prefetch((const char *)blk + PREFETCH_AHEAD + 128, _MM_HINT_T0);                          \
         float d, dm;                                                                                  \
-        int16_t scl[8], sch[8];                                                                       \
-        __m256i f16;                                                                                  \
-        DECODE(blk, &d, &dm, scl, sch, &f16);                                                         \
+        __m256i sc16, f16;                                                                            \
+        DECODE(blk, &d, &dm, &sc16, &f16);                                                            \
         __m256i isum[BR];                                                                             \
         for (int b = 0; b < BR; b++) isum[b] = _mm256_setzero_si256();                                \
         for (int s = 0; s < 8; s++) {                                                                 \
             __m256i q = CODES(blk, s);                                                                \
-            __m256i sv = _mm256_set_m128i(_mm_set1_epi16(sch[s]), _mm_set1_epi16(scl[s]));            \
+            __m256i sv = sub_scales(sc16, s);                                                         \
             for (int b = 0; b < BR; b++) {                                                            \
                 const int8_t *xq = (const int8_t *)(xrows + b * stride) + QK * i + 32 * s;            \
                 __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)xq));         \
@@ -156,49 +157,59 @@ INLINE void NAME(const uint8_t *W, int64_t K, const char *xrows, int64_t stride,
     }                                                                                                 \
 }
 
-/* Q4_K / Q5_K: w = d * scale_s * code - dmin * min_s; the min of sub-block s meets block sums 2s, 2s+1. */
-INLINE void decode_k4(const uint8_t *blk, float *d, float *dm, int16_t *scl, int16_t *sch, __m256i *f16) {
-    uint8_t sc[8], mn[8];
+/* The decoders give the 16 int16 factors, one per 16 elements, of the codes (sc16) and of the Q8_K block
+ * sums (f16). Q4_K / Q5_K: w = d * scale_s * code - dmin * min_s, sub-block s covering block sums 2s, 2s+1. */
+INLINE void decode_k4(const uint8_t *blk, float *d, float *dm, __m256i *sc16, __m256i *f16) {
     *d = fp16(blk);
     *dm = fp16(blk + 2);
-    scales_mins_k4(blk + 4, sc, mn);
-    for (int s = 0; s < 8; s++) scl[s] = sch[s] = sc[s];
-    __m128i m = _mm_loadl_epi64((const __m128i *)mn);
-    *f16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m, m));
+    __m128i sm = scales_mins_k4(blk + 4);
+    *sc16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(sm, sm));
+    *f16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));
 }
 /* Q6_K: w = d * scale_j * (code - 32), one int8 scale per 16 elements; dm = d and the block sums meet
  * 32 * scale_j, so the offset is taken off exactly in integers before the fp32 terms. */
-INLINE void decode_q6_k(const uint8_t *blk, float *d, float *dm, int16_t *scl, int16_t *sch, __m256i *f16) {
-    const int8_t *sc = (const int8_t *)(blk + 192);
+INLINE void decode_q6_k(const uint8_t *blk, float *d, float *dm, __m256i *sc16, __m256i *f16) {
     *d = *dm = fp16(blk + 208);
-    for (int s = 0; s < 8; s++) { scl[s] = sc[2 * s]; sch[s] = sc[2 * s + 1]; }
-    *f16 = _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc)), 5);
+    *sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+    *f16 = _mm256_slli_epi16(*sc16, 5);
+}
+
+/* Sub-block s's madd factors from sc16: its first 16 elements' scale (lane 2s) in the low 128 bits, the
+ * next 16's (lane 2s + 1) in the high 128 bits. */
+INLINE __m256i sub_scales(__m256i sc16, int s) {
+    __m256i pair = _mm256_permutevar8x32_epi32(sc16, _mm256_set1_epi32(s));
+    return _mm256_shuffle_epi8(pair, _mm256_set_epi8(3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2,
+                                                     1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0));
 }
 
 #define DEFINE_KIND(P, BYTES, DECODE, CODES)                                                          \
 DEFINE_K_TILE(P##_1, BYTES, DECODE, CODES, 1) DEFINE_K_TILE(P##_2, BYTES, DECODE, CODES, 2)          \
 DEFINE_K_TILE(P##_3, BYTES, DECODE, CODES, 3) DEFINE_K_TILE(P##_4, BYTES, DECODE, CODES, 4)          \
+DEFINE_K_TILE(P##_6, BYTES, DECODE, CODES, 6) DEFINE_K_TILE(P##_8, BYTES, DECODE, CODES, 8)          \
 void llm_gemm_##P(const uint8_t *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy, \
                   int64_t B, int64_t N, int64_t K, void *scratch, int threads) {                      \
     q8_k_rows(X, ldx, B, K, (char *)scratch, threads);                                                \
     int64_t stride = act_bytes(K), row = K / QK * BYTES;                                              \
     /* X rows per pass over a weight row: their Q8_K form stays in L2 while the weight row streams. */ \
-    int64_t bb = (131072 / stride) & ~(int64_t)3;                                                     \
-    bb = bb < 4 ? 4 : bb;                                                                             \
+    int64_t bb = (131072 / stride) & ~(int64_t)7;                                                     \
+    bb = bb < 8 ? 8 : bb;                                                                             \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                                \
     for (int64_t n = 0; n < N; n++) {                                                                 \
         const uint8_t *w = W + n * row;                                                               \
         const float *bs = bias ? bias + n : NULL;                                                     \
         for (int64_t b0 = 0; b0 < B; b0 += bb) {                                                      \
             int64_t b1 = b0 + bb < B ? b0 + bb : B;                                                   \
-            for (int64_t b = b0; b < b1; b += 4) {                                                    \
+            for (int64_t b = b0, br; b < b1; b += br) {                                               \
                 const char *x = (const char *)scratch + b * stride;                                   \
                 float *y = Y + b * ldy + n;                                                           \
-                switch (b1 - b < 4 ? b1 - b : 4) {                                                    \
+                br = b1 - b >= 8 ? 8 : b1 - b >= 6 ? 6 : b1 - b >= 4 ? 4 : b1 - b;                     \
+                switch (br) {                                                                         \
                 case 1: P##_1(w, K, x, stride, bs, y, ldy); break;                                    \
                 case 2: P##_2(w, K, x, stride, bs, y, ldy); break;                                    \
                 case 3: P##_3(w, K, x, stride, bs, y, ldy); break;                                    \
-                default: P##_4(w, K, x, stride, bs, y, ldy); break;                                   \
+                case 4: P##_4(w, K, x, stride, bs, y, ldy); break;                                    \
+                case 6: P##_6(w, K, x, stride, bs, y, ldy); break;                                    \
+                default: P##_8(w, K, x, stride, bs, y, ldy); break;                                   \
                 }                                                                                     \
             }                                                                                         \
         }                                                                                             \
