@@ -183,3 +183,28 @@ def test_the_native_step_runs_k_quant_projections(tmp_path):
                 setattr(parent, name, KQuantLinear(kinds[count % 3], getattr(parent, name), seed=100 + count))
                 count += 1
     assert_same_decode(model, tol=2e-3, steps=5)
+
+
+def _cpu_has(*flags: str) -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            have = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return all(flag in have for flag in flags)
+
+
+@pytest.mark.slow  # builds a second library: ~40 s on 2 busy cores
+@needs_native
+@pytest.mark.skipif(not _cpu_has("avx512f", "avx512bw", "avx512vl", "avx512_vnni"), reason="no AVX-512 VNNI here")
+def test_an_avx512_vnni_build_gives_the_same_bits(monkeypatch, tmp_path):
+    """gguf_k.c's VNNI path (dpwssd for madd + add) sums the same exact integers: bitwise the AVX2 result."""
+    monkeypatch.setattr(kernels, "FLAGS", (*kernels.FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"))
+    monkeypatch.setenv("LLM_KERNEL_CACHE", str(tmp_path))
+    wide, status = kernels._try_load()
+    assert wide is not None, status.detail
+    X = torch.randn(9, 512, generator=torch.Generator().manual_seed(7))
+    for kind in GGML:
+        raw, _ = k_weight(kind, 21, 512, seed=50 + kind)
+        s = spec(kind, raw, 21, 512, torch.randn(21, generator=torch.Generator().manual_seed(8)))
+        assert torch.equal(wide.linear(s, X), native.linear(s, X))

@@ -16,6 +16,12 @@
 #include <stdint.h>
 
 #define QK 256
+/* isum += madd(p, sv): one VNNI instruction where the build has it; the same exact int32 sums either way. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define MADD_ADD(acc, p, sv) _mm256_dpwssd_epi32(acc, p, sv)
+#else
+#define MADD_ADD(acc, p, sv) _mm256_add_epi32(acc, _mm256_madd_epi16(p, sv))
+#endif
 #define PREFETCH_AHEAD 1024
 #define INLINE static inline __attribute__((always_inline))
 
@@ -136,7 +142,7 @@ INLINE void NAME(const uint8_t *W, int64_t K, const char *xrows, int64_t stride,
             for (int b = 0; b < BR; b++) {                                                            \
                 const int8_t *xq = (const int8_t *)(xrows + b * stride) + QK * i + 32 * s;            \
                 __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)xq));         \
-                isum[b] = _mm256_add_epi32(isum[b], _mm256_madd_epi16(p, sv));                        \
+                isum[b] = MADD_ADD(isum[b], p, sv);                                                        \
             }                                                                                         \
         }                                                                                             \
         for (int b = 0; b < BR; b++) {                                                                \
