@@ -1,6 +1,7 @@
 """Native kernels for decode and small batches, built on first use with the system C compiler: gemm.c
-(matrix products for B rows, every weight read once for all of them) and step.c (a whole forward step
-over all layers for a batch of token rows, driven by core.engine.native_step).
+(matrix products for B rows, every weight read once for all of them), gguf_k.c (the same for GGUF's
+Q4_K / Q5_K / Q6_K blocks as stored in the file) and step.c (a whole forward step over all layers for a
+batch of token rows, driven by core.engine.native_step).
 
 Decode reads every weight once per token; on the AVX2 CPUs this targets, torch's kernels for a
 [N, K] x [K] product reach about half the memory bandwidth (gemm.c says more). The library is
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemm.c", "gguf.c", "step.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemm.c", "gguf.c", "gguf_k.c", "step.c"))
 # -ffp-contract=off: only the explicit FMA intrinsics fuse; GCC would otherwise contract a*b+c in some
 # inlined copies of a tile and not others, and a row would round differently alone and batched.
 FLAGS = ("-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
@@ -45,7 +46,8 @@ Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K = range(6, 12)
 FLOAT_KINDS = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
 # GGUF's packed blocks, multiplied as they lie in the file: kind -> (weights per block, bytes per block,
 # name of the C entry points llm_gemm_<name> / llm_<name>_act_bytes).
-GGUF_BLOCKS = {Q4_0: (32, 18, "q4_0"), Q4_1: (32, 20, "q4_1"), Q8_0: (32, 34, "q8_0")}
+GGUF_BLOCKS = {Q4_0: (32, 18, "q4_0"), Q4_1: (32, 20, "q4_1"), Q8_0: (32, 34, "q8_0"),
+               Q4_K: (256, 144, "q4_k"), Q5_K: (256, 176, "q5_k"), Q6_K: (256, 210, "q6_k")}
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,8 @@ class MatVec:
     def gguf(self, kind: int, w: torch.Tensor, n: int, k: int, x: torch.Tensor,
              bias: torch.Tensor | None = None) -> torch.Tensor:
         """w uint8 [n, row bytes]: GGUF blocks of `kind` (GGUF_BLOCKS), x fp32 [..., k] -> y fp32 [..., n].
-        x is rounded to Q8 blocks of 32 (llama.cpp's activations for these weights); integer dot products."""
+        x is rounded per block as llama.cpp's matching activations (Q8_0 / Q8_1 blocks of 32, Q8_K of 256);
+        integer dot products."""
         elems, size, name = GGUF_BLOCKS[kind]
         _check(k > 0 and k % elems == 0, f"{name} matvec: {k} inputs is not a multiple of {elems}")
         row_bytes = k // elems * size

@@ -54,6 +54,16 @@ void llm_gemm_q8_0(const uint8_t *W, const float *X, int64_t ldx, const float *b
 int64_t llm_q4_0_act_bytes(int64_t K);
 int64_t llm_q4_1_act_bytes(int64_t K);
 int64_t llm_q8_0_act_bytes(int64_t K);
+/* gguf_k.c */
+void llm_gemm_q4_k(const uint8_t *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy,
+                   int64_t B, int64_t N, int64_t K, void *scratch, int threads);
+void llm_gemm_q5_k(const uint8_t *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy,
+                   int64_t B, int64_t N, int64_t K, void *scratch, int threads);
+void llm_gemm_q6_k(const uint8_t *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy,
+                   int64_t B, int64_t N, int64_t K, void *scratch, int threads);
+int64_t llm_q4_k_act_bytes(int64_t K);
+int64_t llm_q5_k_act_bytes(int64_t K);
+int64_t llm_q6_k_act_bytes(int64_t K);
 
 enum { LLM_F32 = 0, LLM_F16 = 1, LLM_BF16 = 2, LLM_I8 = 3, LLM_I8Q8 = 4, LLM_I4Q8 = 5,
        LLM_Q4_0 = 6, LLM_Q4_1 = 7, LLM_Q8_0 = 8, LLM_Q4_K = 9, LLM_Q5_K = 10, LLM_Q6_K = 11 };
@@ -120,6 +130,9 @@ static int64_t q8_bytes(const llm_linear *l, int64_t B) {
     case LLM_Q4_0: return B * llm_q4_0_act_bytes(l->k);
     case LLM_Q4_1: return B * llm_q4_1_act_bytes(l->k);
     case LLM_Q8_0: return B * llm_q8_0_act_bytes(l->k);
+    case LLM_Q4_K: return B * llm_q4_k_act_bytes(l->k);
+    case LLM_Q5_K: return B * llm_q5_k_act_bytes(l->k);
+    case LLM_Q6_K: return B * llm_q6_k_act_bytes(l->k);
     default: return 0;
     }
 }
@@ -145,6 +158,9 @@ static void linear(const llm_linear *l, const float *X, int64_t ldx, float *Y, i
     case LLM_Q4_0: llm_gemm_q4_0((const uint8_t *)l->w, X, ldx, l->bias, Y, ldy, B, l->n, l->k, scratch, threads); break;
     case LLM_Q4_1: llm_gemm_q4_1((const uint8_t *)l->w, X, ldx, l->bias, Y, ldy, B, l->n, l->k, scratch, threads); break;
     case LLM_Q8_0: llm_gemm_q8_0((const uint8_t *)l->w, X, ldx, l->bias, Y, ldy, B, l->n, l->k, scratch, threads); break;
+    case LLM_Q4_K: llm_gemm_q4_k((const uint8_t *)l->w, X, ldx, l->bias, Y, ldy, B, l->n, l->k, scratch, threads); break;
+    case LLM_Q5_K: llm_gemm_q5_k((const uint8_t *)l->w, X, ldx, l->bias, Y, ldy, B, l->n, l->k, scratch, threads); break;
+    case LLM_Q6_K: llm_gemm_q6_k((const uint8_t *)l->w, X, ldx, l->bias, Y, ldy, B, l->n, l->k, scratch, threads); break;
     }
 }
 

@@ -1,0 +1,48 @@
+"""Ctrl-C, as a user sends it: one convention for every command (exit 130 after flushing what was produced,
+no traceback), checked on commands mid-work with the built-in model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.cli_util import LLM, needs_model
+
+pytestmark = needs_model
+
+
+def interrupt_after_first_output(args: list[str], tmp_path) -> tuple[int, bytes, bytes]:
+    """Start `llm ARGS`, wait for its first stdout line, then SIGINT it (as Ctrl-C does) and collect the rest."""
+    env = {**os.environ, "NO_COLOR": "1"}
+    env.pop("LLM_DEBUG", None)
+    proc = subprocess.Popen([LLM, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    try:
+        first = proc.stdout.readline()
+        assert first, proc.stderr.read().decode()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, first + rest, err
+
+
+def test_ctrl_c_during_generate_exits_130_with_the_text_so_far(tmp_path):
+    # Greedy, long: the answer runs for hundreds of tokens, so the signal lands mid-generation.
+    code, out, err = interrupt_after_first_output(
+        ["generate", "--temperature", "0", "-n", "1500", "Write a very long story: Once upon a time,\n"], tmp_path)
+    assert code == 130, err.decode()
+    assert out.strip() and b"Traceback" not in err
+
+
+def test_ctrl_c_during_run_exits_130_after_the_finished_lines(tmp_path):
+    (tmp_path / "in.txt").write_text("".join(f"Write a story about the number {i}.\n" for i in range(100)))
+    code, out, err = interrupt_after_first_output(["run", "-n", "48", "-i", "in.txt", "--format", "json"], tmp_path)
+    assert code == 130, err.decode()
+    lines = out.decode().splitlines()
+    assert 1 <= len(lines) < 100 and b"Traceback" not in err
