@@ -3,6 +3,13 @@
 
     python benchmarks/startup.py              # every command, median of 5 runs
     python benchmarks/startup.py --runs 3 --no-load --only tokenize,chat
+    python benchmarks/startup.py --first-byte --runs 5   # `llm generate "Hello" -n 1`: time to its first byte
+
+--first-byte runs the command a user types first, `llm generate "Hello" -n 1` (built-in model; one unmeasured
+run first warms the file cache), N times with LLM_PHASES set, and reports the median wall time from launch to
+the first byte on stdout, the process's peak RSS, `python -c "import torch"` timed in the same run, and each
+start-up phase (core/phases.py marks: the time from the previous mark to the phase's end); "after import torch"
+is the first byte's time less the end of the process's own `import torch`: what the project's code costs.
 
 Each row runs the real `llm` entry point (the one beside this interpreter) in a fresh process with stdin
 from /dev/null, N times, and reports the median and min-max of the wall-clock time to exit and the median
@@ -84,12 +91,71 @@ def imports_torch(args: list[str], env: dict[str, str]) -> bool:
     return any(line.rsplit("|", 1)[-1].strip() == "torch" for line in err.splitlines() if line.startswith("import time:"))
 
 
+FIRST_BYTE = ["generate", "Hello", "-n", "1"]
+
+
+def first_byte_once(env: dict[str, str]) -> tuple[float, float, int, dict[str, float], float]:
+    """(seconds from launch to the first stdout byte, seconds to exit, peak RSS in bytes, {phase: seconds it
+    took}, seconds from the end of its `import torch` to the first byte) of one `llm generate "Hello" -n 1`
+    run; phases from its LLM_PHASES file, the first mark of each name."""
+    with tempfile.NamedTemporaryFile(suffix=".jsonl") as marks:
+        start = time.time()
+        t0 = time.perf_counter()
+        p = subprocess.Popen([LLM, *FIRST_BYTE], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, env={**env, "LLM_PHASES": marks.name})
+        p.stdout.read(1)
+        first = time.perf_counter() - t0
+        first_at = time.time()
+        p.stdout.read()
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+        if p.returncode:
+            sys.exit(f"llm {' '.join(FIRST_BYTE)} failed with exit code {p.returncode}")
+        phases, ends, last = {}, {}, start
+        for line in open(marks.name, encoding="utf-8"):
+            m = json.loads(line)
+            if m["phase"] not in phases:
+                phases[m["phase"]], ends[m["phase"]], last = m["t"] - last, m["t"], m["t"]
+    return first, wall, usage.ru_maxrss * 1024, phases, first_at - ends["import torch"]
+
+
+def import_torch_seconds() -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    return time.perf_counter() - t0
+
+
+def first_byte(runs: int, env: dict[str, str]) -> None:
+    first_byte_once(env)  # warms the file cache and the kernel build
+    rows = [first_byte_once(env) for _ in range(runs)]
+    torch_s = statistics.median(import_torch_seconds() for _ in range(runs))
+    med = statistics.median
+    print(f"llm {' '.join(FIRST_BYTE)}: {runs} runs, medians; load average {os.getloadavg()[0]:.2f}")
+    print(f"  first byte {med(r[0] for r in rows):.3f} s (min {min(r[0] for r in rows):.3f}), exit "
+          f"{med(r[1] for r in rows):.3f} s, peak RSS {med(r[2] for r in rows) / 2**20:.0f} MiB")
+    print(f"  python -c 'import torch': {torch_s:.3f} s")
+    after = [r[4] for r in rows]
+    print(f"  after the process's import torch, to the first byte: {med(after):.3f} s (min {min(after):.3f})")
+    print("  phases (s, from the previous mark; the first from launch):")
+    for name in rows[0][3]:
+        print(f"    {name:<24} {med(r[3].get(name, 0.0) for r in rows):>7.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5, help="timed runs per command (median reported)")
     ap.add_argument("--no-load", action="store_true", help="leave out the row that loads the model")
     ap.add_argument("--only", help="comma-separated label prefixes of the rows to run")
+    ap.add_argument("--first-byte", action="store_true", help="time `llm generate \"Hello\" -n 1` to its first "
+                    "stdout byte, by phase (see above)")
     opts = ap.parse_args()
+    if opts.first_byte:
+        with tempfile.TemporaryDirectory() as home:
+            env = {**os.environ, "NO_COLOR": "1", "XDG_CONFIG_HOME": home}
+            env.pop("LLM_DEBUG", None)
+            first_byte(opts.runs, env)
+        return
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Models)
     threading.Thread(target=server.serve_forever, daemon=True).start()

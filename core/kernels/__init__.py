@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from llm_torch.core.phases import mark
+
 SOURCES = (Path(__file__).with_name("gemm.c"), Path(__file__).with_name("step.c"))
 # -ffp-contract=off: only the explicit FMA intrinsics fuse; GCC would otherwise contract a*b+c in some
 # inlined copies of a tile and not others, and a row would round differently alone and batched.
@@ -216,6 +218,7 @@ def _load() -> tuple[MatVec | None, KernelStatus]:
     global _STATE
     if _STATE is None:
         _STATE = _try_load()
+        mark("kernel library")
     return _STATE
 
 
