@@ -8,8 +8,9 @@
 --first-byte runs the command a user types first, `llm generate "Hello" -n 1` (built-in model; one unmeasured
 run first warms the file cache), N times with LLM_PHASES set, and reports the median wall time from launch to
 the first byte on stdout, the process's peak RSS, `python -c "import torch"` timed in the same run, and each
-start-up phase (core/phases.py marks: the time from the previous mark to the phase's end); "after import torch"
-is the first byte's time less the end of the process's own `import torch`: what the project's code costs.
+start-up phase (core/phases.py marks: the time from the previous mark to the phase's end, and the RSS and peak
+RSS at its end); "after import torch" is the first byte's time less the end of the process's own `import torch`:
+what the project's code costs. --phases "ARGS" does the same for `llm ARGS`.
 
 Each row runs the real `llm` entry point (the one beside this interpreter) in a fresh process with stdin
 from /dev/null, N times, and reports the median and min-max of the wall-clock time to exit and the median
@@ -94,30 +95,32 @@ def imports_torch(args: list[str], env: dict[str, str]) -> bool:
 FIRST_BYTE = ["generate", "Hello", "-n", "1"]
 
 
-def first_byte_once(env: dict[str, str]) -> tuple[float, float, int, dict[str, float], float]:
-    """(seconds from launch to the first stdout byte, seconds to exit, peak RSS in bytes, {phase: seconds it
-    took}, seconds from the end of its `import torch` to the first byte) of one `llm generate "Hello" -n 1`
-    run; phases from its LLM_PHASES file, the first mark of each name."""
+def phases_once(args: list[str], env: dict[str, str]) -> dict:
+    """One `llm ARGS` run with LLM_PHASES set: seconds from launch to the first stdout byte ("first") and to exit
+    ("wall"), peak RSS ("peak", bytes), each phase's (seconds since the previous mark, RSS and peak RSS at its
+    end) in "phases" (the first mark of each name), and seconds from the end of its `import torch` to the
+    first byte ("after_torch"; None if it never imported torch)."""
     with tempfile.NamedTemporaryFile(suffix=".jsonl") as marks:
         start = time.time()
         t0 = time.perf_counter()
-        p = subprocess.Popen([LLM, *FIRST_BYTE], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        p = subprocess.Popen([LLM, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, env={**env, "LLM_PHASES": marks.name})
         p.stdout.read(1)
-        first = time.perf_counter() - t0
-        first_at = time.time()
+        first, first_at = time.perf_counter() - t0, time.time()
         p.stdout.read()
         _, status, usage = os.wait4(p.pid, 0)
         p.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t0
         if p.returncode:
-            sys.exit(f"llm {' '.join(FIRST_BYTE)} failed with exit code {p.returncode}")
+            sys.exit(f"llm {' '.join(args)} failed with exit code {p.returncode}")
         phases, ends, last = {}, {}, start
         for line in open(marks.name, encoding="utf-8"):
             m = json.loads(line)
             if m["phase"] not in phases:
-                phases[m["phase"]], ends[m["phase"]], last = m["t"] - last, m["t"], m["t"]
-    return first, wall, usage.ru_maxrss * 1024, phases, first_at - ends["import torch"]
+                phases[m["phase"]] = (m["t"] - last, m["rss"], m["peak"])
+                ends[m["phase"]] = last = m["t"]
+    after = first_at - ends["import torch"] if "import torch" in ends else None
+    return {"first": first, "wall": wall, "peak": usage.ru_maxrss * 1024, "phases": phases, "after_torch": after}
 
 
 def import_torch_seconds() -> float:
@@ -126,20 +129,24 @@ def import_torch_seconds() -> float:
     return time.perf_counter() - t0
 
 
-def first_byte(runs: int, env: dict[str, str]) -> None:
-    first_byte_once(env)  # warms the file cache and the kernel build
-    rows = [first_byte_once(env) for _ in range(runs)]
+def report_phases(args: list[str], runs: int, env: dict[str, str]) -> None:
+    phases_once(args, env)  # warms the file cache and the kernel build
+    rows = [phases_once(args, env) for _ in range(runs)]
     torch_s = statistics.median(import_torch_seconds() for _ in range(runs))
     med = statistics.median
-    print(f"llm {' '.join(FIRST_BYTE)}: {runs} runs, medians; load average {os.getloadavg()[0]:.2f}")
-    print(f"  first byte {med(r[0] for r in rows):.3f} s (min {min(r[0] for r in rows):.3f}), exit "
-          f"{med(r[1] for r in rows):.3f} s, peak RSS {med(r[2] for r in rows) / 2**20:.0f} MiB")
+    mib = 2**20
+    print(f"llm {' '.join(args)}: {runs} runs, medians; load average {os.getloadavg()[0]:.2f}")
+    print(f"  first byte {med(r['first'] for r in rows):.3f} s (min {min(r['first'] for r in rows):.3f}), exit "
+          f"{med(r['wall'] for r in rows):.3f} s, peak RSS {med(r['peak'] for r in rows) / mib:.0f} MiB")
     print(f"  python -c 'import torch': {torch_s:.3f} s")
-    after = [r[4] for r in rows]
-    print(f"  after the process's import torch, to the first byte: {med(after):.3f} s (min {min(after):.3f})")
-    print("  phases (s, from the previous mark; the first from launch):")
-    for name in rows[0][3]:
-        print(f"    {name:<24} {med(r[3].get(name, 0.0) for r in rows):>7.3f}")
+    after = [r["after_torch"] for r in rows if r["after_torch"] is not None]
+    if after:
+        print(f"  after the process's import torch, to the first byte: {med(after):.3f} s (min {min(after):.3f})")
+    print(f"  {'phase (s from the previous mark; the first from launch)':<56} {'s':>7} {'RSS MiB':>8} {'peak MiB':>9}")
+    for name in rows[0]["phases"]:
+        got = [r["phases"][name] for r in rows if name in r["phases"]]
+        print(f"    {name:<54} {med(g[0] for g in got):>7.3f} {med(g[1] for g in got) / mib:>8.0f} "
+              f"{med(g[2] for g in got) / mib:>9.0f}")
 
 
 def main() -> None:
@@ -149,12 +156,14 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated label prefixes of the rows to run")
     ap.add_argument("--first-byte", action="store_true", help="time `llm generate \"Hello\" -n 1` to its first "
                     "stdout byte, by phase (see above)")
+    ap.add_argument("--phases", metavar="ARGS", help="as --first-byte, for `llm ARGS` (e.g. \"bench -p 512 -n 128 "
+                    "-r 1\": where its peak RSS comes from)")
     opts = ap.parse_args()
-    if opts.first_byte:
+    if opts.first_byte or opts.phases:
         with tempfile.TemporaryDirectory() as home:
             env = {**os.environ, "NO_COLOR": "1", "XDG_CONFIG_HOME": home}
             env.pop("LLM_DEBUG", None)
-            first_byte(opts.runs, env)
+            report_phases(opts.phases.split() if opts.phases else FIRST_BYTE, opts.runs, env)
         return
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Models)
