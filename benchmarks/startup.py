@@ -97,9 +97,10 @@ FIRST_BYTE = ["generate", "Hello", "-n", "1"]
 
 def phases_once(args: list[str], env: dict[str, str]) -> dict:
     """One `llm ARGS` run with LLM_PHASES set: seconds from launch to the first stdout byte ("first") and to exit
-    ("wall"), peak RSS ("peak", bytes), each phase's (seconds since the previous mark, RSS and peak RSS at its
-    end) in "phases" (the first mark of each name), and seconds from the end of its `import torch` to the
-    first byte ("after_torch"; None if it never imported torch)."""
+    ("wall"), peak RSS ("peak", bytes), each phase's (seconds since the previous mark, CPU seconds since it, RSS
+    and peak RSS at its end) in "phases" (the first mark of each name), seconds from the end of its `import
+    torch` to the first byte ("after_torch"; None if it never imported torch) and the CPU seconds of the
+    phases after it ("after_torch_cpu")."""
     with tempfile.NamedTemporaryFile(suffix=".jsonl") as marks:
         start = time.time()
         t0 = time.perf_counter()
@@ -113,14 +114,20 @@ def phases_once(args: list[str], env: dict[str, str]) -> dict:
         wall = time.perf_counter() - t0
         if p.returncode:
             sys.exit(f"llm {' '.join(args)} failed with exit code {p.returncode}")
-        phases, ends, last = {}, {}, start
+        phases, ends, cpus, last, last_cpu = {}, {}, {}, start, 0.0
         for line in open(marks.name, encoding="utf-8"):
             m = json.loads(line)
             if m["phase"] not in phases:
-                phases[m["phase"]] = (m["t"] - last, m["rss"], m["peak"])
-                ends[m["phase"]] = last = m["t"]
-    after = first_at - ends["import torch"] if "import torch" in ends else None
-    return {"first": first, "wall": wall, "peak": usage.ru_maxrss * 1024, "phases": phases, "after_torch": after}
+                phases[m["phase"]] = (m["t"] - last, m["cpu"] - last_cpu, m["rss"], m["peak"])
+                ends[m["phase"]], cpus[m["phase"]] = m["t"], m["cpu"]
+                last, last_cpu = m["t"], m["cpu"]
+    after = after_cpu = None
+    if "import torch" in ends:
+        after = first_at - ends["import torch"]
+        first_out = next((n for n in ("write", "forward") if n in cpus), None)  # the mark nearest the first byte
+        after_cpu = cpus[first_out] - cpus["import torch"] if first_out else None
+    return {"first": first, "wall": wall, "peak": usage.ru_maxrss * 1024, "phases": phases, "after_torch": after,
+            "after_torch_cpu": after_cpu}
 
 
 def import_torch_seconds() -> float:
@@ -141,12 +148,15 @@ def report_phases(args: list[str], runs: int, env: dict[str, str]) -> None:
     print(f"  python -c 'import torch': {torch_s:.3f} s")
     after = [r["after_torch"] for r in rows if r["after_torch"] is not None]
     if after:
-        print(f"  after the process's import torch, to the first byte: {med(after):.3f} s (min {min(after):.3f})")
-    print(f"  {'phase (s from the previous mark; the first from launch)':<56} {'s':>7} {'RSS MiB':>8} {'peak MiB':>9}")
+        cpu = [r["after_torch_cpu"] for r in rows if r["after_torch_cpu"] is not None]
+        print(f"  after the process's import torch, to the first byte: {med(after):.3f} s (min {min(after):.3f}); "
+              f"CPU {med(cpu):.3f} s")
+    print(f"  {'phase (from the previous mark; the first from launch)':<56} {'s':>7} {'CPU s':>7} {'RSS MiB':>8} "
+          f"{'peak MiB':>9}")
     for name in rows[0]["phases"]:
         got = [r["phases"][name] for r in rows if name in r["phases"]]
-        print(f"    {name:<54} {med(g[0] for g in got):>7.3f} {med(g[1] for g in got) / mib:>8.0f} "
-              f"{med(g[2] for g in got) / mib:>9.0f}")
+        print(f"    {name:<54} {med(g[0] for g in got):>7.3f} {med(g[1] for g in got):>7.3f} "
+              f"{med(g[2] for g in got) / mib:>8.0f} {med(g[3] for g in got) / mib:>9.0f}")
 
 
 def main() -> None:

@@ -149,8 +149,8 @@ def _write_phases() -> None:
     from llm_torch.core.phases import marks
 
     with open(path, "a", encoding="utf-8") as f:
-        f.writelines(json.dumps({"phase": name, "t": t, "rss": rss, "peak": peak}) + "\n"
-                     for name, t, rss, peak in marks())
+        f.writelines(json.dumps({"phase": name, "t": t, "cpu": cpu, "rss": rss, "peak": peak}) + "\n"
+                     for name, t, cpu, rss, peak in marks())
 
 
 def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:

@@ -1,6 +1,6 @@
 """Start-up phase marks for benchmarks/startup.py: with LLM_PHASES=FILE set, each mark(name) records the wall
-clock (time.time(), comparable with the launching process's) and the process's resident and peak memory, and
-the CLI writes them to FILE at exit.
+clock (time.time(), comparable with the launching process's), the process's CPU time (steady on a busy machine,
+where wall times swing) and its resident and peak memory, and the CLI writes them to FILE at exit.
 
 Unset (the normal case) a mark is one global test; imports nothing heavy (called before torch loads)."""
 
@@ -9,18 +9,18 @@ from __future__ import annotations
 import os
 import time
 
-_MARKS: list[tuple[str, float, int, int]] | None = [] if os.environ.get("LLM_PHASES") else None
+_MARKS: list[tuple[str, float, float, int, int]] | None = [] if os.environ.get("LLM_PHASES") else None
 
 
 def mark(name: str) -> None:
     """The phase `name` ended now (a no-op unless LLM_PHASES is set)."""
     if _MARKS is not None:
-        _MARKS.append((name, time.time(), *_memory()))
+        _MARKS.append((name, time.time(), time.process_time(), *_memory()))
 
 
-def marks() -> list[tuple[str, float, int, int]]:
-    """(phase, wall clock at its end, RSS bytes then, peak RSS bytes so far) in order; empty unless LLM_PHASES
-    is set."""
+def marks() -> list[tuple[str, float, float, int, int]]:
+    """(phase, wall clock at its end, process CPU seconds so far, RSS bytes then, peak RSS bytes so far) in order;
+    empty unless LLM_PHASES is set."""
     return list(_MARKS or ())
 
 

@@ -154,6 +154,7 @@ def test_llm_phases_writes_each_start_up_phase_in_order(tmp_path):
                 "tokenizer", "build model", "assign weights", "load", "prompt", "engine + runner", "forward", "write"]
     assert [n for n in dict.fromkeys(names) if n != "kernel library"] == expected
     assert [m["t"] for m in marks] == sorted(m["t"] for m in marks)
+    assert [m["cpu"] for m in marks] == sorted(m["cpu"] for m in marks)
     assert all(0 < m["rss"] <= m["peak"] for m in marks)
     assert r.stdout.strip() and r.stderr == b""
 
