@@ -92,6 +92,9 @@ def main() -> None:
     from llm_torch.core.openmp import tune_openmp
 
     tune_openmp()  # before anything loads torch
+    from llm_torch.core.phases import mark
+
+    mark("cli import")
     from . import render
     from .completions import COMPLETE_VAR, register_shells
 
@@ -132,6 +135,22 @@ def main() -> None:
             sys.exit(1)
         render.error(f"{type(e).__name__}: {e}", "set LLM_DEBUG=1 to see the traceback")
         sys.exit(1)
+    finally:
+        _write_phases()
+
+
+def _write_phases() -> None:
+    """LLM_PHASES=FILE: the start-up phase marks (core/phases.py), one JSON line each, for benchmarks/startup.py."""
+    path = os.environ.get("LLM_PHASES")
+    if not path:
+        return
+    import json
+
+    from llm_torch.core.phases import marks
+
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps({"phase": name, "t": t, "cpu": cpu, "rss": rss, "peak": peak}) + "\n"
+                     for name, t, cpu, rss, peak in marks())
 
 
 def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:

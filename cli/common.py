@@ -6,6 +6,8 @@ import os
 import sys
 import time
 
+from llm_torch.core.phases import mark
+
 from . import render
 
 
@@ -138,6 +140,7 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
 
         resolved = resolve_model(model_ref, progress=not quiet and sys.stderr.isatty())
     resolving = time.perf_counter() - t0
+    mark("resolve")
     spec = None
     if quantize:
         from llm_torch.core.errors import UnsupportedError
@@ -155,8 +158,12 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
         ctx = _tensor_parallel(tp, device, model_ref)
         loaded = _load_rank0(ctx, model_ref, dtype, context)
     else:
+        import torch  # noqa: F401 - alone first, so the phase marks tell torch's import from ours
+
+        mark("import torch")
         from llm_torch.core.placement.loading import load_resolved
 
+        mark("import loader")
         loaded = load_resolved(resolved, dtype=dtype, device=device, head=head, device_map=device_map, context=context)
     if spec is not None:
         from llm_torch.quant.api import quantize_loaded
@@ -173,6 +180,7 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
             render.warn("--compile replaces the native decode step with a compiled graph of the PyTorch layers: "
                         "slower on this CPU (see README), and the first token waits 20-90 s for the compile")
         compile_model(loaded.model)
+    mark("load")
     if not quiet or sys.stderr.isatty():
         from llm_torch.core.model.layers import compute_dtype
 

@@ -28,7 +28,11 @@ def generate(
     output: Output = None,
 ) -> None:
     """Generate text from a prompt (argument and/or stdin); streams to stdout."""
+    from llm_torch.core.phases import mark
+
     from .model_args import prompt_argument
+
+    mark("parse arguments")
 
     prompt = prompt_argument(model.model, prompt, ctx.args, command="generate")
     if model.handled_before_input():
@@ -47,6 +51,7 @@ def generate(
     if output.stats:
         render.info(sampling_line(spec.sampling, loaded.generation_config))
     ids = encode_prompt(loaded.tokenizer, text, chat=chat, system=system)
+    mark("prompt")
     pieces, token_ids = [], []
     final = None
     for event in stream_generate(loaded.model, loaded.tokenizer, ids, spec, context=model.context):
@@ -55,6 +60,7 @@ def generate(
             pieces.append(event.text)
         else:
             render.write(event.text)
+            mark("write")
         if event.finish_reason:
             final = event
     if final.timings.truncated_tokens:

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"cli": "llm_torch.cli", "core": "llm_torch.core", "quant": "llm_torch.quant"}
 # Lower packages never import higher ones (low -> high); imports within one package are free.
 ORDER = (
-    "llm_torch.core",  # its top modules only: errors, openmp, files
+    "llm_torch.core",  # its top modules only: errors, openmp, files, phases
     "llm_torch.core.kernels",
     "llm_torch.core.model",
     "llm_torch.core.tokenizer",

@@ -139,3 +139,28 @@ def test_help_does_not_import_torch():
 def test_version():
     r = run_llm("--version")
     assert r.returncode == 0 and r.stdout.startswith(b"llm-torch ")
+
+
+@needs_model
+def test_llm_phases_writes_each_start_up_phase_in_order(tmp_path):
+    """LLM_PHASES=FILE (core/phases.py, for benchmarks/startup.py): one JSON line per phase mark, in the order the
+    phases ran, with the wall clock and the RSS / peak RSS at its end; nothing else changes."""
+    path = tmp_path / "phases.jsonl"
+    r = run_llm("generate", "-n", "1", "--temperature", "0", "Hi", env={"LLM_PHASES": str(path)})
+    assert r.returncode == 0, r.stderr
+    marks = [json.loads(line) for line in path.read_text().splitlines()]
+    names = [m["phase"] for m in marks]
+    expected = ["cli import", "parse arguments", "resolve", "import torch", "import loader", "open checkpoint", "plan",
+                "tokenizer", "build model", "assign weights", "load", "prompt", "engine + runner", "forward", "write"]
+    assert [n for n in dict.fromkeys(names) if n != "kernel library"] == expected
+    assert [m["t"] for m in marks] == sorted(m["t"] for m in marks)
+    assert [m["cpu"] for m in marks] == sorted(m["cpu"] for m in marks)
+    assert all(0 < m["rss"] <= m["peak"] for m in marks)
+    assert r.stdout.strip() and r.stderr == b""
+
+
+def test_without_llm_phases_no_marks_are_kept():
+    from llm_torch.core import phases
+
+    phases.mark("something")
+    assert phases.marks() == []

@@ -215,6 +215,13 @@ def test_fast_reader_matches_stock_reader(tmp_path, endian):
     assert meta["test.string"] == "ünï" and meta["test.bool"] is True
     assert meta["test.u64"] == 2**40 and meta["test.f64"] == 0.1
     assert not any(k.startswith("GGUF.") for k in meta)
+    # The checkpoint's reader keeps arrays as plain lists, not fields: the same metadata, value types included.
+    plain = gguf_metadata(open_gguf(path, plain_arrays=True))
+    assert plain == meta and [type(v) for v in _items(plain)] == [type(v) for v in _items(meta)]
+
+
+def _items(meta: dict) -> list:
+    return [x for v in meta.values() for x in (v if isinstance(v, list) else [v])]
 
 
 def test_tiny_files_match_stock_reader(tiny_files):
@@ -617,3 +624,18 @@ def test_unsupported_tensor_type(tmp_path):
     reader = _raw_reader(tmp_path, {"blk.0.attn_q.weight": (Q.Q8_1, _random_blocks(rng, Q.Q8_1, 2, 64))})
     with pytest.raises(UnsupportedError, match=r"'blk\.0\.attn_q\.weight' uses type Q8_1"):
         _dequantize(reader.tensors[0])
+
+
+@pytest.mark.parametrize("plain_arrays", [False, True])
+def test_a_string_that_is_not_utf8_is_a_checkpoint_error(tmp_path, plain_arrays):
+    path = tmp_path / "bad.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_array("test.strings", ["ok", "h\u00e9llo"])
+    w.add_tensor("t.weight", np.zeros((2, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    path.write_bytes(path.read_bytes().replace("h\u00e9llo".encode(), b"h\xff\xfello"))
+    with pytest.raises(CheckpointError, match="'test.strings' holds a string that is not UTF-8"):
+        gguf_metadata(open_gguf(path, plain_arrays=plain_arrays))

@@ -286,7 +286,7 @@ class GGUFCheckpoint(Checkpoint):
     def __init__(self, path: Path):
         self.warnings = []
         self.path = path
-        self._reader = open_gguf(path)
+        self._reader = open_gguf(path, plain_arrays=True)
         self.meta = gguf_metadata(self._reader)
         release_fields(self._reader)  # meta has every value now; the fields' per-string views cost ~36 MB
         names = [t.name for t in self._reader.tensors]

@@ -30,6 +30,7 @@ import torch
 from llm_torch.core.errors import InputError
 from llm_torch.core.model.config import resolve_context
 from llm_torch.core.model.kv_cache import KVCache
+from llm_torch.core.phases import mark
 from .events import GenerationEvent, GenerationResult, Timings
 from .request import Request
 from .runner import Runner, make_runner
@@ -133,6 +134,7 @@ class Engine:
         if not plan.segments:
             return plan.changed
         logits = self.runner.forward(self.cache, plan.segments)
+        mark("forward")
         now = time.perf_counter()
         rows = plan.sampled
         tokens = self._sample(rows, logits)
@@ -218,6 +220,7 @@ def stream_generate(model, tokenizer, prompt_ids: Sequence[int], spec: Generatio
     (prompt + answer; None: the model's)."""
     config = EngineConfig(max_batch=1, max_context=context, prefill_chunk=spec.prefill_chunk)
     engine = Engine(model, tokenizer, config, runner=runner)
+    mark("engine + runner")
     yield from engine.stream(prompt_ids, spec)
 
 

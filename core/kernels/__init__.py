@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from llm_torch.core.phases import mark
+
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemm.c", "gguf.c", "gguf_k.c", "step.c"))
 # -ffp-contract=off: only the explicit FMA intrinsics fuse; GCC would otherwise contract a*b+c in some
 # inlined copies of a tile and not others, and a row would round differently alone and batched.
@@ -255,6 +257,7 @@ def _load() -> tuple[MatVec | None, KernelStatus]:
     global _STATE
     if _STATE is None:
         _STATE = _try_load()
+        mark("kernel library")
     return _STATE
 
 

@@ -17,6 +17,7 @@ from llm_torch.core.checkpoint.safetensors import name_list
 from llm_torch.core.errors import CheckpointError, InputError, UnsupportedError
 from llm_torch.core.model.config import ModelConfig, resolve_context
 from llm_torch.core.model.families import family_for
+from llm_torch.core.phases import mark
 
 from . import device_map as dm
 from .memory import check_fits, plan_line
@@ -258,11 +259,16 @@ def load_resolved(
     context: the KV positions per sequence the memory checks count (None: the model's context).
     """
     checkpoint = open_checkpoint(resolved)
+    mark("open checkpoint")
     plan = plan_load(checkpoint, dtype=dtype, device=device, head=head, shard=shard, device_map=device_map,
                      budgets=budgets, context=context)
+    mark("plan")
     tokenizer = read_tokenizer(checkpoint, with_tokenizer)
+    mark("tokenizer")
     model = build_planned_model(plan)
+    mark("build model")
     quantization = assign_checkpoint(model, checkpoint, plan)
+    mark("assign weights")
     install_runner(model, plan)
     return LoadedModel(model, checkpoint.config, tokenizer, resolved.name, plan.dtype, checkpoint.generation_config(),
                        plan.placement, quantization)
