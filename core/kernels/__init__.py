@@ -41,6 +41,7 @@ class KernelStatus:
 
 # Weight layouts the kernels multiply by; values mirror step.c's enum.
 F32, F16, BF16, I8, I8Q8, I4Q8 = range(6)
+Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K = range(6, 12)
 FLOAT_KINDS = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
 
 
@@ -99,6 +100,7 @@ class MatVec:
     fp32 / fp16 / bf16 / int8 / int4 W on the CPU, and step.c's whole-stack forward (`forward_rows`)."""
 
     def __init__(self, lib: ctypes.CDLL, step: bool = True):
+        self.kinds = frozenset({F32, F16, BF16, I8, I8Q8, I4Q8})
         self.forward_rows = lib.llm_forward_rows if step else None
         if step:
             self.forward_rows.argtypes = [ctypes.POINTER(CModel), ctypes.POINTER(CCache), _I, _P, _P, _P, _P, _P, _I,

@@ -19,7 +19,9 @@ from llm_torch.core.model.config import ModelConfig, resolve_context
 from llm_torch.core.model.families import family_for
 
 from . import device_map as dm
+from .gguf_packed import GGUFPacked, gguf_packing, packed_weight_bytes
 from .memory import check_fits, plan_line
+from .sizing import param_counts
 from .tensor_parallel import Shard
 from .weight_formats import WeightFormatLoader, weight_format_for
 
@@ -143,6 +145,7 @@ def assign_weights(
     model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, device, *, fast_layout: bool = False
 ) -> None:
     """Assign checkpoint tensors to a meta-device model by name; strict: lists missing/unexpected keys.
+    dtype: the weights' storage dtype (None: each tensor's own).
 
     fast_layout: store matmul weights in the layout the device multiplies fastest (layers.k_major_weights);
     shapes and names stay those of the checkpoint, only the strides differ.
@@ -192,7 +195,12 @@ def assign_weights(
             parts.append(f"unexpected {len(unexpected)} tensor(s): {name_list(unexpected)}")
         raise CheckpointError("checkpoint does not match the config: " + "; ".join(parts))
     if ties:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        embed = model.model.embed_tokens
+        tied_head = getattr(embed, "tied_head", None)  # packed tables (gguf_layers) make a head over their rows
+        if tied_head is not None:
+            model.lm_head = tied_head()
+        else:
+            model.lm_head.weight = embed.weight
     for name, module in model.named_modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers(place(f"{name}.buffers"))
@@ -282,6 +290,8 @@ class LoadPlan:
     placement: dm.DevicePlan | None = None  # --device-map: each layer's device
     shard: Shard | None = None  # --tp: this rank's part
     weight_format: WeightFormatLoader | None = None  # a quantized checkpoint's loader (weight_formats.py)
+    packed_kinds: frozenset[int] = frozenset()  # GGUF block kinds kept packed (gguf_packed.py)
+    weight_bytes: int | None = None  # where packed: the weights' bytes (else sizing counts params x dtype)
 
     def device_of(self, name: str) -> torch.device:
         """Where the parameter `name` goes."""
@@ -291,7 +301,7 @@ class LoadPlan:
         """Per device: the weights and KV cache it takes, and its free memory."""
         if self.placement is not None:
             return self.placement.lines()
-        return [plan_line(self.config, self.dtype, self.device, self.context, self.head)]
+        return [plan_line(self.config, self.dtype, self.device, self.context, self.head, weights=self.weight_bytes)]
 
 
 def plan_load(checkpoint: Checkpoint, *, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
@@ -314,9 +324,15 @@ def plan_load(checkpoint: Checkpoint, *, dtype: str | torch.dtype | None = "auto
     dev = resolve_device(device)
     target = resolve_dtype(dtype, config, kind=checkpoint.kind, device=dev)
     local = config if shard is None else shard.local_config(config)
+    packed, size = frozenset(), None
+    if checkpoint.kind == "gguf" and shard is None and (dtype is None or str(dtype).lower() == "auto"):
+        # Packed where the kernels multiply the blocks (CPU); an explicit --dtype decodes at load as before.
+        packed = gguf_packing(dev)
+        if packed:
+            size = packed_weight_bytes(param_counts(local, head).total, checkpoint.packed_tensors(packed), target)
     if check and weight_format is None:  # a quantized model's size is its format's business
-        check_fits(local, target, dev, context=context, head=head)
-    return LoadPlan(local, checkpoint.kind, target, context, head, dev, None, shard, weight_format)
+        check_fits(local, target, dev, context=context, head=head, weights=size)
+    return LoadPlan(local, checkpoint.kind, target, context, head, dev, None, shard, weight_format, packed, size)
 
 
 def refuse_for_quantized(head: str, shard: Shard | None, device_map: str | None) -> None:
@@ -366,9 +382,15 @@ def assign_checkpoint(model: nn.Module, checkpoint: Checkpoint, plan: LoadPlan) 
         from llm_torch.core.model.layers import use_native_kernels
 
         use_native_kernels()  # before the weights are placed: it decides their layout (layers.k_major_weights)
-    # 16-bit and fp32 sources come as stored (assign_weights casts); GGUF blocks are decoded to the plan's dtype.
-    tensors = checkpoint.read(plan.dtype if plan.kind != "folder" else None,
-                              None if plan.shard is None else plan.shard.select)
+    # 16-bit and fp32 sources come as stored (assign_weights casts); GGUF blocks are decoded to the plan's dtype,
+    # or kept as blocks (packed kinds: the other tensors then keep their stored float dtype).
+    packed = None
+    if plan.packed_kinds:
+        packed = GGUFPacked(model, checkpoint, plan.packed_kinds, plan.device)
+        tensors = packed.filter(checkpoint.read_packed(plan.dtype, plan.packed_kinds))
+    else:
+        tensors = checkpoint.read(plan.dtype if plan.kind != "folder" else None,
+                                  None if plan.shard is None else plan.shard.select)
     if plan.head == "feature_extraction":
         tensors = base_model_tensors(tensors)
     weight_format = None
@@ -376,8 +398,11 @@ def assign_checkpoint(model: nn.Module, checkpoint: Checkpoint, plan: LoadPlan) 
         weight_format = plan.weight_format(model, checkpoint.quantization_config,
                                            lambda: {t.name for t in checkpoint.tensors}, plan.dtype, plan.device)
         tensors = weight_format.filter(tensors)
-    assign_weights(model, tensors, plan.dtype, plan.device if plan.placement is None else plan.device_of,
-                   fast_layout=True)
+    assign_weights(model, tensors, None if packed else plan.dtype,
+                   plan.device if plan.placement is None else plan.device_of, fast_layout=True)
+    if packed is not None:
+        packed.finish()
+        return packed.label
     if weight_format is None:
         return None
     weight_format.finish()
