@@ -21,6 +21,7 @@ from llm_torch.core.placement import gguf_packed, loading
 from llm_torch.core.placement.loading import load_resolved, plan_load
 from llm_torch.core.checkpoint import open_checkpoint
 from llm_torch.core.tools.model_size import weight_bytes_per_token, weights_bytes
+from tests.cli_util import needs_model
 from tests.test_gguf import llamacpp_permute
 
 PACKED = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -276,3 +277,32 @@ def test_kernel_matches_decoded_rows(kind):
     assert torch.equal(got, mv.linear(layer.native_linear(), x))
     tol = 0.02 * ref.abs().max().item()
     torch.testing.assert_close(got, ref, atol=tol, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- the built-in model
+
+
+@needs_model
+@pytest.mark.slow
+@torch.no_grad()
+def test_builtin_model_loads_packed_with_the_same_greedy_tokens(force_packing):
+    """SmolLM2 Q4_1 (token_embd Q8_0, the tied head): 210 + 1 packed matrices, ~98 MB read per token instead of
+    the 269 MB of fp16 weights, and the same greedy tokens as the model decoded at load in fp32."""
+    from llm_torch.core.engine.engine import generate
+    from llm_torch.core.engine.spec import GenerationSpec
+    from llm_torch.core.placement.loading import load_model
+
+    packed = load_model("smollm2")
+    modules = [m for m in packed.model.modules() if isinstance(m, (GGUFLinear, GGUFEmbedding))]
+    assert len(modules) == 212 and packed.quantization == "gguf Q4_1+Q8_0"  # 210 + embedding + tied head
+    per_token = weight_bytes_per_token(packed.model)
+    assert 95e6 < per_token < 100e6, per_token
+    plan = plan_load(open_checkpoint(loading.resolve_model("smollm2")), check=False)
+    assert abs(plan.weight_bytes - weights_bytes(packed.model)) < 1e5  # norms: fp16 in the plan, fp32 here
+    decoded = load_model("smollm2", dtype="float32")
+    ids = packed.tokenizer.encode("The capital of France is")
+    spec = GenerationSpec(max_new_tokens=8)  # decoding every matrix per token on the PyTorch path: slow
+    assert generate(packed.model, packed.tokenizer, ids, spec).token_ids == \
+        generate(decoded.model, decoded.tokenizer, ids, spec).token_ids
+    x = torch.tensor([ids])  # many rows: one GEMM over the decoded weights
+    torch.testing.assert_close(packed.model(x)[0, -1], decoded.model(x)[0, -1], atol=1e-4, rtol=0)
