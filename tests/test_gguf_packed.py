@@ -225,7 +225,7 @@ def test_sizes_count_packed_bytes(files, force_packing):
     plan = plan_load(open_checkpoint(ResolvedModel("tiny", "gguf", path)), check=False)
     # The plan counts the few float tensors in its dtype (fp16): norms and biases are fp32 here.
     assert 0 < stored - plan.weight_bytes < 4 * HIDDEN * (2 * LAYERS + 1) + 4 * 3 * HIDDEN * LAYERS
-    assert f"{plan.weight_bytes / 2**30:.2f} GiB weights" in plan.lines()[0]
+    assert f"{plan.weight_bytes / 2**30:.2f} GiB weights (GGUF blocks kept packed)" in plan.lines()[0]
 
 
 def test_explicit_dtype_decodes_at_load(files, force_packing):
@@ -306,3 +306,17 @@ def test_builtin_model_loads_packed_with_the_same_greedy_tokens(force_packing):
         generate(decoded.model, decoded.tokenizer, ids, spec).token_ids
     x = torch.tensor([ids])  # many rows: one GEMM over the decoded weights
     torch.testing.assert_close(packed.model(x)[0, -1], decoded.model(x)[0, -1], atol=1e-4, rtol=0)
+
+
+def test_float_weights_when_asked_or_for_other_heads(files, force_packing):
+    """--quantize needs float Linears (packed=False); the bare decoder (llm embed) decodes at load too;
+    quantizing a packed model is refused, not a silent no-op over the packed layers."""
+    from llm_torch.core.errors import InputError
+    from llm_torch.quant.api import quantize_loaded
+    from llm_torch.quant.spec import make_spec
+
+    for loaded in (_load(files["tied"], packed=False), _load(files["tied"], head="feature_extraction")):
+        assert loaded.quantization is None
+        assert not any(isinstance(m, (GGUFLinear, GGUFEmbedding)) for m in loaded.model.modules())
+    with pytest.raises(InputError, match="already quantized"):
+        quantize_loaded(_load(files["tied"]), make_spec("int8"))

@@ -238,11 +238,12 @@ def load_model(
     progress: bool = True,
     shard: Shard | None = None,
     context: int | None = None,
+    packed: bool = True,
 ) -> LoadedModel:
-    """Resolve `ref`, build the model on the meta device and fill it from the checkpoint."""
+    """Resolve `ref`, build the model on the meta device and fill it from the checkpoint (packed: load_resolved)."""
     resolved = resolve_model(ref, offline=offline, progress=progress)
     return load_resolved(resolved, dtype=dtype, device=device, head=head, with_tokenizer=with_tokenizer, shard=shard,
-                         context=context)
+                         context=context, packed=packed)
 
 
 def load_resolved(
@@ -256,6 +257,7 @@ def load_resolved(
     device_map: str | None = None,
     budgets: list[dm.DeviceBudget] | None = None,
     context: int | None = None,
+    packed: bool = True,
 ) -> LoadedModel:
     """Build the model on the meta device and fill it from the checkpoint: open -> plan -> build -> assign
     weights -> install the runner, each step a function below.
@@ -264,10 +266,11 @@ def load_resolved(
     device_map: "auto": layers over the GPUs, then the CPU (core/placement/device_map.py; `budgets` replaces this
     machine's devices, for planning tests).
     context: the KV positions per sequence the memory checks count (None: the model's context).
+    packed: GGUF blocks may stay packed (plan_load); False for callers that need float Linears (--quantize).
     """
     checkpoint = open_checkpoint(resolved)
     plan = plan_load(checkpoint, dtype=dtype, device=device, head=head, shard=shard, device_map=device_map,
-                     budgets=budgets, context=context)
+                     budgets=budgets, context=context, packed=packed)
     tokenizer = read_tokenizer(checkpoint, with_tokenizer)
     model = build_planned_model(plan)
     quantization = assign_checkpoint(model, checkpoint, plan)
@@ -306,11 +309,14 @@ class LoadPlan:
 
 def plan_load(checkpoint: Checkpoint, *, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
               head: str | None = None, shard: Shard | None = None, device_map: str | None = None,
-              budgets: list[dm.DeviceBudget] | None = None, context: int | None = None, check: bool = True) -> LoadPlan:
+              budgets: list[dm.DeviceBudget] | None = None, context: int | None = None, check: bool = True,
+              packed: bool = True) -> LoadPlan:
     """The LoadPlan of an opened checkpoint (its config only: nothing is read). Refuses what cannot work
     before anything is loaded: combinations a quantized checkpoint does not support, an unknown device map
     or device, a context past the model's, and (check) weights + one context of KV cache that do not fit
-    the device's free memory (a device map refuses those whatever `check` says: it cannot place them)."""
+    the device's free memory (a device map refuses those whatever `check` says: it cannot place them).
+    packed: a GGUF's Q4_0 ... Q6_K matrices stay blocks (gguf_packed.py) with the default dtype, on the CPU, for a
+    causal LM; an explicit dtype, a shard, a device map or another head decode them at load."""
     config = checkpoint.config
     head = head or head_kind(config)
     context = resolve_context(config, context)  # InputError past what the rope setup supports
@@ -324,15 +330,16 @@ def plan_load(checkpoint: Checkpoint, *, dtype: str | torch.dtype | None = "auto
     dev = resolve_device(device)
     target = resolve_dtype(dtype, config, kind=checkpoint.kind, device=dev)
     local = config if shard is None else shard.local_config(config)
-    packed, size = frozenset(), None
-    if checkpoint.kind == "gguf" and shard is None and (dtype is None or str(dtype).lower() == "auto"):
+    kinds, size = frozenset(), None
+    if (packed and checkpoint.kind == "gguf" and shard is None and head == "causal_lm"
+            and (dtype is None or str(dtype).lower() == "auto")):
         # Packed where the kernels multiply the blocks (CPU); an explicit --dtype decodes at load as before.
-        packed = gguf_packing(dev)
-        if packed:
-            size = packed_weight_bytes(param_counts(local, head).total, checkpoint.packed_tensors(packed), target)
+        kinds = gguf_packing(dev)
+        if kinds:
+            size = packed_weight_bytes(param_counts(local, head).total, checkpoint.packed_tensors(kinds), target)
     if check and weight_format is None:  # a quantized model's size is its format's business
         check_fits(local, target, dev, context=context, head=head, weights=size)
-    return LoadPlan(local, checkpoint.kind, target, context, head, dev, None, shard, weight_format, packed, size)
+    return LoadPlan(local, checkpoint.kind, target, context, head, dev, None, shard, weight_format, kinds, size)
 
 
 def refuse_for_quantized(head: str, shard: Shard | None, device_map: str | None) -> None:

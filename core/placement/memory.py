@@ -56,9 +56,10 @@ def check_fits(config: ModelConfig, dtype: torch.dtype, device: torch.device, *,
 def plan_line(config: ModelConfig, dtype: torch.dtype, device: torch.device, context: int,
               head: str = "causal_lm", weights: int | None = None) -> str:
     """The dry run's line for one device: what the model would take there, and what is free (weights: as
-    check_fits)."""
+    check_fits, the bytes of GGUF blocks kept packed)."""
     counted, kv = estimate(config, dtype, device, context, head=head)
+    packed = " (GGUF blocks kept packed)" if weights is not None else ""
     weights = counted if weights is None else weights
     free = available_bytes(device)
-    return (f"{device}: {weights / GIB:.2f} GiB weights + {kv / GIB:.2f} GiB KV for {context} tokens"
+    return (f"{device}: {weights / GIB:.2f} GiB weights{packed} + {kv / GIB:.2f} GiB KV for {context} tokens"
             + (f", {free / GIB:.2f} GiB free" if free is not None else ""))
