@@ -164,7 +164,8 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
         from llm_torch.core.placement.loading import load_resolved
 
         mark("import loader")
-        loaded = load_resolved(resolved, dtype=dtype, device=device, head=head, device_map=device_map, context=context)
+        loaded = load_resolved(resolved, dtype=dtype, device=device, head=head, device_map=device_map, context=context,
+                               packed=spec is None)  # --quantize works on the decoded float weights
     if spec is not None:
         from llm_torch.quant.api import quantize_loaded
 

@@ -20,7 +20,8 @@ def quantize_loaded(loaded, spec: QuantSpec, *, collect: bool = False,
     """Quantize a LoadedModel's model in place (`--quantize` at load time).
 
     progress(done, total, layer name): after each layer, on the CPU path."""
-    if loaded.config.quantization_config is not None:
+    if loaded.config.quantization_config is not None or loaded.quantization is not None:
+        # (GGUF blocks loaded packed: load with packed=False to quantize the decoded weights)
         raise InputError(f"{loaded.name} is already quantized", hint="drop --quantize, or start from the float model")
     device = next(loaded.model.parameters()).device
     if device.type not in ("cpu", "cuda"):
@@ -75,7 +76,7 @@ def quantize_to_folder(ref: str | None, spec: QuantSpec, out: Path | None, *, dt
     out = Path(out)
     check_destination(out, force)  # before minutes of work
     # A folder's tokenizer files are copied as they are; a GGUF's tokenizer is rebuilt from its metadata.
-    loaded = load_resolved(resolved, dtype=dtype, device="cpu", with_tokenizer=resolved.kind == "gguf")
+    loaded = load_resolved(resolved, dtype=dtype, device="cpu", with_tokenizer=resolved.kind == "gguf", packed=False)
     result = quantize_loaded(loaded, spec, collect=True, progress=progress)
     tensors = {**float_tensors(loaded.model), **result.tensors}
     codec = codec_for(spec)

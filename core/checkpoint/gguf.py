@@ -18,14 +18,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gguf import MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES, GGUFReader, TensorNameMap
+from gguf import (MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES, GGMLQuantizationType, GGUFReader,
+                  TensorNameMap)
 
 from llm_torch.core.model.bounds import bounded_int
 from llm_torch.core.model.config import ModelConfig
 from llm_torch.core.errors import CheckpointError, ConfigError, UnsupportedError
 from llm_torch.core.model.families import Family, gguf_families
 from .base import Checkpoint, TensorInfo, generation_config_for, interleaved_to_halves, selected, write_json
-from .gguf_reader import dequantize, gguf_metadata, open_gguf, release_fields, release_pages
+from .gguf_reader import dequantize, gguf_metadata, kernel_kinds, open_gguf, raw_rows, release_fields, release_pages
 from .gguf_rope import f32_decimal, rope_scaling_from_gguf
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: config and tokenizer stay torch-free
@@ -221,24 +222,50 @@ def qk_heads(config: ModelConfig, hf_name: str) -> int | None:
     return None
 
 
+def _packable(t: Any, hf_name: str, kinds: Collection[int]) -> int | None:
+    """The kind `t` is kept packed as (one of `kinds`), or None: a matrix of whole blocks per row only."""
+    kind = kernel_kinds().get(t.tensor_type)
+    if kind is None or kind not in kinds or len(t.shape) != 2 or not hf_name.endswith(".weight"):
+        return None
+    return kind
+
+
 def iter_gguf_tensors(
-    reader: GGUFReader, config: Mapping[str, Any], dtype: torch.dtype, names: Mapping[str, str] | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
+    reader: GGUFReader, config: Mapping[str, Any], dtype: torch.dtype, names: Mapping[str, str] | None = None,
+    packed: Collection[int] = (),
+) -> Iterator[tuple[str, Any]]:
     """Yield (HF state-dict name, tensor in HF layout and `dtype`), one tensor at a time, in file order.
 
     `config` is gguf_config_dict's result; `names` its hf_tensor_names if already known. Tensors the model
     has no parameter for (rope_freqs) are skipped; a tensor name this loader does not know raises CheckpointError.
+    packed: kernel kinds (gguf_reader.kernel_kinds' values) whose matrices come as gguf_quant.PackedRows, the file's blocks
+    with q/k rows un-interleaved; with any, F32/F16/BF16 tensors keep their own dtype and `dtype` is the one
+    of the other quantized tensors (decoded).
     """
     import torch
 
+    from llm_torch.core.model.gguf_quant import PackedRows
+
     cfg = ModelConfig.from_dict(dict(config))
     names = hf_tensor_names(cfg) if names is None else names
+    own = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
+           GGMLQuantizationType.BF16: torch.bfloat16} if packed else {}
     for t in reader.tensors:
         hf_name = hf_tensor_name(names, t.name, cfg)
         if hf_name is None:
             continue
+        kind = _packable(t, hf_name, packed) if packed else None
+        if kind is not None:
+            rows = raw_rows(t)
+            heads = qk_heads(cfg, hf_name)
+            if heads is not None:  # whole rows move: the blocks of a row stay as they are
+                rows = _unpermute_qk(rows, heads, t.name)
+            release_pages(reader, t)
+            yield hf_name, PackedRows(kind, rows, int(t.shape[0]))
+            continue
         offset_norm = cfg.norm_unit_offset and hf_name.endswith("norm.weight")
-        w = dequantize(t, torch.float32 if offset_norm else dtype)
+        target = own.get(t.tensor_type, dtype)
+        w = dequantize(t, torch.float32 if offset_norm else target)
         heads = qk_heads(cfg, hf_name)
         if heads is not None:
             w = _unpermute_qk(w, heads, t.name)
@@ -247,7 +274,7 @@ def iter_gguf_tensors(
             # Subtract in fp32 before the cast, as transformers does.
             w = w - 1.0
         release_pages(reader, t)
-        yield hf_name, w.to(dtype)
+        yield hf_name, w.to(target)
 
 
 def hf_tensor_name(names: Mapping[str, str], name: str, config: ModelConfig) -> str | None:
@@ -327,6 +354,20 @@ class GGUFCheckpoint(Checkpoint):
             dtype = self.default_dtype
         # Quantized blocks cannot be cut before they are decoded: read whole, then select.
         return selected(iter_gguf_tensors(self._reader, self._gguf_config, dtype, self._hf_names), select)
+
+    def read_packed(self, dtype, kinds: Collection[int]):
+        """read(dtype), with the matrices of these kernel kinds as gguf_quant.PackedRows (iter_gguf_tensors)."""
+        return iter_gguf_tensors(self._reader, self._gguf_config, dtype, self._hf_names, packed=kinds)
+
+    def packed_tensors(self, kinds: Collection[int]) -> dict[str, tuple[int, tuple[int, int], int]]:
+        """HF name -> (kind, shape, bytes) of the matrices read_packed(kinds) keeps packed (header only)."""
+        out = {}
+        for t in self._reader.tensors:
+            hf_name = hf_tensor_name(self._hf_names, t.name, self.config)
+            kind = None if hf_name is None else _packable(t, hf_name, kinds)
+            if kind is not None:
+                out[hf_name] = (kind, (int(t.shape[1]), int(t.shape[0])), int(t.n_bytes))
+        return out
 
     def tokenizer(self):
         from llm_torch.core.tokenizer import Tokenizer

@@ -253,8 +253,8 @@ _CHUNK_ELEMENTS = 1 << 17
 
 
 def dequantize(t: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """One GGUF tensor as a torch tensor of its logical shape in `dtype` (default float32; K-quants via gguf-py:
-    float32)."""
+    """One GGUF tensor as a torch tensor of its logical shape in `dtype` (default float32; the types without a
+    torch decoder here via gguf-py: float32)."""
     import torch
 
     dtype = torch.float32 if dtype is None else dtype
@@ -279,6 +279,14 @@ def dequantize(t: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
     return out.reshape(shape)
 
 
+def raw_rows(t: Any) -> torch.Tensor:
+    """A quantized matrix's blocks as stored: uint8 [rows, row bytes] (a copy: the reader's arrays map the file)."""
+    import torch
+
+    rows = int(t.shape[1])
+    return torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(rows, -1))
+
+
 def _rows(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
     """Some whole rows of a tensor's raw data, decoded (F16/BF16 kept as is, the rest float32)."""
     import torch
@@ -294,50 +302,12 @@ def _rows(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
     return _TORCH_DEQUANT[qtype](torch.from_numpy(np.array(data, dtype=np.uint8)))
 
 
-# Vectorised torch versions of ggml's block formats (ggml-common.h), bit-exact with gguf.quants
-# (same float32 ops in the same order) and ~2-4x faster: its numpy code works 16 rows at a time.
+# Vectorised torch versions of ggml's block formats (ggml-common.h; most in core/model/gguf_quant.py), bit-exact
+# with gguf.quants (same float32 ops in the same order) and ~2-4x faster: its numpy code works 16 rows at a time.
 
 
 def _blocks(raw: torch.Tensor, block_bytes: int) -> torch.Tensor:
     return raw.reshape(-1, block_bytes)
-
-
-def _dq_q8_0(raw: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    # block_q8_0: f16 d, int8 qs[32]; x = qs * d
-    b = _blocks(raw, 34)
-    d = b[:, :2].view(torch.float16).float()
-    out = torch.empty(b.shape[0], 32)
-    out.copy_(b[:, 2:].view(torch.int8))
-    return out.mul_(d)
-
-
-def _dq_q4_0(raw: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    # block_q4_0: f16 d, u8 qs[16]; element j is the low nibble of qs[j], element j+16 the high one; x = (q - 8) * d
-    b = _blocks(raw, 18)
-    d = b[:, :2].view(torch.float16).float()
-    q = b[:, 2:]
-    out = torch.empty(b.shape[0], 32)
-    out[:, :16] = q & 0x0F
-    out[:, 16:] = q >> 4
-    return out.sub_(8.0).mul_(d)
-
-
-def _dq_q4_1(raw: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    # block_q4_1: f16 d, f16 m, u8 qs[16] (nibbles as Q4_0); x = q * d + m
-    b = _blocks(raw, 20)
-    d = b[:, :2].view(torch.float16).float()
-    m = b[:, 2:4].view(torch.float16).float()
-    q = b[:, 4:]
-    out = torch.empty(b.shape[0], 32)
-    out[:, :16] = q & 0x0F
-    out[:, 16:] = q >> 4
-    return out.mul_(d).add_(m)
 
 
 def _dq_q8_k(raw: torch.Tensor) -> torch.Tensor:
@@ -351,9 +321,26 @@ def _dq_q8_k(raw: torch.Tensor) -> torch.Tensor:
     return out.mul_(d)
 
 
+def kernel_kinds() -> dict[GGMLQuantizationType, int]:
+    """The block types core/model/gguf_quant.py decodes (and the loader may keep packed) -> the kernels' kind codes."""
+    from llm_torch.core import kernels
+
+    Q = GGMLQuantizationType
+    return {Q.Q4_0: kernels.Q4_0, Q.Q4_1: kernels.Q4_1, Q.Q8_0: kernels.Q8_0,
+            Q.Q4_K: kernels.Q4_K, Q.Q5_K: kernels.Q5_K, Q.Q6_K: kernels.Q6_K}
+
+
+def _dq_kind(qtype: GGMLQuantizationType) -> Callable[[torch.Tensor], torch.Tensor]:
+    def decode(raw: torch.Tensor) -> torch.Tensor:
+        from llm_torch.core.model.gguf_quant import FORMATS
+
+        _, nbytes, blocks = FORMATS[kernel_kinds()[qtype]]
+        return blocks(raw.reshape(-1, nbytes))
+    return decode
+
+
 _TORCH_DEQUANT: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
-    GGMLQuantizationType.Q8_0: _dq_q8_0,
-    GGMLQuantizationType.Q4_0: _dq_q4_0,
-    GGMLQuantizationType.Q4_1: _dq_q4_1,
+    **{q: _dq_kind(q) for q in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0,
+                                GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)},
     GGMLQuantizationType.Q8_K: _dq_q8_k,
 }

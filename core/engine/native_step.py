@@ -32,7 +32,8 @@ class Unsupported(Exception):
 def linear_spec(module) -> kernels.LinearSpec | None:
     """A projection as the kernels read it, or None: a weight they do not read.
 
-    Our Linear (fp32 / fp16 / bf16 rows); quant's int8 / int4 layers describe themselves (native_linear)."""
+    Our Linear (fp32 / fp16 / bf16 rows); GGUF-packed (core/model/gguf_layers.py) and quant's int8 / int4
+    layers describe themselves (native_linear)."""
     if isinstance(module, Linear):
         w = module.weight.detach()
         if w.dtype not in kernels.FLOAT_KINDS or w.device.type != "cpu" or w.dim() != 2 or not w.is_contiguous():
@@ -114,6 +115,8 @@ class NativeStep:
             w = getattr(module, "weight", None)
             detail = f" with {w.dtype} weights on {w.device.type}" if isinstance(w, torch.Tensor) and w.numel() else ""
             raise Unsupported(f"{type(module).__name__} projections{detail}")
+        if spec.kind not in self._mv.kinds:  # GGUF blocks of a kind this library has no kernel for
+            raise Unsupported(f"{module.extra_repr()} projections")
         c.kind, c.w, c.n, c.k, c.group = spec.kind, self._hold(spec.weight), spec.n, spec.k, spec.group
         c.scale = None if spec.scale is None else self._hold(spec.scale)
         c.zero = None if spec.zero is None else self._hold(spec.zero)

@@ -109,6 +109,7 @@ class MatVec:
     and step.c's whole-stack forward (`forward_rows`)."""
 
     def __init__(self, lib: ctypes.CDLL, step: bool = True):
+        self.kinds = frozenset({F32, F16, BF16, I8, I8Q8, I4Q8})
         self.forward_rows = lib.llm_forward_rows if step else None
         if step:
             self.forward_rows.argtypes = [ctypes.POINTER(CModel), ctypes.POINTER(CCache), _I, _P, _P, _P, _P, _P, _I,

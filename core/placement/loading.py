@@ -20,7 +20,9 @@ from llm_torch.core.model.families import family_for
 from llm_torch.core.phases import mark
 
 from . import device_map as dm
+from .gguf_packed import GGUFPacked, gguf_packing, packed_weight_bytes
 from .memory import check_fits, plan_line
+from .sizing import param_counts
 from .tensor_parallel import Shard
 from .weight_formats import WeightFormatLoader, weight_format_for
 
@@ -144,6 +146,7 @@ def assign_weights(
     model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, device, *, fast_layout: bool = False
 ) -> None:
     """Assign checkpoint tensors to a meta-device model by name; strict: lists missing/unexpected keys.
+    dtype: the weights' storage dtype (None: each tensor's own).
 
     fast_layout: store matmul weights in the layout the device multiplies fastest (layers.k_major_weights);
     shapes and names stay those of the checkpoint, only the strides differ.
@@ -193,7 +196,12 @@ def assign_weights(
             parts.append(f"unexpected {len(unexpected)} tensor(s): {name_list(unexpected)}")
         raise CheckpointError("checkpoint does not match the config: " + "; ".join(parts))
     if ties:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        embed = model.model.embed_tokens
+        tied_head = getattr(embed, "tied_head", None)  # packed tables (gguf_layers) make a head over their rows
+        if tied_head is not None:
+            model.lm_head = tied_head()
+        else:
+            model.lm_head.weight = embed.weight
     for name, module in model.named_modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers(place(f"{name}.buffers"))
@@ -231,11 +239,12 @@ def load_model(
     progress: bool = True,
     shard: Shard | None = None,
     context: int | None = None,
+    packed: bool = True,
 ) -> LoadedModel:
-    """Resolve `ref`, build the model on the meta device and fill it from the checkpoint."""
+    """Resolve `ref`, build the model on the meta device and fill it from the checkpoint (packed: load_resolved)."""
     resolved = resolve_model(ref, offline=offline, progress=progress)
     return load_resolved(resolved, dtype=dtype, device=device, head=head, with_tokenizer=with_tokenizer, shard=shard,
-                         context=context)
+                         context=context, packed=packed)
 
 
 def load_resolved(
@@ -249,6 +258,7 @@ def load_resolved(
     device_map: str | None = None,
     budgets: list[dm.DeviceBudget] | None = None,
     context: int | None = None,
+    packed: bool = True,
 ) -> LoadedModel:
     """Build the model on the meta device and fill it from the checkpoint: open -> plan -> build -> assign
     weights -> install the runner, each step a function below.
@@ -257,11 +267,12 @@ def load_resolved(
     device_map: "auto": layers over the GPUs, then the CPU (core/placement/device_map.py; `budgets` replaces this
     machine's devices, for planning tests).
     context: the KV positions per sequence the memory checks count (None: the model's context).
+    packed: GGUF blocks may stay packed (plan_load); False for callers that need float Linears (--quantize).
     """
     checkpoint = open_checkpoint(resolved)
     mark("open checkpoint")
     plan = plan_load(checkpoint, dtype=dtype, device=device, head=head, shard=shard, device_map=device_map,
-                     budgets=budgets, context=context)
+                     budgets=budgets, context=context, packed=packed)
     mark("plan")
     tokenizer = read_tokenizer(checkpoint, with_tokenizer)
     mark("tokenizer")
@@ -288,6 +299,8 @@ class LoadPlan:
     placement: dm.DevicePlan | None = None  # --device-map: each layer's device
     shard: Shard | None = None  # --tp: this rank's part
     weight_format: WeightFormatLoader | None = None  # a quantized checkpoint's loader (weight_formats.py)
+    packed_kinds: frozenset[int] = frozenset()  # GGUF block kinds kept packed (gguf_packed.py)
+    weight_bytes: int | None = None  # where packed: the weights' bytes (else sizing counts params x dtype)
 
     def device_of(self, name: str) -> torch.device:
         """Where the parameter `name` goes."""
@@ -297,16 +310,19 @@ class LoadPlan:
         """Per device: the weights and KV cache it takes, and its free memory."""
         if self.placement is not None:
             return self.placement.lines()
-        return [plan_line(self.config, self.dtype, self.device, self.context, self.head)]
+        return [plan_line(self.config, self.dtype, self.device, self.context, self.head, weights=self.weight_bytes)]
 
 
 def plan_load(checkpoint: Checkpoint, *, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
               head: str | None = None, shard: Shard | None = None, device_map: str | None = None,
-              budgets: list[dm.DeviceBudget] | None = None, context: int | None = None, check: bool = True) -> LoadPlan:
+              budgets: list[dm.DeviceBudget] | None = None, context: int | None = None, check: bool = True,
+              packed: bool = True) -> LoadPlan:
     """The LoadPlan of an opened checkpoint (its config only: nothing is read). Refuses what cannot work
     before anything is loaded: combinations a quantized checkpoint does not support, an unknown device map
     or device, a context past the model's, and (check) weights + one context of KV cache that do not fit
-    the device's free memory (a device map refuses those whatever `check` says: it cannot place them)."""
+    the device's free memory (a device map refuses those whatever `check` says: it cannot place them).
+    packed: a GGUF's Q4_0 ... Q6_K matrices stay blocks (gguf_packed.py) with the default dtype, on the CPU, for a
+    causal LM; an explicit dtype, a shard, a device map or another head decode them at load."""
     config = checkpoint.config
     head = head or head_kind(config)
     context = resolve_context(config, context)  # InputError past what the rope setup supports
@@ -320,9 +336,16 @@ def plan_load(checkpoint: Checkpoint, *, dtype: str | torch.dtype | None = "auto
     dev = resolve_device(device)
     target = resolve_dtype(dtype, config, kind=checkpoint.kind, device=dev)
     local = config if shard is None else shard.local_config(config)
+    kinds, size = frozenset(), None
+    if (packed and checkpoint.kind == "gguf" and shard is None and head == "causal_lm"
+            and (dtype is None or str(dtype).lower() == "auto")):
+        # Packed where the kernels multiply the blocks (CPU); an explicit --dtype decodes at load as before.
+        kinds = gguf_packing(dev)
+        if kinds:
+            size = packed_weight_bytes(param_counts(local, head).total, checkpoint.packed_tensors(kinds), target)
     if check and weight_format is None:  # a quantized model's size is its format's business
-        check_fits(local, target, dev, context=context, head=head)
-    return LoadPlan(local, checkpoint.kind, target, context, head, dev, None, shard, weight_format)
+        check_fits(local, target, dev, context=context, head=head, weights=size)
+    return LoadPlan(local, checkpoint.kind, target, context, head, dev, None, shard, weight_format, kinds, size)
 
 
 def refuse_for_quantized(head: str, shard: Shard | None, device_map: str | None) -> None:
@@ -372,9 +395,15 @@ def assign_checkpoint(model: nn.Module, checkpoint: Checkpoint, plan: LoadPlan) 
         from llm_torch.core.model.layers import use_native_kernels
 
         use_native_kernels()  # before the weights are placed: it decides their layout (layers.k_major_weights)
-    # 16-bit and fp32 sources come as stored (assign_weights casts); GGUF blocks are decoded to the plan's dtype.
-    tensors = checkpoint.read(plan.dtype if plan.kind != "folder" else None,
-                              None if plan.shard is None else plan.shard.select)
+    # 16-bit and fp32 sources come as stored (assign_weights casts); GGUF blocks are decoded to the plan's dtype,
+    # or kept as blocks (packed kinds: the other tensors then keep their stored float dtype).
+    packed = None
+    if plan.packed_kinds:
+        packed = GGUFPacked(model, checkpoint, plan.packed_kinds, plan.device)
+        tensors = packed.filter(checkpoint.read_packed(plan.dtype, plan.packed_kinds))
+    else:
+        tensors = checkpoint.read(plan.dtype if plan.kind != "folder" else None,
+                                  None if plan.shard is None else plan.shard.select)
     if plan.head == "feature_extraction":
         tensors = base_model_tensors(tensors)
     weight_format = None
@@ -382,8 +411,11 @@ def assign_checkpoint(model: nn.Module, checkpoint: Checkpoint, plan: LoadPlan) 
         weight_format = plan.weight_format(model, checkpoint.quantization_config,
                                            lambda: {t.name for t in checkpoint.tensors}, plan.dtype, plan.device)
         tensors = weight_format.filter(tensors)
-    assign_weights(model, tensors, plan.dtype, plan.device if plan.placement is None else plan.device_of,
-                   fast_layout=True)
+    assign_weights(model, tensors, None if packed else plan.dtype,
+                   plan.device if plan.placement is None else plan.device_of, fast_layout=True)
+    if packed is not None:
+        packed.finish()
+        return packed.label
     if weight_format is None:
         return None
     weight_format.finish()

@@ -37,13 +37,15 @@ def estimate(config: ModelConfig, dtype: torch.dtype, device: torch.device, cont
 
 
 def check_fits(config: ModelConfig, dtype: torch.dtype, device: torch.device, *, context: int | None = None,
-               head: str = "causal_lm") -> None:
-    """ResourceError when the weights plus one full-context sequence's KV cache exceed the free memory."""
+               head: str = "causal_lm", weights: int | None = None) -> None:
+    """ResourceError when the weights plus one full-context sequence's KV cache exceed the free memory.
+    weights: their bytes where they are not all `dtype` (packed GGUF blocks); None: counted from the config."""
     context = resolve_context(config, context)  # InputError past what the rope setup supports
     free = available_bytes(device)
     if free is None:
         return
-    weights, kv = estimate(config, dtype, device, context, head=head)
+    counted, kv = estimate(config, dtype, device, context, head=head)
+    weights = counted if weights is None else weights
     if weights + kv > free:
         raise ResourceError(
             f"the model needs ~{weights / GIB:.1f} GiB of {str(dtype).removeprefix('torch.')} weights + "
@@ -52,9 +54,12 @@ def check_fits(config: ModelConfig, dtype: torch.dtype, device: torch.device, *,
 
 
 def plan_line(config: ModelConfig, dtype: torch.dtype, device: torch.device, context: int,
-              head: str = "causal_lm") -> str:
-    """The dry run's line for one device: what the model would take there, and what is free."""
-    weights, kv = estimate(config, dtype, device, context, head=head)
+              head: str = "causal_lm", weights: int | None = None) -> str:
+    """The dry run's line for one device: what the model would take there, and what is free (weights: as
+    check_fits, the bytes of GGUF blocks kept packed)."""
+    counted, kv = estimate(config, dtype, device, context, head=head)
+    packed = " (GGUF blocks kept packed)" if weights is not None else ""
+    weights = counted if weights is None else weights
     free = available_bytes(device)
-    return (f"{device}: {weights / GIB:.2f} GiB weights + {kv / GIB:.2f} GiB KV for {context} tokens"
+    return (f"{device}: {weights / GIB:.2f} GiB weights{packed} + {kv / GIB:.2f} GiB KV for {context} tokens"
             + (f", {free / GIB:.2f} GiB free" if free is not None else ""))

@@ -214,7 +214,8 @@ def run_bench(
     env = environment()  # before the runs: the load average is the machine's, not ours
     say("loading")
     t0 = time.perf_counter()
-    loaded = load_model(ref, dtype=dtype, device=device, progress=False, context=spec.context)
+    # prepare (--quantize) works on float weights: GGUF blocks are then decoded at load
+    loaded = load_model(ref, dtype=dtype, device=device, progress=False, context=spec.context, packed=prepare is None)
     if prepare is not None:
         prepare(loaded)
     load_seconds = time.perf_counter() - t0
