@@ -266,7 +266,13 @@ static void quantize_q8(const float *x, int64_t K, int8_t *xq, float *xd) {
 }
 
 INLINE __m256i dot_u8s8(__m256i u, __m256i s) {  /* 8 int32 lanes of sum u*s over 32 bytes */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    /* One instruction for the two below; the same exact int32 sums (maddubs cannot saturate here:
+     * |w| <= 128, |x| <= 127), so the result is bitwise the AVX2 build's. */
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
 }
 
 /* Per batch row: the Q8 form of x and the sums the int4 product needs. Layout in scratch, per row:
@@ -404,12 +410,13 @@ void llm_gemm_i8q8(const int8_t *Q, const float *scale, const float *X, int64_t 
     const float *xd = (const float *)((const char *)scratch + K);
     int nr_main = 2;
     int64_t tiles = (N + nr_main - 1) / nr_main;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        int64_t n = t * nr_main;
-        int nr = N - n < nr_main ? (int)(N - n) : nr_main;
-        for (int64_t b0 = 0; b0 < B; b0 += bb) {
-            int64_t b1 = b0 + bb < B ? b0 + bb : B;
+    #pragma omp parallel num_threads(threads)
+    for (int64_t b0 = 0; b0 < B; b0 += bb) {  /* a block of rows against all weight rows, as DEFINE_RUN */
+        int64_t b1 = b0 + bb < B ? b0 + bb : B;
+        #pragma omp for schedule(static) nowait
+        for (int64_t t = 0; t < tiles; t++) {
+            int64_t n = t * nr_main;
+            int nr = N - n < nr_main ? (int)(N - n) : nr_main;
             for (int64_t b = b0; b < b1; b += 4) {
                 int br = b1 - b < 4 ? (int)(b1 - b) : 4;
                 const int8_t *q = Q + n * K, *xb = xq + b * stride;
@@ -440,12 +447,13 @@ void llm_gemm_i4q8(const uint8_t *Q, const uint16_t *scale, const uint16_t *zero
     const int8_t *xq = (const int8_t *)scratch;
     const float *xd = (const float *)((const char *)scratch + K), *xs = xd + blocks, *xc = xs + groups;
     int64_t tiles = (N + 1) / 2;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        int64_t n = t * 2;
-        int nr = N - n < 2 ? 1 : 2;
-        for (int64_t b0 = 0; b0 < B; b0 += bb) {
-            int64_t b1 = b0 + bb < B ? b0 + bb : B;
+    #pragma omp parallel num_threads(threads)
+    for (int64_t b0 = 0; b0 < B; b0 += bb) {  /* a block of rows against all weight rows, as DEFINE_RUN */
+        int64_t b1 = b0 + bb < B ? b0 + bb : B;
+        #pragma omp for schedule(static) nowait
+        for (int64_t t = 0; t < tiles; t++) {
+            int64_t n = t * 2;
+            int nr = N - n < 2 ? 1 : 2;
             for (int64_t b = b0; b < b1; b += 4) {
                 int br = b1 - b < 4 ? (int)(b1 - b) : 4;
                 const uint8_t *q = Q + n * (K / 2);
