@@ -3,10 +3,11 @@
 over all layers for a batch of token rows, driven by core.engine.native_step).
 
 Decode reads every weight once per token; on the AVX2 CPUs this targets, torch's kernels for a
-[N, K] x [K] product reach about half the memory bandwidth (gemm.c says more). The library is
-compiled once per machine into the user cache (keyed by source, compiler and flags) and loaded with
-ctypes. Where it cannot be used (another CPU, no compiler, LLM_KERNELS=torch), `status()` says why
-and the PyTorch layers run: callers report which path runs, nothing falls back silently.
+[N, K] x [K] product reach about half the memory bandwidth (gemm.c says more). The library is built
+for the best instruction set the CPU has (ISAS; LLM_ISA=avx2|avx512 forces one), compiled once per
+machine into the user cache (keyed by source, compiler and flags) and loaded with ctypes. Where it
+cannot be used (another CPU, no compiler, LLM_KERNELS=torch), `status()` says why and the PyTorch
+layers run: callers report which path runs, nothing falls back silently.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-/* Matrix products for decode and small batches on x86-64 CPUs with AVX2, FMA and F16C.
+/* Matrix products for decode and small batches on x86-64 CPUs with AVX2, FMA and F16C; built with
+ * AVX-512 F/BW/VL/VNNI too where the CPU has them (core/kernels/__init__.py picks), which adds 16-lane
+ * float tiles and VNNI dot products under #if (the AVX2 code stays for the AVX2 build).
  *
  * Y[b, n] = W[n, :] . X[b, :] (+ bias[n]) for B rows of fp32 activations X and a row-major weight W in
  * fp32 / fp16 / bf16, or quant's int8 / int4 layouts. B = 1 is decode of one sequence: every weight is
