@@ -205,6 +205,26 @@ def test_each_isa_is_built_once_and_named(fresh_state, monkeypatch):
     assert sorted(p.name.split("-")[1] for p in kernels.cache_dir().glob("kernels-*.so")) == sorted(isas)
 
 
+@pytest.mark.skipif(len(_runnable_isas()) < 2, reason="this CPU runs one instruction set")
+def test_q8_products_are_bitwise_the_same_in_every_isa(monkeypatch):
+    """VNNI's dot product gives the same int32 sums as AVX2's two instructions, so int8 x Q8 and int4 x Q8
+    products (unlike float ones, whose wider sums round apart) do not depend on the build."""
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(5, 256, generator=g)
+    q = torch.randint(-128, 128, (37, 256), generator=g, dtype=torch.int8)
+    scale = torch.rand(37, generator=g) / 100
+    _, packed, s4, z4, _, bias, _ = int4_case((37, 256), 64, seed=7)
+    results = []
+    for isa in _runnable_isas():
+        monkeypatch.setenv("LLM_ISA", isa)
+        monkeypatch.setattr(kernels, "_STATE", None)
+        mv = kernels.matvec()
+        assert mv is not None, kernels.status().detail
+        results.append((mv.int8(q, scale, X, bias, q8=True), mv.int4(packed, s4, z4, 64, X, bias)))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
 def int4_case(shape, group, seed):
     """Random int4 codes packed as quant stores them (low nibble = even column), bf16 group scales/zeros,
     and the exact dequantized weight in float64."""
