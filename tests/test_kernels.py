@@ -8,8 +8,30 @@ import torch
 
 from llm_torch.core import kernels
 
-native = kernels.matvec()
-needs_native = pytest.mark.skipif(native is None, reason=f"native kernels unavailable here: {kernels.status().detail}")
+
+
+def _runnable_isas() -> list[str]:
+    """The instruction sets this CPU runs (an AVX-512 machine tests its AVX2 build too)."""
+    try:
+        flags = kernels.cpu_flags()
+    except OSError:
+        return []
+    return [isa for isa in kernels.ISAS if kernels.choose_isa(flags, isa)[0] is not None]
+
+
+needs_native = pytest.mark.skipif(kernels.matvec() is None, reason=f"native kernels unavailable here: {kernels.status().detail}")
+
+
+@pytest.fixture(scope="module", params=_runnable_isas() or ["auto"])
+def native(request):
+    """The kernels built for each ISA the CPU runs (LLM_ISA), loaded afresh and unloaded afterwards."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLM_ISA", request.param)
+        mp.setattr(kernels, "_STATE", None)
+        mv = kernels.matvec()
+        if mv is None:
+            pytest.skip(f"native kernels unavailable here: {kernels.status().detail}")
+        yield mv
 
 
 @pytest.fixture
@@ -17,6 +39,7 @@ def fresh_state(monkeypatch, tmp_path):
     """A kernels module that loads again (own cache folder), restored afterwards."""
     monkeypatch.setattr(kernels, "_STATE", None)
     monkeypatch.setenv("LLM_KERNEL_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.delenv("LLM_ISA", raising=False)
     yield
     kernels._STATE = None
 
@@ -24,7 +47,7 @@ def fresh_state(monkeypatch, tmp_path):
 @needs_native
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-5), (torch.bfloat16, 1e-5)])
 @pytest.mark.parametrize("shape", [(1027, 579), (64, 64), (3, 8), (5, 7), (49152 // 16, 576)])
-def test_matvec_equals_torch(dtype, tol, shape):
+def test_matvec_equals_torch(dtype, tol, shape, native):
     """Odd shapes exercise the 32-, 8- and 1-wide tails; products match torch in fp32 (relative to |W||x|)."""
     g = torch.Generator().manual_seed(0)
     N, K = shape
@@ -45,7 +68,7 @@ def test_matvec_equals_torch(dtype, tol, shape):
 
 
 @needs_native
-def test_an_input_of_the_wrong_length_is_refused():
+def test_an_input_of_the_wrong_length_is_refused(native):
     w = torch.randn(8, 16)
     with pytest.raises(ValueError, match="15 values"):
         native(w, torch.randn(15))
@@ -53,22 +76,28 @@ def test_an_input_of_the_wrong_length_is_refused():
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_batched_rows_are_bitwise_each_row_alone(dtype):
+def test_batched_rows_are_bitwise_each_row_alone(dtype, native):
     """B rows in one product (each weight read once for all): every row bitwise what it gets alone, for
-    every tile shape (1-9 rows), so a sequence's logits do not depend on what it is batched with."""
+    every tile shape (1-9 rows), past a block of rows (70), and with 1 or 2 threads, so a sequence's
+    logits do not depend on what it is batched with."""
     g = torch.Generator().manual_seed(1)
     w = torch.randn(67, 101, generator=g).to(dtype)
-    X, bias = torch.randn(9, 101, generator=g), torch.randn(67, generator=g)
+    X, bias = torch.randn(70, 101, generator=g), torch.randn(67, generator=g)
     alone = torch.stack([native(w, x, bias) for x in X])
-    for B in range(1, 10):
-        assert torch.equal(native(w, X[:B], bias), alone[:B])
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            for B in (*range(1, 10), 70):
+                assert torch.equal(native(w, X[:B], bias), alone[:B])
+        finally:
+            torch.set_num_threads(2)
     ref = X.double() @ w.double().T + bias.double()
     assert (alone.double() - ref).abs().max().item() <= 1e-5 * (X.double().abs() @ w.double().abs().T).max().item()
 
 
 @needs_native
 @pytest.mark.parametrize("scheme", ["int8", "int8q8", "int4"])
-def test_batched_quantized_rows_are_bitwise_each_row_alone(scheme):
+def test_batched_quantized_rows_are_bitwise_each_row_alone(scheme, native):
     g = torch.Generator().manual_seed(2)
     X = torch.randn(7, 256, generator=g)
     if scheme == "int4":
@@ -79,12 +108,17 @@ def test_batched_quantized_rows_are_bitwise_each_row_alone(scheme):
         scale, bias = torch.rand(37, generator=g) / 100, torch.randn(37, generator=g)
         run = lambda x: native.int8(q, scale, x, bias, q8=scheme == "int8q8")  # noqa: E731
     alone = torch.stack([run(x) for x in X])
-    for B in (2, 3, 5, 7):
-        assert torch.equal(run(X[:B]), alone[:B])
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            for B in (2, 3, 5, 7):
+                assert torch.equal(run(X[:B]), alone[:B])
+        finally:
+            torch.set_num_threads(2)
 
 
 @needs_native
-def test_c_structs_match_their_ctypes_mirrors():
+def test_c_structs_match_their_ctypes_mirrors(native):
     import ctypes
 
     out = (ctypes.c_int64 * 64)()
@@ -140,6 +174,57 @@ def test_the_library_is_built_once_and_reused(fresh_state):
     assert built[0].stat().st_mtime_ns == stamp
 
 
+def test_the_isa_is_the_best_the_cpu_has_unless_forced():
+    avx2, avx512 = frozenset(kernels.ISAS["avx2"][1]), frozenset(kernels.ISAS["avx512"][1])
+    assert kernels.choose_isa(avx512, "auto") == ("avx512", None)
+    assert kernels.choose_isa(avx512, "AVX2") == ("avx2", None)
+    assert kernels.choose_isa(avx2, "auto") == ("avx2", None)
+    assert kernels.choose_isa(avx2, "avx512") == (None, "LLM_ISA=avx512 but this CPU lacks avx512f, avx512bw, avx512vl, avx512_vnni")
+    assert kernels.choose_isa(avx2 - {"fma"}, "auto") == (None, "this CPU lacks fma")
+    assert "LLM_ISA='sse'" in kernels.choose_isa(avx512, "sse")[1]
+
+
+def test_forcing_avx512_on_a_cpu_without_it_is_reported(fresh_state, monkeypatch):
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset(kernels.ISAS["avx2"][1]))
+    monkeypatch.setattr(kernels.sys, "platform", "linux")
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.setenv("LLM_ISA", "avx512")
+    assert kernels.matvec() is None
+    assert kernels.status().detail == ("torch kernels (native ones unavailable: LLM_ISA=avx512 but this CPU lacks "
+                                       "avx512f, avx512bw, avx512vl, avx512_vnni)")
+
+
+@needs_native
+def test_each_isa_is_built_once_and_named(fresh_state, monkeypatch):
+    isas = _runnable_isas()
+    for isa in isas:
+        monkeypatch.setenv("LLM_ISA", isa)
+        kernels._STATE = None
+        assert kernels.matvec() is not None
+        assert kernels.status().detail == f"native {kernels.ISAS[isa][2]} kernels"
+    assert sorted(p.name.split("-")[1] for p in kernels.cache_dir().glob("kernels-*.so")) == sorted(isas)
+
+
+@pytest.mark.skipif(len(_runnable_isas()) < 2, reason="this CPU runs one instruction set")
+def test_q8_products_are_bitwise_the_same_in_every_isa(monkeypatch):
+    """VNNI's dot product gives the same int32 sums as AVX2's two instructions, so int8 x Q8 and int4 x Q8
+    products (unlike float ones, whose wider sums round apart) do not depend on the build."""
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(5, 256, generator=g)
+    q = torch.randint(-128, 128, (37, 256), generator=g, dtype=torch.int8)
+    scale = torch.rand(37, generator=g) / 100
+    _, packed, s4, z4, _, bias, _ = int4_case((37, 256), 64, seed=7)
+    results = []
+    for isa in _runnable_isas():
+        monkeypatch.setenv("LLM_ISA", isa)
+        monkeypatch.setattr(kernels, "_STATE", None)
+        mv = kernels.matvec()
+        assert mv is not None, kernels.status().detail
+        results.append((mv.int8(q, scale, X, bias, q8=True), mv.int4(packed, s4, z4, 64, X, bias)))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
 def int4_case(shape, group, seed):
     """Random int4 codes packed as quant stores them (low nibble = even column), bf16 group scales/zeros,
     and the exact dequantized weight in float64."""
@@ -163,7 +248,7 @@ def q8_error_bound(w: torch.Tensor, x: torch.Tensor) -> float:
 @needs_native
 @pytest.mark.parametrize("q8", [False, True])
 @pytest.mark.parametrize("shape", [(1027, 576), (7, 32), (3072, 1536), (5, 579)])
-def test_int8_matvec(shape, q8):
+def test_int8_matvec(shape, q8, native):
     """Float activations: the exact product to fp32 rounding; Q8 activations: within their rounding."""
     g = torch.Generator().manual_seed(3)
     N, K = shape
@@ -183,7 +268,7 @@ def test_int8_matvec(shape, q8):
 
 @needs_native
 @pytest.mark.parametrize("shape,group", [((1027, 576), 32), ((64, 1536), 128), ((5, 256), 256), ((96, 576), 64)])
-def test_int4_q8_matvec_is_within_the_activation_rounding(shape, group):
+def test_int4_q8_matvec_is_within_the_activation_rounding(shape, group, native):
     codes, packed, scale, zero, x, bias, w = int4_case(shape, group, seed=4)
     got = native.int4(packed, scale, zero, group, x, bias)
     # Only the (code - 8) * scale part sees rounded activations; the zero part uses exact sums of x.

@@ -197,7 +197,7 @@ def test_switched_off_by_environment(folders, monkeypatch):
     monkeypatch.setenv("LLM_KERNELS", "matvec")
     try:
         model = load(folders["llama-gqa"])
-        assert kernels.status().detail == "native AVX2 matvec kernels (LLM_KERNELS=matvec)"
+        assert kernels.status().detail.endswith(" matvec kernels (LLM_KERNELS=matvec)")
         assert describe(model) == "PyTorch layers: the native step is off (LLM_KERNELS=matvec)"
     finally:
         kernels._STATE = None

@@ -1,13 +1,14 @@
 """Native kernels for decode and small batches, built on first use with the system C compiler: gemm.c
-(matrix products for B rows, every weight read once for all of them), gguf_k.c (the same for GGUF's
-Q4_K / Q5_K / Q6_K blocks as stored in the file) and step.c (a whole forward step over all layers for a
+(matrix products for B rows, every weight read once for all of them), gguf.c and gguf_k.c (the same for
+GGUF's Q4_0 / Q4_1 / Q8_0 and Q4_K / Q5_K / Q6_K blocks as stored in the file) and step.c (a whole forward step over all layers for a
 batch of token rows, driven by core.engine.native_step).
 
 Decode reads every weight once per token; on the AVX2 CPUs this targets, torch's kernels for a
-[N, K] x [K] product reach about half the memory bandwidth (gemm.c says more). The library is
-compiled once per machine into the user cache (keyed by source, compiler and flags) and loaded with
-ctypes. Where it cannot be used (another CPU, no compiler, LLM_KERNELS=torch), `status()` says why
-and the PyTorch layers run: callers report which path runs, nothing falls back silently.
+[N, K] x [K] product reach about half the memory bandwidth (gemm.c says more). The library is built
+for the best instruction set the CPU has (ISAS; LLM_ISA=avx2|avx512 forces one), compiled once per
+machine into the user cache (keyed by source, compiler and flags) and loaded with ctypes. Where it
+cannot be used (another CPU, no compiler, LLM_KERNELS=torch), `status()` says why and the PyTorch
+layers run: callers report which path runs, nothing falls back silently.
 """
 
 from __future__ import annotations
@@ -30,10 +31,19 @@ from llm_torch.core.phases import mark
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemm.c", "gguf.c", "gguf_k.c", "step.c"))
 # -ffp-contract=off: only the explicit FMA intrinsics fuse; GCC would otherwise contract a*b+c in some
 # inlined copies of a tile and not others, and a row would round differently alone and batched.
-FLAGS = ("-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
-ABI = 9
-REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
+ABI = 10
+# Instruction sets the sources are built for, best first: compiler flags, the /proc/cpuinfo flags they
+# need, and the name status() gives. Each builds its own library (the cache key holds its flags); a row's
+# logits are bitwise the same alone or batched within one ISA, not across them (wider sums round apart).
+AVX2_FLAGS = ("-mavx2", "-mfma", "-mf16c")
+ISAS = {
+    "avx512": (AVX2_FLAGS + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
+               ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"), "AVX-512 VNNI"),
+    "avx2": (AVX2_FLAGS, ("avx2", "fma", "f16c"), "AVX2"),
+}
+REQUIRED_CPU_FLAGS = ISAS["avx2"][1]
 
 
 @dataclass(frozen=True)
@@ -268,16 +278,17 @@ def _try_load() -> tuple[MatVec | None, KernelStatus]:
         return None, KernelStatus(False, "torch kernels (LLM_KERNELS=torch)")
     if choice not in ("auto", "matvec"):
         return None, KernelStatus(False, f"torch kernels (LLM_KERNELS={choice!r}: use auto, matvec or torch)")
-    reason = _unsupported_reason()
-    if reason is None:
+    isa, reason = _select()
+    if isa is not None:
         try:
-            lib = ctypes.CDLL(str(_build()))
+            lib = ctypes.CDLL(str(_build(isa)))
             if lib.llm_kernels_abi() != ABI:
                 reason = "the cached kernel library is from another version"
             else:
+                name = ISAS[isa][2]
                 if choice == "matvec":  # the products only; the layers run as PyTorch ops
-                    return MatVec(lib, step=False), KernelStatus(True, "native AVX2 matvec kernels (LLM_KERNELS=matvec)")
-                return MatVec(lib), KernelStatus(True, "native AVX2 kernels")
+                    return MatVec(lib, step=False), KernelStatus(True, f"native {name} matvec kernels (LLM_KERNELS=matvec)")
+                return MatVec(lib), KernelStatus(True, f"native {name} kernels")
         except (OSError, subprocess.SubprocessError, _BuildError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return None, KernelStatus(False, f"torch kernels (native ones unavailable: {reason})")
@@ -288,19 +299,44 @@ class _BuildError(Exception):
 
 
 def _unsupported_reason() -> str | None:
+    return _select()[1]
+
+
+def _select() -> tuple[str | None, str | None]:
+    """(the ISA to build, None) or (None, why none can run): a function of the platform, the CPU's flags,
+    LLM_ISA and the compiler only, so a machine always runs the same build."""
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"built for x86-64 Linux, this is {sys.platform} {platform.machine()}"
+        return None, f"built for x86-64 Linux, this is {sys.platform} {platform.machine()}"
     try:
-        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        flags = cpu_flags()
     except OSError as e:
-        return f"cannot read /proc/cpuinfo: {e.strerror or e}"
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in flags]
-    if missing:
-        return f"this CPU lacks {', '.join(missing)}"
-    if _compiler() is None:
-        return "no C compiler found (set CC, or install gcc)"
-    return None
+        return None, f"cannot read /proc/cpuinfo: {e.strerror or e}"
+    isa, reason = choose_isa(flags, os.environ.get("LLM_ISA", "auto"))
+    if isa is not None and _compiler() is None:
+        return None, "no C compiler found (set CC, or install gcc)"
+    return isa, reason
+
+
+def cpu_flags() -> frozenset[str]:
+    """The flags line of /proc/cpuinfo (raises OSError where it cannot be read)."""
+    cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    return frozenset(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
+
+
+def choose_isa(flags: frozenset[str], requested: str) -> tuple[str | None, str | None]:
+    """LLM_ISA=auto takes the best ISA the CPU has; avx512 / avx2 that one, or (None, why) where it lacks it."""
+    requested = requested.lower()
+    if requested != "auto" and requested not in ISAS:
+        return None, f"LLM_ISA={requested!r}: use auto, {', '.join(ISAS)}"
+    for isa, (_, needs, name) in ISAS.items():
+        if requested not in ("auto", isa):
+            continue
+        missing = [f for f in needs if f not in flags]
+        if not missing:
+            return isa, None
+        if requested == isa:
+            return None, f"LLM_ISA={isa} but this CPU lacks {', '.join(missing)}"
+    return None, f"this CPU lacks {', '.join(f for f in REQUIRED_CPU_FLAGS if f not in flags)}"
 
 
 def _compiler() -> str | None:
@@ -318,14 +354,15 @@ def cache_dir() -> Path:
     return Path(base) / "llm-torch" / "kernels"
 
 
-def _build() -> Path:
-    """Compile the sources once per (sources, compiler, flags); later runs load the cached library."""
+def _build(isa: str) -> Path:
+    """Compile the sources once per (sources, compiler, flags, ISA); later runs load the cached library."""
     cc = _compiler()
-    assert cc is not None  # checked by _unsupported_reason
+    assert cc is not None  # checked by _select
+    flags = (*FLAGS, *ISAS[isa][0])
     source = b"\0".join(p.read_bytes() for p in SOURCES)
-    key = hashlib.sha256(source + "\0".join((cc, *FLAGS, *LIBS)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + "\0".join((cc, *flags, *LIBS)).encode()).hexdigest()[:16]
     folder = cache_dir()
-    target = folder / f"kernels-{key}.so"
+    target = folder / f"kernels-{isa}-{key}.so"
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
@@ -333,7 +370,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp, *LIBS], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp, *LIBS], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise _BuildError(f"{Path(cc).name} failed: {(done.stderr or done.stdout).strip()[:200]}")
         os.replace(tmp, target)

@@ -1,4 +1,6 @@
-/* Matrix products for decode and small batches on x86-64 CPUs with AVX2, FMA and F16C.
+/* Matrix products for decode and small batches on x86-64 CPUs with AVX2, FMA and F16C; built with
+ * AVX-512 F/BW/VL/VNNI too where the CPU has them (core/kernels/__init__.py picks), which adds 16-lane
+ * float tiles and VNNI dot products under #if (the AVX2 code stays for the AVX2 build).
  *
  * Y[b, n] = W[n, :] . X[b, :] (+ bias[n]) for B rows of fp32 activations X and a row-major weight W in
  * fp32 / fp16 / bf16, or quant's int8 / int4 layouts. B = 1 is decode of one sequence: every weight is
@@ -51,6 +53,114 @@ static int64_t row_block(int64_t K) {
 
 /* ---------------------------------------------------------------- float and int8 weight-only kinds */
 
+/* Threads split the weight rows. Rows of X are taken a block at a time (row_block: one block stays in L2)
+ * against all of a thread's weight rows: with the weight-tile loop outside, a 512-row prefill re-read
+ * all of X from L3 for every tile. B == 1 takes TILE_NR1 weight rows per tile (chains in flight),
+ * B > 1 TILE_NR weight rows x TILE_BR batch rows. schedule(static) gives a thread the same tiles in
+ * every block, so `nowait` lets it go on to the next block. */
+#define DEFINE_RUN(P, T)                                                                              \
+static void P##_run(const T *W, const float *scale, const float *X, int64_t ldx, const float *bias,   \
+                    float *Y, int64_t ldy, int64_t B, int64_t N, int64_t K, int threads) {            \
+    int nr_main = B == 1 ? TILE_NR1 : TILE_NR;                                                        \
+    int64_t bb = row_block(K), tiles = (N + nr_main - 1) / nr_main;                                   \
+    _Pragma("omp parallel num_threads(threads)")                                                      \
+    for (int64_t b0 = 0; b0 < B; b0 += bb) {                                                          \
+        int64_t b1 = b0 + bb < B ? b0 + bb : B;                                                       \
+        _Pragma("omp for schedule(static) nowait")                                                    \
+        for (int64_t t = 0; t < tiles; t++) {                                                         \
+            int64_t n = t * nr_main;                                                                  \
+            int nr = N - n < nr_main ? (int)(N - n) : nr_main;                                        \
+            for (int64_t b = b0; b < b1; b += TILE_BR) {                                              \
+                int br = b1 - b < TILE_BR ? (int)(b1 - b) : TILE_BR;                                  \
+                P##_tile(nr, br, W + n * K, K, X + b * ldx, ldx, scale ? scale + n : NULL,           \
+                         bias ? bias + n : NULL, Y + b * ldy + n, ldy);                              \
+            }                                                                                         \
+        }                                                                                             \
+    }                                                                                                 \
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* AVX-512: 16-lane accumulators and tiles of up to 4 weight rows x 6 batch rows (24 of the 32 registers),
+ * where AVX2's 3 x 4 tile loaded an input for every 3 FMAs and prefill was bound by those loads. Per
+ * (n, b) output: one 16-lane accumulator over k in order, a masked last step for K % 16, the same
+ * reduction; so a row is bitwise the same in any tile (sums differ from the AVX2 build's, which is a
+ * different library). */
+#define LOAD16_F32(p, k) _mm512_loadu_ps((const float *)(p) + (k))
+#define LOAD16_F16(p, k) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(p) + (k))))
+#define LOAD16_BF16(p, k) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(p) + (k)))), 16))
+#define LOAD16_I8(p, k) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)(p) + (k)))))
+#define MLOAD16_F32(m, p, k) _mm512_maskz_loadu_ps(m, (const float *)(p) + (k))
+#define MLOAD16_F16(m, p, k) _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)(p) + (k)))
+#define MLOAD16_BF16(m, p, k) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)(p) + (k))), 16))
+#define MLOAD16_I8(m, p, k) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, (const int8_t *)(p) + (k))))
+
+#define DEFINE_TILE(NAME, T, LOAD, MLOAD, NR, BR)                                                     \
+INLINE void NAME(const T *W, int64_t K, const float *X, int64_t ldx, const float *scale,              \
+                 const float *bias, float *Y, int64_t ldy) {                                          \
+    __m512 acc[NR][BR];                                                                               \
+    for (int r = 0; r < NR; r++)                                                                      \
+        for (int b = 0; b < BR; b++) acc[r][b] = _mm512_setzero_ps();                                 \
+    int64_t K32 = K & ~(int64_t)31, K16 = K & ~(int64_t)15, k = 0;                                    \
+    for (; k < K32; k += 32) {                                                                        \
+        for (int r = 0; r < NR; r++) {                                                                \
+            PREFETCH(W + r * K + k);                                                                  \
+            if (sizeof(T) == 4) PREFETCH((const char *)(W + r * K + k) + 64);                         \
+        }                                                                                             \
+        for (int j = 0; j < 32; j += 16)                                                              \
+            for (int r = 0; r < NR; r++) {                                                            \
+                __m512 w = LOAD(W + r * K, k + j);                                                    \
+                for (int b = 0; b < BR; b++)                                                          \
+                    acc[r][b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(X + b * ldx + k + j), acc[r][b]);  \
+            }                                                                                         \
+    }                                                                                                 \
+    for (; k < K16; k += 16)                                                                          \
+        for (int r = 0; r < NR; r++) {                                                                \
+            __m512 w = LOAD(W + r * K, k);                                                            \
+            for (int b = 0; b < BR; b++)                                                              \
+                acc[r][b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(X + b * ldx + k), acc[r][b]);          \
+        }                                                                                             \
+    if (k < K) {                                                                                      \
+        __mmask16 m = (__mmask16)((1u << (K - k)) - 1);                                               \
+        for (int r = 0; r < NR; r++) {                                                                \
+            __m512 w = MLOAD(m, W + r * K, k);                                                        \
+            for (int b = 0; b < BR; b++)                                                              \
+                acc[r][b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, X + b * ldx + k), acc[r][b]); \
+        }                                                                                             \
+    }                                                                                                 \
+    for (int r = 0; r < NR; r++)                                                                      \
+        for (int b = 0; b < BR; b++) {                                                                \
+            float s = _mm512_reduce_add_ps(acc[r][b]);                                                \
+            if (scale) s *= scale[r];                                                                 \
+            Y[b * ldy + r] = bias ? s + bias[r] : s;                                                  \
+        }                                                                                             \
+}
+#define TILE_ARGS W, K, X, ldx, scale, bias, Y, ldy
+#define TILE_ROW(P, T, LOAD, MLOAD, NR)                                                               \
+DEFINE_TILE(P##_##NR##_1, T, LOAD, MLOAD, NR, 1) DEFINE_TILE(P##_##NR##_2, T, LOAD, MLOAD, NR, 2)    \
+DEFINE_TILE(P##_##NR##_3, T, LOAD, MLOAD, NR, 3) DEFINE_TILE(P##_##NR##_4, T, LOAD, MLOAD, NR, 4)    \
+DEFINE_TILE(P##_##NR##_5, T, LOAD, MLOAD, NR, 5) DEFINE_TILE(P##_##NR##_6, T, LOAD, MLOAD, NR, 6)
+#define TILE_CASES(P, NR)                                                                             \
+    case NR * 8 + 1: P##_##NR##_1(TILE_ARGS); break; case NR * 8 + 2: P##_##NR##_2(TILE_ARGS); break; \
+    case NR * 8 + 3: P##_##NR##_3(TILE_ARGS); break; case NR * 8 + 4: P##_##NR##_4(TILE_ARGS); break; \
+    case NR * 8 + 5: P##_##NR##_5(TILE_ARGS); break; case NR * 8 + 6: P##_##NR##_6(TILE_ARGS); break;
+#define TILE_NR1 4  /* weight rows per tile for B == 1, then for B > 1 */
+#define TILE_NR 4
+#define TILE_BR 6
+#define DEFINE_TILE_SET(P, T, LOAD, MLOAD)                                                            \
+TILE_ROW(P, T, LOAD, MLOAD, 1) TILE_ROW(P, T, LOAD, MLOAD, 2)                                         \
+TILE_ROW(P, T, LOAD, MLOAD, 3) TILE_ROW(P, T, LOAD, MLOAD, 4)                                         \
+static void P##_tile(int nr, int br, const T *W, int64_t K, const float *X, int64_t ldx,              \
+                     const float *scale, const float *bias, float *Y, int64_t ldy) {                  \
+    switch (nr * 8 + br) {                                                                            \
+    TILE_CASES(P, 1) TILE_CASES(P, 2) TILE_CASES(P, 3) TILE_CASES(P, 4)                               \
+    }                                                                                                 \
+}
+#define DEFINE_TILES(P, T, LOAD, WIDEN) DEFINE_TILE_SET(P, T, LOAD16_##LOAD, MLOAD16_##LOAD) DEFINE_RUN(P, T)
+DEFINE_TILES(f32, float, F32, widen_f32)
+DEFINE_TILES(f16, uint16_t, F16, widen_f16)
+DEFINE_TILES(bf16, uint16_t, BF16, widen_bf16)
+DEFINE_TILES(i8, int8_t, I8, widen_i8)
+#else
 /* One NR x BR tile: rows W[0..NR) (stride K) against X rows [0..BR) (stride ldx), into Y[b * ldy + r].
  * scale: per weight row multiplier after the sum (int8 row scales) or NULL. */
 #define DEFINE_TILE(NAME, T, LOAD, WIDEN, NR, BR)                                                     \
@@ -87,7 +197,7 @@ INLINE void NAME(const T *W, int64_t K, const float *X, int64_t ldx, const float
         }                                                                                             \
 }
 
-#define DEFINE_TILES(P, T, LOAD, WIDEN)                                                               \
+#define DEFINE_TILE_SET(P, T, LOAD, WIDEN)                                                               \
 DEFINE_TILE(P##_1_1, T, LOAD, WIDEN, 1, 1) DEFINE_TILE(P##_1_2, T, LOAD, WIDEN, 1, 2)                \
 DEFINE_TILE(P##_1_3, T, LOAD, WIDEN, 1, 3) DEFINE_TILE(P##_1_4, T, LOAD, WIDEN, 1, 4)                \
 DEFINE_TILE(P##_2_1, T, LOAD, WIDEN, 2, 1) DEFINE_TILE(P##_2_2, T, LOAD, WIDEN, 2, 2)                \
@@ -112,32 +222,16 @@ static void P##_tile(int nr, int br, const T *W, int64_t K, const float *X, int6
     case 28: P##_3_4(W, K, X, ldx, scale, bias, Y, ldy); break;                                       \
     default: P##_4_1(W, K, X, ldx, scale, bias, Y, ldy); break;                                       \
     }                                                                                                 \
-}                                                                                                     \
-/* Threads split the weight rows; each walks its rows once per block of X rows. B == 1 takes four     \
- * weight rows per tile (four accumulation chains in flight), B > 1 three rows x four batch rows. */  \
-static void P##_run(const T *W, const float *scale, const float *X, int64_t ldx, const float *bias,   \
-                    float *Y, int64_t ldy, int64_t B, int64_t N, int64_t K, int threads) {            \
-    int nr_main = B == 1 ? 4 : 3;                                                                     \
-    int64_t bb = row_block(K), tiles = (N + nr_main - 1) / nr_main;                                   \
-    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                \
-    for (int64_t t = 0; t < tiles; t++) {                                                             \
-        int64_t n = t * nr_main;                                                                      \
-        int nr = N - n < nr_main ? (int)(N - n) : nr_main;                                            \
-        for (int64_t b0 = 0; b0 < B; b0 += bb) {                                                      \
-            int64_t b1 = b0 + bb < B ? b0 + bb : B;                                                   \
-            for (int64_t b = b0; b < b1; b += 4) {                                                    \
-                int br = b1 - b < 4 ? (int)(b1 - b) : 4; /* (4, br) only happens with B == 1 */      \
-                P##_tile(nr, br, W + n * K, K, X + b * ldx, ldx, scale ? scale + n : NULL,           \
-                         bias ? bias + n : NULL, Y + b * ldy + n, ldy);                              \
-            }                                                                                         \
-        }                                                                                             \
-    }                                                                                                 \
 }
-
+#define TILE_NR1 4
+#define TILE_NR 3
+#define TILE_BR 4
+#define DEFINE_TILES(P, T, LOAD, WIDEN) DEFINE_TILE_SET(P, T, LOAD, WIDEN) DEFINE_RUN(P, T)
 DEFINE_TILES(f32, float, LOAD_F32, widen_f32)
 DEFINE_TILES(f16, uint16_t, LOAD_F16, widen_f16)
 DEFINE_TILES(bf16, uint16_t, LOAD_BF16, widen_bf16)
 DEFINE_TILES(i8, int8_t, LOAD_I8, widen_i8)
+#endif
 
 void llm_gemm_f32(const float *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy,
                   int64_t B, int64_t N, int64_t K, int threads) {
@@ -174,7 +268,13 @@ static void quantize_q8(const float *x, int64_t K, int8_t *xq, float *xd) {
 }
 
 INLINE __m256i dot_u8s8(__m256i u, __m256i s) {  /* 8 int32 lanes of sum u*s over 32 bytes */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    /* One instruction for the two below; the same exact int32 sums (maddubs cannot saturate here:
+     * |w| <= 128, |x| <= 127), so the result is bitwise the AVX2 build's. */
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
 }
 
 /* Per batch row: the Q8 form of x and the sums the int4 product needs. Layout in scratch, per row:
@@ -312,12 +412,13 @@ void llm_gemm_i8q8(const int8_t *Q, const float *scale, const float *X, int64_t 
     const float *xd = (const float *)((const char *)scratch + K);
     int nr_main = 2;
     int64_t tiles = (N + nr_main - 1) / nr_main;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        int64_t n = t * nr_main;
-        int nr = N - n < nr_main ? (int)(N - n) : nr_main;
-        for (int64_t b0 = 0; b0 < B; b0 += bb) {
-            int64_t b1 = b0 + bb < B ? b0 + bb : B;
+    #pragma omp parallel num_threads(threads)
+    for (int64_t b0 = 0; b0 < B; b0 += bb) {  /* a block of rows against all weight rows, as DEFINE_RUN */
+        int64_t b1 = b0 + bb < B ? b0 + bb : B;
+        #pragma omp for schedule(static) nowait
+        for (int64_t t = 0; t < tiles; t++) {
+            int64_t n = t * nr_main;
+            int nr = N - n < nr_main ? (int)(N - n) : nr_main;
             for (int64_t b = b0; b < b1; b += 4) {
                 int br = b1 - b < 4 ? (int)(b1 - b) : 4;
                 const int8_t *q = Q + n * K, *xb = xq + b * stride;
@@ -348,12 +449,13 @@ void llm_gemm_i4q8(const uint8_t *Q, const uint16_t *scale, const uint16_t *zero
     const int8_t *xq = (const int8_t *)scratch;
     const float *xd = (const float *)((const char *)scratch + K), *xs = xd + blocks, *xc = xs + groups;
     int64_t tiles = (N + 1) / 2;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        int64_t n = t * 2;
-        int nr = N - n < 2 ? 1 : 2;
-        for (int64_t b0 = 0; b0 < B; b0 += bb) {
-            int64_t b1 = b0 + bb < B ? b0 + bb : B;
+    #pragma omp parallel num_threads(threads)
+    for (int64_t b0 = 0; b0 < B; b0 += bb) {  /* a block of rows against all weight rows, as DEFINE_RUN */
+        int64_t b1 = b0 + bb < B ? b0 + bb : B;
+        #pragma omp for schedule(static) nowait
+        for (int64_t t = 0; t < tiles; t++) {
+            int64_t n = t * 2;
+            int nr = N - n < 2 ? 1 : 2;
             for (int64_t b = b0; b < b1; b += 4) {
                 int br = b1 - b < 4 ? (int)(b1 - b) : 4;
                 const uint8_t *q = Q + n * (K / 2);
@@ -380,4 +482,4 @@ void llm_gemm_i4q8(const uint8_t *Q, const uint16_t *scale, const uint16_t *zero
 }
 
 /* Lets the loader check that the library it opened is the one built from these sources. */
-int llm_kernels_abi(void) { return 9; }
+int llm_kernels_abi(void) { return 10; }
