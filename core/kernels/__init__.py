@@ -1,7 +1,7 @@
 """Native kernels for decode and small batches, built on first use with the system C compiler: gemm.c
 (matrix products for B rows, every weight read once for all of them), gguf.c and gguf_k.c (the same for
-GGUF's Q4_0 / Q4_1 / Q8_0 and Q4_K / Q5_K / Q6_K blocks as stored in the file) and step.c (a whole forward step over all layers for a
-batch of token rows, driven by core.engine.native_step).
+GGUF's Q4_0 / Q4_1 / Q8_0 and Q4_K / Q5_K / Q6_K blocks as stored in the file) and step.c (a whole
+forward step over all layers for a batch of token rows, driven by core.engine.native_step).
 
 Decode reads every weight once per token; on the AVX2 CPUs this targets, torch's kernels for a
 [N, K] x [K] product reach about half the memory bandwidth (gemm.c says more). The library is built
