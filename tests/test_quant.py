@@ -68,7 +68,9 @@ def test_quantize_save_reload(name, float_dir, float_logits, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == spec.backend
     quantized = [m for m in reloaded.model.modules() if type(m).__name__ in ("Int8Linear", "Int4Linear", "Linear4bit")]
-    assert len(quantized) == 2 * 7  # per layer: q/k/v/o_proj, gate/up/down_proj (lm_head kept)
+    # per layer: q/k/v/o_proj, gate/up/down_proj; the (untied) lm_head too where the embeddings are quantized by default
+    assert len(quantized) == 2 * 7 + spec.quantize_embeddings
+    assert spec.quantize_embeddings == (name in ("int8", "int8-dynamic", "int4"))
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "nf4-double-quant"])
@@ -152,10 +154,57 @@ def test_quantize_embeddings_quantizes_the_head(float_dir, float_logits, tmp_pat
 
 
 def test_dry_run_estimate(float_dir):
-    e = estimate(str(float_dir), make_spec("int8"), dtype="float32")
+    e = estimate(str(float_dir), make_spec("int8", quantize_embeddings=False), dtype="float32")
     assert e.quantized_layers == 14 and e.kept_layers == 1  # q, k, v, o, gate, up, down per layer; lm_head
     # Two 256x64 tables stay fp32; the 2 x (64x128 + 64x64 + 2x128x64 + 64x128) decoder weights take 1 byte + a scale per row.
     assert 0.4 < e.quantized_bytes / e.float_bytes < 0.6
+
+
+def test_int4_layer_holds_one_copy_and_prefill_chunks_equal_the_dequantized_product(monkeypatch):
+    from llm_torch.quant import int_layers as tb
+
+    g = torch.Generator().manual_seed(3)
+    w, bias, x = torch.randn(100, 128, generator=g), torch.randn(100, generator=g), torch.randn(1, 130, 128, generator=g)
+    t = tb.quantize_int4(w, 32)
+    layer = tb.Int4Linear(t["weight"], t["weight_scale"], t["weight_zero"], bias)
+    held = sum(b.numel() * b.element_size() for b in layer.buffers())
+    assert held == sum(v.numel() * v.element_size() for v in t.values()) + bias.numel() * 4  # nothing twice
+    assert layer.native_linear().weight.data_ptr() == layer.qweight.data_ptr()  # decode reads the same codes
+    ref = x @ layer.dequantized().T + bias
+    whole = layer(x)  # prefill-sized: dequantized for torch's GEMM
+    monkeypatch.setattr(tb, "CHUNK_BYTES", 16 * 128 * 4)  # 16 rows at a time: 7 chunks, the last one short
+    chunked = layer(x)
+    torch.testing.assert_close(whole, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(tb.kernels, "matvec", lambda: None)  # no native kernels: few rows take the same path
+    torch.testing.assert_close(layer(x[:, :2]), ref[:, :2], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_embeddings_quantized_by_default_and_kept_on_request(tied, tmp_path):
+    from safetensors import safe_open
+
+    from llm_torch.core.tools.model_size import weight_bytes_per_token, weights_bytes
+
+    folder = tmp_path / "float"
+    hf_model(config_dict(LLAMA_BASE, dict(num_key_value_heads=2, tie_word_embeddings=tied)), std=STD).save_pretrained(folder)
+    out = quantize_to_folder(str(folder), make_spec("int4", group_size=32), tmp_path / "q", dtype="float32").out
+    model = load_model(str(out), with_tokenizer=False).model
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert type(emb).__name__ == "Int8Embedding"
+    assert type(head).__name__ == ("Int8Linear" if tied else "Int4Linear")
+    if tied:  # the head multiplies by the embedding's own int8 rows
+        assert head.qweight.data_ptr() == emb.qweight.data_ptr() == head.native_linear().weight.data_ptr()
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        on_disk = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    vocab, hidden = emb.qweight.shape
+    # Memory holds the file's tensors once; a tied head adds only its bf16 row scales.
+    assert weights_bytes(model) == on_disk + (vocab * 2 if tied else 0)
+    # Decode reads everything but the table's other rows (a tied head reads the whole int8 table).
+    assert weights_bytes(model) - weight_bytes_per_token(model) == (vocab - 1) * (4 if tied else hidden + 4)
+    kept = quantize_to_folder(str(folder), make_spec("int4", group_size=32, quantize_embeddings=False), tmp_path / "k", dtype="float32").out
+    model = load_model(str(kept), with_tokenizer=False).model
+    assert type(model.model.embed_tokens).__name__ == "Embedding" and type(model.lm_head).__name__ == "Linear"
 
 
 def test_scheme_errors():

@@ -15,20 +15,24 @@ def weights_bytes(model: nn.Module) -> int:
 
 
 def weight_bytes_per_token(model: nn.Module) -> int:
-    """Weight bytes one decode step reads: every weight once, except that an embedding table read only
-    by its lookup costs one row. A head tied to the embedding reads the whole table (as the head).
-    The KV cache is not counted: at benchmark lengths it is small next to the weights."""
+    """Weight bytes one decode step reads: every weight once (each storage once: weights_bytes), except
+    that an embedding table read only by its lookup costs one row. A head tied to the embedding reads the
+    whole table (as the head). Embeddings are found by shape (num_embeddings, embedding_dim), so quantized
+    tables (quant's int8 rows and their scales) count the same way. The KV cache is not counted: at
+    benchmark lengths it is small next to the weights."""
     total = weights_bytes(model)
-    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    readers = {  # storages read in full by some other module (a tied lm_head is an nn.Linear)
-        m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Linear)
+    embeddings = [m for m in model.modules() if hasattr(m, "num_embeddings") and hasattr(m, "embedding_dim")]
+    readers = {  # storages some other module reads in full (a tied lm_head, quantized or not)
+        t.data_ptr() for m in model.modules() if not any(m is e for e in embeddings)
+        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
     }
+    counted = {t.data_ptr() for t in unique_tensors(model)}
     for emb in embeddings:
-        w = emb.weight
-        if w.data_ptr() in readers:
-            continue
-        row = w.shape[1] * w.element_size()
-        total -= w.numel() * w.element_size() - row
+        for t in (*emb.parameters(recurse=False), *emb.buffers(recurse=False)):
+            if t.data_ptr() in readers or t.data_ptr() not in counted or t.dim() == 0 or t.shape[0] != emb.num_embeddings:
+                continue
+            counted.discard(t.data_ptr())  # a table two lookups share is one table
+            total -= (t.numel() - t.numel() // emb.num_embeddings) * t.element_size()
     return total
 
 
