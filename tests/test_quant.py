@@ -291,7 +291,7 @@ def test_cli_quantize_then_generate_chat_and_bench(tiny_with_tokenizer, tmp_path
     r = run_llm("quantize", str(tiny_with_tokenizer), "--int4", "--group-size", "32", "-o", str(out))
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode() == f"{out}\n"
-    assert "14 layers quantized, 1 kept in full precision (lm_head)" in r.stderr.decode()
+    assert "16 layers quantized, 0 kept in full precision" in r.stderr.decode()  # + lm_head and the int8 table
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
     again = run_llm("quantize", str(tiny_with_tokenizer), "--int4", "-o", str(out))
     assert again.returncode == 1 and again.stderr.decode().count("\n") == 1 and "--force" in again.stderr.decode()
@@ -303,7 +303,7 @@ def test_cli_quantize_then_generate_chat_and_bench(tiny_with_tokenizer, tmp_path
     b = run_llm("bench", "-m", str(out), "-p", "8", "-n", "4", "-r", "1", "--format", "json")
     assert b.returncode == 0, b.stderr
     info = json.loads(b.stdout)["model"]
-    assert info["weights_bytes"] < (tiny_with_tokenizer / "model.safetensors").stat().st_size  # the 49152-row tables stay fp32
+    assert info["weights_bytes"] < (tiny_with_tokenizer / "model.safetensors").stat().st_size  # the 49152-row tables become int8
 
 
 def test_int4_is_named_and_reported_by_the_group_sizes_it_uses(tiny_with_tokenizer):
@@ -313,11 +313,12 @@ def test_int4_is_named_and_reported_by_the_group_sizes_it_uses(tiny_with_tokeniz
     out = Path("tiny-llama-int4-g64-g128").absolute()  # the default folder, in the working folder
     assert r.stdout.decode() == f"{out}\n"
     err = r.stderr.decode()
-    assert "12 layer(s) (gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj): input size 64 is not a multiple of 128: " \
+    # lm_head (64 inputs, quantized with the embeddings by default) too; the table itself is int8
+    assert "13 layer(s) (gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj): input size 64 is not a multiple of 128: " \
            "group size 64" in err
-    assert "int4-g64-g128: 14 layers quantized" in err
+    assert "int4-g64-g128: 16 layers quantized" in err
     d = run_llm("quantize", str(tiny_with_tokenizer), "--int4", "--dry-run")
-    assert d.stdout.decode().startswith("int4-g64-g128: 14 layers to quantize"), d.stdout
+    assert d.stdout.decode().startswith("int4-g64-g128: 16 layers to quantize"), d.stdout
     status = run_llm("chat", str(out), "-n", "1", input="/status\n")
     assert status.returncode == 0, status.stderr
     assert f"model: {out} (int4-g64-g128 quantized, float32, cpu)" in status.stderr.decode()
@@ -334,11 +335,11 @@ def test_cli_progress_on_a_terminal_only(tiny_with_tokenizer, tmp_path):
 
     code, shown, out = run_llm_on_terminal("quantize", str(tiny_with_tokenizer), "--int8", "-o", str(tmp_path / "a"))
     assert code == 0, shown
-    assert re.search(r"quantizing \(int8\) .*[\d,]+/14 layers .*layers/s .*eta", shown), shown
+    assert re.search(r"quantizing \(int8\) .*[\d,]+/15 layers .*layers/s .*eta", shown), shown
     assert out.decode() == f"{tmp_path / 'a'}\n"
     piped = run_llm("quantize", str(tiny_with_tokenizer), "--int8", "-o", str(tmp_path / "b"))
     assert piped.returncode == 0, piped.stderr
-    assert re.fullmatch(rb"int8: 14 layers quantized, 1 kept in full precision \(lm_head\); [\d.]+ MiB in [\d.]+ s\n",
+    assert re.fullmatch(rb"int8: 16 layers quantized, 0 kept in full precision; [\d.]+ MiB in [\d.]+ s\n",
                         piped.stderr), piped.stderr
 
 
@@ -355,7 +356,7 @@ def test_cli_quantize_on_load_and_errors(tiny_with_tokenizer):
     assert r.returncode == 1 and "several schemes given: --int8, --nf4" in r.stderr.decode()
     r = run_llm("quantize", str(tiny_with_tokenizer), "--int4", "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert "14 layers to quantize, 1 kept" in r.stdout.decode() and "group size 64" in r.stderr.decode()
+    assert "16 layers to quantize, 0 kept" in r.stdout.decode() and "group size 64" in r.stderr.decode()
 
 
 def test_report_card_in_process(tiny_with_tokenizer, tmp_path):
