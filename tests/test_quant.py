@@ -140,9 +140,10 @@ def test_skip_patterns_keep_layers_in_full_precision(float_dir):
     loaded = load_model(str(float_dir), dtype="float32", with_tokenizer=False)
     result = quantize_loaded(loaded, make_spec("int8", skip=["down_proj", "layers.0.*"]))
     assert "model.layers.1.mlp.down_proj" in result.kept and "model.layers.0.self_attn.q_proj" in result.kept
-    assert result.quantized == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj",
+    # the embedding table and lm_head are quantized by default (int8 rows; the untied head with the scheme)
+    assert result.quantized == ["model.embed_tokens", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj",
                                 "model.layers.1.self_attn.v_proj", "model.layers.1.self_attn.o_proj",
-                                "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+                                "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "lm_head"]
 
 
 def test_quantize_embeddings_quantizes_the_head(float_dir, float_logits, tmp_path):
