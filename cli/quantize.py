@@ -30,7 +30,8 @@ def quantize(
     double_quant: Annotated[bool, typer.Option("--double-quant", help="--nf4/--fp4: quantize the block scales too.")] = False,
     backend: Annotated[Optional[str], typer.Option("--backend", help="torchao | bitsandbytes, where a scheme has both (--int8).")] = None,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Keep modules matching PATTERN in full precision (repeatable).")] = None,
-    quantize_embeddings: Annotated[bool, typer.Option("--quantize-embeddings", help="Quantize lm_head and (torchao schemes) the embedding table too.")] = False,
+    quantize_embeddings: Annotated[bool, typer.Option("--quantize-embeddings", help="Quantize lm_head, task heads and (torchao schemes) the embedding table; the default for --int8, --int4, --int8-dynamic (not task heads).")] = False,
+    keep_embeddings: Annotated[bool, typer.Option("--keep-embeddings", help="Keep the embedding table and lm_head in full precision.")] = False,
     dtype: o.DtypeOpt = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Estimate the output size and memory; write nothing.")] = False,
@@ -58,8 +59,10 @@ def quantize(
         )
     from llm_torch.quant.spec import make_spec
 
+    if quantize_embeddings and keep_embeddings:
+        raise InputError("--quantize-embeddings and --keep-embeddings contradict each other", hint="give one of them")
     spec = make_spec(chosen[0].replace("_", "-"), backend=backend, group_size=group_size, double_quant=double_quant,
-                     skip=tuple(skip or ()), quantize_embeddings=quantize_embeddings)
+                     skip=tuple(skip or ()), quantize_embeddings=True if quantize_embeddings else False if keep_embeddings else None)
     if dry_run:
         _print_estimate(model_ref, spec, dtype)
         return

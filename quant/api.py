@@ -11,7 +11,7 @@ import torch
 
 from llm_torch.core.errors import InputError
 
-from .swap import QuantResult, applied_label, codec_for, float_tensors, plan, quantize_model
+from .swap import QuantResult, has_tied_head, applied_label, codec_for, float_tensors, plan, quantize_model
 from .spec import QuantSpec
 
 
@@ -110,8 +110,8 @@ def _skip_names(spec: QuantSpec) -> list[str]:
 class Estimate:
     float_bytes: int  # weights as loaded (the float dtype)
     quantized_bytes: int  # weights after quantization (scales included): the output's size
-    memory_bytes: int  # weight memory once loaded (int4 also keeps its plain codes for prefill)
-    quantized_layers: int
+    memory_bytes: int  # weight memory once loaded
+    quantized_layers: int  # Linears and embedding tables, as quantize_model's result.quantized counts them
     kept_layers: int
     notes: list[str] = field(default_factory=list)
     label: str = ""  # the scheme as it will be applied (swap.applied_label)
@@ -137,17 +137,21 @@ def estimate(ref: str | None, spec: QuantSpec, *, dtype: str = "auto") -> Estima
     target = resolve_dtype(dtype, model.config, kind=resolved.kind)
     float_bytes = weight_bytes(param_count(model), target)
     codec = codec_for(spec)
-    saved = extra = 0
+    saved = tables = 0
+    if spec.quantize_embeddings and codec.backend == "torchao":  # int8 rows + an fp32 scale each (swap.py)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Embedding):
+                n, k = m.weight.shape
+                saved += n * k * torch.finfo(target).bits // 8 - (n * k + n * 4)
+                tables += 1
+        if has_tied_head(model):  # the head reads the embedding's table
+            todo = [t for t in todo if t.name != "lm_head"]
     for t in todo:
         m = model.get_submodule(t.name)
         n, k = m.out_features, m.in_features
         saved += n * k * torch.finfo(target).bits // 8 - _quantized_bytes(codec, spec, n, k)
-        if spec.runtime_scheme == "int4":
-            from .int_layers import int4_group_size
-
-            # The plain codes kept beside the packed ones, with their scales / zeros widened to fp32.
-            extra += _quantized_bytes(codec, spec, n, k) + n * (k // (int4_group_size(k, spec.group_size) or k)) * 4
-    return Estimate(float_bytes, float_bytes - saved, float_bytes - saved + extra, len(todo), len(kept), notes,
+    # Memory holds the file's tensors as they are (quant/int_layers.py keeps one copy).
+    return Estimate(float_bytes, float_bytes - saved, float_bytes - saved, len(todo) + tables, len(kept), notes,
                     applied_label(spec, todo))
 
 

@@ -1,18 +1,18 @@
 """The torchao schemes (int8 weight-only, int4 weight-only, int8 dynamic): our own Linear modules that
-store plain integers + scales and call torch's CPU kernels (the ones torchao dispatches to) directly.
+store plain integers + scales, one copy each, read by core.kernels (few tokens) and dequantized for
+torch's GEMM (prefill).
 
 Why not torchao's tensor subclasses: on this wheel `Int4WeightOnlyConfig` needs CUDA, the prototype
 int4 path skips layers silently, its packed CPU int4 weights depend on the instruction set they were
 packed under, and int8 weight-only is only fast under torch.compile. So checkpoints hold plain 4/8-bit
-values (portable, `llm_torch_format` in quantization_config says so) and are packed at load time.
+values (portable, `llm_torch_format` in quantization_config says so), and memory holds the same bytes.
 
-Activations go to the kernels in bfloat16 (fp32 activations take a ~25x slower path for int4; bf16
-is exact for |v| <= 256, which the int8 dynamic scheme relies on), and outputs come back in x's dtype.
-Measured per call (3072x576 weight, 1 thread, cache-cold): fp32 mv 0.57 ms, int8 0.39 ms, int4 0.41 ms.
-From PREFILL_ROWS tokens on, dequantized weights in an fp32 GEMM are faster than the kernels.
 One token (decode) goes to core.kernels where it runs: int8 with fp32 activations, int4 with activations
 rounded to int8 blocks of 32 (llama.cpp's Q4 x Q8 scheme), int8-dynamic likewise. SmolLM2, 2 threads,
 same process, interleaved: int8 decode ~20 tok/s vs ~17 on torch's kernels, int4 (g32) ~24 vs ~20.
+From PREFILL_ROWS tokens on (or without the native kernels), dequantized weights in an fp32 GEMM are
+faster than torch's int kernels. int8 without the native kernels below PREFILL_ROWS: torch's int8 kernel
+on the same int8 rows, activations in bfloat16 (exact for |v| <= 256, which int8-dynamic relies on).
 """
 
 from __future__ import annotations
@@ -32,8 +32,12 @@ KERNEL_DTYPE = torch.bfloat16
 # SmolLM2 prefill, 1 thread (CPU time): 128 tokens fp32 121 tok/s, int8 kernel 67, int8 dequantized 108;
 # at 32 tokens kernel and dequantized are equal (63 / 64).
 PREFILL_ROWS = 32
-# int4 unpacking costs more: 32 tokens kernel 61 tok/s vs dequantized 35; 128 tokens 65 vs 79.
+# int4 unpacking costs more (measured against torch's int4 kernel: 32 tokens 61 tok/s vs dequantized 35;
+# 128 tokens 65 vs 79); below this the native kernel runs.
 INT4_PREFILL_ROWS = 96
+# Prefill dequantizes this many bytes of fp32 weight rows at a time: memory stays bounded (SmolLM2's tied
+# head is 113 MB in fp32) and a chunk stays in the last-level cache for its GEMM.
+CHUNK_BYTES = 8 << 20
 CONFIG_TYPES = {  # scheme -> torchao config class name (the Hub's quant_type._type)
     "int8": "Int8WeightOnlyConfig",
     "int4": "Int4WeightOnlyConfig",
@@ -56,6 +60,19 @@ def _native(layer, x: torch.Tensor, max_rows: int) -> torch.Tensor | None:
         return None
     spec = layer.native_linear()
     return None if spec is None else mv.linear(spec, x)
+
+
+def _dequantized_linear(x: torch.Tensor, n: int, rows, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T + bias for W [n, K] given as rows(start, stop) -> fp32 rows, dequantized CHUNK_BYTES at a time."""
+    step = max(1, CHUNK_BYTES // (4 * x.shape[-1]))
+    bias = None if bias is None else bias.to(x.dtype)
+    if step >= n:
+        return torch.nn.functional.linear(x, rows(0, n).to(x.dtype), bias)
+    y = x.new_empty(*x.shape[:-1], n)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        y[..., start:stop] = torch.nn.functional.linear(x, rows(start, stop).to(x.dtype), None if bias is None else bias[start:stop])
+    return y
 
 
 class QuantModule(nn.Module):
@@ -108,8 +125,7 @@ class Int8Linear(QuantModule):
             if self.dynamic:
                 x_scale = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-12)
                 x = torch.round(x / x_scale) * x_scale
-            w = self.qweight.to(x.dtype) * self.scale.to(x.dtype)[:, None]
-            return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+            return _dequantized_linear(x, self.out_features, self.dequantized, self.bias)
         if self.dynamic:
             # Integer activations in [-127, 127] are exact in bf16, so the kernel computes q_x @ q_w.
             x_scale = (h.float().abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
@@ -120,6 +136,10 @@ class Int8Linear(QuantModule):
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows start:stop of W in fp32: q * scale."""
+        return self.qweight[start:stop].float() * self.scale[start:stop].float()[:, None]
 
     def native_linear(self) -> LinearSpec | None:
         """This layer for core.engine.native_step: the same kernel and operands as forward's one-token path."""
@@ -180,64 +200,44 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
     return {"weight": packed, "weight_scale": scale.squeeze(-1).to(KERNEL_DTYPE), "weight_zero": zero.squeeze(-1).to(KERNEL_DTYPE)}
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] -> int32 [N, K] values 0..15."""
-    return torch.stack((packed & 15, packed >> 4), dim=-1).view(packed.shape[0], -1).to(torch.int32)
-
-
 class Int4Linear(QuantModule):
-    """y = x @ W^T + b, W in torch's CPU int4 packing (made here, at load: it depends on the CPU)."""
+    """y = x @ W^T + b from one copy of the weights: the checkpoint's packed codes uint8 [N, K/2] (low nibble
+    = even column) and bf16 scale / zero [N, K/g]. Few tokens: core.kernels read them directly; prefill (or
+    no native kernels) dequantizes them per call, CHUNK_BYTES of rows at a time, for torch's GEMM."""
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         N, K = packed.shape[0], packed.shape[1] * 2
         self.in_features, self.out_features = K, N
         self.group_size = K // scale.shape[1]
-        q = unpack_int4(packed)
-        scale, zero = scale.to(KERNEL_DTYPE), zero.to(KERNEL_DTYPE)
-        pad = -N % 16  # the packing needs N % 16 == 0: extra rows of zeros, sliced off the output
-        if pad:
-            q = torch.cat([q, q.new_full((pad, K), 8)])
-            scale, zero = torch.cat([scale, scale.new_zeros(pad, scale.shape[1])]), torch.cat([zero, zero.new_zeros(pad, zero.shape[1])])
-        self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(q, 1))
-        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous())  # [K/g, N, 2]
+        # No second, prefill-only copy (torch's CPU int4 packing is not portable to unpack): decode reads
+        # exactly these bytes, and `llm bench` counts them.
+        self.register_buffer("qweight", packed.contiguous())
+        self.register_buffer("scale", scale.to(KERNEL_DTYPE).contiguous())
+        self.register_buffer("zero", zero.to(KERNEL_DTYPE).contiguous())
         self.register_buffer("bias", bias)
-        # The checkpoint's plain codes too (+0.5 byte per weight): prefill dequantizes them for an fp32
-        # GEMM (1.9x faster than the kernel at 128 tokens); the packed copy cannot be unpacked portably.
-        self.register_buffer("plain", packed)
-        # bf16 scales/zeros [N, K/g], as the kernels use them: core.kernels' one-token product reads
-        # them directly, prefill's dequantization widens them.
-        self.register_buffer("plain_scale", scale[:N].contiguous())
-        self.register_buffer("plain_zero", zero[:N].contiguous())
 
-    def dequantized(self) -> torch.Tensor:
-        """W [N, K] in fp32: q * scale + (zero - 8 * scale) per group."""
-        N, K, g = self.out_features, self.in_features, self.group_size
-        q = torch.empty(N, K // 2, 2)  # nibbles written in place: ~1.4x faster than stack + casts
-        q[..., 0] = self.plain & 15
-        q[..., 1] = self.plain >> 4
-        scale, zero = self.plain_scale.float(), self.plain_zero.float()
-        return torch.addcmul((zero - 8 * scale)[:, :, None], q.view(N, K // g, g), scale[:, :, None]).view(N, K)
+    def dequantized(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows start:stop of W in fp32: q * scale + (zero - 8 * scale) per group."""
+        packed = self.qweight[start:stop]
+        n, K, g = packed.shape[0], self.in_features, self.group_size
+        q = torch.empty(n, K // 2, 2, device=packed.device)  # nibbles written in place: ~1.4x faster than stack + casts
+        q[..., 0] = packed & 15
+        q[..., 1] = packed >> 4
+        scale, zero = self.scale[start:stop].float(), self.zero[start:stop].float()
+        return torch.addcmul((zero - 8 * scale)[:, :, None], q.view(n, K // g, g), scale[:, :, None]).view(n, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _native(self, x, INT4_PREFILL_ROWS)
-        if y is not None:  # core.kernels read the plain 4-bit codes; x as Q8 blocks (faster than torch's bf16 kernel)
+        if y is not None:  # core.kernels read the 4-bit codes; x as Q8 blocks
             return y
-        if x.numel() >= INT4_PREFILL_ROWS * x.shape[-1]:
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return torch.nn.functional.linear(x, self.dequantized().to(x.dtype), bias)
-        h = _flat(x).to(KERNEL_DTYPE)
-        y = torch._weight_int4pack_mm_for_cpu(h, self.qweight, self.group_size, self.scales_and_zeros)
-        y = y[:, : self.out_features].to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+        return _dequantized_linear(x, self.out_features, self.dequantized, self.bias)
 
     def native_linear(self) -> LinearSpec:
         """This layer for core.engine.native_step: the same kernel and operands as forward's one-token path."""
         bias = None if self.bias is None else self.bias.float().contiguous()
-        return LinearSpec(I4Q8, self.plain, self.out_features, self.in_features, scale=self.plain_scale,
-                          zero=self.plain_zero, bias=bias, group=self.group_size)
+        return LinearSpec(I4Q8, self.qweight, self.out_features, self.in_features, scale=self.scale,
+                          zero=self.zero, bias=bias, group=self.group_size)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int4 group {self.group_size}"

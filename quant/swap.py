@@ -103,7 +103,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False,
     codec = codec_for(spec)
     todo, kept, notes = plan(model, spec)
     result = QuantResult(notes=notes, kept=[t.name for t in kept], label=applied_label(spec, todo))
-    tied_head = _tied_head(model)
+    tied_head = has_tied_head(model)
     if spec.quantize_embeddings:
         if codec.backend == "torchao":
             _quantize_embeddings(model, result, collect)
@@ -131,7 +131,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, *, collect: bool = False,
     return result
 
 
-def _tied_head(model: nn.Module) -> bool:
+def has_tied_head(model: nn.Module) -> bool:
     head = getattr(model, "lm_head", None)
     return bool(getattr(model.config, "tie_word_embeddings", False)) and isinstance(head, nn.Linear)
 
@@ -141,7 +141,7 @@ def _quantize_embeddings(model: nn.Module, result: QuantResult, collect: bool) -
     one row, so 4 bits would save memory, not time. A tied head then multiplies by the int8 table."""
     from .int_layers import Int8Embedding, quantize_int8
 
-    tied = _tied_head(model)
+    tied = has_tied_head(model)
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Embedding):
             continue

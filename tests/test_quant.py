@@ -68,7 +68,9 @@ def test_quantize_save_reload(name, float_dir, float_logits, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == spec.backend
     quantized = [m for m in reloaded.model.modules() if type(m).__name__ in ("Int8Linear", "Int4Linear", "Linear4bit")]
-    assert len(quantized) == 2 * 7  # per layer: q/k/v/o_proj, gate/up/down_proj (lm_head kept)
+    # per layer: q/k/v/o_proj, gate/up/down_proj; the (untied) lm_head too where the embeddings are quantized by default
+    assert len(quantized) == 2 * 7 + spec.quantize_embeddings
+    assert spec.quantize_embeddings == (name in ("int8", "int8-dynamic", "int4"))
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "nf4-double-quant"])
@@ -138,9 +140,10 @@ def test_skip_patterns_keep_layers_in_full_precision(float_dir):
     loaded = load_model(str(float_dir), dtype="float32", with_tokenizer=False)
     result = quantize_loaded(loaded, make_spec("int8", skip=["down_proj", "layers.0.*"]))
     assert "model.layers.1.mlp.down_proj" in result.kept and "model.layers.0.self_attn.q_proj" in result.kept
-    assert result.quantized == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj",
+    # the embedding table and lm_head are quantized by default (int8 rows; the untied head with the scheme)
+    assert result.quantized == ["model.embed_tokens", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj",
                                 "model.layers.1.self_attn.v_proj", "model.layers.1.self_attn.o_proj",
-                                "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+                                "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "lm_head"]
 
 
 def test_quantize_embeddings_quantizes_the_head(float_dir, float_logits, tmp_path):
@@ -152,10 +155,57 @@ def test_quantize_embeddings_quantizes_the_head(float_dir, float_logits, tmp_pat
 
 
 def test_dry_run_estimate(float_dir):
-    e = estimate(str(float_dir), make_spec("int8"), dtype="float32")
+    e = estimate(str(float_dir), make_spec("int8", quantize_embeddings=False), dtype="float32")
     assert e.quantized_layers == 14 and e.kept_layers == 1  # q, k, v, o, gate, up, down per layer; lm_head
     # Two 256x64 tables stay fp32; the 2 x (64x128 + 64x64 + 2x128x64 + 64x128) decoder weights take 1 byte + a scale per row.
     assert 0.4 < e.quantized_bytes / e.float_bytes < 0.6
+
+
+def test_int4_layer_holds_one_copy_and_prefill_chunks_equal_the_dequantized_product(monkeypatch):
+    from llm_torch.quant import int_layers as tb
+
+    g = torch.Generator().manual_seed(3)
+    w, bias, x = torch.randn(100, 128, generator=g), torch.randn(100, generator=g), torch.randn(1, 130, 128, generator=g)
+    t = tb.quantize_int4(w, 32)
+    layer = tb.Int4Linear(t["weight"], t["weight_scale"], t["weight_zero"], bias)
+    held = sum(b.numel() * b.element_size() for b in layer.buffers())
+    assert held == sum(v.numel() * v.element_size() for v in t.values()) + bias.numel() * 4  # nothing twice
+    assert layer.native_linear().weight.data_ptr() == layer.qweight.data_ptr()  # decode reads the same codes
+    ref = x @ layer.dequantized().T + bias
+    whole = layer(x)  # prefill-sized: dequantized for torch's GEMM
+    monkeypatch.setattr(tb, "CHUNK_BYTES", 16 * 128 * 4)  # 16 rows at a time: 7 chunks, the last one short
+    chunked = layer(x)
+    torch.testing.assert_close(whole, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(tb.kernels, "matvec", lambda: None)  # no native kernels: few rows take the same path
+    torch.testing.assert_close(layer(x[:, :2]), ref[:, :2], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_embeddings_quantized_by_default_and_kept_on_request(tied, tmp_path):
+    from safetensors import safe_open
+
+    from llm_torch.core.tools.model_size import weight_bytes_per_token, weights_bytes
+
+    folder = tmp_path / "float"
+    hf_model(config_dict(LLAMA_BASE, dict(num_key_value_heads=2, tie_word_embeddings=tied)), std=STD).save_pretrained(folder)
+    out = quantize_to_folder(str(folder), make_spec("int4", group_size=32), tmp_path / "q", dtype="float32").out
+    model = load_model(str(out), with_tokenizer=False).model
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert type(emb).__name__ == "Int8Embedding"
+    assert type(head).__name__ == ("Int8Linear" if tied else "Int4Linear")
+    if tied:  # the head multiplies by the embedding's own int8 rows
+        assert head.qweight.data_ptr() == emb.qweight.data_ptr() == head.native_linear().weight.data_ptr()
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        on_disk = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    vocab, hidden = emb.qweight.shape
+    # Memory holds the file's tensors once; a tied head adds only its bf16 row scales.
+    assert weights_bytes(model) == on_disk + (vocab * 2 if tied else 0)
+    # Decode reads everything but the table's other rows (a tied head reads the whole int8 table).
+    assert weights_bytes(model) - weight_bytes_per_token(model) == (vocab - 1) * (4 if tied else hidden + 4)
+    kept = quantize_to_folder(str(folder), make_spec("int4", group_size=32, quantize_embeddings=False), tmp_path / "k", dtype="float32").out
+    model = load_model(str(kept), with_tokenizer=False).model
+    assert type(model.model.embed_tokens).__name__ == "Embedding" and type(model.lm_head).__name__ == "Linear"
 
 
 def test_scheme_errors():
@@ -242,7 +292,7 @@ def test_cli_quantize_then_generate_chat_and_bench(tiny_with_tokenizer, tmp_path
     r = run_llm("quantize", str(tiny_with_tokenizer), "--int4", "--group-size", "32", "-o", str(out))
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode() == f"{out}\n"
-    assert "14 layers quantized, 1 kept in full precision (lm_head)" in r.stderr.decode()
+    assert "16 layers quantized, 0 kept in full precision" in r.stderr.decode()  # + lm_head and the int8 table
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
     again = run_llm("quantize", str(tiny_with_tokenizer), "--int4", "-o", str(out))
     assert again.returncode == 1 and again.stderr.decode().count("\n") == 1 and "--force" in again.stderr.decode()
@@ -254,7 +304,7 @@ def test_cli_quantize_then_generate_chat_and_bench(tiny_with_tokenizer, tmp_path
     b = run_llm("bench", "-m", str(out), "-p", "8", "-n", "4", "-r", "1", "--format", "json")
     assert b.returncode == 0, b.stderr
     info = json.loads(b.stdout)["model"]
-    assert info["weights_bytes"] < (tiny_with_tokenizer / "model.safetensors").stat().st_size  # the 49152-row tables stay fp32
+    assert info["weights_bytes"] < (tiny_with_tokenizer / "model.safetensors").stat().st_size  # the 49152-row tables become int8
 
 
 def test_int4_is_named_and_reported_by_the_group_sizes_it_uses(tiny_with_tokenizer):
@@ -264,11 +314,12 @@ def test_int4_is_named_and_reported_by_the_group_sizes_it_uses(tiny_with_tokeniz
     out = Path("tiny-llama-int4-g64-g128").absolute()  # the default folder, in the working folder
     assert r.stdout.decode() == f"{out}\n"
     err = r.stderr.decode()
-    assert "12 layer(s) (gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj): input size 64 is not a multiple of 128: " \
+    # lm_head (64 inputs, quantized with the embeddings by default) too; the table itself is int8
+    assert "13 layer(s) (gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj): input size 64 is not a multiple of 128: " \
            "group size 64" in err
-    assert "int4-g64-g128: 14 layers quantized" in err
+    assert "int4-g64-g128: 16 layers quantized" in err
     d = run_llm("quantize", str(tiny_with_tokenizer), "--int4", "--dry-run")
-    assert d.stdout.decode().startswith("int4-g64-g128: 14 layers to quantize"), d.stdout
+    assert d.stdout.decode().startswith("int4-g64-g128: 16 layers to quantize"), d.stdout
     status = run_llm("chat", str(out), "-n", "1", input="/status\n")
     assert status.returncode == 0, status.stderr
     assert f"model: {out} (int4-g64-g128 quantized, float32, cpu)" in status.stderr.decode()
@@ -285,11 +336,11 @@ def test_cli_progress_on_a_terminal_only(tiny_with_tokenizer, tmp_path):
 
     code, shown, out = run_llm_on_terminal("quantize", str(tiny_with_tokenizer), "--int8", "-o", str(tmp_path / "a"))
     assert code == 0, shown
-    assert re.search(r"quantizing \(int8\) .*[\d,]+/14 layers .*layers/s .*eta", shown), shown
+    assert re.search(r"quantizing \(int8\) .*[\d,]+/15 layers .*layers/s .*eta", shown), shown
     assert out.decode() == f"{tmp_path / 'a'}\n"
     piped = run_llm("quantize", str(tiny_with_tokenizer), "--int8", "-o", str(tmp_path / "b"))
     assert piped.returncode == 0, piped.stderr
-    assert re.fullmatch(rb"int8: 14 layers quantized, 1 kept in full precision \(lm_head\); [\d.]+ MiB in [\d.]+ s\n",
+    assert re.fullmatch(rb"int8: 16 layers quantized, 0 kept in full precision; [\d.]+ MiB in [\d.]+ s\n",
                         piped.stderr), piped.stderr
 
 
@@ -306,7 +357,7 @@ def test_cli_quantize_on_load_and_errors(tiny_with_tokenizer):
     assert r.returncode == 1 and "several schemes given: --int8, --nf4" in r.stderr.decode()
     r = run_llm("quantize", str(tiny_with_tokenizer), "--int4", "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert "14 layers to quantize, 1 kept" in r.stdout.decode() and "group size 64" in r.stderr.decode()
+    assert "16 layers to quantize, 0 kept" in r.stdout.decode() and "group size 64" in r.stderr.decode()
 
 
 def test_report_card_in_process(tiny_with_tokenizer, tmp_path):

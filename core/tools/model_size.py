@@ -16,27 +16,25 @@ def weights_bytes(model: nn.Module) -> int:
 
 
 def weight_bytes_per_token(model: nn.Module) -> int:
-    """Weight bytes one decode step reads: every weight once, except that an embedding table read only
-    by its lookup costs one row. A head tied to the embedding reads the whole table (as the head).
-    Packed tables (an int `qweight` buffer: GGUF blocks, quant's int8) count their bytes like float ones.
-    The KV cache is not counted: at benchmark lengths it is small next to the weights."""
+    """Weight bytes one decode step reads: every weight once (each storage once: weights_bytes), except
+    that an embedding table read only by its lookup costs one row. A head tied to the embedding reads the
+    whole table (as the head). Embeddings are found by shape (num_embeddings, embedding_dim), so quantized
+    tables (GGUF blocks, quant's int8 rows and their scales) count the same way. The KV cache is not counted: at
+    benchmark lengths it is small next to the weights."""
     total = weights_bytes(model)
-    readers = {_matrix(m).data_ptr() for m in model.modules() if hasattr(m, "in_features")}  # nn.Linear and kin
-    for m in model.modules():
-        if not hasattr(m, "num_embeddings"):
-            continue
-        w = _matrix(m)
-        if w.data_ptr() in readers:
-            continue
-        row = w[0].numel() * w.element_size()
-        total -= w.numel() * w.element_size() - row
+    embeddings = [m for m in model.modules() if hasattr(m, "num_embeddings") and hasattr(m, "embedding_dim")]
+    readers = {  # storages some other module reads in full (a tied lm_head, quantized or not)
+        t.data_ptr() for m in model.modules() if not any(m is e for e in embeddings)
+        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
+    }
+    counted = {t.data_ptr() for t in unique_tensors(model)}
+    for emb in embeddings:
+        for t in (*emb.parameters(recurse=False), *emb.buffers(recurse=False)):
+            if t.data_ptr() in readers or t.data_ptr() not in counted or t.dim() == 0 or t.shape[0] != emb.num_embeddings:
+                continue
+            counted.discard(t.data_ptr())  # a table two lookups share is one table
+            total -= (t.numel() - t.numel() // emb.num_embeddings) * t.element_size()
     return total
-
-
-def _matrix(m: nn.Module) -> torch.Tensor:
-    """What a linear or embedding module stores its matrix in: a packed `qweight`, else its weight."""
-    q = m._buffers.get("qweight")
-    return q if q is not None else m.weight
 
 
 def model_info(loaded) -> ModelInfo:
