@@ -402,7 +402,7 @@ def say(text: str) -> None:
 # ------------------------------------------------------------------------------------------ tests
 
 
-def test_bench(model: str, ours: str, gguf: Path, tools: Path, s: Settings, figs: Figures) -> None:
+def measure_bench(model: str, ours: str, gguf: Path, tools: Path, s: Settings, figs: Figures) -> None:
     p = ",".join(map(str, s.prompts))
     for rep in range(s.reps):
         a = run([LLM, "bench", "-m", ours, "-p", p, "-n", str(s.gen), "-r", "1", "-t", str(THREADS), "-f", "json"])
@@ -414,7 +414,7 @@ def test_bench(model: str, ours: str, gguf: Path, tools: Path, s: Settings, figs
         say(f"{model} bench {rep + 1}/{s.reps}: ours {fmt(mine)} | llama.cpp {fmt(theirs)}")
 
 
-def test_batch(model: str, ours: str, gguf: Path, tools: Path, s: Settings, figs: Figures) -> None:
+def measure_batch(model: str, ours: str, gguf: Path, tools: Path, s: Settings, figs: Figures) -> None:
     prompt = 16  # `llm bench -b` decodes after 16-token prompts
     b_list = ",".join(map(str, s.batches))
     ctx = max(s.batches) * (prompt + s.batch_gen) + 64
@@ -429,7 +429,7 @@ def test_batch(model: str, ours: str, gguf: Path, tools: Path, s: Settings, figs
         say(f"{model} batch {rep + 1}/{s.reps}: ours {fmt(mine)} | llama.cpp {fmt(theirs)}")
 
 
-def test_start(model: str, ours: str, gguf: Path, tools: Path, s: Settings, figs: Figures) -> None:
+def measure_start(model: str, ours: str, gguf: Path, tools: Path, s: Settings, figs: Figures) -> None:
     for rep in range(s.reps):
         a = run([LLM, "generate", "-m", ours, "-n", "1", "--temperature", "0", "--threads", str(THREADS), "Hello"],
                 first_byte=True)
@@ -535,7 +535,7 @@ async def serve_level(server: Server, clients: int, requests: int, max_tokens: i
         return tokens / (time.perf_counter() - t0), tokens
 
 
-def test_serve(model: str, ours: str, gguf: Path, tools: Path, s: Settings, figs: Figures) -> None:
+def measure_serve(model: str, ours: str, gguf: Path, tools: Path, s: Settings, figs: Figures) -> None:
     slots, ctx = max(s.clients), 1024  # KV positions per sequence, alike for both
     logs = Path(tempfile.mkdtemp(prefix="vs-llamacpp-logs-"))
     mine = Server(lambda port: [LLM, "serve", "-m", ours, "--port", str(port), "--max-batch", str(slots),
@@ -563,7 +563,7 @@ def test_serve(model: str, ours: str, gguf: Path, tools: Path, s: Settings, figs
     shutil.rmtree(logs, ignore_errors=True)
 
 
-TESTS = {"bench": test_bench, "batch": test_batch, "serve": test_serve, "start": test_start}
+TESTS = {"bench": measure_bench, "batch": measure_batch, "serve": measure_serve, "start": measure_start}
 
 
 # ------------------------------------------------------------------------------------------ main
