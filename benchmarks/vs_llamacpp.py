@@ -1,10 +1,15 @@
 #!/usr/bin/env python
 """Ours vs llama.cpp's own tools (llama-bench, llama-batched-bench, llama-server, llama-simple), same run.
 
-    python benchmarks/vs_llamacpp.py --quick            # built-in SmolLM2 Q4_1 GGUF only: about 4 minutes on 2 cores
+    python benchmarks/vs_llamacpp.py --quick            # built-in SmolLM2 Q4_1 GGUF only
     python benchmarks/vs_llamacpp.py                    # SmolLM2 + the 1.1B-shaped random model in F16, Q8_0,
-                                                        # Q4_0, Q4_K_M, and our int8 / int4 folders: 2-3 hours
-    python benchmarks/vs_llamacpp.py --models q4_0 --tests bench --json out.json   # a part of it
+                                                        # Q4_0, Q4_K_M, and our int8 / int4 folders
+    python benchmarks/vs_llamacpp.py --models q4_0 --tests bench --prompts 128 --gen 16 --reps 1   # a part of it
+
+Duration on 2 idle cores (estimates): --quick 3-5 minutes; the full run about 3 hours (writing the 1.1B
+files about 10 minutes, then about 25 minutes per 1.1B model, mostly batched decode and serving). On a
+machine busy with other work it takes several times longer (--quick: 35 minutes at load average 12 on 2
+CPUs), and the figures mean little: see the load average printed under the table.
 
 compare.py runs llama.cpp in-process through llama-cpp-python (one sequence at a time, no server); this
 script runs llama.cpp's C++ tools as separate processes, the way a user meets them, so batched decode,
