@@ -8,7 +8,7 @@
 
 Duration on 2 idle cores (estimates): --quick 3-5 minutes; the full run about 3 hours (writing the 1.1B
 files about 10 minutes, then about 25 minutes per 1.1B model, mostly batched decode and serving). On a
-machine busy with other work it takes several times longer (--quick: 35 minutes at load average 12 on 2
+machine busy with other work it takes several times longer (--quick: 32 minutes at load average 8-14 on 2
 CPUs), and the figures mean little: see the load average printed under the table.
 
 compare.py runs llama.cpp in-process through llama-cpp-python (one sequence at a time, no server); this
