@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import time
 
 import gguf
 import numpy as np
@@ -230,12 +229,10 @@ def test_tiny_files_match_stock_reader(tiny_files):
 
 
 @needs_smol
-def test_smol_metadata_matches_gguf_contents_and_is_fast():
+def test_smol_metadata_matches_gguf_contents():
+    # Its speed is a start-up phase (benchmarks/startup.py --first-byte), not a timed test.
     reader = open_gguf(SMOL)
-    start = time.perf_counter()
     meta = gguf_metadata(reader)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 0.5, f"gguf_metadata took {elapsed:.2f}s"
     assert len(meta["tokenizer.ggml.tokens"]) == 49152 and len(meta["tokenizer.ggml.merges"]) == 48900
     for name, field in reader.fields.items():
         if not name.startswith("GGUF."):
