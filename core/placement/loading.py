@@ -17,6 +17,7 @@ from llm_torch.core.checkpoint.safetensors import name_list
 from llm_torch.core.errors import CheckpointError, InputError, UnsupportedError
 from llm_torch.core.model.config import ModelConfig, resolve_context
 from llm_torch.core.model.families import family_for
+from llm_torch.core.model.kv_cache import resolve_format
 
 from . import device_map as dm
 from .memory import check_fits, plan_line
@@ -230,11 +231,12 @@ def load_model(
     progress: bool = True,
     shard: Shard | None = None,
     context: int | None = None,
+    kv_cache: str = "auto",
 ) -> LoadedModel:
     """Resolve `ref`, build the model on the meta device and fill it from the checkpoint."""
     resolved = resolve_model(ref, offline=offline, progress=progress)
     return load_resolved(resolved, dtype=dtype, device=device, head=head, with_tokenizer=with_tokenizer, shard=shard,
-                         context=context)
+                         context=context, kv_cache=kv_cache)
 
 
 def load_resolved(
@@ -248,6 +250,7 @@ def load_resolved(
     device_map: str | None = None,
     budgets: list[dm.DeviceBudget] | None = None,
     context: int | None = None,
+    kv_cache: str = "auto",
 ) -> LoadedModel:
     """Build the model on the meta device and fill it from the checkpoint: open -> plan -> build -> assign
     weights -> install the runner, each step a function below.
@@ -256,14 +259,17 @@ def load_resolved(
     device_map: "auto": layers over the GPUs, then the CPU (core/placement/device_map.py; `budgets` replaces this
     machine's devices, for planning tests).
     context: the KV positions per sequence the memory checks count (None: the model's context).
+    kv_cache: --kv-cache (kv_cache.CHOICES): what a causal LM's KV cache stores (CausalLM.kv_format).
     """
     checkpoint = open_checkpoint(resolved)
     plan = plan_load(checkpoint, dtype=dtype, device=device, head=head, shard=shard, device_map=device_map,
-                     budgets=budgets, context=context)
+                     budgets=budgets, context=context, kv_cache=kv_cache)
     tokenizer = read_tokenizer(checkpoint, with_tokenizer)
     model = build_planned_model(plan)
     quantization = assign_checkpoint(model, checkpoint, plan)
     install_runner(model, plan)
+    if hasattr(model, "kv_cache"):
+        model.kv_cache = kv_cache
     return LoadedModel(model, checkpoint.config, tokenizer, resolved.name, plan.dtype, checkpoint.generation_config(),
                        plan.placement, quantization)
 
@@ -282,6 +288,7 @@ class LoadPlan:
     placement: dm.DevicePlan | None = None  # --device-map: each layer's device
     shard: Shard | None = None  # --tp: this rank's part
     weight_format: WeightFormatLoader | None = None  # a quantized checkpoint's loader (weight_formats.py)
+    kv_cache: str = "auto"  # --kv-cache
 
     def device_of(self, name: str) -> torch.device:
         """Where the parameter `name` goes."""
@@ -291,12 +298,14 @@ class LoadPlan:
         """Per device: the weights and KV cache it takes, and its free memory."""
         if self.placement is not None:
             return self.placement.lines()
-        return [plan_line(self.config, self.dtype, self.device, self.context, self.head)]
+        return [plan_line(self.config, self.dtype, self.device, self.context, self.head, self.kv_cache,
+                          quantized=self.weight_format is not None)]
 
 
 def plan_load(checkpoint: Checkpoint, *, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
               head: str | None = None, shard: Shard | None = None, device_map: str | None = None,
-              budgets: list[dm.DeviceBudget] | None = None, context: int | None = None, check: bool = True) -> LoadPlan:
+              budgets: list[dm.DeviceBudget] | None = None, context: int | None = None, check: bool = True,
+              kv_cache: str = "auto") -> LoadPlan:
     """The LoadPlan of an opened checkpoint (its config only: nothing is read). Refuses what cannot work
     before anything is loaded: combinations a quantized checkpoint does not support, an unknown device map
     or device, a context past the model's, and (check) weights + one context of KV cache that do not fit
@@ -304,19 +313,20 @@ def plan_load(checkpoint: Checkpoint, *, dtype: str | torch.dtype | None = "auto
     config = checkpoint.config
     head = head or head_kind(config)
     context = resolve_context(config, context)  # InputError past what the rope setup supports
+    resolve_format(kv_cache, torch.float32, "cpu")  # an unknown --kv-cache fails before anything is read
     quantization_config = checkpoint.quantization_config
     weight_format = None if quantization_config is None else weight_format_for(quantization_config)
     if weight_format is not None:
         refuse_for_quantized(head, shard, device_map)
     if device_map is not None:
-        placement, target = plan_device_map(config, checkpoint.kind, dtype, device_map, budgets, context)
-        return LoadPlan(config, checkpoint.kind, target, context, head, None, placement, None, weight_format)
+        placement, target = plan_device_map(config, checkpoint.kind, dtype, device_map, budgets, context, kv_cache)
+        return LoadPlan(config, checkpoint.kind, target, context, head, None, placement, None, weight_format, kv_cache)
     dev = resolve_device(device)
     target = resolve_dtype(dtype, config, kind=checkpoint.kind, device=dev)
     local = config if shard is None else shard.local_config(config)
     if check and weight_format is None:  # a quantized model's size is its format's business
-        check_fits(local, target, dev, context=context, head=head)
-    return LoadPlan(local, checkpoint.kind, target, context, head, dev, None, shard, weight_format)
+        check_fits(local, target, dev, context=context, head=head, kv_cache=kv_cache)
+    return LoadPlan(local, checkpoint.kind, target, context, head, dev, None, shard, weight_format, kv_cache)
 
 
 def refuse_for_quantized(head: str, shard: Shard | None, device_map: str | None) -> None:
@@ -331,13 +341,14 @@ def refuse_for_quantized(head: str, shard: Shard | None, device_map: str | None)
 
 
 def plan_device_map(config: ModelConfig, kind: str, dtype: str | torch.dtype | None, device_map: str,
-                    budgets: list[dm.DeviceBudget] | None, context: int) -> tuple[dm.DevicePlan, torch.dtype]:
+                    budgets: list[dm.DeviceBudget] | None, context: int,
+                    kv_cache: str = "auto") -> tuple[dm.DevicePlan, torch.dtype]:
     """The device plan (core/placement/device_map.py) and the weights' dtype, from the config alone."""
     if device_map != "auto":
         raise InputError(f"unknown device map '{device_map}'", hint="use --device-map auto")
     budgets = budgets or dm.device_budgets()
     target = resolve_dtype(dtype, config, kind=kind, device=torch.device(budgets[0].name))
-    return dm.plan(config, target, budgets, context), target
+    return dm.plan(config, target, budgets, context, kv_cache=kv_cache), target
 
 
 def read_tokenizer(checkpoint: Checkpoint, wanted: bool = True):
