@@ -165,6 +165,44 @@ def test_kv_format_rounding_matches_bitwise(kv_folders, kv):
             assert torch.equal(mine[layer][:, :, :n], theirs[layer][:, :, :n])
 
 
+# Prefill + decode through a narrow cache against one forward over the whole sequence (no cache, fp32 keys),
+# relative to the logits' scale: what rounding the keys and values costs on a tiny random model.
+FULL_FORWARD_TOL = {"f32": 1e-5, "f16": 2e-3, "bf16": 1.5e-2, "int8": 6e-2}  # int8 measured 3.8e-2
+
+
+@pytest.mark.parametrize("kv", list(FULL_FORWARD_TOL))
+def test_prefill_and_decode_equal_the_full_forward(kv_folders, kv):
+    model = load(kv_folders["llama"])
+    model.kv_cache = kv
+    steps, prompt = 10, 5
+    got, _ = decode(make_runner(model), steps=steps, prompt=prompt)
+    ids = ids_for(model, prompt + steps)
+    with torch.inference_mode():
+        full = model(torch.tensor([ids]))[0, prompt - 1 :].float()
+    err = (got - full).abs().max().item() / full.abs().max().item()
+    assert err <= FULL_FORWARD_TOL[kv]
+    if kv != "f32":
+        assert err > 1e-7  # the keys were rounded: the test sees the format
+
+
+def test_kv_format_auto_follows_the_weights(kv_folders):
+    """auto on a CPU: fp32 models keep f32 keys (their parity tolerances hold), 16-bit and quantized ones f16."""
+    from llm_torch.quant.api import quantize_loaded
+    from llm_torch.quant.spec import make_spec
+
+    assert load(kv_folders["llama"]).kv_format() == "f32"
+    assert load(kv_folders["llama"], "bfloat16").kv_format() == "f16"
+    assert load(kv_folders["llama"], "float16").kv_format() == "f16"
+    loaded = load_resolved(ResolvedModel("tiny", "folder", kv_folders["llama"]), dtype="float32", with_tokenizer=False,
+                           kv_cache="auto")
+    quantize_loaded(loaded, make_spec("int8"))
+    assert loaded.model.kv_format() == "f16"
+    assert make_runner(loaded.model).new_cache(1, 8).keys[0].dtype == torch.float16
+    chosen = load_resolved(ResolvedModel("tiny", "folder", kv_folders["llama"]), dtype="bfloat16",
+                           with_tokenizer=False, kv_cache="f32").model
+    assert chosen.kv_format() == "f32"
+
+
 # ---- batch invariance: what lets a seeded request trust the batched path -----------------------------
 
 

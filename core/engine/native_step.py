@@ -125,7 +125,7 @@ class NativeStep:
 
     def _cache_struct(self, cache: KVCache):
         tensors = tuple(t for store in cache.stores() for t in store)
-        key = tuple(t.data_ptr() for t in tensors)
+        key = (cache.kv_format, *(t.data_ptr() for t in tensors))  # a new cache may reuse a freed one's memory
         if self._cache_key != key:
             L = self.config.num_hidden_layers
 

@@ -116,8 +116,8 @@ class KVCache:
         self.keys = [self._new(self.layer_cap(i), i) for i in range(config.num_hidden_layers)]
         self.values = [self._new(self.layer_cap(i), i) for i in range(config.num_hidden_layers)]
         scaled = self.kv_format == "int8"
-        self.key_scales = [self._new(self.layer_cap(i), i, True) for i in range(config.num_hidden_layers)] if scaled else None
-        self.value_scales = [self._new(self.layer_cap(i), i, True) for i in range(config.num_hidden_layers)] if scaled else None
+        self.key_scales = [self._new_scales(self.layer_cap(i), i) for i in range(config.num_hidden_layers)] if scaled else None
+        self.value_scales = [self._new_scales(self.layer_cap(i), i) for i in range(config.num_hidden_layers)] if scaled else None
 
     def stores(self) -> list[list[torch.Tensor]]:
         """Every per-layer tensor list the cache holds (keys, values, and int8's scales): all indexed alike."""
@@ -153,13 +153,16 @@ class KVCache:
     def is_ring(self, layer: int) -> bool:
         return self.layer_cap(layer) < self.max_len and self.windows[layer] is not None and self.ring_margin is not None
 
-    def _new(self, cap: int, layer: int, scales: bool = False) -> torch.Tensor:
+    def _new(self, cap: int, layer: int) -> torch.Tensor:
         c = self.config
         device = self.layer_devices[layer] if self.layer_devices else self.device
-        if scales:
-            return torch.zeros(self.n_slots, c.num_key_value_heads, cap, c.head_dim // Q8_BLOCK, dtype=torch.float16,
-                               device=device)
         return torch.zeros(self.n_slots, c.num_key_value_heads, cap, c.head_dim, dtype=FORMATS[self.kv_format],
+                           device=device)
+
+    def _new_scales(self, cap: int, layer: int) -> torch.Tensor:
+        c = self.config
+        device = self.layer_devices[layer] if self.layer_devices else self.device
+        return torch.zeros(self.n_slots, c.num_key_value_heads, cap, c.head_dim // Q8_BLOCK, dtype=torch.float16,
                            device=device)
 
     @property
@@ -203,7 +206,9 @@ class KVCache:
         cap = self.layer_cap(layer)
         if cap == t.shape[2]:
             return t
-        bigger = self._new(cap, layer, t.dtype == torch.float16 and self.kv_format == "int8")
+        # int8's scales are the only fp16 planes of an int8 cache
+        new = self._new_scales if self.kv_format == "int8" and t.dtype == torch.float16 else self._new
+        bigger = new(cap, layer)
         bigger[:, :, : t.shape[2]] = t
         return bigger
 
