@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--eval-tokens", type=int, default=1024)
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip-quality", action="store_true")
     args = p.parse_args(argv)
 
     import torch
@@ -64,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{loaded.name}: {loaded.dtype_name} weights, {threads} threads", flush=True)
 
     ids = loaded.tokenizer.encode(eval_text() * 4)[: args.eval_tokens]
-    lp = {kv: log_probs(model, ids, kv) for kv in args.formats}
+    lp = {kv: log_probs(model, ids, kv) for kv in args.formats} if not args.skip_quality else {}
     target = torch.tensor(ids[1:])
-    for kv in args.formats:
+    for kv in lp:
         nll = -lp[kv][:-1].gather(1, target[:, None]).mean().item()
         kl = {ref: (lp[ref].exp() * (lp[ref] - lp[kv])).sum(-1).mean().item() for ref in ("f32", "f16") if ref in lp}
-        kls = ", ".join(f"KL from {ref} {v:.5f}" for ref, v in kl.items() if ref != kv)
+        kls = ", ".join(f"KL from {ref} {v:.2e}" for ref, v in kl.items() if ref != kv)
         print(f"{kv:>5}: perplexity {torch.tensor(nll).exp().item():.4f} over {len(ids)} tokens" + (f", {kls}" if kls else ""),
               flush=True)
 
