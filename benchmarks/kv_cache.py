@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             runner = make_runner(model)
             t = time_decode(runner, prompt, args.new_tokens, context=args.depth + args.new_tokens + 2)
             speeds[kv].append(t.decode_tokens_per_second)
+            print(f"  run: {kv} {t.decode_tokens_per_second:.2f} tok/s", flush=True)
     for kv in args.formats:
         runs = ", ".join(f"{s:.2f}" for s in speeds[kv])
         print(f"{kv:>5}: decode {statistics.median(speeds[kv]):.2f} tok/s at depth {args.depth} "
