@@ -60,7 +60,8 @@ def bench(
         prepare = lambda loaded: quantize_loaded(loaded, qspec)  # noqa: E731 - timed with the load
     with render.progress("benchmarking", "runs") as update:
         result = run_bench(model.model, spec, dtype=model.dtype, device=model.device, threads=model.threads,
-                           progress=lambda done, total, what: update(done, total, what), prepare=prepare)
+                           progress=lambda done, total, what: update(done, total, what), prepare=prepare,
+                           kv_cache=model.kv_cache)
     if output.json:
         render.write_json(result.to_dict())
     elif sys.stdout.isatty():
@@ -133,6 +134,8 @@ def _notes(result) -> list[str]:
         notes.append(f"one-token matrix-vector products: {result.environment['decode_kernels']}")
     if "decode_step" in result.environment:
         notes.append(f"decode step: {result.environment['decode_step']}")
+    if "kv_cache" in result.environment:
+        notes.append(f"KV cache: {result.environment['kv_cache']}")
     if result.batched:
         per = ", ".join(f"x{b.batch} {b.per_sequence_tokens_per_second.median:.1f}" for b in result.batched)
         notes.append(f"tgN xB: B sequences ({result.batched[0].prompt_tokens}-token prompts) decoding at once, "

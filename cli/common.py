@@ -45,7 +45,8 @@ def stdin_lines():
             raise InputError(f"stdin line {n} is not valid UTF-8 (byte offset {e.start})", hint="convert the input to UTF-8") from None
 
 
-def tp_worker(tp: int | None, model_ref: str | None, dtype: str, device: str, context: int | None = None) -> bool:
+def tp_worker(tp: int | None, model_ref: str | None, dtype: str, device: str, context: int | None = None,
+              kv_cache: str = "auto") -> bool:
     """On ranks > 0 of a tensor-parallel run (torchrun, or started by `--tp`): load this rank's shard and
     follow rank 0 until it stops; -> True when this process was such a rank (the command ends there,
     without reading input or printing)."""
@@ -65,7 +66,7 @@ def tp_worker(tp: int | None, model_ref: str | None, dtype: str, device: str, co
     ctx = distributed.init(tp, resolve_device(device))
     # --context sizes every rank's memory check as it does rank 0's
     loaded = load_model(model_ref, dtype=dtype, device=str(ctx.device), progress=False, shard=Shard(ctx.rank, ctx.world),
-                        context=context)
+                        context=context, kv_cache=kv_cache)
     dist.barrier()  # loaded everywhere (rank 0 waits here too)
     distributed.follow(TorchRunner(loaded.model, "tensor parallel"), ctx)
     dist.destroy_process_group()
@@ -78,13 +79,13 @@ def _launched() -> bool:
 
 
 def handled_before_input(tp: int | None, model_ref: str | None, dtype: str, device: str, device_map: str | None,
-                         dry_run: bool, *, context: int | None = None) -> bool:
+                         dry_run: bool, *, context: int | None = None, kv_cache: str = "auto") -> bool:
     """True when this process's part of the command is done before any input is read: a tensor-parallel
     rank > 0 (it followed rank 0 to the end), or --dry-run (it printed the memory plan)."""
-    if tp_worker(tp, model_ref, dtype, device, context):
+    if tp_worker(tp, model_ref, dtype, device, context, kv_cache):
         return True
     if dry_run:
-        print_plan(model_ref, dtype, device, device_map, context)
+        print_plan(model_ref, dtype, device, device_map, context, kv_cache)
         return True
     return False
 
@@ -101,7 +102,8 @@ def _tensor_parallel(tp: int | None, device: str, model_ref: str | None):
     return init(tp, resolve_device(device))
 
 
-def print_plan(model_ref: str | None, dtype: str, device: str, device_map: str | None, context: int | None = None) -> None:
+def print_plan(model_ref: str | None, dtype: str, device: str, device_map: str | None, context: int | None = None,
+               kv_cache: str = "auto") -> None:
     """--dry-run: where the weights and one context (--context, else the model's) of KV cache would go, from the
     config alone (stdout): the plan loading would follow (core.placement.loading.plan_load)."""
     from llm_torch.core.checkpoint import open_checkpoint, resolve_model
@@ -110,13 +112,13 @@ def print_plan(model_ref: str | None, dtype: str, device: str, device_map: str |
     from llm_torch.core.placement.loading import plan_load
 
     plan = plan_load(open_checkpoint(resolved), dtype=dtype, device=device, device_map=device_map, context=context,
-                     check=False)
+                     check=False, kv_cache=kv_cache)
     render.write(f"{resolved.name} ({str(plan.dtype).removeprefix('torch.')} weights):\n" + "\n".join(plan.lines()) + "\n")
 
 
 def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = False, quiet: bool = False,
          quantize: str | None = None, tp: int | None = None, device_map: str | None = None, head: str | None = None,
-         context: int | None = None):
+         context: int | None = None, kv_cache: str = "auto"):
     """Load a model, saying on stderr what was loaded and how long it took.
 
     quantize: a scheme name (--quantize int8 ...): the float model is quantized in memory after loading.
@@ -124,6 +126,7 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
     device_map: "auto": its layers over the GPUs, then the CPU (core/placement/device_map.py).
     head: build this head instead of the checkpoint's (model.HEADS; "feature_extraction": the bare decoder).
     context: KV positions per sequence the memory checks count (--context; None: the model's).
+    kv_cache: what the KV cache stores (--kv-cache), set on the model once it is final (quantized).
     """
     from llm_torch.core.errors import InputError
 
@@ -156,7 +159,7 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
     ctx = None
     if parallel:
         ctx = _tensor_parallel(tp, device, model_ref)
-        loaded = _load_rank0(ctx, model_ref, dtype, context)
+        loaded = _load_rank0(ctx, model_ref, dtype, context, kv_cache)
     else:
         import torch  # noqa: F401 - alone first, so the phase marks tell torch's import from ours
 
@@ -165,7 +168,7 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
 
         mark("import loader")
         loaded = load_resolved(resolved, dtype=dtype, device=device, head=head, device_map=device_map, context=context,
-                               packed=spec is None)  # --quantize works on the decoded float weights
+                               kv_cache=kv_cache, packed=spec is None)  # --quantize works on the decoded float weights
     if spec is not None:
         from llm_torch.quant.api import quantize_loaded
 
@@ -189,6 +192,8 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
         compute = str(compute_dtype(weights.dtype, weights.device)).removeprefix("torch.")
         how = loaded.dtype_name if compute == loaded.dtype_name else f"{loaded.dtype_name} weights, {compute} compute"
         how += f", {loaded.quantization} quantized" if spec is not None else _saved_quantization(loaded.config.raw)
+        if hasattr(loaded.model, "kv_format"):
+            how += f", {loaded.model.kv_format()} KV cache"
         chosen = " (--dtype auto)" if dtype == "auto" else ""
         from llm_torch.core.engine.runner import describe
 
@@ -205,7 +210,7 @@ def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = Fals
     return loaded
 
 
-def _load_rank0(ctx, model_ref, dtype, context=None):
+def _load_rank0(ctx, model_ref, dtype, context=None, kv_cache="auto"):
     import torch.distributed as dist
 
     from llm_torch.core.placement import distributed
@@ -215,7 +220,7 @@ def _load_rank0(ctx, model_ref, dtype, context=None):
     from llm_torch.core.placement.tensor_parallel import Shard
 
     loaded = load_model(model_ref, dtype=dtype, device=str(ctx.device), progress=False, shard=Shard(0, ctx.world),
-                        context=context)
+                        context=context, kv_cache=kv_cache)
     try:
         dist.barrier()
     except RuntimeError as e:  # a rank died while loading: its connection closed

@@ -36,7 +36,7 @@ def embed(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Inputs per forward pass.")] = 1,
     truncate: Annotated[Truncation, typer.Option("--truncate", help="Input longer than the context: warn (cut it) or error.")] = Truncation.warn,
     format: Annotated[EmbedFormat, typer.Option("--format", "-f", help="jsonl (one object per input, streamed) | json (one array).")] = EmbedFormat.jsonl,
-    model_options: Model = group(Model, exclude=ONE_PROCESS_MODEL, help={"model": o.MODEL_OR_ARGUMENT_HELP}),
+    model_options: Model = group(Model, exclude=(*ONE_PROCESS_MODEL, "kv_cache"), help={"model": o.MODEL_OR_ARGUMENT_HELP}),
 ) -> None:
     """Embed texts: the model's last hidden state, pooled per input (transformers' feature-extraction pipeline)."""
     import json

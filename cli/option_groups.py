@@ -148,6 +148,7 @@ class Model(OptionGroup):
     chat_template: o.ChatTemplateOpt = None
     threads: o.ThreadsOpt = None
     context: o.ContextOpt = None
+    kv_cache: o.KvCacheOpt = "auto"
 
     def with_argument(self, model_arg: str | None) -> Model:
         """The MODEL argument (chat, serve) and -m name one model; both given must agree."""
@@ -162,7 +163,7 @@ class Model(OptionGroup):
 
         self.use_threads()
         return handled_before_input(self.tp, self.model, self.dtype, self.device, self.device_map, self.dry_run,
-                                    context=self.context)
+                                    context=self.context, kv_cache=self.kv_cache)
 
     def use_threads(self) -> None:
         if self.threads is not None:
@@ -177,7 +178,7 @@ class Model(OptionGroup):
 
         self.use_threads()
         loaded = load(self.model, self.dtype, self.device, compile=self.compile, quiet=quiet, quantize=self.quantize,
-                      tp=self.tp, device_map=self.device_map, context=self.context, head=head)
+                      tp=self.tp, device_map=self.device_map, context=self.context, head=head, kv_cache=self.kv_cache)
         if loaded.tokenizer is None and tokenizer_needed:
             from llm_torch.core.errors import InputError
 

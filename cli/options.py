@@ -74,6 +74,12 @@ ThreadsOpt = Annotated[
     Optional[int],
     typer.Option("--threads", min=1, help="CPU threads for torch and the native kernels (OpenMP). Default: torch's choice."),
 ]
+KvCacheOpt = Annotated[
+    str,
+    typer.Option("--kv-cache", help="What the KV cache stores: auto | f32 | f16 | bf16 | int8 (per head and block of 32 "
+                                    "scales, as llama.cpp's q8_0). auto: f32 for fp32 models on a CPU, f16 for 16-bit "
+                                    "and quantized ones; a GPU keeps the model's dtype."),
+]
 ContextOpt = Annotated[
     Optional[int],
     typer.Option("--context", min=2, help="KV positions per sequence (prompt + answer; perplexity: the window). "

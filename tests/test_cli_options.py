@@ -115,14 +115,15 @@ def test_help_lists_the_groups_and_completions():
     out = run_llm("generate", "--help", env={"COLUMNS": "200"}).stdout.decode()
     for flag in ("--temperature", "--top-k", "--top-p", "--min-p", "--repetition-penalty", "--seed", "--stop",
                  "--model", "--dtype", "--device", "--device-map", "--quantize", "--tp", "--compile", "--dry-run",
-                 "--chat-template", "--threads", "--context", "--format", "--stats"):
+                 "--chat-template", "--threads", "--context", "--kv-cache", "--format", "--stats"):
         assert flag in out, flag
     assert "Sampling" in out and "Model and device" in out
     assert "completions" in run_llm("--help").stdout.decode()
     serve = run_llm("serve", "--help", env={"COLUMNS": "200"}).stdout.decode()
     assert "--context" in serve and "--max-context" in serve  # the old name stays
     bench = run_llm("bench", "--help", env={"COLUMNS": "200"}).stdout.decode()
-    assert "--threads" in bench and "-t" in bench and "--temperature" not in bench
+    assert "--threads" in bench and "-t" in bench and "--temperature" not in bench and "--kv-cache" in bench
+    assert "--kv-cache" in serve
 
 
 def test_groups_expand_in_place_with_a_commands_choices():
@@ -183,6 +184,19 @@ def test_context_sizes_the_memory_plan():
         r = run_llm(*args)
         assert r.returncode == 0, r.stderr
         assert "KV for 100 tokens" in r.stdout.decode(), args
+
+
+@needs_model
+def test_kv_cache_format_sizes_the_memory_plan():
+    """SmolLM2-135M: 30 layers x 3 key/value heads x 64 values, keys and values: 4096 tokens take 90 MiB in f16
+    (auto for its float16 weights), 180 MiB in f32, 47.8 MiB in int8 (64 codes + a 2-byte scale per 32)."""
+    per_token = 2 * 30 * 3
+    for kv, shown, values in (("auto", "f16", 64 * 2), ("f32", "f32", 64 * 4), ("int8", "int8", 64 + 4)):
+        r = run_llm("serve", "--dry-run", "--context", "4096", "--kv-cache", kv)
+        assert r.returncode == 0, r.stderr
+        assert f"{per_token * values * 4096 / 2**30:.2f} GiB {shown} KV for 4096 tokens" in r.stdout.decode(), kv
+    r = run_llm("generate", "--dry-run", "--kv-cache", "q4")
+    assert r.returncode == 1 and b"unknown KV cache format 'q4'" in r.stderr
 
 
 @needs_model

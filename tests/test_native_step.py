@@ -53,6 +53,12 @@ def decode(runner, steps: int = 14, prompt: int = 3, seed: int = 5, slots: int =
     return torch.stack(out), cache
 
 
+# How far apart two caches' keys may be, relative to their largest, beyond the logits' tolerance: an ulp of
+# difference in a key before rounding can round it one step of the format apart (f16 2^-11, bf16 2^-8; int8
+# one code of 1/127 of its block's largest).
+KV_STEP = {"f32": 0.0, "f16": 2.0**-10, "bf16": 2.0**-7, "int8": 1.01 / 127}
+
+
 def assert_same_decode(model, tol=1e-5, **kw):
     fast_runner = make_runner(model)
     assert isinstance(fast_runner, NativeRunner) and fast_runner.description == NATIVE
@@ -62,10 +68,11 @@ def assert_same_decode(model, tol=1e-5, **kw):
     assert scale > 0.05
     assert (fast - slow).abs().max().item() <= tol * max(1.0, scale)
     assert fast_cache.lengths == slow_cache.lengths
-    n = fast_cache.lengths[0]
-    for a, b in zip(fast_cache.keys + fast_cache.values, slow_cache.keys + slow_cache.values):
-        m = min(n, a.shape[2])
-        assert (a[:, :, :m] - b[:, :, :m]).abs().max().item() <= tol * max(1.0, b.abs().max().item())
+    assert fast_cache.kv_format == slow_cache.kv_format == model.kv_format()
+    n, step = fast_cache.lengths[0], KV_STEP[fast_cache.kv_format]
+    for layer in range(model.config.num_hidden_layers):  # as stored, widened (int8: codes times scales)
+        for a, b in zip(fast_cache.read(layer, [0], [n]), slow_cache.read(layer, [0], [n])):
+            assert (a - b).abs().max().item() <= (tol + step) * max(1.0, b.abs().max().item())
 
 
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
@@ -107,15 +114,108 @@ def test_quantized_layers(folders, scheme):
     assert_same_decode(loaded.model, tol=1e-5 if scheme == "int8" else 2e-3)
 
 
+# ---- KV cache formats (--kv-cache): step.c rounds keys and values as kv_cache.py does -------------------
+
+KV_CASES = {"llama": config_dict(LLAMA_BASE, dict(num_key_value_heads=2, head_dim=32)),
+            "gemma2": config_dict(GEMMA2_BASE, dict(head_dim=32))}  # int8 scales blocks of 32 along head_dim
+
+
+@pytest.fixture(scope="module")
+def kv_folders(tmp_path_factory):
+    out = {}
+    for name, cfg in KV_CASES.items():
+        out[name] = tmp_path_factory.mktemp("kv-" + name)
+        hf_model(cfg).save_pretrained(out[name])
+    return out
+
+
+@pytest.mark.parametrize("kv", ["f16", "bf16", "int8"])
+@pytest.mark.parametrize("name", list(KV_CASES))
+def test_kv_formats_native_equals_layers(kv_folders, name, kv):
+    """Keys and values stored narrow: both paths round them alike and attend over the widened values. A key
+    a rounding step apart (an ulp before rounding) moves the logits by ~1e-4 of their scale."""
+    model = load(kv_folders[name])
+    model.kv_cache = kv
+    assert_same_decode(model, tol=1e-3 if kv == "bf16" else 5e-4)
+
+
+@pytest.mark.parametrize("kv", ["f16", "int8"])
+def test_kv_formats_past_one_key_chunk(kv_folders, kv):
+    model = load(kv_folders["gemma2"])
+    model.kv_cache = kv
+    assert_same_decode(model, tol=5e-4, prompt=140, steps=4)
+
+
+@pytest.mark.parametrize("kv", ["f16", "int8"])
+def test_kv_format_rounding_matches_bitwise(kv_folders, kv):
+    """What step.c stores is what KVCache.write stores for those values: the native path's cache, read back and
+    written through the PyTorch side, gives the same bits (a different scale rule, block layout or rounding
+    would not)."""
+    from llm_torch.core.model.kv_cache import KVCache
+
+    model = load(kv_folders["llama"])
+    model.kv_cache = kv
+    _, cache = decode(make_runner(model), steps=4)
+    n = cache.lengths[0]
+    again = KVCache(model.config, 1, cache.capacity, kv_format=kv)
+    for layer in range(model.config.num_hidden_layers):
+        k, v = cache.read(layer, [0], [n])
+        again.write(layer, [0], [0], k, v)
+        for mine, theirs in zip(again.stores(), cache.stores()):
+            assert torch.equal(mine[layer][:, :, :n], theirs[layer][:, :, :n])
+
+
+# Prefill + decode through a narrow cache against one forward over the whole sequence (no cache, fp32 keys),
+# relative to the logits' scale: what rounding the keys and values costs on a tiny random model.
+FULL_FORWARD_TOL = {"f32": 1e-5, "f16": 2e-3, "bf16": 1.5e-2, "int8": 6e-2}  # int8 measured 3.8e-2
+
+
+@pytest.mark.parametrize("kv", list(FULL_FORWARD_TOL))
+def test_prefill_and_decode_equal_the_full_forward(kv_folders, kv):
+    model = load(kv_folders["llama"])
+    model.kv_cache = kv
+    steps, prompt = 10, 5
+    got, _ = decode(make_runner(model), steps=steps, prompt=prompt)
+    ids = ids_for(model, prompt + steps)
+    with torch.inference_mode():
+        full = model(torch.tensor([ids]))[0, prompt - 1 :].float()
+    err = (got - full).abs().max().item() / full.abs().max().item()
+    assert err <= FULL_FORWARD_TOL[kv]
+    if kv != "f32":
+        assert err > 1e-7  # the keys were rounded: the test sees the format
+
+
+def test_kv_format_auto_follows_the_weights(kv_folders):
+    """auto on a CPU: fp32 models keep f32 keys (their parity tolerances hold), 16-bit and quantized ones f16."""
+    from llm_torch.quant.api import quantize_loaded
+    from llm_torch.quant.spec import make_spec
+
+    assert load(kv_folders["llama"]).kv_format() == "f32"
+    assert load(kv_folders["llama"], "bfloat16").kv_format() == "f16"
+    assert load(kv_folders["llama"], "float16").kv_format() == "f16"
+    loaded = load_resolved(ResolvedModel("tiny", "folder", kv_folders["llama"]), dtype="float32", with_tokenizer=False,
+                           kv_cache="auto")
+    quantize_loaded(loaded, make_spec("int8"))
+    assert loaded.model.kv_format() == "f16"
+    assert make_runner(loaded.model).new_cache(1, 8).keys[0].dtype == torch.float16
+    chosen = load_resolved(ResolvedModel("tiny", "folder", kv_folders["llama"]), dtype="bfloat16",
+                           with_tokenizer=False, kv_cache="f32").model
+    assert chosen.kv_format() == "f32"
+
+
 # ---- batch invariance: what lets a seeded request trust the batched path -----------------------------
 
 
-@pytest.mark.parametrize("name,dtype", [("llama-gqa", "float32"), ("gemma2-default_layers", "float32"),
-                                        ("llama-gqa", "float16")])
-def test_rows_are_bitwise_the_same_alone_batched_and_chunked(folders, name, dtype):
+@pytest.mark.parametrize("name,dtype,kv", [("llama-gqa", "float32", "auto"), ("gemma2-default_layers", "float32", "auto"),
+                                           ("llama-gqa", "float16", "auto"), ("kv-llama", "float32", "int8"),
+                                           ("kv-gemma2", "bfloat16", "bf16")])
+def test_rows_are_bitwise_the_same_alone_batched_and_chunked(folders, kv_folders, name, dtype, kv):
     """Three sequences decoded in one call give bitwise the logits each gets alone; a prompt fed in uneven
-    chunks (next to other rows) gives bitwise those of one token at a time."""
-    runner = make_runner(load(folders[name], dtype))
+    chunks (next to other rows) gives bitwise those of one token at a time. In every KV format (float16
+    weights: f16 keys)."""
+    model = load(kv_folders[name[3:]] if name.startswith("kv-") else folders[name], dtype)
+    model.kv_cache = kv
+    runner = make_runner(model)
     lengths, steps = (3, 11, 7), 6
     seqs = [ids_for(runner.model, n + steps, seed=n) for n in lengths]
     alone = []

@@ -30,8 +30,36 @@ def test_parameters_are_those_the_built_model_holds(base, head):
 def test_kv_bytes_follow_the_cache_and_the_engines_ring():
     config = ModelConfig.from_dict(GEMMA2_BASE)
     assert RING_MARGIN == EngineConfig().prefill_chunk
-    cpu = kv_layer_bytes(config, 300, torch.bfloat16, "cpu")  # fp32 activations on a CPU
-    assert sum(cpu) == KVCache.bytes_for(config, 1, 300, RING_MARGIN, 4)
+    cpu = kv_layer_bytes(config, 300, torch.float32, "cpu")  # an fp32 model keeps fp32 keys on a CPU
+    assert sum(cpu) == KVCache.bytes_for(config, 1, 300, RING_MARGIN, "f32")
     assert kv_layer_bytes(config, 300, torch.bfloat16, "cuda:1") == [n // 2 for n in cpu]
     cache = KVCache(config, 1, 300, ring_margin=RING_MARGIN, device="meta")
-    assert cpu == [2 * k.numel() * 4 for k in cache.keys]
+    assert cpu == [2 * k.numel() * 4 for k in cache.keys] and sum(cpu) == cache.nbytes
+
+
+@pytest.mark.parametrize("dtype,kv,quantized,per_value", [
+    (torch.float32, "auto", False, 4), (torch.bfloat16, "auto", False, 2), (torch.float16, "auto", False, 2),
+    (torch.float32, "auto", True, 2), (torch.float32, "bf16", False, 2), (torch.float16, "f32", False, 4),
+    (torch.float32, "int8", False, 34 / 32)])
+def test_kv_bytes_by_format(dtype, kv, quantized, per_value):
+    """On a CPU: 16-bit and quantized models store f16 keys (auto), fp32 ones f32; int8 adds an f16 scale per 32
+    values. The plan's count is what a cache in that format allocates."""
+    from llm_torch.core.placement.sizing import kv_format
+
+    config = ModelConfig.from_dict(config_dict(GEMMA2_BASE, dict(head_dim=32)))
+    got = kv_layer_bytes(config, 300, dtype, "cpu", kv_cache=kv, quantized=quantized)
+    f32 = kv_layer_bytes(config, 300, torch.float32, "cpu")
+    assert [g * 4 for g in got] == [n * per_value for n in f32]
+    cache = KVCache(config, 1, 300, ring_margin=RING_MARGIN, device="meta",
+                    kv_format=kv_format(dtype, "cpu", kv, quantized))
+    assert sum(got) == cache.nbytes
+
+
+def test_unknown_kv_format_is_refused():
+    from llm_torch.core.errors import InputError
+    from llm_torch.core.placement.sizing import kv_format
+
+    with pytest.raises(InputError, match="unknown KV cache format 'q4'"):
+        kv_format(torch.float32, "cpu", "q4")
+    with pytest.raises(InputError, match="multiple of 32"):  # int8's blocks of 32 along head_dim
+        KVCache(ModelConfig.from_dict(GEMMA2_BASE), 1, 8, kv_format="int8", device="meta")

@@ -75,7 +75,7 @@ class Engine:
     def kv_bytes_limit(self) -> int:
         """The most memory this engine's KV cache can take (max_batch x max_context)."""
         return KVCache.bytes_for(self.model.config, self.config.max_batch, self.context, self.config.prefill_chunk,
-                                 torch.finfo(self.runner.dtype).bits // 8)
+                                 self.model.kv_format())
 
     @property
     def cache(self) -> KVCache | None:

@@ -127,17 +127,24 @@ class NativeStep:
         return t.data_ptr()
 
     def _cache_struct(self, cache: KVCache):
-        tensors = (*cache.keys, *cache.values)
-        key = tuple(t.data_ptr() for t in tensors)
+        tensors = tuple(t for store in cache.stores() for t in store)
+        key = (cache.kv_format, *(t.data_ptr() for t in tensors))  # a new cache may reuse a freed one's memory
         if self._cache_key != key:
             L = self.config.num_hidden_layers
-            keys = (ctypes.c_void_p * L)(*(t.data_ptr() for t in cache.keys))
-            values = (ctypes.c_void_p * L)(*(t.data_ptr() for t in cache.values))
+
+            def pointers(store):
+                return (ctypes.c_void_p * L)(*(t.data_ptr() for t in store)) if store is not None else None
+
+            def ptr(array, ctype):
+                return ctypes.cast(array, ctypes.POINTER(ctype)) if array is not None else None
+
+            keys, values = pointers(cache.keys), pointers(cache.values)
+            key_scales, value_scales = pointers(cache.key_scales), pointers(cache.value_scales)
             caps = (ctypes.c_int64 * L)(*(cache.layer_cap(i) for i in range(L)))
-            struct = kernels.CCache(ctypes.cast(keys, ctypes.POINTER(ctypes.c_void_p)),
-                                    ctypes.cast(values, ctypes.POINTER(ctypes.c_void_p)),
-                                    ctypes.cast(caps, ctypes.POINTER(ctypes.c_int64)), cache.n_slots)
-            self._cache = (struct, keys, values, caps, tensors)
+            struct = kernels.CCache(ptr(keys, ctypes.c_void_p), ptr(values, ctypes.c_void_p), ptr(caps, ctypes.c_int64),
+                                    cache.n_slots, kernels.KV_KINDS[cache.kv_format],
+                                    ptr(key_scales, ctypes.c_void_p), ptr(value_scales, ctypes.c_void_p))
+            self._cache = (struct, keys, values, key_scales, value_scales, caps, tensors)
             self._cache_key = key
         return self._cache[0]
 

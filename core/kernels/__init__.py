@@ -33,7 +33,7 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemm.c", "gguf.c", 
 # inlined copies of a tile and not others, and a row would round differently alone and batched.
 FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
-ABI = 10
+ABI = 11
 # Instruction sets the sources are built for, best first: compiler flags, the /proc/cpuinfo flags they
 # need, and the name status() gives. Each builds its own library (the cache key holds its flags); a row's
 # logits are bitwise the same alone or batched within one ISA, not across them (wider sums round apart).
@@ -97,9 +97,14 @@ class CModel(ctypes.Structure):
         ("layers", ctypes.POINTER(CLayer)), ("final_norm", ctypes.c_void_p), ("head", CLinear)]
 
 
+# KV cache formats step.c reads and writes (its KV_F32 ...), by kv_cache.FORMATS name.
+KV_KINDS = {"f32": 0, "f16": 1, "bf16": 2, "int8": 3}
+
+
 class CCache(ctypes.Structure):
     _fields_ = [("k", ctypes.POINTER(ctypes.c_void_p)), ("v", ctypes.POINTER(ctypes.c_void_p)),
-                ("cap", ctypes.POINTER(ctypes.c_int64)), ("n_slots", ctypes.c_int64)]
+                ("cap", ctypes.POINTER(ctypes.c_int64)), ("n_slots", ctypes.c_int64), ("kind", ctypes.c_int64),
+                ("ks", ctypes.POINTER(ctypes.c_void_p)), ("vs", ctypes.POINTER(ctypes.c_void_p))]
 
 
 def struct_layout() -> list[int]:
@@ -107,7 +112,8 @@ def struct_layout() -> list[int]:
     return [ctypes.sizeof(CLinear), CLinear.bias.offset, CLinear.group.offset,
             ctypes.sizeof(CLayer), CLayer.o.offset, CLayer.down.offset, CLayer.norm.offset, CLayer.window.offset,
             ctypes.sizeof(CModel), CModel.act.offset, CModel.eps.offset, CModel.layers.offset, CModel.head.offset,
-            ctypes.sizeof(CCache), CCache.cap.offset, CCache.n_slots.offset]
+            ctypes.sizeof(CCache), CCache.cap.offset, CCache.n_slots.offset, CCache.kind.offset, CCache.ks.offset,
+            CCache.vs.offset]
 
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64

@@ -482,4 +482,4 @@ void llm_gemm_i4q8(const uint8_t *Q, const uint16_t *scale, const uint16_t *zero
 }
 
 /* Lets the loader check that the library it opened is the one built from these sources. */
-int llm_kernels_abi(void) { return 10; }
+int llm_kernels_abi(void) { return 11; }

@@ -100,11 +100,19 @@ typedef struct {
     llm_linear head;             /* the LM head */
 } llm_model;
 
+/* KV cache formats (core/model/kv_cache.py FORMATS): fp32, f16, bf16 values, or int8 codes with one f16
+ * scale per block of KV_BLOCK values along head_dim (llama.cpp's q8_0). */
+enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2, KV_Q8 = 3 };
+#define KV_BLOCK 32
+
 typedef struct {           /* the KV cache pool; mirrored by core/kernels/__init__.py */
-    float *const *k;       /* per layer: fp32 [n_slots, kv_heads, cap[layer], head_dim] */
-    float *const *v;
+    void *const *k;        /* per layer: [n_slots, kv_heads, cap[layer], head_dim] in `kind` */
+    void *const *v;
     const int64_t *cap;    /* per layer: position p lives at index p % cap (a ring once p >= cap) */
     int64_t n_slots;
+    int64_t kind;          /* KV_F32 ... KV_Q8 */
+    uint16_t *const *ks;   /* KV_Q8, per layer: f16 scales [n_slots, kv_heads, cap[layer], head_dim / KV_BLOCK] */
+    uint16_t *const *vs;
 } llm_cache;
 
 /* sizeof and field offsets of the structs core/kernels/__init__.py mirrors with ctypes, for the test that
@@ -116,7 +124,8 @@ int64_t llm_struct_layout(int64_t *out) {
         offsetof(llm_layer, window),
         sizeof(llm_model), offsetof(llm_model, act), offsetof(llm_model, eps), offsetof(llm_model, layers),
         offsetof(llm_model, head),
-        sizeof(llm_cache), offsetof(llm_cache, cap), offsetof(llm_cache, n_slots),
+        sizeof(llm_cache), offsetof(llm_cache, cap), offsetof(llm_cache, n_slots), offsetof(llm_cache, kind),
+        offsetof(llm_cache, ks), offsetof(llm_cache, vs),
     };
     int64_t n = (int64_t)(sizeof(v) / sizeof(v[0]));
     for (int64_t i = 0; i < n; i++) out[i] = v[i];
@@ -187,13 +196,92 @@ static inline float hsum8(__m256 s) {
     return _mm_cvtss_f32(h);
 }
 
-static inline float dot(const float *a, const float *b, int64_t n) {
+/* ---- KV cache values: element `off` of a plane (off % 8 == 0 for the 8-lane loads); sc: the Q8 scales, one
+ * per KV_BLOCK elements, so element off's scale is sc[off / KV_BLOCK]. Called with a constant kind from
+ * attend_kind, so each switch folds away. */
+static inline __attribute__((always_inline)) __m256 kv_load8(int kind, const void *base, const uint16_t *sc, int64_t off) {
+    switch (kind) {
+    case KV_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + off)));
+    case KV_BF16:
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + off))), 16));
+    case KV_Q8: {
+        __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)base + off))));
+        return _mm256_mul_ps(q, _mm256_set1_ps(_cvtsh_ss(sc[off / KV_BLOCK])));
+    }
+    default: return _mm256_loadu_ps((const float *)base + off);
+    }
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline __attribute__((always_inline)) float kv_load1(int kind, const void *base, const uint16_t *sc, int64_t off) {
+    switch (kind) {
+    case KV_F16: return _cvtsh_ss(((const uint16_t *)base)[off]);
+    case KV_BF16: return bf16_to_f32(((const uint16_t *)base)[off]);
+    case KV_Q8: return (float)((const int8_t *)base)[off] * _cvtsh_ss(sc[off / KV_BLOCK]);
+    default: return ((const float *)base)[off];
+    }
+}
+
+/* dot(q, the n values at off), widened to fp32 8 at a time. */
+static inline __attribute__((always_inline)) float kv_dot(int kind, const float *q, const void *base, const uint16_t *sc,
+                                                           int64_t off, int64_t n) {
     __m256 s = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s);
+    for (; i + 8 <= n; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), kv_load8(kind, base, sc, off + i), s);
     float r = hsum8(s);
-    for (; i < n; i++) r += a[i] * b[i];
+    for (; i < n; i++) r += q[i] * kv_load1(kind, base, sc, off + i);
     return r;
+}
+
+/* f32 -> bf16, round to nearest even (as torch's .to(torch.bfloat16) for finite values). */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Stores n = head_dim values of x at element off of a plane, rounded as kv_cache.py's write does:
+ * f16/bf16 to nearest even; Q8 per block of KV_BLOCK: scale d = f16(max|x| / 127), code = round(x / d)
+ * (x times 1 / d, ties to even), as kv_cache.quantize_q8. */
+static void kv_store(int kind, void *base, uint16_t *sc, int64_t off, const float *x, int64_t n) {
+    switch (kind) {
+    case KV_F16: {
+        uint16_t *o = (uint16_t *)base + off;
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)(o + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+        for (; i < n; i++) o[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
+        break;
+    }
+    case KV_BF16:
+        for (int64_t i = 0; i < n; i++) ((uint16_t *)base)[off + i] = f32_to_bf16(x[i]);
+        break;
+    case KV_Q8:
+        for (int64_t b = 0; b < n; b += KV_BLOCK) {
+            float amax = 0;
+            for (int64_t i = 0; i < KV_BLOCK; i++) amax = fabsf(x[b + i]) > amax ? fabsf(x[b + i]) : amax;
+            float d = amax / 127.0f;
+            if (d > 65504.0f) d = 65504.0f;
+            uint16_t h = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
+            float df = _cvtsh_ss(h), inv = df > 0 ? 1.0f / df : 0.0f;
+            sc[(off + b) / KV_BLOCK] = h;
+            for (int64_t i = 0; i < KV_BLOCK; i++) {
+                float r = nearbyintf(x[b + i] * inv);
+                r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
+                ((int8_t *)base)[off + b + i] = (int8_t)r;
+            }
+        }
+        break;
+    default: memcpy((float *)base + off, x, (size_t)n * sizeof(float));
+    }
 }
 
 /* e^x on 8 lanes (Cephes' expf: 2^n * polynomial on the reduced argument, within ~2 ulp of expf;
@@ -254,24 +342,25 @@ static float activate(float g, int64_t act) {
  * head the running max, sum of exp and unnormalised sum of exp * v (merged over the chunks after). Heads
  * sharing a key/value head are done together, so each cached key and value is read once per layer.
  * K, V: the slot's [kv_heads, cap, D] planes, position p at index p % cap. part: H * (D + 2) floats;
- * scores: H * KEY_CHUNK floats. */
-static void attend_part(const llm_model *m, const float *q, const float *K, const float *V, int64_t cap,
-                        int64_t p0, int64_t p1, float *scores, float *part) {
+ * scores: H * KEY_CHUNK floats. kind: the cache's format (KV_F32 ...); Ks, Vs: the slot's Q8 scale planes
+ * [kv_heads, cap, D / KV_BLOCK] (KV_Q8), as kv_load8 indexes them. */
+static inline __attribute__((always_inline)) void attend_kind(
+        int kind, const llm_model *m, const float *q, const void *K, const void *V, const uint16_t *Ks,
+        const uint16_t *Vs, int64_t cap, int64_t p0, int64_t p1, float *scores, float *part) {
     int64_t H = m->heads, Hkv = m->kv_heads, D = m->head_dim, G = H / Hkv, n = p1 - p0;
     float scale = (float)m->scale, cap_logit = (float)m->softcap;
     int64_t i0 = p0 % cap;
     for (int64_t g = 0; g < Hkv; g++) {
-        const float *Kg = K + g * cap * D, *Vg = V + g * cap * D;
+        int64_t g0 = g * cap * D;  /* element offset of this key/value head's plane */
         for (int64_t j = 0; j < G; j++) {
             float *acc = part + (g * G + j) * (D + 2);
             acc[D] = -INFINITY;  /* running max; acc[D + 1]: sum of exp */
         }
         int64_t i = i0;
         for (int64_t s = 0; s < n; s++) {
-            const float *k = Kg + i * D;
             for (int64_t j = 0; j < G; j++) {
                 int64_t h = g * G + j;
-                float v = dot(q + h * D, k, D) * scale;
+                float v = kv_dot(kind, q + h * D, K, Ks, g0 + i * D, D) * scale;
                 if (cap_logit > 0) v = tanhf(v / cap_logit) * cap_logit;
                 scores[h * KEY_CHUNK + s] = v;
                 float *acc = part + h * (D + 2);
@@ -294,12 +383,12 @@ static void attend_part(const llm_model *m, const float *q, const float *K, cons
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
                 int64_t ii = i0;
                 for (int64_t s = 0; s < n; s++) {
-                    const float *v = Vg + ii * D + d;
+                    int64_t v = g0 + ii * D + d;
                     __m256 w = _mm256_set1_ps(p[s]);
-                    a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v), a0);
-                    a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8), a1);
-                    a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 16), a2);
-                    a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 24), a3);
+                    a0 = _mm256_fmadd_ps(w, kv_load8(kind, V, Vs, v), a0);
+                    a1 = _mm256_fmadd_ps(w, kv_load8(kind, V, Vs, v + 8), a1);
+                    a2 = _mm256_fmadd_ps(w, kv_load8(kind, V, Vs, v + 16), a2);
+                    a3 = _mm256_fmadd_ps(w, kv_load8(kind, V, Vs, v + 24), a3);
                     if (++ii == cap) ii = 0;
                 }
                 _mm256_storeu_ps(acc + d, a0);
@@ -311,12 +400,22 @@ static void attend_part(const llm_model *m, const float *q, const float *K, cons
                 float t = 0;
                 int64_t ii = i0;
                 for (int64_t s = 0; s < n; s++) {
-                    t += p[s] * Vg[ii * D + d];
+                    t += p[s] * kv_load1(kind, V, Vs, g0 + ii * D + d);
                     if (++ii == cap) ii = 0;
                 }
                 acc[d] = t;
             }
         }
+    }
+}
+
+static void attend_part(int kind, const llm_model *m, const float *q, const void *K, const void *V, const uint16_t *Ks,
+                        const uint16_t *Vs, int64_t cap, int64_t p0, int64_t p1, float *scores, float *part) {
+    switch (kind) {
+    case KV_F16: attend_kind(KV_F16, m, q, K, V, Ks, Vs, cap, p0, p1, scores, part); break;
+    case KV_BF16: attend_kind(KV_BF16, m, q, K, V, Ks, Vs, cap, p0, p1, scores, part); break;
+    case KV_Q8: attend_kind(KV_Q8, m, q, K, V, Ks, Vs, cap, p0, p1, scores, part); break;
+    default: attend_kind(KV_F32, m, q, K, V, Ks, Vs, cap, p0, p1, scores, part);
     }
 }
 
@@ -403,7 +502,11 @@ int llm_forward_rows(const llm_model *m, const llm_cache *c, int64_t B, float *x
                      float *work, void *scratch, int threads) {
     int64_t C = m->hidden, I = m->inter, H = m->heads, Hkv = m->kv_heads, D = m->head_dim;
     int64_t QKV = (H + 2 * Hkv) * D;
-    if (D > 1024 || H % Hkv || B <= 0) return -1;
+    if (D > 1024 || H % Hkv || B <= 0 || c->kind < KV_F32 || c->kind > KV_Q8 || (c->kind == KV_Q8 && D % KV_BLOCK))
+        return -1;
+    int kind = (int)c->kind;
+    /* bytes per cached value, and the Q8 scales per position of one head */
+    int64_t vb = kind == KV_F32 ? 4 : kind == KV_Q8 ? 1 : 2, nsc = D / KV_BLOCK;
     int64_t max_cap = 0;
     for (int64_t li = 0; li < m->n_layers; li++) {
         int64_t cap = c->cap[li], win = m->layers[li].window;
@@ -424,7 +527,8 @@ int llm_forward_rows(const llm_model *m, const llm_cache *c, int64_t B, float *x
     for (int64_t li = 0; li < m->n_layers; li++) {
         const llm_layer *Ly = m->layers + li;
         int64_t cap = c->cap[li];
-        float *kc = c->k[li], *vc = c->v[li];
+        char *kc = (char *)c->k[li], *vc = (char *)c->v[li];
+        uint16_t *ksc = kind == KV_Q8 ? c->ks[li] : NULL, *vsc = kind == KV_Q8 ? c->vs[li] : NULL;
         #pragma omp parallel for num_threads(threads) schedule(static) if (par)
         for (int64_t b = 0; b < B; b++) rms_norm(x + b * C, Ly->norm[0], L.h + b * C, C, eps);
         int64_t col = 0;
@@ -439,8 +543,9 @@ int llm_forward_rows(const llm_model *m, const llm_cache *c, int64_t B, float *x
             for (int64_t j = 0; j < H + Hkv; j++) rope(q + j * D, cos + b * D, sin + b * D, D);
             int64_t at = pos[b] % cap;
             for (int64_t j = 0; j < Hkv; j++) {
-                memcpy(kc + ((slot[b] * Hkv + j) * cap + at) * D, k + j * D, (size_t)D * sizeof(float));
-                memcpy(vc + ((slot[b] * Hkv + j) * cap + at) * D, v + j * D, (size_t)D * sizeof(float));
+                int64_t off = ((slot[b] * Hkv + j) * cap + at) * D;
+                kv_store(kind, kc, ksc, off, k + j * D, D);
+                kv_store(kind, vc, vsc, off, v + j * D, D);
             }
         }
         /* Work items: each row's visible positions [lo, pos] in chunks of KEY_CHUNK. */
@@ -460,9 +565,11 @@ int llm_forward_rows(const llm_model *m, const llm_cache *c, int64_t B, float *x
         #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (n_items > 1)
         for (int64_t it = 0; it < n_items; it++) {
             int64_t b = item_row[it];
-            const float *K = kc + slot[b] * Hkv * cap * D, *V = vc + slot[b] * Hkv * cap * D;
+            int64_t plane = slot[b] * Hkv * cap;  /* the slot's first position of head 0 */
+            const uint16_t *Ks = ksc ? ksc + plane * nsc : NULL, *Vs = vsc ? vsc + plane * nsc : NULL;
             float *scores = L.scores + (int64_t)omp_get_thread_num() * H * KEY_CHUNK;
-            attend_part(m, L.qkv + b * QKV, K, V, cap, item_p0[it], item_p1[it], scores, L.parts + it * H * (D + 2));
+            attend_part(kind, m, L.qkv + b * QKV, kc + plane * D * vb, vc + plane * D * vb, Ks, Vs, cap, item_p0[it],
+                        item_p1[it], scores, L.parts + it * H * (D + 2));
         }
         #pragma omp parallel for num_threads(threads) schedule(static) if (par)
         for (int64_t b = 0; b < B; b++)

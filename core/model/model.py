@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import ModelConfig
 from llm_torch.core.errors import InputError
-from .kv_cache import KVCache
+from .kv_cache import KVCache, resolve_format
 from .layers import DecoderLayer, Embedding, Linear, RMSNorm, RotaryEmbedding, compute_dtype
 from .masks import layer_type_masks, mask_from_positions
 
@@ -136,6 +136,8 @@ class CacheLayer:
 class CausalLM(nn.Module):
     """Decoder + language-model head (HF `*ForCausalLM`)."""
 
+    kv_cache = "auto"  # --kv-cache (kv_cache.CHOICES); the loader sets it on the instance
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -170,10 +172,20 @@ class CausalLM(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def new_cache(self, batch_size: int, max_len: int, **kw) -> KVCache:
-        """A cache of `batch_size` slots of `max_len` positions in the activation dtype (kv_cache.KVCache kw)."""
+    def kv_format(self) -> str:
+        """What this model's KV cache stores: `kv_cache` (the --kv-cache choice, set by the loader) resolved
+        for its weights: a projection that is not a plain float Linear counts as quantized."""
+        q = self.model.layers[0].self_attn.q_proj
+        quantized = type(q) is not Linear or not q.weight.is_floating_point()
         p = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_len, dtype=compute_dtype(p.dtype, p.device), device=p.device, **kw)
+        return resolve_format(self.kv_cache, q.weight.dtype if not quantized else p.dtype, p.device, quantized)
+
+    def new_cache(self, batch_size: int, max_len: int, **kw) -> KVCache:
+        """A cache of `batch_size` slots of `max_len` positions read in the activation dtype, stored as
+        kv_format() says (kv_cache.KVCache kw)."""
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len, dtype=compute_dtype(p.dtype, p.device), device=p.device,
+                       kv_format=self.kv_format(), **kw)
 
 
 class _EncoderHead(nn.Module):

@@ -75,7 +75,7 @@ def device_budgets() -> list[DeviceBudget]:
 
 
 def plan(config: ModelConfig, dtype: torch.dtype, budgets: list[DeviceBudget], context: int | None = None,
-         slots: int = 1) -> DevicePlan:
+         slots: int = 1, kv_cache: str = "auto") -> DevicePlan:
     """Where each part goes (module doc); ResourceError when the model does not fit on all of them."""
     context = resolve_context(config, context)
     counts = param_counts(config)
@@ -85,7 +85,7 @@ def plan(config: ModelConfig, dtype: torch.dtype, budgets: list[DeviceBudget], c
 
     def kv_bytes(layer: int, device: str) -> int:
         if device not in kv_by_device:
-            kv_by_device[device] = kv_layer_bytes(config, context, dtype, device.split(":")[0], slots)
+            kv_by_device[device] = kv_layer_bytes(config, context, dtype, device.split(":")[0], slots, kv_cache)
         return kv_by_device[device][layer]
 
     usable = [int(b.free_bytes * (1 - RESERVE)) for b in budgets]

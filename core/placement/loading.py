@@ -17,6 +17,7 @@ from llm_torch.core.checkpoint.safetensors import name_list
 from llm_torch.core.errors import CheckpointError, InputError, UnsupportedError
 from llm_torch.core.model.config import ModelConfig, resolve_context
 from llm_torch.core.model.families import family_for
+from llm_torch.core.model.kv_cache import resolve_format
 from llm_torch.core.phases import mark
 
 from . import device_map as dm
@@ -240,11 +241,12 @@ def load_model(
     shard: Shard | None = None,
     context: int | None = None,
     packed: bool = True,
+    kv_cache: str = "auto",
 ) -> LoadedModel:
     """Resolve `ref`, build the model on the meta device and fill it from the checkpoint (packed: load_resolved)."""
     resolved = resolve_model(ref, offline=offline, progress=progress)
     return load_resolved(resolved, dtype=dtype, device=device, head=head, with_tokenizer=with_tokenizer, shard=shard,
-                         context=context, packed=packed)
+                         context=context, packed=packed, kv_cache=kv_cache)
 
 
 def load_resolved(
@@ -259,6 +261,7 @@ def load_resolved(
     budgets: list[dm.DeviceBudget] | None = None,
     context: int | None = None,
     packed: bool = True,
+    kv_cache: str = "auto",
 ) -> LoadedModel:
     """Build the model on the meta device and fill it from the checkpoint: open -> plan -> build -> assign
     weights -> install the runner, each step a function below.
@@ -268,11 +271,12 @@ def load_resolved(
     machine's devices, for planning tests).
     context: the KV positions per sequence the memory checks count (None: the model's context).
     packed: GGUF blocks may stay packed (plan_load); False for callers that need float Linears (--quantize).
+    kv_cache: --kv-cache (kv_cache.CHOICES): what a causal LM's KV cache stores (CausalLM.kv_format).
     """
     checkpoint = open_checkpoint(resolved)
     mark("open checkpoint")
     plan = plan_load(checkpoint, dtype=dtype, device=device, head=head, shard=shard, device_map=device_map,
-                     budgets=budgets, context=context, packed=packed)
+                     budgets=budgets, context=context, packed=packed, kv_cache=kv_cache)
     mark("plan")
     tokenizer = read_tokenizer(checkpoint, with_tokenizer)
     mark("tokenizer")
@@ -281,6 +285,8 @@ def load_resolved(
     quantization = assign_checkpoint(model, checkpoint, plan)
     mark("assign weights")
     install_runner(model, plan)
+    if hasattr(model, "kv_cache"):
+        model.kv_cache = kv_cache
     return LoadedModel(model, checkpoint.config, tokenizer, resolved.name, plan.dtype, checkpoint.generation_config(),
                        plan.placement, quantization)
 
@@ -301,6 +307,7 @@ class LoadPlan:
     weight_format: WeightFormatLoader | None = None  # a quantized checkpoint's loader (weight_formats.py)
     packed_kinds: frozenset[int] = frozenset()  # GGUF block kinds kept packed (gguf_packed.py)
     weight_bytes: int | None = None  # where packed: the weights' bytes (else sizing counts params x dtype)
+    kv_cache: str = "auto"  # --kv-cache
 
     def device_of(self, name: str) -> torch.device:
         """Where the parameter `name` goes."""
@@ -310,13 +317,14 @@ class LoadPlan:
         """Per device: the weights and KV cache it takes, and its free memory."""
         if self.placement is not None:
             return self.placement.lines()
-        return [plan_line(self.config, self.dtype, self.device, self.context, self.head, weights=self.weight_bytes)]
+        return [plan_line(self.config, self.dtype, self.device, self.context, self.head, self.kv_cache,
+                          quantized=self.weight_format is not None or bool(self.packed_kinds), weights=self.weight_bytes)]
 
 
 def plan_load(checkpoint: Checkpoint, *, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
               head: str | None = None, shard: Shard | None = None, device_map: str | None = None,
               budgets: list[dm.DeviceBudget] | None = None, context: int | None = None, check: bool = True,
-              packed: bool = True) -> LoadPlan:
+              packed: bool = True, kv_cache: str = "auto") -> LoadPlan:
     """The LoadPlan of an opened checkpoint (its config only: nothing is read). Refuses what cannot work
     before anything is loaded: combinations a quantized checkpoint does not support, an unknown device map
     or device, a context past the model's, and (check) weights + one context of KV cache that do not fit
@@ -326,13 +334,14 @@ def plan_load(checkpoint: Checkpoint, *, dtype: str | torch.dtype | None = "auto
     config = checkpoint.config
     head = head or head_kind(config)
     context = resolve_context(config, context)  # InputError past what the rope setup supports
+    resolve_format(kv_cache, torch.float32, "cpu")  # an unknown --kv-cache fails before anything is read
     quantization_config = checkpoint.quantization_config
     weight_format = None if quantization_config is None else weight_format_for(quantization_config)
     if weight_format is not None:
         refuse_for_quantized(head, shard, device_map)
     if device_map is not None:
-        placement, target = plan_device_map(config, checkpoint.kind, dtype, device_map, budgets, context)
-        return LoadPlan(config, checkpoint.kind, target, context, head, None, placement, None, weight_format)
+        placement, target = plan_device_map(config, checkpoint.kind, dtype, device_map, budgets, context, kv_cache)
+        return LoadPlan(config, checkpoint.kind, target, context, head, None, placement, None, weight_format, kv_cache=kv_cache)
     dev = resolve_device(device)
     target = resolve_dtype(dtype, config, kind=checkpoint.kind, device=dev)
     local = config if shard is None else shard.local_config(config)
@@ -344,8 +353,8 @@ def plan_load(checkpoint: Checkpoint, *, dtype: str | torch.dtype | None = "auto
         if kinds:
             size = packed_weight_bytes(param_counts(local, head).total, checkpoint.packed_tensors(kinds), target)
     if check and weight_format is None:  # a quantized model's size is its format's business
-        check_fits(local, target, dev, context=context, head=head, weights=size)
-    return LoadPlan(local, checkpoint.kind, target, context, head, dev, None, shard, weight_format, kinds, size)
+        check_fits(local, target, dev, context=context, head=head, weights=size, kv_cache=kv_cache)
+    return LoadPlan(local, checkpoint.kind, target, context, head, dev, None, shard, weight_format, kinds, size, kv_cache)
 
 
 def refuse_for_quantized(head: str, shard: Shard | None, device_map: str | None) -> None:
@@ -360,13 +369,14 @@ def refuse_for_quantized(head: str, shard: Shard | None, device_map: str | None)
 
 
 def plan_device_map(config: ModelConfig, kind: str, dtype: str | torch.dtype | None, device_map: str,
-                    budgets: list[dm.DeviceBudget] | None, context: int) -> tuple[dm.DevicePlan, torch.dtype]:
+                    budgets: list[dm.DeviceBudget] | None, context: int,
+                    kv_cache: str = "auto") -> tuple[dm.DevicePlan, torch.dtype]:
     """The device plan (core/placement/device_map.py) and the weights' dtype, from the config alone."""
     if device_map != "auto":
         raise InputError(f"unknown device map '{device_map}'", hint="use --device-map auto")
     budgets = budgets or dm.device_budgets()
     target = resolve_dtype(dtype, config, kind=kind, device=torch.device(budgets[0].name))
-    return dm.plan(config, target, budgets, context), target
+    return dm.plan(config, target, budgets, context, kv_cache=kv_cache), target
 
 
 def read_tokenizer(checkpoint: Checkpoint, wanted: bool = True):

@@ -8,7 +8,7 @@ import torch
 from llm_torch.core.model.config import ModelConfig, resolve_context
 from llm_torch.core.errors import ResourceError
 
-from .sizing import kv_layer_bytes, param_counts, weight_bytes
+from .sizing import kv_format, kv_layer_bytes, param_counts, weight_bytes
 
 GIB = 2**30
 
@@ -29,22 +29,22 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def estimate(config: ModelConfig, dtype: torch.dtype, device: torch.device, context: int, slots: int = 1,
-             head: str = "causal_lm") -> tuple[int, int]:
+             head: str = "causal_lm", kv_cache: str = "auto", quantized: bool = False) -> tuple[int, int]:
     """(weight bytes, KV cache bytes) the model `config` describes needs for `slots` sequences of `context`
-    tokens, as the engine's cache holds them. A tensor-parallel rank passes its shard's config."""
+    tokens, as the engine's cache holds them (--kv-cache `kv_cache`). A tensor-parallel rank passes its shard's config."""
     return (weight_bytes(param_counts(config, head).total, dtype),
-            sum(kv_layer_bytes(config, context, dtype, device, slots)))
+            sum(kv_layer_bytes(config, context, dtype, device, slots, kv_cache, quantized)))
 
 
 def check_fits(config: ModelConfig, dtype: torch.dtype, device: torch.device, *, context: int | None = None,
-               head: str = "causal_lm", weights: int | None = None) -> None:
+               head: str = "causal_lm", weights: int | None = None, kv_cache: str = "auto") -> None:
     """ResourceError when the weights plus one full-context sequence's KV cache exceed the free memory.
     weights: their bytes where they are not all `dtype` (packed GGUF blocks); None: counted from the config."""
     context = resolve_context(config, context)  # InputError past what the rope setup supports
     free = available_bytes(device)
     if free is None:
         return
-    counted, kv = estimate(config, dtype, device, context, head=head)
+    counted, kv = estimate(config, dtype, device, context, head=head, kv_cache=kv_cache)
     weights = counted if weights is None else weights
     if weights + kv > free:
         raise ResourceError(
@@ -54,12 +54,14 @@ def check_fits(config: ModelConfig, dtype: torch.dtype, device: torch.device, *,
 
 
 def plan_line(config: ModelConfig, dtype: torch.dtype, device: torch.device, context: int,
-              head: str = "causal_lm", weights: int | None = None) -> str:
-    """The dry run's line for one device: what the model would take there, and what is free (weights: as
-    check_fits, the bytes of GGUF blocks kept packed)."""
-    counted, kv = estimate(config, dtype, device, context, head=head)
+              head: str = "causal_lm", kv_cache: str = "auto", quantized: bool = False,
+              weights: int | None = None) -> str:
+    """The dry run's line for one device: what the model would take there (the KV cache in its format), and
+    what is free (weights: as check_fits, the bytes of GGUF blocks kept packed)."""
+    counted, kv = estimate(config, dtype, device, context, head=head, kv_cache=kv_cache, quantized=quantized)
     packed = " (GGUF blocks kept packed)" if weights is not None else ""
     weights = counted if weights is None else weights
     free = available_bytes(device)
-    return (f"{device}: {weights / GIB:.2f} GiB weights{packed} + {kv / GIB:.2f} GiB KV for {context} tokens"
+    fmt = kv_format(dtype, device, kv_cache, quantized)
+    return (f"{device}: {weights / GIB:.2f} GiB weights{packed} + {kv / GIB:.2f} GiB {fmt} KV for {context} tokens"
             + (f", {free / GIB:.2f} GiB free" if free is not None else ""))

@@ -13,8 +13,7 @@ from torch import nn
 
 from llm_torch.core.engine.engine import EngineConfig
 from llm_torch.core.model.config import ModelConfig
-from llm_torch.core.model.kv_cache import KVCache
-from llm_torch.core.model.layers import compute_dtype
+from llm_torch.core.model.kv_cache import KVCache, resolve_format
 
 # The engine's sliding-window rings hold window + one prefill chunk (kv_cache.py): the default chunk.
 RING_MARGIN = EngineConfig.prefill_chunk
@@ -98,11 +97,15 @@ def weight_bytes(count: int, dtype: torch.dtype) -> int:
     return count * torch.finfo(dtype).bits // 8
 
 
+def kv_format(dtype: torch.dtype, device: torch.device | str, kv_cache: str = "auto", quantized: bool = False) -> str:
+    """The KV format (kv_cache.FORMATS) the engine's cache stores for weights in `dtype` (quantized: int8 / int4
+    layers) on `device`, --kv-cache being `kv_cache` (as CausalLM.kv_format decides it once loaded)."""
+    return resolve_format(kv_cache, dtype, torch.device(torch.device(device).type), quantized)
+
+
 def kv_layer_bytes(config: ModelConfig, context: int, dtype: torch.dtype, device: torch.device | str,
-                   slots: int = 1) -> list[int]:
+                   slots: int = 1, kv_cache: str = "auto", quantized: bool = False) -> list[int]:
     """KV cache bytes per layer the engine's cache takes for `slots` sequences of `context` positions on
-    `device`, with weights stored in `dtype`: keys and values in the activations' dtype (layers.compute_dtype),
-    sliding layers keeping window + RING_MARGIN positions."""
-    device = torch.device(device)
-    act = compute_dtype(dtype, torch.device(device.type))
-    return KVCache.layer_bytes(config, slots, context, RING_MARGIN, torch.finfo(act).bits // 8)
+    `device`, with weights stored in `dtype`: keys and values in kv_format's format, sliding layers keeping
+    window + RING_MARGIN positions."""
+    return KVCache.layer_bytes(config, slots, context, RING_MARGIN, kv_format(dtype, device, kv_cache, quantized))

@@ -199,10 +199,11 @@ def run_bench(
     bandwidth: bool = True,
     progress: Progress | None = None,
     prepare: Callable[[Any], Any] | None = None,
+    kv_cache: str = "auto",
 ) -> BenchResult:
     """Load `ref`, measure load, prefill and decode, then peak RSS and the memory bandwidth.
 
-    prepare(loaded): run after loading and timed with it (the CLI's --quantize)."""
+    prepare(loaded): run after loading and timed with it (the CLI's --quantize); kv_cache: --kv-cache."""
     from llm_torch.core.placement.loading import load_model
 
     def say(what: str, done: int = 0) -> None:
@@ -215,11 +216,13 @@ def run_bench(
     say("loading")
     t0 = time.perf_counter()
     # prepare (--quantize) works on float weights: GGUF blocks are then decoded at load
-    loaded = load_model(ref, dtype=dtype, device=device, progress=False, context=spec.context, packed=prepare is None)
+    loaded = load_model(ref, dtype=dtype, device=device, progress=False, context=spec.context, packed=prepare is None,
+                        kv_cache=kv_cache)
     if prepare is not None:
         prepare(loaded)
     load_seconds = time.perf_counter() - t0
     info = model_info(loaded)
+    env["kv_cache"] = loaded.model.kv_format()
     if info.device == "cpu":
         from llm_torch.core.engine.runner import describe
 
