@@ -25,10 +25,11 @@ def test_layers_fill_the_gpus_in_order_then_the_cpu():
     budgets = [DeviceBudget("cuda:0", 6 * GB), DeviceBudget("cuda:1", 6 * GB), DeviceBudget("cpu", 64 * GB)]
     p = plan(config, torch.float16, budgets, context=1024)
     # Per layer: 405 MB of weights + 2 x 1024 x 4096 x 2 bytes = 16.8 MB of KV, against 90% of 6 GB: the
-    # 262 MB embedding and 12 layers on GPU 0, 12 on GPU 1, the last 8 and the head on the CPU (fp32 KV there).
+    # 262 MB embedding and 12 layers on GPU 0, 12 on GPU 1, the last 8 and the head on the CPU (f16 KV there too:
+    # --kv-cache auto keeps a 16-bit model's keys in 16 bits on the CPU).
     assert p.embed == "cuda:0" and p.head == "cpu"
     assert p.layers == ["cuda:0"] * 12 + ["cuda:1"] * 12 + ["cpu"] * 8
-    assert p.kv["cpu"] == 8 * 2 * 1024 * 4096 * 4 and p.kv["cuda:0"] == 12 * 2 * 1024 * 4096 * 2
+    assert p.kv["cpu"] == 8 * 2 * 1024 * 4096 * 2 and p.kv["cuda:0"] == 12 * 2 * 1024 * 4096 * 2
     assert p.device_of("model.layers.12.mlp.down_proj.weight") == "cuda:1" and p.device_of("lm_head.weight") == "cpu"
     text = "\n".join(p.lines())
     assert "cuda:0: layers 0-11, embedding:" in text and "cpu: layers 24-31, norm + head:" in text

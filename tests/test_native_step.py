@@ -99,7 +99,9 @@ def test_long_context_splits_the_keys(tmp_path, base, variant, threads):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_narrow_weights(folders, dtype):
-    assert_same_decode(load(folders["llama-gqa"], dtype))
+    # 16-bit weights get an f16 KV cache: a key one fp32 ulp apart before rounding (the native tiles' and torch's
+    # sums differ in order) can store one f16 step (2^-11) apart, ~1e-5 of the logits' scale, 2e-5 seen.
+    assert_same_decode(load(folders["llama-gqa"], dtype), tol=1e-4)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", "int8-dynamic"])
@@ -109,6 +111,9 @@ def test_quantized_layers(folders, scheme):
 
     loaded = load_resolved(ResolvedModel("tiny", "folder", folders["llama-gqa"]), dtype="float32", with_tokenizer=False)
     quantize_loaded(loaded, make_spec(scheme, group_size=32))
+    # The layers' math alone: an fp32 cache (the KV formats have their own tests below). Under the f16 cache a
+    # quantized model gets, a key one f16 step apart can flip an activation's Q8 code a layer later (~4e-3).
+    loaded.model.kv_cache = "f32"
     # int4 and int8-dynamic round activations to int8 blocks: an ulp of difference in the residual stream
     # (a different but equally exact sum order) can move a code by one step, ~1e-3 of the logits.
     assert_same_decode(loaded.model, tol=1e-5 if scheme == "int8" else 2e-3)
@@ -133,10 +138,11 @@ def kv_folders(tmp_path_factory):
 @pytest.mark.parametrize("name", list(KV_CASES))
 def test_kv_formats_native_equals_layers(kv_folders, name, kv):
     """Keys and values stored narrow: both paths round them alike and attend over the widened values. A key
-    a rounding step apart (an ulp before rounding) moves the logits by ~1e-4 of their scale."""
+    a rounding step apart (an ulp before rounding) moves the logits by ~1e-4 of their scale; an int8 code one
+    step apart (1/127 of its block's largest) by up to ~2e-3 (1.6e-3 seen with AVX-512's sum order)."""
     model = load(kv_folders[name])
     model.kv_cache = kv
-    assert_same_decode(model, tol=1e-3 if kv == "bf16" else 5e-4)
+    assert_same_decode(model, tol={"bf16": 1e-3, "int8": 3e-3}.get(kv, 5e-4))
 
 
 @pytest.mark.parametrize("kv", ["f16", "int8"])
