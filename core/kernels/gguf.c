@@ -103,7 +103,9 @@ static void quantize_rows(const float *X, int64_t ldx, int64_t B, int64_t K, int
 }
 
 /* One NR x BR tile (kind, NR, BR compile-time constants once inlined): weight rows W[0..NR) (row_bytes apart)
- * against the Q8 rows xa[0..BR) (stride bytes apart), into Y[b * ldy + r]. */
+ * against the Q8 rows xa[0..BR) (stride bytes apart), into Y[b * ldy + r]. Each weight block is decoded once
+ * for the BR rows and each X block loaded once for the NR weight rows; per (r, b) only the integer dot product
+ * and its scaled FMA remain. dw * dx is one fp32 product whether formed in a scalar or a vector register. */
 INLINE void tile(const int kind, const int NR, const int BR, const uint8_t *W, int64_t row_bytes, int64_t K,
                  const char *xa, int64_t stride, const float *bias, float *Y, int64_t ldy) {
     const int64_t blocks = K / 32, bytes = BLOCK_BYTES(kind);
@@ -113,27 +115,32 @@ INLINE void tile(const int kind, const int NR, const int BR, const uint8_t *W, i
         for (int b = 0; b < BR; b++) { acc[r][b] = _mm256_setzero_ps(); mins[r][b] = 0.0f; }
     const __m256i low4 = _mm256_set1_epi8(0x0f);
     for (int64_t blk = 0; blk < blocks; blk++) {
+        __m256i w[4], aw[4];
+        __m256 dw[4];
+        float mw[4];
         for (int r = 0; r < NR; r++) {
             const uint8_t *p = W + r * row_bytes + blk * bytes;
             if (kind == Q8_0 || !(blk & 1)) _mm_prefetch((const char *)p + PREFETCH_AHEAD, _MM_HINT_T0);
-            float dw = half(p), mw = kind == Q4_1 ? half(p + 2) : 0.0f;
-            __m256i w;
+            dw[r] = _mm256_set1_ps(half(p));
+            mw[r] = kind == Q4_1 ? half(p + 2) : 0.0f;
             if (kind == Q8_0) {
-                w = _mm256_loadu_si256((const __m256i *)(p + 2));
+                w[r] = _mm256_loadu_si256((const __m256i *)(p + 2));
             } else {  /* low nibbles are weights 0..15, high nibbles 16..31 */
                 __m128i raw = _mm_loadu_si128((const __m128i *)(p + (kind == Q4_1 ? 4 : 2)));
-                w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4);
-                if (kind == Q4_0) w = _mm256_sub_epi8(w, _mm256_set1_epi8(8));
+                w[r] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4);
+                if (kind == Q4_0) w[r] = _mm256_sub_epi8(w[r], _mm256_set1_epi8(8));
             }
             /* maddubs wants one unsigned operand: signed weights go in as |w|, x taking w's sign. */
-            __m256i aw = kind == Q4_1 ? w : _mm256_sign_epi8(w, w);
-            for (int b = 0; b < BR; b++) {
-                const char *row = xa + b * stride;
-                __m256i x = _mm256_loadu_si256((const __m256i *)(row + 32 * blk));
-                __m256i dot = kind == Q4_1 ? dot_u8s8(w, x) : dot_u8s8(aw, _mm256_sign_epi8(x, w));
-                float dx = ((const float *)(row + K))[blk];
-                acc[r][b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * dx), acc[r][b]);
-                if (kind == Q4_1) mins[r][b] += mw * ((const float *)(row + K))[blocks + blk];
+            aw[r] = kind == Q4_1 ? w[r] : _mm256_sign_epi8(w[r], w[r]);
+        }
+        for (int b = 0; b < BR; b++) {
+            const char *row = xa + b * stride;
+            __m256i x = _mm256_loadu_si256((const __m256i *)(row + 32 * blk));
+            __m256 dx = _mm256_broadcast_ss((const float *)(row + K) + blk);
+            for (int r = 0; r < NR; r++) {
+                __m256i dot = kind == Q4_1 ? dot_u8s8(w[r], x) : dot_u8s8(aw[r], _mm256_sign_epi8(x, w[r]));
+                acc[r][b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw[r], dx), acc[r][b]);
+                if (kind == Q4_1) mins[r][b] += mw[r] * ((const float *)(row + K))[blocks + blk];
             }
         }
     }
@@ -151,7 +158,12 @@ static int64_t row_block(int64_t stride) {
     return bb < 4 ? 4 : bb > 64 ? 64 : bb;
 }
 
-/* Weight rows [n, n + nr) against every X row (in blocks of bb rows kept in cache); nr > 1 only when B == 1. */
+/* NR_MANY x BR_MANY: the many-row tile (eight accumulators, with the decoded weights, in AVX2's 16 registers). */
+#define NR_MANY 2
+#define BR_MANY 4
+
+/* Weight rows [n, n + nr) against every X row (in blocks of bb rows kept in cache): B == 1 takes up to four
+ * weight rows per tile, B > 1 up to NR_MANY x BR_MANY. */
 INLINE void weight_rows(const int kind, const uint8_t *W, const float *bias, float *Y, int64_t ldy, int64_t B,
                         int64_t K, const char *scratch, int64_t n, int nr) {
     const int64_t row_bytes = K / 32 * BLOCK_BYTES(kind), stride = act_bytes(K, kind == Q4_1), bb = row_block(stride);
@@ -159,8 +171,8 @@ INLINE void weight_rows(const int kind, const uint8_t *W, const float *bias, flo
     const float *bs = bias ? bias + n : NULL;
     for (int64_t b0 = 0; b0 < B; b0 += bb) {
         int64_t b1 = b0 + bb < B ? b0 + bb : B;
-        for (int64_t b = b0; b < b1; b += 4) {
-            int br = b1 - b < 4 ? (int)(b1 - b) : 4;
+        for (int64_t b = b0; b < b1; b += BR_MANY) {
+            int br = b1 - b < BR_MANY ? (int)(b1 - b) : BR_MANY;
             const char *xa = scratch + b * stride;
             float *y = Y + b * ldy + n;
             switch (nr * 8 + br) {
@@ -168,8 +180,11 @@ INLINE void weight_rows(const int kind, const uint8_t *W, const float *bias, flo
             case 10: tile(kind, 1, 2, w, row_bytes, K, xa, stride, bs, y, ldy); break;
             case 11: tile(kind, 1, 3, w, row_bytes, K, xa, stride, bs, y, ldy); break;
             case 12: tile(kind, 1, 4, w, row_bytes, K, xa, stride, bs, y, ldy); break;
-            case 17: tile(kind, 2, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;  /* these: B == 1 only */
-            case 25: tile(kind, 3, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+            case 17: tile(kind, 2, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+            case 18: tile(kind, 2, 2, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+            case 19: tile(kind, 2, 3, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+            case 20: tile(kind, 2, 4, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+            case 25: tile(kind, 3, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;  /* B == 1 only */
             default: tile(kind, 4, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;
             }
         }
@@ -177,15 +192,14 @@ INLINE void weight_rows(const int kind, const uint8_t *W, const float *bias, flo
 }
 
 /* K % 32 == 0; W: N rows of K / 32 blocks; scratch: B * llm_<kind>_act_bytes(K) bytes. Threads split the weight
- * rows: B == 1 takes four per tile (four accumulation chains in flight), B > 1 one row x four X rows (each
- * row's blocks are decoded once per tile either way; two rows x four spilled accumulators to the stack).
+ * rows: B == 1 takes four per tile (four accumulation chains in flight), B > 1 NR_MANY rows x BR_MANY X rows.
  * The parallel loop is spelled out per kind: OpenMP outlines a region before inlining, so inside one
  * shared function the kind would stay a run-time value in the inner loop. */
 #define DEFINE_GEMM(NAME, KIND)                                                                                \
 void llm_gemm_##NAME(const uint8_t *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy,   \
                      int64_t B, int64_t N, int64_t K, void *scratch, int threads) {                            \
     quantize_rows(X, ldx, B, K, KIND == Q4_1, (char *)scratch, threads);                                       \
-    int nr_main = B == 1 ? 4 : 1;                                                                              \
+    int nr_main = B == 1 ? 4 : NR_MANY;                                                                              \
     int64_t tiles = (N + nr_main - 1) / nr_main;                                                               \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                                         \
     for (int64_t t = 0; t < tiles; t++) {                                                                      \
