@@ -90,9 +90,36 @@ def test_batched_rows_are_bitwise_each_row_alone(kind, n, k):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
+def test_many_row_tiles_are_bitwise_each_row_alone(kind):
+    """B = 1..40 against rows alone: the many-row tiles (several weight rows x four X rows) with every X-row
+    tail (B not a multiple of 4) and weight-row tail (n = 4 k + 3: a pair and an odd row), and X rows split
+    into cache blocks (K = 4096: 16 rows a block)."""
+    for n, k, batches in ((71, 192, range(1, 41)), (7, 4096, (1, 3, 17, 33, 38))):
+        raw, _ = gguf_weight(kind, n, k, seed=12)
+        g = torch.Generator().manual_seed(13)
+        X, bias = torch.randn(40, k, generator=g), torch.randn(n, generator=g)
+        alone = torch.stack([native.linear(spec(kind, raw, n, k, bias), x) for x in X])
+        for B in batches:
+            assert torch.equal(native.linear(spec(kind, raw, n, k, bias), X[:B]), alone[:B]), f"n={n} B={B}"
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_many_rows_stay_within_the_q8_bound(kind):
+    """A prefill-sized product (B = 67): every row within the bounds of test_product_is_dequantized_weights_times_x."""
+    n, k = 99, 576
+    raw, w = gguf_weight(kind, n, k, seed=14)
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(67, k, generator=g) * torch.rand(k // 32, generator=g).repeat_interleave(32) * 4
+    got = native.linear(spec(kind, raw, n, k), x).double()
+    assert ((got - x.double() @ w.T).abs() <= q8_error_bound(w, x)).all()
+    rounded = q8_round(x).double() @ w.T
+    assert (got - rounded).abs().max().item() <= 2e-6 * (x.double().abs() @ w.abs().T).max().item()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_thread_count_does_not_change_a_bit(kind):
     raw, _ = gguf_weight(kind, 203, 576, seed=5)
-    X = torch.randn(6, 576, generator=torch.Generator().manual_seed(6))
+    X = torch.randn(37, 576, generator=torch.Generator().manual_seed(6))
     results = []
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)

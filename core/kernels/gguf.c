@@ -158,9 +158,91 @@ static int64_t row_block(int64_t stride) {
     return bb < 4 ? 4 : bb > 64 ? 64 : bb;
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define WIDE 1
+/* AVX-512 VNNI: one zmm holds two outputs' 8-lane accumulators, [row r0 | row r1] against one X row, so every
+ * instruction serves two outputs. Lane by lane this is the 8-lane path's arithmetic: the same exact int32
+ * sums of four products (dpbusd; Q4_0's -8 and Q8_0's signs through exact integer offsets instead of
+ * _mm256_sign_epi8), the same fp32 dw * dx, FMA and block order, and each half summed by hsum: bitwise equal
+ * to the AVX2 build and to the 8-lane tiles. */
+INLINE __m512i pair_bytes(__m256i lo, __m256i hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+/* NP pairs of weight rows W[0..2 NP) x BR X rows. */
+INLINE void tile_pairs(const int kind, const int NP, const int BR, const uint8_t *W, int64_t row_bytes, int64_t K,
+                       const char *xa, int64_t stride, const float *bias, float *Y, int64_t ldy) {
+    const int64_t blocks = K / 32, bytes = BLOCK_BYTES(kind);
+    __m512 acc[4][4];  /* [NP][BR] used */
+    float mins[8][4];  /* Q4_1, as in tile() */
+    for (int p = 0; p < NP; p++)
+        for (int b = 0; b < BR; b++) acc[p][b] = _mm512_setzero_ps();
+    for (int r = 0; r < 2 * NP; r++)
+        for (int b = 0; b < BR; b++) mins[r][b] = 0.0f;
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    const __m512i zero = _mm512_setzero_si512();
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        __m512i w[4], off[4];
+        __m512 dw[4];
+        float mw[8];
+        for (int p = 0; p < NP; p++) {
+            __m256i half_w[2];
+            float d[2];
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *q = W + (2 * p + h) * row_bytes + blk * bytes;
+                if (kind == Q8_0 || !(blk & 1)) _mm_prefetch((const char *)q + PREFETCH_AHEAD, _MM_HINT_T0);
+                d[h] = half(q);
+                mw[2 * p + h] = kind == Q4_1 ? half(q + 2) : 0.0f;
+                if (kind == Q8_0) {
+                    half_w[h] = _mm256_loadu_si256((const __m256i *)(q + 2));
+                } else {  /* nibbles 0..15 (Q4_0's -8 comes from the X side) */
+                    __m128i raw = _mm_loadu_si128((const __m128i *)(q + (kind == Q4_1 ? 4 : 2)));
+                    half_w[h] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4);
+                }
+            }
+            w[p] = pair_bytes(half_w[0], half_w[1]);
+            dw[p] = _mm512_mask_mov_ps(_mm512_set1_ps(d[0]), 0xff00, _mm512_set1_ps(d[1]));
+            /* Q8_0: x goes in as x + 128 (unsigned), so each lane starts at -128 * (its four weights' sum). */
+            if (kind == Q8_0) off[p] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8((char)0x80), w[p]));
+        }
+        for (int b = 0; b < BR; b++) {
+            const char *row = xa + b * stride;
+            __m512i x = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(row + 32 * blk)));
+            __m512 dx = _mm512_set1_ps(((const float *)(row + K))[blk]);
+            __m512i xin = x, x_off = zero;
+            if (kind == Q8_0) xin = _mm512_xor_si512(x, _mm512_set1_epi8((char)0x80));
+            /* Q4_0: (nibble - 8) . x = nibble . x - 8 * (sum of the four codes) */
+            if (kind == Q4_0) x_off = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(8), x));
+            for (int p = 0; p < NP; p++) {
+                __m512i dot = kind == Q8_0 ? _mm512_dpbusd_epi32(off[p], xin, w[p])
+                                           : _mm512_dpbusd_epi32(x_off, w[p], x);
+                acc[p][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw[p], dx), acc[p][b]);
+                if (kind == Q4_1) {
+                    float xs = ((const float *)(row + K))[blocks + blk];
+                    mins[2 * p][b] += mw[2 * p] * xs;
+                    mins[2 * p + 1][b] += mw[2 * p + 1] * xs;
+                }
+            }
+        }
+    }
+    for (int p = 0; p < NP; p++)
+        for (int b = 0; b < BR; b++)
+            for (int h = 0; h < 2; h++) {
+                __m256 a = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[p][b]), h));
+                int r = 2 * p + h;
+                float y = hsum(a);
+                if (kind == Q4_1) y += mins[r][b];
+                Y[b * ldy + r] = bias ? y + bias[r] : y;
+            }
+}
+#define NR_MANY 4
+#define BR_MANY 4
+#else
+#define WIDE 0
 /* NR_MANY x BR_MANY: the many-row tile (eight accumulators, with the decoded weights, in AVX2's 16 registers). */
 #define NR_MANY 2
 #define BR_MANY 4
+#endif
 
 /* Weight rows [n, n + nr) against every X row (in blocks of bb rows kept in cache): B == 1 takes up to four
  * weight rows per tile, B > 1 up to NR_MANY x BR_MANY. */
@@ -175,6 +257,31 @@ INLINE void weight_rows(const int kind, const uint8_t *W, const float *bias, flo
             int br = b1 - b < BR_MANY ? (int)(b1 - b) : BR_MANY;
             const char *xa = scratch + b * stride;
             float *y = Y + b * ldy + n;
+#if WIDE
+            if (nr >= 2) {  /* pairs of rows, then a last odd row by itself */
+                int np = nr / 2;
+                switch (np * 8 + br) {
+                case 9: tile_pairs(kind, 1, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+                case 10: tile_pairs(kind, 1, 2, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+                case 11: tile_pairs(kind, 1, 3, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+                case 12: tile_pairs(kind, 1, 4, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+                case 17: tile_pairs(kind, 2, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+                case 18: tile_pairs(kind, 2, 2, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+                case 19: tile_pairs(kind, 2, 3, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+                default: tile_pairs(kind, 2, 4, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+                }
+                if (!(nr & 1)) continue;
+            }
+            const uint8_t *wl = w + (nr & ~1) * row_bytes;
+            const float *bl = bs ? bs + (nr & ~1) : NULL;
+            float *yl = y + (nr & ~1);
+            switch (br) {
+            case 1: tile(kind, 1, 1, wl, row_bytes, K, xa, stride, bl, yl, ldy); break;
+            case 2: tile(kind, 1, 2, wl, row_bytes, K, xa, stride, bl, yl, ldy); break;
+            case 3: tile(kind, 1, 3, wl, row_bytes, K, xa, stride, bl, yl, ldy); break;
+            default: tile(kind, 1, 4, wl, row_bytes, K, xa, stride, bl, yl, ldy); break;
+            }
+#else
             switch (nr * 8 + br) {
             case 9: tile(kind, 1, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;
             case 10: tile(kind, 1, 2, w, row_bytes, K, xa, stride, bs, y, ldy); break;
@@ -187,6 +294,7 @@ INLINE void weight_rows(const int kind, const uint8_t *W, const float *bias, flo
             case 25: tile(kind, 3, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;  /* B == 1 only */
             default: tile(kind, 4, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;
             }
+#endif
         }
     }
 }
