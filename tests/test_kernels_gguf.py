@@ -92,9 +92,9 @@ def test_batched_rows_are_bitwise_each_row_alone(kind, n, k):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_many_row_tiles_are_bitwise_each_row_alone(kind):
     """B = 1..40 against rows alone: the many-row tiles (several weight rows x four X rows) with every X-row
-    tail (B not a multiple of 4) and weight-row tail (n = 4 k + 3: a pair and an odd row), and X rows split
-    into cache blocks (K = 4096: 16 rows a block)."""
-    for n, k, batches in ((71, 192, range(1, 41)), (7, 4096, (1, 3, 17, 33, 38))):
+    tail (B not a multiple of the tile) and weight-row tail (n = 4 k + 3: a pair and an odd row), and X rows
+    split into cache blocks (K = 8192: 24 rows a block)."""
+    for n, k, batches in ((71, 192, range(1, 41)), (7, 8192, (1, 3, 17, 25, 33, 38))):
         raw, _ = gguf_weight(kind, n, k, seed=12)
         g = torch.Generator().manual_seed(13)
         X, bias = torch.randn(40, k, generator=g), torch.randn(n, generator=g)

@@ -110,19 +110,23 @@ INLINE void tile(const int kind, const int NR, const int BR, const uint8_t *W, i
                  const char *xa, int64_t stride, const float *bias, float *Y, int64_t ldy) {
     const int64_t blocks = K / 32, bytes = BLOCK_BYTES(kind);
     __m256 acc[4][4];  /* [NR][BR] used */
-    float mins[4][4];  /* Q4_1: sum over blocks of m_w * d_x * sum(codes), added after the vector part */
-    for (int r = 0; r < NR; r++)
-        for (int b = 0; b < BR; b++) { acc[r][b] = _mm256_setzero_ps(); mins[r][b] = 0.0f; }
+    /* Q4_1: per X row, lane r: the sum over blocks of m_w * (d_x * sum(codes)), added after the vector part
+     * (a separate multiply and add per lane, as a scalar would round them) */
+    __m128 mins[4];
+    for (int b = 0; b < BR; b++) {
+        mins[b] = _mm_setzero_ps();
+        for (int r = 0; r < NR; r++) acc[r][b] = _mm256_setzero_ps();
+    }
     const __m256i low4 = _mm256_set1_epi8(0x0f);
     for (int64_t blk = 0; blk < blocks; blk++) {
         __m256i w[4], aw[4];
         __m256 dw[4];
-        float mw[4];
+        float mw[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int r = 0; r < NR; r++) {
             const uint8_t *p = W + r * row_bytes + blk * bytes;
             if (kind == Q8_0 || !(blk & 1)) _mm_prefetch((const char *)p + PREFETCH_AHEAD, _MM_HINT_T0);
             dw[r] = _mm256_set1_ps(half(p));
-            mw[r] = kind == Q4_1 ? half(p + 2) : 0.0f;
+            if (kind == Q4_1) mw[r] = half(p + 2);
             if (kind == Q8_0) {
                 w[r] = _mm256_loadu_si256((const __m256i *)(p + 2));
             } else {  /* low nibbles are weights 0..15, high nibbles 16..31 */
@@ -133,6 +137,8 @@ INLINE void tile(const int kind, const int NR, const int BR, const uint8_t *W, i
             /* maddubs wants one unsigned operand: signed weights go in as |w|, x taking w's sign. */
             aw[r] = kind == Q4_1 ? w[r] : _mm256_sign_epi8(w[r], w[r]);
         }
+        /* from registers: four scalar stores read back as one vector would stall store forwarding */
+        const __m128 mwv = _mm_setr_ps(mw[0], mw[1], mw[2], mw[3]);
         for (int b = 0; b < BR; b++) {
             const char *row = xa + b * stride;
             __m256i x = _mm256_loadu_si256((const __m256i *)(row + 32 * blk));
@@ -140,22 +146,28 @@ INLINE void tile(const int kind, const int NR, const int BR, const uint8_t *W, i
             for (int r = 0; r < NR; r++) {
                 __m256i dot = kind == Q4_1 ? dot_u8s8(w[r], x) : dot_u8s8(aw[r], _mm256_sign_epi8(x, w[r]));
                 acc[r][b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw[r], dx), acc[r][b]);
-                if (kind == Q4_1) mins[r][b] += mw[r] * ((const float *)(row + K))[blocks + blk];
+            }
+            if (kind == Q4_1) {
+                __m128 xs = _mm_broadcast_ss((const float *)(row + K) + blocks + blk);
+                mins[b] = _mm_add_ps(mins[b], _mm_mul_ps(mwv, xs));
             }
         }
     }
-    for (int r = 0; r < NR; r++)
-        for (int b = 0; b < BR; b++) {
+    for (int b = 0; b < BR; b++) {
+        float m[4];
+        _mm_storeu_ps(m, mins[b]);
+        for (int r = 0; r < NR; r++) {
             float y = hsum(acc[r][b]);
-            if (kind == Q4_1) y += mins[r][b];
+            if (kind == Q4_1) y += m[r];
             Y[b * ldy + r] = bias ? y + bias[r] : y;
         }
+    }
 }
 
 /* X rows per block kept hot in L2 while a thread's weight rows stream past them. */
 static int64_t row_block(int64_t stride) {
-    int64_t bb = (262144 / (stride > 0 ? stride : 1)) & ~(int64_t)3;
-    return bb < 4 ? 4 : bb > 64 ? 64 : bb;
+    int64_t bb = (262144 / (stride > 0 ? stride : 1)) & ~(int64_t)7;  /* whole many-row tiles */
+    return bb < 8 ? 8 : bb > 64 ? 64 : bb;
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
@@ -169,22 +181,23 @@ INLINE __m512i pair_bytes(__m256i lo, __m256i hi) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 
-/* NP pairs of weight rows W[0..2 NP) x BR X rows. */
+/* NP pairs of weight rows W[0..2 NP) x BR X rows (NP <= 2, BR <= 8: sixteen accumulators of AVX-512's 32
+ * registers, each weight block decoded once for eight X rows). */
 INLINE void tile_pairs(const int kind, const int NP, const int BR, const uint8_t *W, int64_t row_bytes, int64_t K,
                        const char *xa, int64_t stride, const float *bias, float *Y, int64_t ldy) {
     const int64_t blocks = K / 32, bytes = BLOCK_BYTES(kind);
-    __m512 acc[4][4];  /* [NP][BR] used */
-    float mins[8][4];  /* Q4_1, as in tile() */
-    for (int p = 0; p < NP; p++)
-        for (int b = 0; b < BR; b++) acc[p][b] = _mm512_setzero_ps();
-    for (int r = 0; r < 2 * NP; r++)
-        for (int b = 0; b < BR; b++) mins[r][b] = 0.0f;
+    __m512 acc[2][8];  /* [NP][BR] used */
+    __m128 mins[8];    /* Q4_1, as in tile() */
+    for (int b = 0; b < BR; b++) {
+        mins[b] = _mm_setzero_ps();
+        for (int p = 0; p < NP; p++) acc[p][b] = _mm512_setzero_ps();
+    }
     const __m256i low4 = _mm256_set1_epi8(0x0f);
     const __m512i zero = _mm512_setzero_si512();
     for (int64_t blk = 0; blk < blocks; blk++) {
-        __m512i w[4], off[4];
-        __m512 dw[4];
-        float mw[8];
+        __m512i w[2], off[2];
+        __m512 dw[2];
+        float mw[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int p = 0; p < NP; p++) {
             __m256i half_w[2];
             float d[2];
@@ -192,7 +205,7 @@ INLINE void tile_pairs(const int kind, const int NP, const int BR, const uint8_t
                 const uint8_t *q = W + (2 * p + h) * row_bytes + blk * bytes;
                 if (kind == Q8_0 || !(blk & 1)) _mm_prefetch((const char *)q + PREFETCH_AHEAD, _MM_HINT_T0);
                 d[h] = half(q);
-                mw[2 * p + h] = kind == Q4_1 ? half(q + 2) : 0.0f;
+                if (kind == Q4_1) mw[2 * p + h] = half(q + 2);
                 if (kind == Q8_0) {
                     half_w[h] = _mm256_loadu_si256((const __m256i *)(q + 2));
                 } else {  /* nibbles 0..15 (Q4_0's -8 comes from the X side) */
@@ -205,6 +218,8 @@ INLINE void tile_pairs(const int kind, const int NP, const int BR, const uint8_t
             /* Q8_0: x goes in as x + 128 (unsigned), so each lane starts at -128 * (its four weights' sum). */
             if (kind == Q8_0) off[p] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8((char)0x80), w[p]));
         }
+        /* from registers: four scalar stores read back as one vector would stall store forwarding */
+        const __m128 mwv = _mm_setr_ps(mw[0], mw[1], mw[2], mw[3]);
         for (int b = 0; b < BR; b++) {
             const char *row = xa + b * stride;
             __m512i x = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(row + 32 * blk)));
@@ -217,26 +232,28 @@ INLINE void tile_pairs(const int kind, const int NP, const int BR, const uint8_t
                 __m512i dot = kind == Q8_0 ? _mm512_dpbusd_epi32(off[p], xin, w[p])
                                            : _mm512_dpbusd_epi32(x_off, w[p], x);
                 acc[p][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw[p], dx), acc[p][b]);
-                if (kind == Q4_1) {
-                    float xs = ((const float *)(row + K))[blocks + blk];
-                    mins[2 * p][b] += mw[2 * p] * xs;
-                    mins[2 * p + 1][b] += mw[2 * p + 1] * xs;
-                }
+            }
+            if (kind == Q4_1) {
+                __m128 xs = _mm_broadcast_ss((const float *)(row + K) + blocks + blk);
+                mins[b] = _mm_add_ps(mins[b], _mm_mul_ps(mwv, xs));
             }
         }
     }
-    for (int p = 0; p < NP; p++)
-        for (int b = 0; b < BR; b++)
+    for (int b = 0; b < BR; b++) {
+        float m[4];
+        _mm_storeu_ps(m, mins[b]);
+        for (int p = 0; p < NP; p++)
             for (int h = 0; h < 2; h++) {
                 __m256 a = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[p][b]), h));
                 int r = 2 * p + h;
                 float y = hsum(a);
-                if (kind == Q4_1) y += mins[r][b];
+                if (kind == Q4_1) y += m[r];
                 Y[b * ldy + r] = bias ? y + bias[r] : y;
             }
+    }
 }
 #define NR_MANY 4
-#define BR_MANY 4
+#define BR_MANY 8
 #else
 #define WIDE 0
 /* NR_MANY x BR_MANY: the many-row tile (eight accumulators, with the decoded weights, in AVX2's 16 registers). */
@@ -258,28 +275,37 @@ INLINE void weight_rows(const int kind, const uint8_t *W, const float *bias, flo
             const char *xa = scratch + b * stride;
             float *y = Y + b * ldy + n;
 #if WIDE
-            if (nr >= 2) {  /* pairs of rows, then a last odd row by itself */
-                int np = nr / 2;
-                switch (np * 8 + br) {
-                case 9: tile_pairs(kind, 1, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;
-                case 10: tile_pairs(kind, 1, 2, w, row_bytes, K, xa, stride, bs, y, ldy); break;
-                case 11: tile_pairs(kind, 1, 3, w, row_bytes, K, xa, stride, bs, y, ldy); break;
-                case 12: tile_pairs(kind, 1, 4, w, row_bytes, K, xa, stride, bs, y, ldy); break;
-                case 17: tile_pairs(kind, 2, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;
-                case 18: tile_pairs(kind, 2, 2, w, row_bytes, K, xa, stride, bs, y, ldy); break;
-                case 19: tile_pairs(kind, 2, 3, w, row_bytes, K, xa, stride, bs, y, ldy); break;
-                default: tile_pairs(kind, 2, 4, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+            if (br == 1) {  /* one X row (decode): the 8-lane tiles, four weight rows' chains in flight */
+                switch (nr) {
+                case 1: tile(kind, 1, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+                case 2: tile(kind, 2, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+                case 3: tile(kind, 3, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+                default: tile(kind, 4, 1, w, row_bytes, K, xa, stride, bs, y, ldy); break;
                 }
+                continue;
+            }
+            if (nr >= 2) {  /* pairs of rows, then a last odd row by itself */
+#define PAIRS(NP, BR) case NP * 16 + BR: tile_pairs(kind, NP, BR, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+                switch (nr / 2 * 16 + br) {
+                PAIRS(1, 2) PAIRS(1, 3) PAIRS(1, 4) PAIRS(1, 5) PAIRS(1, 6) PAIRS(1, 7) PAIRS(1, 8)
+                PAIRS(2, 2) PAIRS(2, 3) PAIRS(2, 4) PAIRS(2, 5) PAIRS(2, 6) PAIRS(2, 7)
+                default: tile_pairs(kind, 2, 8, w, row_bytes, K, xa, stride, bs, y, ldy); break;
+                }
+#undef PAIRS
                 if (!(nr & 1)) continue;
             }
             const uint8_t *wl = w + (nr & ~1) * row_bytes;
             const float *bl = bs ? bs + (nr & ~1) : NULL;
             float *yl = y + (nr & ~1);
-            switch (br) {
-            case 1: tile(kind, 1, 1, wl, row_bytes, K, xa, stride, bl, yl, ldy); break;
-            case 2: tile(kind, 1, 2, wl, row_bytes, K, xa, stride, bl, yl, ldy); break;
-            case 3: tile(kind, 1, 3, wl, row_bytes, K, xa, stride, bl, yl, ldy); break;
-            default: tile(kind, 1, 4, wl, row_bytes, K, xa, stride, bl, yl, ldy); break;
+            for (int i = 0; i < br; i += 4) {  /* the odd row: 8-lane tiles of up to four X rows */
+                const char *xi = xa + i * stride;
+                float *yi = yl + i * ldy;
+                switch (br - i < 4 ? br - i : 4) {
+                case 1: tile(kind, 1, 1, wl, row_bytes, K, xi, stride, bl, yi, ldy); break;
+                case 2: tile(kind, 1, 2, wl, row_bytes, K, xi, stride, bl, yi, ldy); break;
+                case 3: tile(kind, 1, 3, wl, row_bytes, K, xi, stride, bl, yi, ldy); break;
+                default: tile(kind, 1, 4, wl, row_bytes, K, xi, stride, bl, yi, ldy); break;
+                }
             }
 #else
             switch (nr * 8 + br) {
