@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from llm_torch.core import kernels
+from tests.test_kernels_kquant import _cpu_has
 
 native = kernels.matvec()
 pytestmark = pytest.mark.skipif(native is None, reason=f"native kernels unavailable here: {kernels.status().detail}")
@@ -229,3 +230,20 @@ def test_native_step_rows_are_bitwise_alone_and_batched(gguf_model):
     together = [runner.forward(cache, [Segment(s, [seqs[s][t]]) for s in range(3)]) for t in range(5)]
     for s in range(3):
         assert torch.equal(torch.stack([step[s] for step in together]), alone[s])
+
+
+@pytest.mark.slow  # builds a second library: ~40 s on 2 busy cores
+@pytest.mark.skipif(not _cpu_has("avx512f", "avx512bw", "avx512vl", "avx512_vnni"), reason="no AVX-512 VNNI here")
+def test_an_avx512_vnni_build_gives_the_same_bits(monkeypatch, tmp_path):
+    """gguf.c's AVX-512 tiles (two outputs per register, integer offsets for Q4_0's -8 and Q8_0's signs) sum
+    the same exact integers with the same FMAs per lane: bitwise the AVX2 build, for decode and every tile edge."""
+    monkeypatch.setattr(kernels, "FLAGS", (*kernels.FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"))
+    monkeypatch.setenv("LLM_KERNEL_CACHE", str(tmp_path))
+    wide, status = kernels._try_load()
+    assert wide is not None, status.detail
+    X = torch.randn(21, 192, generator=torch.Generator().manual_seed(16))
+    for kind in KINDS:
+        raw, _ = gguf_weight(kind, 71, 192, seed=17)
+        s = spec(kind, raw, 71, 192, torch.randn(71, generator=torch.Generator().manual_seed(18)))
+        for B in (1, 2, 5, 8, 9, 21):
+            assert torch.equal(wide.linear(s, X[:B]), native.linear(s, X[:B])), f"{kind} B={B}"
