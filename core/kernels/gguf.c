@@ -9,10 +9,11 @@
  * Q8_1), then every block is an integer dot product (maddubs / madd as llama.cpp's ggml_vec_dot_*_q8_*)
  * scaled by d_w * d_x into one 8-lane fp32 accumulator per output.
  *
- * As in gemm.c: tiles of NR weight rows x BR batch rows share each weight block's decode, threads split
- * the weight rows, and every (row, output) is the same instruction sequence whatever B, the tile or the
- * thread count: blocks in order into one accumulator, one horizontal sum. A row's result is bitwise the
- * same alone or batched.
+ * As in gemm.c: tiles of NR weight rows x BR batch rows share each weight block's decode and each X block's
+ * load, threads split the weight rows, and every (row, output) is the same arithmetic lane by lane whatever
+ * B, the tile, the thread count or the build (AVX2 or AVX-512): the same exact integer sums, the same fp32
+ * products and FMAs with blocks in order into one 8-lane accumulator, one horizontal sum. A row's result is
+ * bitwise the same alone or batched.
  */
 #include <immintrin.h>
 #include <stdint.h>
