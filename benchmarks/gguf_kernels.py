@@ -4,6 +4,7 @@ layouts the kernels read, on decode-shaped matrices (SmolLM2-135M's: hidden 576,
 
     python benchmarks/gguf_kernels.py                 # torch's thread count, B = 1 and 8
     python benchmarks/gguf_kernels.py --threads 1 --batch 1
+    python benchmarks/gguf_kernels.py --batch 1 8 32 128 --shapes 2048x2048 5632x2048   # prefill-sized products
 
 Each row calls the C entry point directly through ctypes with buffers allocated once (no Python-side
 allocation or checks), repeats it for about --seconds, and reports the median time per call of --repeats
@@ -118,11 +119,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--seconds", type=float, default=0.5)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--shapes", nargs="+", default=[f"{n}x{k}" for n, k in SHAPES], help="N x K per matrix, e.g. 2048x2048")
     args = ap.parse_args()
+    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes]
     lib = loaded_library()
     print(f"threads {args.threads}; median and fastest of {args.repeats} runs; GB/s = weight bytes per second at the fastest")
     print(f"{'N x K':>12} {'B':>3} {'layout':>9} {'MB':>7} {'us/call':>9} {'best us':>9} {'GB/s':>6} {'cpu us':>9}")
-    for n, k in SHAPES:
+    for n, k in shapes:
         for B in args.batch:
             for label, size, call in cases(lib, n, k, B, args.threads):
                 t, best, cpu = time_call(call, args.seconds, args.repeats)

@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from llm_torch.core import kernels
+from tests.test_kernels_kquant import _cpu_has
 
 native = kernels.matvec()
 pytestmark = pytest.mark.skipif(native is None, reason=f"native kernels unavailable here: {kernels.status().detail}")
@@ -90,9 +91,36 @@ def test_batched_rows_are_bitwise_each_row_alone(kind, n, k):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
+def test_many_row_tiles_are_bitwise_each_row_alone(kind):
+    """B = 1..40 against rows alone: the many-row tiles (several weight rows x four X rows) with every X-row
+    tail (B not a multiple of the tile) and weight-row tail (n = 4 k + 3: a pair and an odd row), and X rows
+    split into cache blocks (K = 8192: 24 rows a block)."""
+    for n, k, batches in ((71, 192, range(1, 41)), (7, 8192, (1, 3, 17, 25, 33, 38))):
+        raw, _ = gguf_weight(kind, n, k, seed=12)
+        g = torch.Generator().manual_seed(13)
+        X, bias = torch.randn(40, k, generator=g), torch.randn(n, generator=g)
+        alone = torch.stack([native.linear(spec(kind, raw, n, k, bias), x) for x in X])
+        for B in batches:
+            assert torch.equal(native.linear(spec(kind, raw, n, k, bias), X[:B]), alone[:B]), f"n={n} B={B}"
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_many_rows_stay_within_the_q8_bound(kind):
+    """A prefill-sized product (B = 67): every row within the bounds of test_product_is_dequantized_weights_times_x."""
+    n, k = 99, 576
+    raw, w = gguf_weight(kind, n, k, seed=14)
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(67, k, generator=g) * torch.rand(k // 32, generator=g).repeat_interleave(32) * 4
+    got = native.linear(spec(kind, raw, n, k), x).double()
+    assert ((got - x.double() @ w.T).abs() <= q8_error_bound(w, x)).all()
+    rounded = q8_round(x).double() @ w.T
+    assert (got - rounded).abs().max().item() <= 2e-6 * (x.double().abs() @ w.abs().T).max().item()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_thread_count_does_not_change_a_bit(kind):
     raw, _ = gguf_weight(kind, 203, 576, seed=5)
-    X = torch.randn(6, 576, generator=torch.Generator().manual_seed(6))
+    X = torch.randn(37, 576, generator=torch.Generator().manual_seed(6))
     results = []
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
@@ -202,3 +230,20 @@ def test_native_step_rows_are_bitwise_alone_and_batched(gguf_model):
     together = [runner.forward(cache, [Segment(s, [seqs[s][t]]) for s in range(3)]) for t in range(5)]
     for s in range(3):
         assert torch.equal(torch.stack([step[s] for step in together]), alone[s])
+
+
+@pytest.mark.slow  # builds a second library: ~40 s on 2 busy cores
+@pytest.mark.skipif(not _cpu_has("avx512f", "avx512bw", "avx512vl", "avx512_vnni"), reason="no AVX-512 VNNI here")
+def test_an_avx512_vnni_build_gives_the_same_bits(monkeypatch, tmp_path):
+    """gguf.c's AVX-512 tiles (two outputs per register, integer offsets for Q4_0's -8 and Q8_0's signs) sum
+    the same exact integers with the same FMAs per lane: bitwise the AVX2 build, for decode and every tile edge."""
+    monkeypatch.setattr(kernels, "FLAGS", (*kernels.FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"))
+    monkeypatch.setenv("LLM_KERNEL_CACHE", str(tmp_path))
+    wide, status = kernels._try_load()
+    assert wide is not None, status.detail
+    X = torch.randn(21, 192, generator=torch.Generator().manual_seed(16))
+    for kind in KINDS:
+        raw, _ = gguf_weight(kind, 71, 192, seed=17)
+        s = spec(kind, raw, 71, 192, torch.randn(71, generator=torch.Generator().manual_seed(18)))
+        for B in (1, 2, 5, 8, 9, 21):
+            assert torch.equal(wide.linear(s, X[:B]), native.linear(s, X[:B])), f"{kind} B={B}"

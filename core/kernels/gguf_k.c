@@ -10,7 +10,7 @@
  * sequence over super-blocks in order whatever B is, so a row's result is bitwise the same alone or batched
  * and for any thread count. Each weight row is decoded once per sub-block for up to 8 X rows (gemm.c's
  * tiles share weight loads the same way; 8 rather than 4 made B = 8 ~25% faster); threads split the weight
- * rows.
+ * rows. The AVX-512 build takes two weight rows per register for four or more X rows.
  */
 #include <immintrin.h>
 #include <stddef.h>
@@ -190,10 +190,79 @@ INLINE __m256i sub_scales(__m256i sc16, int s) {
                                                      1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0));
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+/* AVX-512: two weight rows per zmm, [row n | row n + 1] against one X row, for four or more X rows. Lane by lane the same
+ * maddubs / dpwssd integers and the same two FMAs per super-block as the 8-lane tile, each half summed the
+ * same way: bitwise the single-row result. */
+INLINE __m512i pair_i(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
+INLINE __m512 pair_f(float lo, float hi) { return _mm512_mask_mov_ps(_mm512_set1_ps(lo), 0xff00, _mm512_set1_ps(hi)); }
+
+#define DEFINE_K_PAIR(NAME, BYTES, DECODE, CODES, BR)                                                 \
+INLINE void NAME(const uint8_t *W, int64_t row, int64_t K, const char *xrows, int64_t stride,          \
+                 const float *bias, float *Y, int64_t ldy) {                                          \
+    __m512 acc[BR];                                                                                   \
+    for (int b = 0; b < BR; b++) acc[b] = _mm512_setzero_ps();                                        \
+    for (int64_t i = 0; i < K / QK; i++) {                                                            \
+        const uint8_t *blk[2] = {W + BYTES * i, W + row + BYTES * i};                                 \
+        float d[2], dm[2];                                                                            \
+        __m256i sc16[2], f16[2];                                                                      \
+        for (int h = 0; h < 2; h++) {                                                                 \
+            for (int l = 0; l < 3; l++)                                                               \
+                _mm_prefetch((const char *)blk[h] + PREFETCH_AHEAD + 64 * l, _MM_HINT_T0);            \
+            DECODE(blk[h], &d[h], &dm[h], &sc16[h], &f16[h]);                                         \
+        }                                                                                             \
+        __m512i isum[BR];                                                                             \
+        for (int b = 0; b < BR; b++) isum[b] = _mm512_setzero_si512();                                \
+        for (int s = 0; s < 8; s++) {                                                                 \
+            __m512i q = pair_i(CODES(blk[0], s), CODES(blk[1], s));                                   \
+            __m512i sv = pair_i(sub_scales(sc16[0], s), sub_scales(sc16[1], s));                      \
+            for (int b = 0; b < BR; b++) {                                                            \
+                const int8_t *xq = (const int8_t *)(xrows + b * stride) + QK * i + 32 * s;            \
+                __m512i x = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)xq));          \
+                isum[b] = _mm512_dpwssd_epi32(isum[b], _mm512_maddubs_epi16(q, x), sv);               \
+            }                                                                                         \
+        }                                                                                             \
+        __m512i f = pair_i(f16[0], f16[1]);                                                           \
+        for (int b = 0; b < BR; b++) {                                                                \
+            const char *xr = xrows + b * stride;                                                      \
+            float xd = ((const float *)(xr + K))[i];                                                  \
+            const int16_t *xs = (const int16_t *)(xr + K + 4 * (K / QK)) + 16 * i;                    \
+            __m512i msum = _mm512_madd_epi16(f, _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)xs))); \
+            acc[b] = _mm512_fmadd_ps(pair_f(xd * d[0], xd * d[1]), _mm512_cvtepi32_ps(isum[b]), acc[b]); \
+            acc[b] = _mm512_fmadd_ps(pair_f(-(xd * dm[0]), -(xd * dm[1])), _mm512_cvtepi32_ps(msum), acc[b]); \
+        }                                                                                             \
+    }                                                                                                 \
+    for (int b = 0; b < BR; b++)                                                                      \
+        for (int h = 0; h < 2; h++) {                                                                 \
+            __m256 a = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[b]), h));         \
+            __m128 t = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));            \
+            t = _mm_add_ps(t, _mm_movehl_ps(t, t));                                                   \
+            t = _mm_add_ss(t, _mm_movehdup_ps(t));                                                    \
+            float y = _mm_cvtss_f32(t);                                                               \
+            Y[b * ldy + h] = bias ? y + bias[h] : y;                                                  \
+        }                                                                                             \
+}
+#define DEFINE_K_PAIRS(P, BYTES, DECODE, CODES)                                                       \
+DEFINE_K_PAIR(P##_p4, BYTES, DECODE, CODES, 4) DEFINE_K_PAIR(P##_p6, BYTES, DECODE, CODES, 6)        \
+DEFINE_K_PAIR(P##_p8, BYTES, DECODE, CODES, 8)
+#define PAIR_ROWS 2
+#define PAIR_SWITCH(P, br, w, row, K, x, stride, bs, y, ldy)                                          \
+    switch (br) {                                                                                     \
+    case 4: P##_p4(w, row, K, x, stride, bs, y, ldy); break;                                          \
+    case 6: P##_p6(w, row, K, x, stride, bs, y, ldy); break;                                          \
+    default: P##_p8(w, row, K, x, stride, bs, y, ldy); break;                                         \
+    }
+#else
+#define DEFINE_K_PAIRS(P, BYTES, DECODE, CODES)
+#define PAIR_ROWS 1
+#define PAIR_SWITCH(P, br, w, row, K, x, stride, bs, y, ldy)
+#endif
+
 #define DEFINE_KIND(P, BYTES, DECODE, CODES)                                                          \
 DEFINE_K_TILE(P##_1, BYTES, DECODE, CODES, 1) DEFINE_K_TILE(P##_2, BYTES, DECODE, CODES, 2)          \
 DEFINE_K_TILE(P##_3, BYTES, DECODE, CODES, 3) DEFINE_K_TILE(P##_4, BYTES, DECODE, CODES, 4)          \
 DEFINE_K_TILE(P##_6, BYTES, DECODE, CODES, 6) DEFINE_K_TILE(P##_8, BYTES, DECODE, CODES, 8)          \
+DEFINE_K_PAIRS(P, BYTES, DECODE, CODES)                                                               \
 void llm_gemm_##P(const uint8_t *W, const float *X, int64_t ldx, const float *bias, float *Y, int64_t ldy, \
                   int64_t B, int64_t N, int64_t K, void *scratch, int threads) {                      \
     q8_k_rows(X, ldx, B, K, (char *)scratch, threads);                                                \
@@ -201,8 +270,12 @@ void llm_gemm_##P(const uint8_t *W, const float *X, int64_t ldx, const float *bi
     /* X rows per pass over a weight row: their Q8_K form stays in L2 while the weight row streams. */ \
     int64_t bb = (131072 / stride) & ~(int64_t)7;                                                     \
     bb = bb < 8 ? 8 : bb;                                                                             \
+    /* B > 1 in the AVX-512 build: two weight rows per tile (the last one alone when N is odd). */     \
+    int64_t step = B > 1 ? PAIR_ROWS : 1;                                                             \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                                \
-    for (int64_t n = 0; n < N; n++) {                                                                 \
+    for (int64_t t = 0; t < (N + step - 1) / step; t++) {                                             \
+        int64_t n = t * step;                                                                         \
+        int two = step == 2 && n + 1 < N;                                                             \
         const uint8_t *w = W + n * row;                                                               \
         const float *bs = bias ? bias + n : NULL;                                                     \
         for (int64_t b0 = 0; b0 < B; b0 += bb) {                                                      \
@@ -211,13 +284,22 @@ void llm_gemm_##P(const uint8_t *W, const float *X, int64_t ldx, const float *bi
                 const char *x = (const char *)scratch + b * stride;                                   \
                 float *y = Y + b * ldy + n;                                                           \
                 br = b1 - b >= 8 ? 8 : b1 - b >= 6 ? 6 : b1 - b >= 4 ? 4 : b1 - b;                     \
-                switch (br) {                                                                         \
-                case 1: P##_1(w, K, x, stride, bs, y, ldy); break;                                    \
-                case 2: P##_2(w, K, x, stride, bs, y, ldy); break;                                    \
-                case 3: P##_3(w, K, x, stride, bs, y, ldy); break;                                    \
-                case 4: P##_4(w, K, x, stride, bs, y, ldy); break;                                    \
-                case 6: P##_6(w, K, x, stride, bs, y, ldy); break;                                    \
-                default: P##_8(w, K, x, stride, bs, y, ldy); break;                                   \
+                if (two && br >= 4) {  /* fewer X rows do not pay for decoding two rows at once */     \
+                    PAIR_SWITCH(P, br, w, row, K, x, stride, bs, y, ldy)                              \
+                    continue;                                                                         \
+                }                                                                                     \
+                for (int h = 0; h <= two; h++) {                                                      \
+                    const uint8_t *wh = w + h * row;                                                  \
+                    const float *bh = bs ? bs + h : NULL;                                             \
+                    float *yh = y + h;                                                                \
+                    switch (br) {                                                                     \
+                    case 1: P##_1(wh, K, x, stride, bh, yh, ldy); break;                              \
+                    case 2: P##_2(wh, K, x, stride, bh, yh, ldy); break;                              \
+                    case 3: P##_3(wh, K, x, stride, bh, yh, ldy); break;                              \
+                    case 4: P##_4(wh, K, x, stride, bh, yh, ldy); break;                              \
+                    case 6: P##_6(wh, K, x, stride, bh, yh, ldy); break;                              \
+                    default: P##_8(wh, K, x, stride, bh, yh, ldy); break;                             \
+                    }                                                                                 \
                 }                                                                                     \
             }                                                                                         \
         }                                                                                             \
