@@ -187,10 +187,14 @@ def _emit(results, format: RunFormat, write, multi: bool) -> None:
         for r in results:
             write(_text_of(r) + "\n")
     else:
-        # json: one document; an array when several inputs, written at the end.
-        collected = list(results)
-        doc = collected if multi or len(collected) != 1 else collected[0]
-        write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
+        # json: one document; an array when several inputs, written at the end (at Ctrl-C: the finished
+        # inputs' results, then exit 130 as everywhere).
+        collected = []
+        try:
+            collected.extend(results)
+        finally:
+            doc = collected if multi or len(collected) != 1 else collected[0]
+            write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
 
 
 def _emit_to_file(results, format: RunFormat, path: Path, multi: bool) -> None:

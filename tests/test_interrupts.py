@@ -3,6 +3,7 @@ no traceback), checked on commands mid-work with the built-in model."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -32,6 +33,11 @@ def interrupt_after_first_output(args: list[str], tmp_path) -> tuple[int, bytes,
     return proc.returncode, first + rest, err
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def test_ctrl_c_during_generate_exits_130_with_the_text_so_far(tmp_path):
     # Greedy, long: the answer runs for hundreds of tokens, so the signal lands mid-generation.
     code, out, err = interrupt_after_first_output(
@@ -42,7 +48,29 @@ def test_ctrl_c_during_generate_exits_130_with_the_text_so_far(tmp_path):
 
 def test_ctrl_c_during_run_exits_130_after_the_finished_lines(tmp_path):
     (tmp_path / "in.txt").write_text("".join(f"Write a story about the number {i}.\n" for i in range(100)))
-    code, out, err = interrupt_after_first_output(["run", "-n", "48", "-i", "in.txt", "--format", "json"], tmp_path)
+    code, out, err = interrupt_after_first_output(["run", "-n", "48", "-i", "in.txt", "--format", "jsonl"], tmp_path)
     assert code == 130, err.decode()
     lines = out.decode().splitlines()
-    assert 1 <= len(lines) < 100 and b"Traceback" not in err
+    assert 1 <= len(lines) < 100 and all(json.loads(line)["finish_reason"] for line in lines)
+    assert b"Traceback" not in err
+
+
+def test_ctrl_c_during_run_json_writes_the_finished_results(tmp_path):
+    """--format json writes one document at the end: Ctrl-C still gets the finished inputs' array."""
+    (tmp_path / "in.txt").write_text("".join(f"Write a story about the number {i}.\n" for i in range(100)))
+    env = {**os.environ, "NO_COLOR": "1"}
+    env.pop("LLM_DEBUG", None)
+    proc = subprocess.Popen([LLM, "run", "-n", "48", "-i", "in.txt", "--format", "json"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        # Nothing is written before the end: wait until it has worked a while (CPU seconds: loading takes ~1).
+        while cpu_seconds(proc.pid) < 8:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err.decode()
+    assert len(json.loads(out)) < 100 and b"Traceback" not in err
