@@ -113,7 +113,9 @@ def print_plan(model_ref: str | None, dtype: str, device: str, device_map: str |
 
     plan = plan_load(open_checkpoint(resolved), dtype=dtype, device=device, device_map=device_map, context=context,
                      check=False, kv_cache=kv_cache)
-    render.write(f"{resolved.name} ({str(plan.dtype).removeprefix('torch.')} weights):\n" + "\n".join(plan.lines()) + "\n")
+    dtype_name = str(plan.dtype).removeprefix("torch.")
+    what = f"GGUF blocks + {dtype_name} weights" if plan.packed_kinds else f"{dtype_name} weights"
+    render.write(f"{resolved.name} ({what}):\n" + "\n".join(plan.lines()) + "\n")
 
 
 def load(model_ref: str | None, dtype: str, device: str, *, compile: bool = False, quiet: bool = False,
