@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemm.c", "gguf.c", 
 FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
 ABI = 11
+# A first build takes ~30 s of both cores here; under heavy load several times that.
+BUILD_SECONDS = 600
 # Instruction sets the sources are built for, best first: compiler flags, the /proc/cpuinfo flags they
 # need, and the name status() gives. Each builds its own library (the cache key holds its flags); a row's
 # logits are bitwise the same alone or batched within one ISA, not across them (wider sums round apart).
@@ -371,16 +374,43 @@ def _build(isa: str) -> Path:
     target = folder / f"kernels-{isa}-{key}.so"
     if target.is_file():
         return target
+    import fcntl  # Linux only, as the kernels (checked before any build)
+
     folder.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: a concurrent or interrupted build never leaves a torn file.
-    fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=folder)
-    os.close(fd)
+    # One build at a time per cache: a process that finds another compiling waits for its library instead of
+    # compiling beside it (each build takes the machine's cores for tens of seconds).
+    with open(folder / f".kernels-{isa}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.is_file():
+            _compile(cc, flags, folder, target)
+    return target
+
+
+def _compile(cc: str, flags: tuple[str, ...], folder: Path, target: Path) -> None:
+    """Each source to an object in parallel (the cores this machine has), then one link; built beside the
+    target and renamed, so an interrupted build never leaves a torn file. The time limit is generous: a build
+    that stops early would leave the process on the torch kernels."""
+    work = Path(tempfile.mkdtemp(prefix=".kernels-", dir=folder))
     try:
-        done = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp, *LIBS], capture_output=True, text=True, timeout=120)
+        objects = [work / f"{src.stem}.o" for src in SOURCES]
+        jobs = [subprocess.Popen([cc, *flags, "-c", str(src), "-o", str(obj)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for src, obj in zip(SOURCES, objects)]
+        deadline = time.monotonic() + BUILD_SECONDS
+        try:
+            for job in jobs:
+                out = job.communicate(timeout=max(1.0, deadline - time.monotonic()))[0]
+                if job.returncode != 0:
+                    raise _BuildError(f"{Path(cc).name} failed: {out.strip()[:200]}")
+        finally:
+            for job in jobs:
+                if job.poll() is None:
+                    job.kill()
+                    job.wait()
+        tmp = work / target.name
+        done = subprocess.run([cc, *flags, *map(str, objects), "-o", str(tmp), *LIBS], capture_output=True, text=True,
+                              timeout=max(1.0, deadline - time.monotonic()))
         if done.returncode != 0:
             raise _BuildError(f"{Path(cc).name} failed: {(done.stderr or done.stdout).strip()[:200]}")
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+        shutil.rmtree(work, ignore_errors=True)
