@@ -17,8 +17,6 @@ ALLOWED = {
     "_buffers": "torch.nn.Module's own buffers (no recursion into children, None entries kept)",
     "_non_persistent_buffers_set": "torch.nn.Module: which buffers a state dict leaves out (no public accessor)",
     "_weight_int8pack_mm": "torch's CPU int8 weight-only matmul, public only under this name",
-    "_convert_weight_to_int4pack_for_cpu": "torch's CPU int4 weight packing, public only under this name",
-    "_weight_int4pack_mm_for_cpu": "torch's CPU int4 weight-only matmul, public only under this name",
     "_mmap": "numpy.memmap's mmap object: madvise drops the pages of tensors already decoded",
 }
 OWN = {"self", "cls"}
