@@ -10,19 +10,10 @@ from llm_torch.core import kernels
 
 
 
-def _runnable_isas() -> list[str]:
-    """The instruction sets this CPU runs (an AVX-512 machine tests its AVX2 build too)."""
-    try:
-        flags = kernels.cpu_flags()
-    except OSError:
-        return []
-    return [isa for isa in kernels.ISAS if kernels.choose_isa(flags, isa)[0] is not None]
-
-
 needs_native = pytest.mark.skipif(kernels.matvec() is None, reason=f"native kernels unavailable here: {kernels.status().detail}")
 
 
-@pytest.fixture(scope="module", params=_runnable_isas() or ["auto"])
+@pytest.fixture(scope="module", params=kernels.runnable_isas() or ["auto"])
 def native(request):
     """The kernels built for each ISA the CPU runs (LLM_ISA), loaded afresh and unloaded afterwards."""
     with pytest.MonkeyPatch.context() as mp:
@@ -196,7 +187,7 @@ def test_forcing_avx512_on_a_cpu_without_it_is_reported(fresh_state, monkeypatch
 
 @needs_native
 def test_each_isa_is_built_once_and_named(fresh_state, monkeypatch):
-    isas = _runnable_isas()
+    isas = kernels.runnable_isas()
     for isa in isas:
         monkeypatch.setenv("LLM_ISA", isa)
         kernels._STATE = None
@@ -205,7 +196,7 @@ def test_each_isa_is_built_once_and_named(fresh_state, monkeypatch):
     assert sorted(p.name.split("-")[1] for p in kernels.cache_dir().glob("kernels-*.so")) == sorted(isas)
 
 
-@pytest.mark.skipif(len(_runnable_isas()) < 2, reason="this CPU runs one instruction set")
+@pytest.mark.skipif(len(kernels.runnable_isas()) < 2, reason="this CPU runs one instruction set")
 def test_q8_products_are_bitwise_the_same_in_every_isa(monkeypatch):
     """VNNI's dot product gives the same int32 sums as AVX2's two instructions, so int8 x Q8 and int4 x Q8
     products (unlike float ones, whose wider sums round apart) do not depend on the build."""
@@ -215,7 +206,7 @@ def test_q8_products_are_bitwise_the_same_in_every_isa(monkeypatch):
     scale = torch.rand(37, generator=g) / 100
     _, packed, s4, z4, _, bias, _ = int4_case((37, 256), 64, seed=7)
     results = []
-    for isa in _runnable_isas():
+    for isa in kernels.runnable_isas():
         monkeypatch.setenv("LLM_ISA", isa)
         monkeypatch.setattr(kernels, "_STATE", None)
         mv = kernels.matvec()

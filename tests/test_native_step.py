@@ -97,6 +97,18 @@ def test_long_context_splits_the_keys(tmp_path, base, variant, threads):
         torch.set_num_threads(2)
 
 
+@pytest.mark.parametrize("isa", kernels.runnable_isas() or ["auto"])
+def test_every_isa_the_cpu_runs(folders, isa, monkeypatch):
+    """The whole step on each instruction set this CPU runs (LLM_ISA): an AVX-512 machine tests its AVX2 build."""
+    monkeypatch.setenv("LLM_ISA", isa)
+    monkeypatch.setattr(kernels, "_STATE", None)  # loaded again for this ISA; the loaded one comes back after
+    if kernels.matvec() is None:
+        pytest.skip(kernels.status().detail)
+    assert kernels.status().detail == f"native {kernels.ISAS[isa][2]} kernels" or isa == "auto"
+    assert_same_decode(load(folders["llama-gqa"]))
+    assert_same_decode(load(folders["llama-gqa"], "float16"), tol=1e-4)  # f16 tiles and the f16 KV cache
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_narrow_weights(folders, dtype):
     # 16-bit weights get an f16 KV cache: a key one fp32 ulp apart before rounding (the native tiles' and torch's

@@ -332,6 +332,16 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
 
 
+def runnable_isas() -> list[str]:
+    """The instruction sets this CPU runs, best first: what LLM_ISA may force here (none where /proc/cpuinfo
+    cannot be read)."""
+    try:
+        flags = cpu_flags()
+    except OSError:
+        return []
+    return [isa for isa in ISAS if choose_isa(flags, isa)[0] is not None]
+
+
 def choose_isa(flags: frozenset[str], requested: str) -> tuple[str | None, str | None]:
     """LLM_ISA=auto takes the best ISA the CPU has; avx512 / avx2 that one, or (None, why) where it lacks it."""
     requested = requested.lower()
