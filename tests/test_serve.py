@@ -218,7 +218,8 @@ def test_health_answers_loading_until_the_model_is_ready():
             seen.append((r.status_code, r.json()["status"]))
             if r.status_code == 200:
                 break
-            chat_call = httpx.post(m.group(1) + "/v1/completions", json={"prompt": "hi"}, timeout=30)
+            # max_tokens 1: the gate may open between the two calls, and then this is a real completion.
+            chat_call = httpx.post(m.group(1) + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=30)
             if chat_call.status_code == 503:  # still loading: OpenAI's error shape, with Retry-After
                 assert chat_call.json()["error"]["code"] == "model_loading" and chat_call.headers["retry-after"]
             time.sleep(0.02)
