@@ -146,8 +146,10 @@ def test_a_disconnect_before_the_first_token_cancels_the_request(app, gate, monk
     assert not gate.gate.is_set()  # noticed while the engine was still in the prefill
     gate.gate.set()
     assert app.idle()  # the slot is free
-    req = seen[0]
-    assert req.finished and req.finish_reason == "cancelled" and len(req.generated) < 50
+    # The spy may also see a cancel for an earlier test's finished request (its call closing late): ours is the
+    # one the disconnect cut short.
+    assert any(r.finished and r.finish_reason == "cancelled" and len(r.generated) < 50 for r in seen), \
+        [(r.finish_reason, len(r.generated)) for r in seen]
 
 
 def metric_samples(text: str) -> dict:
