@@ -105,32 +105,17 @@ class _FastGGUFReader(GGUFReader):
         nptype = self.gguf_scalar_to_np.get(itype)
         if itype == GGUFValueType.STRING and self.plain_arrays:
             view = memoryview(self._plain())
-            size = len(view)
-            unpack = _U64.unpack_from
             values = []
-            append = values.append
-            for _ in range(count):
-                start = offs + 8
-                end = start + unpack(view, offs)[0]
-                if end > size:
-                    raise ValueError(f"string in array at offset {offs} runs past the end of the file")
-                append(view[start:end])
+            for at, start, end in _string_spans(view, offs, count):
+                values.append(view[start:end])
                 offs = end
             self.arrays[orig_offs] = values
             data = []
         elif itype == GGUFValueType.STRING:
             buf = self._plain()
-            size = len(buf)
-            unpack = _U64.unpack_from
-            u64 = np.uint64
-            append = parts.append
-            for _ in range(count):
-                start = offs + 8
-                end = start + unpack(buf, offs)[0]
-                if end > size:
-                    raise ValueError(f"string in array at offset {offs} runs past the end of the file")
-                append(buf[offs:start].view(u64))
-                append(buf[start:end])
+            for at, start, end in _string_spans(buf, offs, count):
+                parts.append(buf[at:start].view(np.uint64))
+                parts.append(buf[start:end])
                 offs = end
             # Same layout as the stock reader: [type, count, len0, str0, len1, str1, ...].
             data = list(range(3, 3 + 2 * count, 2))
@@ -344,3 +329,16 @@ _TORCH_DEQUANT: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor
                                 GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)},
     GGMLQuantizationType.Q8_K: _dq_q8_k,
 }
+
+
+def _string_spans(buf, offs: int, count: int):
+    """(length field offset, start, end) of `count` consecutive length-prefixed strings from `offs`, each
+    checked against the end of the file before it is read."""
+    size, unpack = len(buf), _U64.unpack_from
+    for _ in range(count):
+        start = offs + 8
+        end = start + unpack(buf, offs)[0]
+        if end > size:
+            raise ValueError(f"string in array at offset {offs} runs past the end of the file")
+        yield offs, start, end
+        offs = end
